@@ -1,0 +1,125 @@
+"""Model-agnostic decoding loops (greedy and beam search) that run entirely on device.
+
+A model supplies `step(tokens (R,), i, cache) -> (logits (R, V), cache)`, where `tokens` are the
+i-th generated tokens (0-based) and the logits are for the next ones, plus the logits for the first
+generated token (from the decoder start token or the prompt). Cache leaves have the row dimension first so beams can be reordered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Step = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Round a length up to a power of two so only a few shapes are ever compiled."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+def greedy_search(step: Step, logits: jax.Array, cache: Any, max_new_tokens: jax.Array, max_len: int, eos: jax.Array, pad: int) -> jax.Array:
+    """Argmax decoding -> (R, max_len) ids; rows that emitted EOS are padded; stops when all rows are done."""
+    rows = logits.shape[0]
+
+    def cond(state):
+        i, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, logits, done, out, cache = state
+        token = jnp.where(done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        out = out.at[:, i].set(token)
+        done = done | (token == eos)
+        logits, cache = step(token, i, cache)
+        return i + 1, logits, done, out, cache
+
+    init = (jnp.int32(0), logits, jnp.zeros((rows,), bool), jnp.full((rows, max_len), pad, jnp.int32), cache)
+    return jax.lax.while_loop(cond, body, init)[3]
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x (B, N, ...) indexed along axis 1 by idx (B, M)."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def beam_search(
+    step: Step,
+    logits: jax.Array,
+    cache: Any,
+    max_new_tokens: jax.Array,
+    max_len: int,
+    eos: jax.Array,
+    pad: int,
+    *,
+    num_beams: int,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+) -> jax.Array:
+    """Beam search with transformers' semantics (its vectorised `_beam_search`, one EOS id) -> (B, max_len).
+
+    `logits` and `cache` have B * num_beams rows (each input row repeated num_beams times).
+    Finished hypotheses are scored logprob / length**length_penalty; the loop stops when no running
+    beam can beat the worst finished one (transformers' `early_stopping=False` heuristic), when all
+    candidates hit EOS or the length limit, or at `max_new_tokens`.
+    """
+    R, V = logits.shape
+    K = num_beams
+    B = R // K
+    keep = 2 * K
+    top_mask = jnp.arange(keep) < K
+
+    def body(state):
+        i, logits, cache, run_seq, run_scores, seqs, scores, finished, improvable, _ = state
+        length = (i + 1).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, K, V) + run_scores[..., None]
+        top_logp, top_idx = jax.lax.top_k(logp.reshape(B, K * V), keep)
+        src_beam, token = top_idx // V, (top_idx % V).astype(jnp.int32)
+        top_seq = _gather(run_seq, src_beam).at[:, :, i].set(token)
+        hits = (token == eos) | (i + 1 >= max_new_tokens)
+
+        # Beams that continue: the best K candidates that did not stop.
+        cont_logp = top_logp + hits * NEG
+        nxt = jax.lax.top_k(cont_logp, K)[1]
+        run_seq, run_scores, parent = _gather(top_seq, nxt), _gather(cont_logp, nxt), _gather(src_beam, nxt)
+
+        # Finished hypotheses: the best K of the old ones and the top-K candidates that just stopped.
+        just_finished = hits & top_mask[None]
+        fin_logp = top_logp / length**length_penalty
+        fin_logp += (jnp.all(finished, axis=-1, keepdims=True) & early_stopping) * NEG
+        fin_logp += (~improvable) * NEG
+        fin_logp += (~just_finished) * NEG
+        merged = jax.lax.top_k(jnp.concatenate([scores, fin_logp], axis=1), K)[1]
+        seqs = _gather(jnp.concatenate([seqs, top_seq], axis=1), merged)
+        scores = _gather(jnp.concatenate([scores, fin_logp], axis=1), merged)
+        finished = _gather(jnp.concatenate([finished, just_finished], axis=1), merged)
+
+        rows = (jnp.arange(B)[:, None] * K + parent).reshape(-1)
+        cache = jax.tree_util.tree_map(lambda c: c[rows], cache)
+        best_running = run_scores[:, :1] / length**length_penalty
+        worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+        improvable = improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        going = jnp.any(improvable) & ~(jnp.all(finished) & early_stopping) & ~jnp.all(hits)
+
+        logits, cache = step(run_seq[:, :, i].reshape(-1), i, cache)
+        return i + 1, logits, cache, run_seq, run_scores, seqs, scores, finished, improvable, going
+
+    def cond(state):
+        return state[-1] & (state[0] < max_new_tokens)
+
+    seq0 = jnp.full((B, K, max_len), pad, jnp.int32)
+    init = (
+        jnp.int32(0), logits, cache, seq0, jnp.zeros((B, K)).at[:, 1:].set(NEG), seq0,
+        jnp.full((B, K), NEG), jnp.zeros((B, K), bool), jnp.ones((B, 1), bool), jnp.bool_(True),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    seqs = final[5][:, 0]
+    # transformers pads a finished hypothesis after its EOS; make that padding explicit.
+    after_eos = jnp.cumsum(jnp.cumsum(seqs == eos, axis=1), axis=1) > 1
+    return jnp.where(after_eos, pad, seqs)

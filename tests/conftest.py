@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random reference models built with transformers (PyTorch) inside the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Tiny T5s covering v1.0 (ReLU, tied, rescaled) and v1.1/FLAN (gated gelu_new, untied head),
+# odd head counts and decoders deeper or shallower than encoders.
+T5_CONFIGS = {
+    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_heads=4, num_layers=2, num_decoder_layers=2),
+    "flan_odd_heads": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_heads=3, num_layers=2, num_decoder_layers=3),
+    "v1_0_shallow_decoder": dict(feed_forward_proj="relu", tie_word_embeddings=True, num_heads=5, d_kv=6, num_layers=3, num_decoder_layers=1),
+}
+
+
+def make_hf_t5(seed: int = 0, **overrides):
+    """A random transformers T5ForConditionalGeneration in eval mode (untied head when asked)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    kwargs = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, relative_attention_num_buckets=8,
+                  relative_attention_max_distance=20, dropout_rate=0.1, decoder_start_token_id=0,
+                  pad_token_id=0, eos_token_id=1)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    config = T5Config(**kwargs)
+    model = T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
+    if kwargs.get("tie_word_embeddings") is False:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.5)
+    with torch.no_grad():  # make the norms and biases non-trivial so mistakes show
+        for name, p in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
+            if "relative_attention_bias" in name:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(T5_CONFIGS))
+def hf_t5_dir(request, tmp_path):
+    """(saved directory, torch model) for each tiny T5 configuration."""
+    model = make_hf_t5(**T5_CONFIGS[request.param])
+    path = tmp_path / request.param
+    model.save_pretrained(path)
+    return path, model
+
+
+def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, min_len: int = 3):
+    """Random ids (avoiding pad/eos) with right padding of varying length, and the 0/1 mask."""
+    ids = rng.integers(2, vocab, size=(batch, length))
+    lengths = rng.integers(min_len, length + 1, size=batch)
+    lengths[0] = length
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    return ids * mask, mask
