@@ -65,30 +65,38 @@ def _trim(seq, eos):
     return seq[: seq.index(eos) + 1] if eos in seq else seq
 
 
-def _compare_generation(model, config, params, ids, mask, max_new, num_beams, eos):
+def _compare_generation(model, config, params, ids, mask, max_new, num_beams, eos, length_penalty=1.0):
     with torch.no_grad():
         use_cache = config.num_decoder_layers == config.num_layers  # transformers' cache breaks otherwise
         ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new,
                              num_beams=num_beams, do_sample=False, eos_token_id=eos, use_cache=use_cache,
-                             length_penalty=1.0, early_stopping=False).numpy()[:, 1:]
-    ours = np.asarray(t5.generate(config, params, ids, mask, max_new_tokens=max_new, num_beams=num_beams, eos_token_id=eos))
+                             length_penalty=length_penalty, early_stopping=False).numpy()[:, 1:]
+    ours = np.asarray(t5.generate(config, params, ids, mask, max_new_tokens=max_new, num_beams=num_beams, eos_token_id=eos,
+                                  length_penalty=length_penalty))
     assert ours.shape == (ids.shape[0], max_new)
     for r, o in zip(ref, ours):
         assert _trim(o, eos) == _trim(r, eos)
     return ours
 
 
+def _stopped_early(row, eos, pad):
+    row = list(row)
+    return eos in row[:-1] and set(row[row.index(eos) + 1:]) == {pad}
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generation_matches_transformers(hf_t5_dir, num_beams):
     path, model = hf_t5_dir
     config, params = t5.load_pretrained(path)
-    ids, mask = padded_batch(np.random.default_rng(3), 4, 10, config.vocab_size)
+    ids, mask = padded_batch(np.random.default_rng(3), 6, 10, config.vocab_size)
     out = _compare_generation(model, config, params, ids, mask, 12, num_beams, eos=1)
-    # Use tokens the model actually emits as EOS so early stopping and padding are exercised too.
+    # Tokens the model emits early, used as EOS, exercise early stopping, finished hypotheses and padding;
+    # length_penalty=0 makes beam search favour short finished hypotheses.
     stopped = False
-    for eos in dict.fromkeys(out[:, 1:4].ravel().tolist()):
-        again = _compare_generation(model, config, params, ids, mask, 12, num_beams, eos=int(eos))
-        stopped |= bool((again == eos).any() and (again[:, -1] == config.pad_token_id).any())
+    for eos in dict.fromkeys(t for t in out[:, :3].ravel().tolist() if t != config.pad_token_id):
+        for penalty in (1.0, 0.0) if num_beams > 1 else (1.0,):
+            again = _compare_generation(model, config, params, ids, mask, 12, num_beams, eos=eos, length_penalty=penalty)
+            stopped |= any(_stopped_early(row, eos, config.pad_token_id) for row in again)
     assert stopped
 
 
