@@ -1,3 +1,21 @@
-"""jpeft: parameter-efficient fine-tuning for JAX, numerically matched to Hugging Face PEFT."""
+"""jpeft: parameter-efficient fine-tuning for JAX, numerically matched to Hugging Face PEFT.
+
+Every method is a pure transform of a plain parameter tree (`lora.inject`, `prompt.inject`, ...);
+the models use the added leaves when present, and a mask says what trains.
+"""
+
+from jpeft import adapters, ia3, lora, prompt, selective
+from jpeft.adapters import AdapterConfig
+from jpeft.ia3 import IA3Config
+from jpeft.lora import LoraConfig
+from jpeft.prompt import PromptTuningConfig
+from jpeft.selective import SelectiveConfig
+from jpeft.split import attach, combine, count_params, optimizer, partition, split_adapter, trainable_mask
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "SelectiveConfig",
+    "adapters", "attach", "combine", "count_params", "ia3", "lora", "optimizer", "partition",
+    "prompt", "selective", "split_adapter", "trainable_mask",
+]

@@ -61,3 +61,40 @@ def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
     lengths[0] = length
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
     return ids * mask, mask
+
+
+@pytest.fixture(scope="module")
+def flan(tmp_path_factory):
+    """A tiny FLAN-style T5 saved once per module: .config/.params (jpeft), .torch() a fresh reference copy."""
+    from types import SimpleNamespace
+
+    from transformers import T5ForConditionalGeneration
+
+    from jpeft.models import t5
+
+    path = tmp_path_factory.mktemp("flan")
+    make_hf_t5(**T5_CONFIGS["flan_odd_heads"]).save_pretrained(path)
+    config, params = t5.load_pretrained(path)
+
+    def fresh():
+        return T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+
+    ids, mask = padded_batch(np.random.default_rng(7), 3, 9, config.vocab_size)
+    dec = np.random.default_rng(8).integers(2, config.vocab_size, size=(3, 5))
+    dec[:, 0] = 0
+    return SimpleNamespace(path=path, config=config, params=params, torch=fresh, ids=ids, mask=mask, dec=dec)
+
+
+def torch_logits(model, ids, mask, dec):
+    """Reference logits from a torch (PEFT or plain) seq2seq model."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(dec))
+    return out.logits.numpy()
+
+
+def jpeft_logits(flan, params):
+    from jpeft.models import t5
+
+    return np.asarray(t5.forward(flan.config, params, flan.ids, flan.mask, flan.dec))

@@ -281,9 +281,9 @@ def _feed_forward(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
     return nn.dense(p["wo"], nn.dropout(ctx, h), ctx)
 
 
-def _residual(p: Params, x: jax.Array, h: jax.Array, ctx: nn.Ctx) -> jax.Array:
-    """x + dropout(adapter(h)): where every sub-layer's output rejoins the stream."""
-    return x + nn.dropout(ctx, nn.adapter(p.get("adapter"), h, ctx))
+def _residual(module: Params, x: jax.Array, h: jax.Array, ctx: nn.Ctx) -> jax.Array:
+    """x + dropout(adapter(h)): a module's output rejoins the stream, through its bottleneck adapter if any."""
+    return x + nn.dropout(ctx, nn.adapter(module.get("adapter"), h, ctx))
 
 
 def _self_attention_layer(p, x, bias, a, ctx, cache=None, pos=None):
@@ -294,17 +294,17 @@ def _self_attention_layer(p, x, bias, a, ctx, cache=None, pos=None):
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=1)
         cache = (k, v)
-    return _residual(p, x, _attend(p["SelfAttention"], h, k, v, bias, a, ctx), ctx), cache
+    return _residual(p["SelfAttention"], x, _attend(p["SelfAttention"], h, k, v, bias, a, ctx), ctx), cache
 
 
 def _cross_attention_layer(p, x, kv, bias, a, ctx):
     h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
-    return _residual(p, x, _attend(p["EncDecAttention"], h, kv[0], kv[1], bias, a, ctx), ctx)
+    return _residual(p["EncDecAttention"], x, _attend(p["EncDecAttention"], h, kv[0], kv[1], bias, a, ctx), ctx)
 
 
 def _ff_layer(p, x, a, ctx):
     h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
-    return _residual(p, x, _feed_forward(p["DenseReluDense"], h, a, ctx), ctx)
+    return _residual(p["DenseReluDense"], x, _feed_forward(p["DenseReluDense"], h, a, ctx), ctx)
 
 
 def embed_source(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,7 @@ from jpeft.models import t5
 from tests.conftest import SHARED, make_hf_t5, padded_batch
 
 
-def torch_logits(model, ids, mask, dec, dec_mask=None):
+def torch_logits(model, ids, mask, dec, dec_mask=None):  # noqa: F811 (adds the decoder mask)
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     decoder_input_ids=torch.tensor(dec),

@@ -1,0 +1,56 @@
+"""(IA)^3: learned vectors that rescale activations, placed beside the kernels they act on.
+
+Feed-forward modules scale their input (`ia3_in`, shape (in,)); the others scale their output
+(`ia3_out`, shape (out,)). Initialised to ones, so an untrained IA3 model equals the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from jpeft import targets as tg
+from jpeft import tree
+
+LEAVES = ("ia3_in", "ia3_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config:
+    """HF PEFT's IA3Config; the defaults are its T5 defaults (k, v and the feed-forward wo)."""
+
+    target_modules: tg.Targets = ("k", "v", "wo")
+    feedforward_modules: tg.Targets = ("wo",)
+    modules_to_save: tuple[str, ...] = ()
+
+
+def inject(params: Mapping[str, Any], cfg: IA3Config, key: Any = None) -> dict:
+    """A new tree with ones-initialised scaling vectors beside each targeted kernel."""
+    updates = {}
+    for name in tg.select(tg.dense_modules(params), cfg.target_modules, "target_modules"):
+        module = tg.get_module(params, name)
+        if any(leaf in module for leaf in LEAVES):
+            raise ValueError(f"{name} already has IA3 vectors")
+        d_in, d_out = module["kernel"].shape
+        if tg.matches(cfg.feedforward_modules, name):
+            updates[name] = {"ia3_in": jnp.ones((d_in,), module["kernel"].dtype)}
+        else:
+            updates[name] = {"ia3_out": jnp.ones((d_out,), module["kernel"].dtype)}
+    return tg.replace_modules(params, updates)
+
+
+def merge(params: Mapping[str, Any]) -> dict:
+    """Fold the vectors into the kernels (W * l per row or column) and drop them."""
+    flat = tree.flatten(params)
+    found = False
+    for path in [p for p in flat if p.rsplit("/", 1)[-1] in LEAVES]:
+        module, leaf = path.rsplit("/", 1)
+        vec, kernel = flat.pop(path).astype(jnp.float32), flat[f"{module}/kernel"]
+        scaled = kernel.astype(jnp.float32) * (vec[:, None] if leaf == "ia3_in" else vec[None, :])
+        flat[f"{module}/kernel"] = scaled.astype(kernel.dtype)
+        found = True
+    if not found:
+        raise ValueError("merge: this parameter tree holds no IA3 vectors")
+    return tree.unflatten(flat)

@@ -1,0 +1,133 @@
+"""LoRA as a pure parameter-tree transform: `inject` adds lora_a/lora_b/lora_scale beside targeted kernels.
+
+The model's dense op (`jpeft.nn.dense`) computes x W + (dropout(x) A) B * scale whenever the
+leaves are present, so training never materialises W + BA; `merge` folds them in for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import targets as tg
+from jpeft import tree
+
+LEAVES = ("lora_a", "lora_b", "lora_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """HF PEFT's LoraConfig, for the parts that shape the parameters."""
+
+    r: int = 8
+    alpha: float = 8.0
+    target_modules: tg.Targets = ("q", "v")
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"  # "default" (A Kaiming-uniform, B zero), "gaussian", or "pissa"
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    modules_to_save: Sequence[str] = ()
+
+    def __post_init__(self):
+        if self.r <= 0 or any(r <= 0 for r in self.rank_pattern.values()):
+            raise ValueError(f"LoRA rank must be positive, got r={self.r}, rank_pattern={dict(self.rank_pattern)}")
+        if self.alpha <= 0 or any(a <= 0 for a in self.alpha_pattern.values()):
+            raise ValueError(f"LoRA alpha must be positive, got alpha={self.alpha}, alpha_pattern={dict(self.alpha_pattern)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("default", "gaussian", "pissa"):
+            raise ValueError(f"unknown LoRA init {self.init!r}; choose 'default', 'gaussian' or 'pissa'")
+
+    def rank_and_scale(self, name: str) -> tuple[int, float]:
+        """(r, scale) of one module, after rank_pattern/alpha_pattern, as HF PEFT computes them."""
+        rkey = tg.pattern_key(self.rank_pattern, name)
+        akey = tg.pattern_key(self.alpha_pattern, name)
+        r = self.rank_pattern[rkey] if rkey is not None else self.r
+        alpha = self.alpha_pattern[akey] if akey is not None else self.alpha
+        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def target_names(params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
+    """Dotted names of the modules `cfg` targets (modules_to_save are excluded, as in HF PEFT)."""
+    candidates = [m for m in tg.dense_modules(params) if not tg.within(cfg.modules_to_save, m)]
+    return tg.select(candidates, cfg.target_modules, "target_modules")
+
+
+def _init_pair(key, kernel, r, init):
+    d_in, d_out = kernel.shape
+    if init == "default":  # torch's kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key, (d_in, r), jnp.float32, -bound, bound)
+    else:
+        a = jax.random.normal(key, (d_in, r), jnp.float32) / r
+    return a.astype(kernel.dtype), jnp.zeros((r, d_out), kernel.dtype)
+
+
+def _pissa(kernel, r, scale):
+    """PiSSA: A, B from the top-r singular triplets; the residual W - scale*AB stays frozen."""
+    u, s, vt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+    root = jnp.sqrt(s[:r] / scale)
+    a, b = u[:, :r] * root, root[:, None] * vt[:r]
+    return a, b, kernel.astype(jnp.float32) - scale * a @ b
+
+
+def inject(params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict:
+    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel."""
+    updates = {}
+    for i, name in enumerate(target_names(params, cfg)):
+        module = tg.get_module(params, name)
+        if "lora_a" in module:
+            raise ValueError(f"{name} already has LoRA weights: merge or split them off before injecting again")
+        kernel = module["kernel"]
+        r, scale = cfg.rank_and_scale(name)
+        leaves = {"lora_scale": jnp.asarray(scale, jnp.float32)}
+        if cfg.init == "pissa":
+            a, b, residual = _pissa(kernel, r, scale)
+            leaves.update(lora_a=a.astype(kernel.dtype), lora_b=b.astype(kernel.dtype), kernel=residual.astype(kernel.dtype))
+        else:
+            leaves["lora_a"], leaves["lora_b"] = _init_pair(jax.random.fold_in(key, i), kernel, r, cfg.init)
+        updates[name] = leaves
+    return tg.replace_modules(params, updates)
+
+
+def _lora_modules(params: Mapping[str, Any]) -> list[str]:
+    return [p[: -len("/lora_a")] for p in tree.flatten(params) if p.endswith("/lora_a")]
+
+
+def _delta(module: Mapping[str, Any]) -> jax.Array:
+    a, b = module["lora_a"].astype(jnp.float32), module["lora_b"].astype(jnp.float32)
+    if a.ndim == 3:
+        raise ValueError("cannot merge stacked (multi-adapter) LoRA leaves; select one adapter first")
+    return module["lora_scale"] * (a @ b)
+
+
+def merge(params: Mapping[str, Any]) -> dict:
+    """W + scale * A @ B accumulated in float32, LoRA leaves removed: a plain tree of the base's structure."""
+    flat = tree.flatten(params)
+    modules = _lora_modules(params)
+    if not modules:
+        raise ValueError("merge: this parameter tree holds no LoRA weights (no lora_a leaves)")
+    for path in modules:
+        module = {leaf: flat.pop(f"{path}/{leaf}") for leaf in LEAVES}
+        kernel = flat[f"{path}/kernel"]
+        flat[f"{path}/kernel"] = (kernel.astype(jnp.float32) + _delta(module)).astype(kernel.dtype)
+    return tree.unflatten(flat)
+
+
+def unmerge(merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
+    """The inverse of `merge`: subtract scale * A @ B and put the adapter's LoRA leaves back."""
+    flat, extra = tree.flatten(merged), tree.flatten(adapter)
+    modules = _lora_modules(adapter)
+    if not modules:
+        raise ValueError("unmerge: the adapter holds no LoRA weights")
+    for path in modules:
+        module = {leaf: extra[f"{path}/{leaf}"] for leaf in LEAVES}
+        kernel = flat[f"{path}/kernel"]
+        flat[f"{path}/kernel"] = (kernel.astype(jnp.float32) - _delta(module)).astype(kernel.dtype)
+        flat.update({f"{path}/{leaf}": v for leaf, v in module.items()})
+    return tree.unflatten(flat)

@@ -1,0 +1,58 @@
+"""Prompt tuning: a (num_virtual_tokens, d_model) `prompt_embeddings` leaf that models prepend to their input embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+LEAF = "prompt_embeddings"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTuningConfig:
+    """HF PEFT's PromptTuningConfig: "random", "vocab" (rows of the first 5000 tokens) or "text" init."""
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    text: str | None = None
+    tokenizer: Any = None
+
+    def __post_init__(self):
+        if self.num_virtual_tokens <= 0:
+            raise ValueError(f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        if self.init not in ("random", "vocab", "text"):
+            raise ValueError(f"unknown prompt init {self.init!r}; choose 'random', 'vocab' or 'text'")
+        if self.init == "text" and (not self.text or self.tokenizer is None):
+            raise ValueError("init='text' needs both `text` and `tokenizer`")
+
+
+def embedding_table(params: Mapping[str, Any]) -> jax.Array:
+    """The model's input embedding matrix (T5's `shared`, Llama's `model/embed_tokens`)."""
+    if "shared" in params:
+        return params["shared"]["embedding"]
+    if "model" in params and "embed_tokens" in params["model"]:
+        return params["model"]["embed_tokens"]["embedding"]
+    raise ValueError("no input embedding found (expected shared/embedding or model/embed_tokens/embedding)")
+
+
+def inject(params: Mapping[str, Any], cfg: PromptTuningConfig, key: jax.Array) -> dict:
+    """A new tree with a trainable `prompt_embeddings` leaf (num_virtual_tokens, d_model)."""
+    if LEAF in params:
+        raise ValueError("this tree already has prompt_embeddings: split the old adapter off before injecting another")
+    table = embedding_table(params)
+    n = cfg.num_virtual_tokens
+    if cfg.init == "random":  # torch.nn.Embedding's default init, as HF PEFT's RANDOM init uses
+        prompt = jax.random.normal(key, (n, table.shape[1]), jnp.float32).astype(table.dtype)
+    elif cfg.init == "vocab":
+        rows = jax.random.randint(key, (n,), 0, min(5000, table.shape[0]))
+        prompt = table[rows]
+    else:
+        ids = cfg.tokenizer(cfg.text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt text {cfg.text!r} tokenizes to nothing")
+        ids = (ids * (n // len(ids) + 1))[:n]  # HF PEFT repeats or truncates the phrase to length
+        prompt = table[jnp.asarray(ids)]
+    return {**params, LEAF: prompt}

@@ -1,0 +1,110 @@
+"""The trainable/frozen split: masks, equinox-style partition/combine, an optimizer that only keeps state for
+trainable leaves, and swapping task adapters on one base."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import optax
+
+from jpeft import selective as sel
+from jpeft import targets as tg
+from jpeft import tree
+
+TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings"})
+ADAPTER_LEAVES = TRAINABLE_LEAVES | {"lora_scale"}
+
+
+def is_adapter_path(path: str) -> bool:
+    """Whether a leaf belongs to a PEFT method rather than to the base model."""
+    parts = path.split("/")
+    return parts[-1] in ADAPTER_LEAVES or "adapter" in parts[:-1]
+
+
+def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
+    """A tree of bools: True on PEFT leaves (not lora_scale), inside `modules_to_save`, and on `selective`'s choice."""
+    chosen = set(sel.selected_paths(params, selective)) if selective is not None else set()
+    flat = tree.flatten(params)
+    mask = {}
+    for path in flat:
+        parts = path.split("/")
+        mask[path] = (
+            (parts[-1] in TRAINABLE_LEAVES or "adapter" in parts[:-1])
+            or (bool(modules_to_save) and tg.within(modules_to_save, ".".join(parts[:-1])))
+            or path in chosen
+        )
+    return tree.unflatten(mask)
+
+
+def partition(params: Mapping[str, Any], mask: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(trainable, frozen): two trees of the same structure with None where the other one holds the leaf."""
+    trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    return trainable, frozen
+
+
+def combine(*trees: Mapping[str, Any]) -> dict:
+    """Inverse of `partition`: the first non-None leaf at each position."""
+    def pick(*leaves):
+        return next((leaf for leaf in leaves if leaf is not None), None)
+
+    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None)
+
+
+def optimizer(tx: optax.GradientTransformation, mask: Mapping[str, Any]) -> optax.GradientTransformation:
+    """`tx` on trainable leaves, zero updates and no state on frozen ones (optax.masked alone freezes nothing)."""
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def split_adapter(params: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(base, adapter): the base model's leaves and the PEFT leaves, as two plain trees sharing arrays."""
+    flat = tree.flatten(params)
+    base = {p: v for p, v in flat.items() if not is_adapter_path(p)}
+    adapter = {p: v for p, v in flat.items() if is_adapter_path(p)}
+    return tree.unflatten(base), tree.unflatten(adapter)
+
+
+def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
+    """Put an adapter on a base (no copies); an error if the adapter's modules or shapes do not fit the base."""
+    flat_base, flat_adapter = tree.flatten(base), tree.flatten(adapter)
+    clash = [p for p in flat_adapter if p in flat_base]
+    if clash:
+        raise ValueError(f"attach: the base already has {clash[:3]}; split its adapter off first")
+    for path, value in flat_adapter.items():
+        module = path.split("/adapter/")[0] if "/adapter/" in path else path.rsplit("/", 1)[0]
+        kernel = flat_base.get(f"{module}/kernel")
+        leaf = path.rsplit("/", 1)[-1]
+        if leaf == "prompt_embeddings":
+            continue
+        if kernel is None and "/adapter/" not in path:
+            raise ValueError(f"attach: adapter leaf {path} has no base kernel at {module}/kernel")
+        if kernel is not None and not _fits(leaf, value.shape, kernel.shape):
+            raise ValueError(f"attach: {path} has shape {value.shape}, which does not fit the base kernel {kernel.shape}")
+    return tree.unflatten({**flat_base, **flat_adapter})
+
+
+def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
+    d_in, d_out = kernel
+    return {
+        "lora_a": shape[-2] == d_in,
+        "lora_b": shape[-1] == d_out,
+        "ia3_in": shape == (d_in,),
+        "ia3_out": shape == (d_out,),
+    }.get(leaf, True)
+
+
+def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:
+    """(trainable, all) parameter counts, printed in HF PEFT's `print_trainable_parameters` format.
+
+    lora_scale is a constant, not a parameter, and is not counted (as in HF PEFT).
+    """
+    mask = trainable_mask(params) if mask is None else mask
+    flat, flat_mask = tree.flatten(params), tree.flatten(mask)
+    counted = {p: int(v.size) for p, v in flat.items() if not p.endswith("/lora_scale")}
+    all_params = sum(counted.values())
+    trainable = sum(n for p, n in counted.items() if flat_mask[p])
+    if verbose:
+        print(f"trainable params: {trainable:,d} || all params: {all_params:,d} || trainable%: {100 * trainable / all_params:.4f}")
+    return trainable, all_params

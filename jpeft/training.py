@@ -1,0 +1,53 @@
+"""Losses and the jitted train step: gradients only for the trainable part of the tree."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft.split import combine
+
+IGNORE = -100
+LossFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], jax.Array | None], jax.Array]
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of counted tokens); labels equal to -100 are ignored (padding, prompts)."""
+    valid = labels != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)
+
+
+def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0) -> LossFn:
+    """Mean token cross-entropy of a T5 on {input_ids, attention_mask, labels} (decoder inputs shifted from labels)."""
+    from jpeft.models import t5
+
+    def loss(params, batch, rng):
+        dec = t5.shift_right(batch["labels"], config)
+        logits = t5.forward(config, params, batch["input_ids"], batch["attention_mask"], dec,
+                            dtype=dtype, dropout_rng=rng, lora_dropout=lora_dropout)
+        total, count = token_cross_entropy(logits, batch["labels"])
+        return total / jnp.maximum(count, 1)
+
+    return loss
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+    """A jitted step (trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss).
+
+    Only `trainable` is differentiated, so no gradient is formed for frozen weights; its buffers and
+    the optimizer state are donated and updated in place.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, batch, rng):
+        loss, grads = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), batch, rng))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
