@@ -1,0 +1,189 @@
+"""GGUF files (llama.cpp's format) as a transformers config plus a dequantised float32 state dict, in numpy.
+
+Mirrors transformers' own GGUF loader (`modeling_gguf_pytorch_utils.load_gguf_checkpoint`): the same config
+keys, the same tensor renaming, and the same undoing of llama.cpp's q/k row permutation for the `llama`
+architecture (llama.cpp interleaves the two rotary halves of each head; transformers keeps them split).
+Whatever jpeft cannot represent exactly (other architectures, quantisation types without a dequantiser,
+rope-frequency tensors) is refused with an error naming it, never approximated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jpeft.hf_io import CheckpointError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_MISSING = object()
+
+
+def open_reader(path: str | os.PathLike):
+    """A `gguf.GGUFReader` (memory-mapped), with clear errors for missing or non-GGUF files."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist (expected a .gguf file)")
+    try:
+        return GGUFReader(path, "r")
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+def metadata(reader, key: str, default: Any = _MISSING, source: str = "GGUF file") -> Any:
+    """One metadata value (scalar, string or list); `default` when absent, else an error naming the key."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise CheckpointError(f"{source}: GGUF metadata lacks {key}")
+        return default
+    return field.contents()
+
+
+def _architecture(reader, source: str) -> str:
+    arch = metadata(reader, "general.architecture", source=source)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported; jpeft reads {list(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _rope_parameters(get, reader, arch: str, source: str) -> dict:
+    rope = {"rope_type": "default", "rope_theta": float(get(f"{arch}.rope.freq_base", 10000.0))}
+    scaling = get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(get(f"{arch}.rope.scaling.factor")))
+    elif scaling != "none":
+        raise CheckpointError(f"{source}: rope scaling {scaling!r} in GGUF metadata is not supported (only 'linear')")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise CheckpointError(f"{source}: tensor rope_freqs.weight (llama.cpp's Llama-3.1-style rope scaling) is not supported")
+    return rope
+
+
+def config_from_reader(reader, source: str = "GGUF file"):
+    """A transformers `LlamaConfig` / `Qwen2Config` from GGUF metadata, as transformers' GGUF loader builds it."""
+    import transformers
+
+    arch = _architecture(reader, source)
+
+    def get(key: str, default: Any = _MISSING) -> Any:
+        return metadata(reader, key, default, source)
+
+    hidden, heads = int(get(f"{arch}.embedding_length")), int(get(f"{arch}.attention.head_count"))
+    kv_heads = get(f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise CheckpointError(f"{source}: per-layer {arch}.attention.head_count_kv is not supported")
+    head_dim = int(get(f"{arch}.attention.key_length", hidden // heads))
+    rotary_dim = int(get(f"{arch}.rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise CheckpointError(f"{source}: partial rotary embeddings ({arch}.rope.dimension_count={rotary_dim}, head dim {head_dim}) are not supported")
+    vocab = get(f"{arch}.vocab_size", None)
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    if vocab is None:
+        raise CheckpointError(f"{source}: metadata gives no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens)")
+    kwargs = dict(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get(f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(get(f"{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(kv_heads),
+        max_position_embeddings=int(get(f"{arch}.context_length", 2048)),
+        rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_parameters=_rope_parameters(get, reader, arch, source),
+        tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+        bos_token_id=get("tokenizer.ggml.bos_token_id", None),
+        eos_token_id=get("tokenizer.ggml.eos_token_id", None),
+        pad_token_id=get("tokenizer.ggml.padding_token_id", None),
+    )
+    if arch == "qwen2":
+        if head_dim != hidden // heads:
+            raise CheckpointError(f"{source}: a Qwen2 head dim of {head_dim} (not hidden/heads) is not supported")
+        return transformers.Qwen2Config(**kwargs)
+    return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> transformers state-dict name, or None when it has no counterpart."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _LAYER_NAME.fullmatch(gguf_name)
+    if match and match[2] in _LAYER_TENSORS:
+        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+    return None
+
+
+def dequantize(tensor, source: str = "GGUF file") -> np.ndarray:
+    """A reader tensor as float32 in PyTorch layout (GGUF lists dims innermost first)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    qtype = Q(tensor.tensor_type)
+    if qtype in (Q.I8, Q.I16, Q.I32, Q.I64):
+        raise CheckpointError(f"{source}: tensor {tensor.name} has integer type {qtype.name}, not a weight type jpeft can load")
+    try:
+        values = tensor.data.astype(np.float32) if qtype == Q.F64 else quants.dequantize(tensor.data, qtype)
+    except NotImplementedError:
+        raise CheckpointError(f"{source}: tensor {tensor.name} uses GGML type {qtype.name}, which jpeft cannot dequantise") from None
+    return np.asarray(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of q/k rows (per head: interleaved rotary pairs -> two halves)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[str, np.ndarray]:
+    """All tensors, dequantised to float32 and renamed to transformers' names."""
+    arch = metadata(reader, "general.architecture", source=source)
+    state, unknown = {}, []
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is None:
+            unknown.append(tensor.name)
+            continue
+        value = dequantize(tensor, source)
+        if arch == "llama" and ".self_attn.q_proj." in name:
+            value = unpermute_rotary(value, config.num_attention_heads)
+        elif arch == "llama" and ".self_attn.k_proj." in name:
+            value = unpermute_rotary(value, config.num_key_value_heads)
+        state[name] = value
+    if unknown:
+        raise CheckpointError(f"{source} holds tensors jpeft cannot map to a {arch} model: {sorted(unknown)[:8]}")
+    return state
+
+
+def load_config(path: str | os.PathLike):
+    """The transformers config described by a GGUF file's metadata."""
+    return config_from_reader(open_reader(path), source=str(path))
+
+
+def read(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
+    """(transformers config, float32 state dict with transformers names) from a GGUF file."""
+    reader = open_reader(path)
+    config = config_from_reader(reader, source=str(path))
+    return config, state_dict_from_reader(reader, config, source=str(path))
