@@ -22,9 +22,14 @@ T5_CONFIGS = {
 }
 
 
-def make_hf_t5(seed: int = 0, **overrides):
-    """A random transformers T5ForConditionalGeneration in eval mode (untied head when asked)."""
+def make_hf_t5(path: Path, seed: int = 0, **overrides):
+    """Save a random transformers T5 to `path` and return it reloaded from there, in eval mode.
+
+    transformers 5 always ties the LM head when saving, so an untied head (v1.1/FLAN) is written
+    into the safetensors file by hand; transformers then loads it untied, as it does FLAN-T5.
+    """
     import torch
+    from safetensors.torch import load_file, save_file
     from transformers import T5Config, T5ForConditionalGeneration
 
     kwargs = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, relative_attention_num_buckets=8,
@@ -32,26 +37,29 @@ def make_hf_t5(seed: int = 0, **overrides):
                   pad_token_id=0, eos_token_id=1)
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    config = T5Config(**kwargs)
-    model = T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
-    if kwargs.get("tie_word_embeddings") is False:
-        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.5)
+    model = T5ForConditionalGeneration._from_config(T5Config(**kwargs), attn_implementation="eager")
     with torch.no_grad():  # make the norms and biases non-trivial so mistakes show
         for name, p in model.named_parameters():
             if name.endswith("layer_norm.weight"):
                 p.add_(torch.randn_like(p) * 0.2)
             if "relative_attention_bias" in name:
                 p.mul_(5.0)
+    model.save_pretrained(path)
+    if kwargs.get("tie_word_embeddings") is False:
+        state = load_file(path / "model.safetensors")
+        state["lm_head.weight"] = torch.randn_like(state["shared.weight"]) * 0.5
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    model = T5ForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
+    if kwargs.get("tie_word_embeddings") is False:
+        assert not torch.equal(model.lm_head.weight, model.shared.weight)
     return model.eval()
 
 
 @pytest.fixture(params=sorted(T5_CONFIGS))
 def hf_t5_dir(request, tmp_path):
     """(saved directory, torch model) for each tiny T5 configuration."""
-    model = make_hf_t5(**T5_CONFIGS[request.param])
     path = tmp_path / request.param
-    model.save_pretrained(path)
-    return path, model
+    return path, make_hf_t5(path, **T5_CONFIGS[request.param])
 
 
 def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, min_len: int = 3):
@@ -73,7 +81,7 @@ def flan(tmp_path_factory):
     from jpeft.models import t5
 
     path = tmp_path_factory.mktemp("flan")
-    make_hf_t5(**T5_CONFIGS["flan_odd_heads"]).save_pretrained(path)
+    make_hf_t5(path, **T5_CONFIGS["flan_odd_heads"])
     config, params = t5.load_pretrained(path)
 
     def fresh():

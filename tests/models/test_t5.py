@@ -116,7 +116,7 @@ def test_save_pretrained_round_trip(hf_t5_dir, tmp_path):
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    model = make_hf_t5(**{"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False})
+    model = make_hf_t5(tmp_path / "single", feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     config, params = t5.load_pretrained(tmp_path / "sharded")
@@ -138,9 +138,8 @@ def test_real_tokenizer_feeds_the_model(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "t5")
     assert tok("Hello world").input_ids == [8774, 296, 1]
-    model = make_hf_t5(vocab_size=32128, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
-                       feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    model.save_pretrained(tmp_path / "m")
+    model = make_hf_t5(tmp_path / "m", vocab_size=32128, d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1,
+                       num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     config, params = t5.load_pretrained(tmp_path / "m")
     batch = tok(["Summarize: #Person1#: Hi, how are you?", "Hello world"], padding=True, return_tensors="np")
     dec = np.zeros((2, 3), np.int64)
@@ -156,8 +155,7 @@ def test_real_tokenizer_feeds_the_model(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    model = make_hf_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    model.save_pretrained(tmp_path / "m")
+    make_hf_t5(tmp_path / "m", feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     return tmp_path / "m"
 
 
