@@ -87,12 +87,13 @@ def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
 
 def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
     d_in, d_out = kernel
-    return {
-        "lora_a": shape[-2] == d_in,
-        "lora_b": shape[-1] == d_out,
-        "ia3_in": shape == (d_in,),
-        "ia3_out": shape == (d_out,),
-    }.get(leaf, True)
+    if leaf == "lora_a":
+        return len(shape) >= 2 and shape[-2] == d_in
+    if leaf == "lora_b":
+        return len(shape) >= 2 and shape[-1] == d_out
+    if leaf in ("ia3_in", "ia3_out"):
+        return shape == ((d_in,) if leaf == "ia3_in" else (d_out,))
+    return True
 
 
 def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:

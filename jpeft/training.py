@@ -40,8 +40,8 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     """A jitted step (trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss).
 
-    Only `trainable` is differentiated, so no gradient is formed for frozen weights; its buffers and
-    the optimizer state are donated and updated in place.
+    Only `trainable` is differentiated, so no gradient is formed for frozen weights. The buffers of
+    `trainable` and `opt_state` are donated (updated in place): do not reuse the arrays passed in.
     """
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))

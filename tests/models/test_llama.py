@@ -42,6 +42,7 @@ def make_hf_llama(path, model_type: str = "llama", seed: int = 0, **overrides):
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
     config_cls, model_cls = classes[model_type]
     kwargs = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64,
+                  num_attention_heads=4, num_key_value_heads=2,
                   initializer_range=0.15, rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -199,7 +200,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_soft_prompt_matches_peft_prompt_tuning(tmp_path):
     from peft import PromptTuningConfig, get_peft_model
 
-    model = make_hf_llama(tmp_path, num_attention_heads=4, num_key_value_heads=2)
+    model = make_hf_llama(tmp_path)
     config, params = llama.load_pretrained(tmp_path)
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
     prompt = np.random.default_rng(8).normal(size=(3, 32)).astype(np.float32)

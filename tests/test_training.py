@@ -1,0 +1,86 @@
+"""The jitted train step: no gradients for frozen weights, optimizer state only for trainable leaves, loss falls."""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft import adapters, ia3, lora, prompt, selective, training
+
+
+@pytest.fixture(scope="module")
+def batch(flan):
+    labels = np.array(flan.dec)
+    labels[2, 3:] = -100  # padded label positions are ignored
+    return {"input_ids": jnp.asarray(flan.ids), "attention_mask": jnp.asarray(flan.mask), "labels": jnp.asarray(labels)}
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple]:
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes += [tuple(v.aval.shape) for v in eqn.outvars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _dot_output_shapes(sub)
+    return shapes
+
+
+def _weight_gradient_dots(flan, params, mask, batch) -> int:
+    trainable, frozen = jpeft.partition(params, mask)
+    loss = training.seq2seq_loss(flan.config)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda t: loss(jpeft.combine(t, frozen), batch, None)))(trainable).jaxpr
+    kernels = {tuple(x.shape) for x in jax.tree.leaves(flan.params) if x.ndim == 2}
+    kernels |= {s[::-1] for s in kernels}
+    return sum(s in kernels for s in _dot_output_shapes(jaxpr))
+
+
+def test_lora_step_forms_no_gradient_for_frozen_kernels(flan, batch):
+    params = lora.inject(flan.params, lora.LoraConfig(r=4, target_modules=["q", "v"]), jax.random.key(0))
+    assert _weight_gradient_dots(flan, params, jpeft.trainable_mask(params), batch) == 0
+    full = jax.tree.map(lambda _: True, flan.params)  # control: full fine-tuning does form them
+    assert _weight_gradient_dots(flan, flan.params, full, batch) > 10
+
+
+def test_adam_state_is_twice_the_trainable_count(flan):
+    params = lora.inject(flan.params, lora.LoraConfig(r=4, target_modules=["q", "v"]), jax.random.key(0))
+    trainable, _ = jpeft.partition(params, jpeft.trainable_mask(params))
+    state = optax.adam(1e-3).init(trainable)
+    n = sum(x.size for x in jax.tree.leaves(trainable))
+    assert sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)) == 2 * n
+
+
+def test_token_cross_entropy_ignores_padding():
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+    total, count = training.token_cross_entropy(logits, jnp.array([[0, -100]]))
+    assert int(count) == 1 and float(total) == pytest.approx(np.log(2))
+
+
+METHODS = {
+    "lora": lambda p, k: (lora.inject(p, lora.LoraConfig(r=4, alpha=8, target_modules=["q", "v"]), k), {}),
+    "prompt": lambda p, k: (prompt.inject(p, prompt.PromptTuningConfig(num_virtual_tokens=4), k), {}),
+    "ia3": lambda p, k: (ia3.inject(p, ia3.IA3Config()), {}),
+    "adapter": lambda p, k: (adapters.inject(p, adapters.AdapterConfig(reduction_factor=8), k), {}),
+    "selective": lambda p, k: (p, {"selective": selective.SelectiveConfig(layer_norms=True)}),
+    "full": lambda p, k: (p, {"modules_to_save": ["encoder", "decoder", "shared", "lm_head"]}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_loss_falls_for_every_method(flan, batch, method):
+    params, mask_kwargs = METHODS[method](flan.params, jax.random.key(0))
+    mask = jpeft.trainable_mask(params, **mask_kwargs)
+    trainable, frozen = jpeft.partition(params, mask)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its input; keep the shared fixture intact
+    tx = optax.adam(3e-2 if method in ("ia3", "selective", "prompt") else 1e-2)
+    step = training.make_train_step(training.seq2seq_loss(flan.config), tx)
+    opt_state = tx.init(trainable)
+    losses = []
+    for i in range(12):
+        trainable, opt_state, loss = step(trainable, opt_state, frozen, batch, None)
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
