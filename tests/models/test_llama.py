@@ -140,7 +140,7 @@ def test_greedy_generation_matches_transformers_left_padded(hf_llama):
     out = _compare_generation(model, config, params, ids, mask, 10, eos=1)
     # Early tokens used as EOS exercise stopping and the padding after it.
     stopped = False
-    for eos in dict.fromkeys(t for t in out[:, :3].ravel().tolist() if t != 0):
+    for eos in list(dict.fromkeys(t for t in out[:, :3].ravel().tolist() if t != 0))[:3]:
         again = _compare_generation(model, config, params, ids, mask, 10, eos=eos)
         stopped |= any(eos in row[:-1].tolist() and set(row[row.tolist().index(eos) + 1:].tolist()) == {0} for row in again)
     assert stopped
@@ -223,14 +223,15 @@ def test_soft_prompt_matches_peft_prompt_tuning(tmp_path):
     target = padded[:, 1:]
     nll = -np.take_along_axis(np.asarray(logp), np.maximum(target, 0)[..., None], axis=-1)[..., 0]
     assert abs(nll[target != -100].mean() - out.loss.item()) < 1e-5
-    # Generation with the prompt (unpadded rows, where PEFT's positions and jpeft's agree).
-    ids = ids[:, :4]
+    # Generation with the prompt, against greedy decoding through PEFT's forward on unpadded rows (where PEFT's
+    # positions and jpeft's agree). PEFT 0.21's own `generate` disagrees with its forward under transformers 5.
+    cur = torch.tensor(ids[:, :4])
     with torch.no_grad():
-        want = peft_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
-                                   max_new_tokens=6, do_sample=False, eos_token_id=1, pad_token_id=0).numpy()
-    ours = np.asarray(llama.generate(config, params, ids, None, max_new_tokens=6, eos_token_id=1))
-    for r, o in zip(want[:, -6:] if want.shape[1] > 6 else want, ours):
-        assert _trim(o, 1) == _trim(r, 1)
+        for _ in range(6):
+            logits = peft_model(input_ids=cur, attention_mask=torch.ones(cur.shape, dtype=torch.long)).logits
+            cur = torch.cat([cur, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    ours = np.asarray(llama.generate(config, params, ids[:, :4], None, max_new_tokens=6, eos_token_id=-1))
+    np.testing.assert_array_equal(ours, cur[:, 4:].numpy())
 
 
 def test_lora_leaves_act_like_merged_weights(hf_llama):
