@@ -8,6 +8,7 @@ from jpeft import adapters, ia3, lora, prompt, selective
 from jpeft.adapters import AdapterConfig
 from jpeft.ia3 import IA3Config
 from jpeft.lora import LoraConfig
+from jpeft.peft_format import load_adapter, save_adapter
 from jpeft.prompt import PromptTuningConfig
 from jpeft.selective import SelectiveConfig
 from jpeft.split import attach, combine, count_params, optimizer, partition, split_adapter, trainable_mask
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "SelectiveConfig",
-    "adapters", "attach", "combine", "count_params", "ia3", "lora", "optimizer", "partition",
-    "prompt", "selective", "split_adapter", "trainable_mask",
+    "adapters", "attach", "combine", "count_params", "ia3", "load_adapter", "lora", "optimizer", "partition",
+    "prompt", "save_adapter", "selective", "split_adapter", "trainable_mask",
 ]

@@ -1,0 +1,350 @@
+"""Adapters on disk in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+A directory written here loads with `peft.PeftModel.from_pretrained`, and one written by PEFT's
+`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3 and prompt tuning.
+Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, PyTorch layout: lora_A (r, in),
+lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`), and the
+module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works.
+
+The safetensors metadata also records the base the adapter was trained on (its name and a
+fingerprint of its parameter names and shapes); PEFT ignores it, `load_adapter` checks it first.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import hf_io, ia3, lora, prompt, split, tree
+from jpeft import targets as tg
+from jpeft.hf_io import CheckpointError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+FINGERPRINT_KEY = "jpeft_base_fingerprint"
+BASE_NAME_KEY = "jpeft_base_model"
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+
+# LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
+_UNSUPPORTED_LORA = (
+    ("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
+    ("layers_to_transform", None), ("layer_replication", None), ("target_parameters", None),
+    ("trainable_token_indices", None), ("modules_to_save", None), ("use_qalora", False),
+)
+
+
+def base_fingerprint(params: Mapping[str, Any]) -> str:
+    """sha256 of the base model's parameter names and shapes (PEFT leaves ignored, dtype ignored)."""
+    shapes = sorted((p, list(np.shape(v))) for p, v in tree.flatten(params).items() if not split.is_adapter_path(p))
+    return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
+
+
+def task_type(params: Mapping[str, Any]) -> str:
+    """PEFT's task type for a tree: encoder-decoder trees are SEQ_2_SEQ_LM, the rest CAUSAL_LM."""
+    return "SEQ_2_SEQ_LM" if "encoder" in params and "decoder" in params else "CAUSAL_LM"
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | None = None,
+    base_model_name_or_path: str | None = None,
+    *,
+    task: str | None = None,
+) -> None:
+    """Write the adapter in `params` (a full tree: base + one PEFT method) as a PEFT adapter directory, atomically.
+
+    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from lora_scale).
+    """
+    flat = tree.flatten(params)
+    if not any(not split.is_adapter_path(p) for p in flat):
+        raise ValueError("save_adapter needs the full tree (base + adapter), e.g. jpeft.attach(base, adapter), to fingerprint the base")
+    method = _method(flat)
+    task = task or task_type(params)
+    if method == "LORA":
+        cfg_json, tensors = _lora_out(params, flat, config)
+    elif method == "IA3":
+        cfg_json, tensors = _ia3_out(params, flat, config)
+    else:
+        cfg_json, tensors = _prompt_out(flat, config, task)
+    cfg_json.update(peft_type=method, task_type=task, base_model_name_or_path=base_model_name_or_path,
+                    inference_mode=True, revision=None, auto_mapping=None)
+    metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(params), BASE_NAME_KEY: base_model_name_or_path or ""}
+    with hf_io.atomic_dir(path) as tmp:
+        hf_io.write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+
+
+def _method(flat: Mapping[str, Any]) -> str:
+    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p)}
+    found = sorted({"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
+                    else "PROMPT_TUNING" if leaf == prompt.LEAF else "bottleneck adapter" for leaf in leaves})
+    if not found:
+        raise ValueError("save_adapter: the tree holds no adapter (no lora_a, ia3_* or prompt_embeddings leaves)")
+    if len(found) > 1 or found[0] not in PEFT_TYPES:
+        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3 or prompt tuning")
+    return found[0]
+
+
+def _modules_with(flat: Mapping[str, Any], leaf: str) -> list[str]:
+    return sorted(p[: -len(leaf) - 1].replace("/", ".") for p in flat if p.endswith(f"/{leaf}"))
+
+
+def _short_targets(candidates: list[str], chosen: list[str]) -> list[str]:
+    """PEFT target_modules that select exactly `chosen`: last name parts when they suffice, else full names."""
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in chosen})
+    return suffixes if sorted(n for n in candidates if tg.matches(suffixes, n)) == sorted(chosen) else sorted(chosen)
+
+
+def _float7(x: float) -> float | int:
+    """A float32-derived value without float32 noise (2.6666667461 * 3 -> 8), as an int when whole."""
+    x = float(f"{x:.7g}")
+    return int(x) if x.is_integer() else x
+
+
+def _most_common(values: Mapping[str, Any]) -> Any:
+    return collections.Counter(values.values()).most_common(1)[0][0]
+
+
+def _lora_out(params, flat, config):
+    modules = _modules_with(flat, "lora_a")
+    if any(np.ndim(flat[f"{m.replace('.', '/')}/lora_a"]) != 2 for m in modules):
+        raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one PEFT adapter; save each adapter")
+    ranks = {m: int(flat[f"{m.replace('.', '/')}/lora_a"].shape[1]) for m in modules}
+    scales = {m: float(flat[f"{m.replace('.', '/')}/lora_scale"]) for m in modules}
+    if config is None:
+        alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        config = lora.LoraConfig(
+            r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
+            rank_pattern={m: v for m, v in ranks.items() if v != r}, alpha_pattern={m: v for m, v in alphas.items() if v != alpha},
+        )
+    elif not isinstance(config, lora.LoraConfig):
+        raise ValueError(f"save_adapter: the tree holds LoRA weights but config is a {type(config).__name__}")
+    _check_lora_config(params, config, modules, ranks, scales)
+    tensors = {}
+    for m in modules:
+        module = tg.get_module(params, m)
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = np.asarray(module["lora_a"]).T
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = np.asarray(module["lora_b"]).T
+    target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    cfg_json = dict(
+        r=config.r, lora_alpha=config.alpha, target_modules=target, rank_pattern=dict(config.rank_pattern),
+        alpha_pattern=dict(config.alpha_pattern), use_rslora=config.use_rslora, lora_dropout=config.dropout,
+        bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=False,
+    )
+    return cfg_json, tensors
+
+
+def _check_lora_config(params, config, modules, ranks, scales):
+    if config.modules_to_save:
+        raise ValueError("save_adapter: modules_to_save is not supported in adapter files; merge and save the model instead")
+    expected = lora.target_names(params, config)
+    if sorted(expected) != modules:
+        extra, missing = sorted(set(modules) - set(expected)), sorted(set(expected) - set(modules))
+        raise ValueError(f"save_adapter: the LoRA modules disagree with the config's target_modules: adapted but not targeted {extra[:3]}, targeted but not adapted {missing[:3]}")
+    for m in modules:
+        r, scale = config.rank_and_scale(m)
+        if r != ranks[m] or not np.isclose(scale, scales[m], rtol=1e-6, atol=0):
+            raise ValueError(f"save_adapter: {m} has rank {ranks[m]} and scale {scales[m]:.6g}, but the config says rank {r} and scale {scale:.6g}")
+
+
+def _ia3_out(params, flat, config):
+    modules = sorted(set(_modules_with(flat, "ia3_in")) | set(_modules_with(flat, "ia3_out")))
+    ff = _modules_with(flat, "ia3_in")
+    if config is None:
+        config = ia3.IA3Config(target_modules=_short_targets(tg.dense_modules(params), modules),
+                               feedforward_modules=_short_targets(modules, ff) if ff else [])
+    elif not isinstance(config, ia3.IA3Config):
+        raise ValueError(f"save_adapter: the tree holds IA3 vectors but config is a {type(config).__name__}")
+    if config.modules_to_save:
+        raise ValueError("save_adapter: modules_to_save is not supported in adapter files; merge and save the model instead")
+    if sorted(tg.select(tg.dense_modules(params), config.target_modules, "target_modules")) != modules or sorted(
+        m for m in modules if tg.matches(config.feedforward_modules, m)) != ff:
+        raise ValueError("save_adapter: the IA3 vectors disagree with the config's target_modules / feedforward_modules")
+    tensors = {}
+    for m in modules:
+        module = tg.get_module(params, m)
+        vec = np.asarray(module["ia3_in"])[None, :] if "ia3_in" in module else np.asarray(module["ia3_out"])[:, None]
+        tensors[f"{PREFIX}{m}.ia3_l"] = vec
+    as_json = lambda t: t if isinstance(t, str) else list(t)  # noqa: E731
+    cfg_json = dict(target_modules=as_json(config.target_modules), feedforward_modules=as_json(config.feedforward_modules),
+                    fan_in_fan_out=False, init_ia3_weights=True, modules_to_save=None)
+    return cfg_json, tensors
+
+
+def _prompt_out(flat, config, task):
+    table = np.asarray(flat[prompt.LEAF])
+    n, d = table.shape
+    if config is not None and (not isinstance(config, prompt.PromptTuningConfig) or config.num_virtual_tokens != n):
+        raise ValueError(f"save_adapter: prompt_embeddings has {n} rows, which disagrees with config {config}")
+    submodules = 2 if task == "SEQ_2_SEQ_LM" else 1
+    # PEFT keeps one block of N rows per transformer submodule but feeds only the first to a seq2seq
+    # model under prompt tuning; the decoder block is never read, so it is written as zeros.
+    rows = np.concatenate([table] + [np.zeros_like(table)] * (submodules - 1))
+    # The weights are the result of any init; "RANDOM" keeps PEFT from fetching a tokenizer on load.
+    cfg_json = dict(num_virtual_tokens=n, token_dim=d, num_transformer_submodules=submodules, num_layers=None,
+                    num_attention_heads=None, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+                    tokenizer_name_or_path=None, tokenizer_kwargs=None, modules_to_save=None)
+    return cfg_json, {prompt.LEAF: rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict[str, str]]:
+    """(adapter_config, tensors by PEFT name, safetensors metadata) of an adapter directory; CheckpointError if unreadable."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") not in PEFT_TYPES:
+        got = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        raise CheckpointError(f"{cfg_file}: peft_type {got!r} is not one jpeft reads (it reads {list(PEFT_TYPES)})")
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{path} holds only adapter_model.bin, a pickle; re-save it with PEFT's safe_serialization=True")
+        raise CheckpointError(f"{weights} is missing")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="flax") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return cfg, tensors, metadata
+
+
+def load_adapter(params: Mapping[str, Any], path: str | os.PathLike) -> dict:
+    """`params` (a base without adapter) with the PEFT adapter at `path` attached; every check runs before anything is built."""
+    cfg, tensors, metadata = read_adapter(path)
+    _check_base(params, path, cfg, metadata)
+    who = f"{path} (adapter for {_base_name(cfg, metadata)!r})"
+    kind = cfg["peft_type"]
+    if kind == "LORA":
+        leaves = _lora_in(params, who, cfg, tensors)
+    elif kind == "IA3":
+        leaves = _ia3_in(params, who, cfg, tensors)
+    else:
+        leaves = _prompt_in(params, who, cfg, tensors)
+    try:
+        return split.attach(params, tree.unflatten(leaves))
+    except ValueError as e:
+        raise CheckpointError(f"{who} does not fit this base: {e}") from None
+
+
+def _base_name(cfg: Mapping[str, Any], metadata: Mapping[str, str]) -> str:
+    return metadata.get(BASE_NAME_KEY) or cfg.get("base_model_name_or_path") or "an unnamed base"
+
+
+def _check_base(params, path, cfg, metadata) -> None:
+    recorded = metadata.get(FINGERPRINT_KEY)
+    if recorded is None:  # written by PEFT: the per-tensor shape checks below stand in for the fingerprint
+        return
+    ours = base_fingerprint(params)
+    if recorded != ours:
+        n = sum(1 for p in tree.flatten(params) if not split.is_adapter_path(p))
+        raise CheckpointError(
+            f"{path} was trained on base {_base_name(cfg, metadata)!r} (fingerprint {recorded[:12]}), but the given base "
+            f"has fingerprint {ours[:12]} ({n} tensors): its parameter names or shapes differ, so the adapter does not fit it"
+        )
+
+
+def _split_names(who, tensors, suffixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """{dotted module: {suffix: tensor}} for PEFT names `base_model.model.<module>.<suffix>`; unknown names fail."""
+    out: dict[str, dict[str, Any]] = {}
+    unknown = []
+    for name, value in tensors.items():
+        suffix = next((s for s in suffixes if name.startswith(PREFIX) and name.endswith(f".{s}")), None)
+        if suffix is None:
+            unknown.append(name)
+            continue
+        out.setdefault(name[len(PREFIX): -len(suffix) - 1], {})[suffix] = value
+    if unknown:
+        raise CheckpointError(f"{who}: tensors jpeft does not know how to read: {sorted(unknown)[:5]}")
+    if not out:
+        raise CheckpointError(f"{who} holds no adapter tensors")
+    return out
+
+
+def _kernel_shape(params, who, module: str) -> tuple[int, int]:
+    try:
+        return tuple(tg.get_module(params, module)["kernel"].shape)
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{who} adapts {module}, which the given base does not have") from None
+
+
+def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
+    for key, default in _UNSUPPORTED_LORA:
+        if cfg.get(key, default) not in (default, [], {}):
+            raise CheckpointError(f"{who}: LoRA option {key}={cfg[key]!r} is not supported by jpeft")
+    try:
+        config = lora.LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], target_modules=cfg.get("target_modules") or (),
+                                 use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or {},
+                                 alpha_pattern=cfg.get("alpha_pattern") or {}, dropout=cfg.get("lora_dropout", 0.0) or 0.0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid LoRA config: {e!r}") from None
+    leaves = {}
+    for module, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight")).items():
+        if len(pair) != 2:
+            raise CheckpointError(f"{who}: {module} has only {list(pair)}; LoRA needs lora_A and lora_B")
+        a, b = pair["lora_A.weight"], pair["lora_B.weight"]
+        d_in, d_out = _kernel_shape(params, who, module)
+        r, scale = config.rank_and_scale(module)
+        if a.shape != (r, d_in) or b.shape != (d_out, r):
+            raise CheckpointError(
+                f"{who}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but its config rank {r} and the "
+                f"base kernel (in={d_in}, out={d_out}) need ({r}, {d_in}) and ({d_out}, {r})"
+            )
+        dtype = tg.get_module(params, module)["kernel"].dtype
+        prefix = module.replace(".", "/")
+        leaves[f"{prefix}/lora_a"] = a.T.astype(dtype)
+        leaves[f"{prefix}/lora_b"] = b.T.astype(dtype)
+        leaves[f"{prefix}/lora_scale"] = jnp.asarray(scale, jnp.float32)
+    return leaves
+
+
+def _ia3_in(params, who, cfg, tensors) -> dict[str, Any]:
+    ff = cfg.get("feedforward_modules") or []
+    leaves = {}
+    for module, vec in _split_names(who, tensors, ("ia3_l",)).items():
+        vec = vec["ia3_l"]
+        d_in, d_out = _kernel_shape(params, who, module)
+        is_ff = tg.matches(ff, module)
+        want = (1, d_in) if is_ff else (d_out, 1)
+        if tuple(vec.shape) != want:
+            raise CheckpointError(f"{who}: {module}.ia3_l has shape {tuple(vec.shape)}, but a {'feed-forward' if is_ff else 'non-feed-forward'} "
+                                  f"module with kernel (in={d_in}, out={d_out}) needs {want}")
+        dtype = tg.get_module(params, module)["kernel"].dtype
+        leaves[f"{module.replace('.', '/')}/{'ia3_in' if is_ff else 'ia3_out'}"] = vec.reshape(-1).astype(dtype)
+    return leaves
+
+
+def _prompt_in(params, who, cfg, tensors) -> dict[str, Any]:
+    if set(tensors) != {prompt.LEAF}:
+        raise CheckpointError(f"{who}: a prompt-tuning adapter holds only prompt_embeddings, found {sorted(tensors)[:5]}")
+    rows = tensors[prompt.LEAF]
+    n, d = cfg.get("num_virtual_tokens"), prompt.embedding_table(params).shape[1]
+    submodules = cfg.get("num_transformer_submodules") or (2 if task_type(params) == "SEQ_2_SEQ_LM" else 1)
+    if not isinstance(n, int) or rows.ndim != 2 or rows.shape != (n * submodules, d):
+        raise CheckpointError(f"{who}: prompt_embeddings has shape {tuple(rows.shape)}, but num_virtual_tokens={n}, "
+                              f"num_transformer_submodules={submodules} and the base's d_model={d} need ({n} * {submodules}, {d})")
+    return {prompt.LEAF: rows[:n].astype(prompt.embedding_table(params).dtype)}
