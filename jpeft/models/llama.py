@@ -490,6 +490,12 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.nd
     return np.take_along_axis(input_ids, order, axis=1), np.take_along_axis(attention_mask, order, axis=1)
 
 
+def _pad_after_eos(out: jax.Array, eos_ids: tuple[int, ...], pad: int) -> jax.Array:
+    """Pad everything after each row's first EOS (any of `eos_ids`), as transformers does."""
+    after = jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
+    return jnp.where(after, pad, out)
+
+
 def generate(
     config: Any,
     params: Params,
@@ -500,7 +506,7 @@ def generate(
     *,
     length_penalty: float = 1.0,
     early_stopping: bool = False,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     dtype: Any = jnp.float32,
     adapter_ids=None,
 ) -> jax.Array:
@@ -508,9 +514,14 @@ def generate(
 
     Prompts may be left- or right-padded (rows are left-aligned first). The prompt length and the cache
     length are rounded up to buckets, so a run over many batches compiles only a few shapes; the loop runs
-    on device with a key/value cache. `eos_token_id` defaults to the config's (first) EOS id.
+    on device with a key/value cache. `eos_token_id` defaults to the config's EOS id(s). With several EOS ids
+    (Llama 3 Instruct) greedy rows stop at any of them, though the loop only ends early on the first; beam
+    search needs a single id.
     """
     a = arch(config)
+    eos_ids = a.eos_token_ids if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
+    if num_beams > 1 and len(eos_ids) > 1:
+        raise ValueError(f"beam search stops on one EOS id, but {list(eos_ids)} were given: pass eos_token_id=<one id>")
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     input_ids, attention_mask = left_align(input_ids, attention_mask)
@@ -519,12 +530,11 @@ def generate(
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
     n_prompt = params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0
-    if eos_token_id is None:
-        eos_token_id = a.eos_token_ids[0] if a.eos_token_ids else -1  # -1: never stop early
     out = _generate(
-        a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens), jnp.int32(eos_token_id),
+        a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
+        jnp.int32(eos_ids[0] if eos_ids else -1),  # -1: no EOS, always generate max_new_tokens
         None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
         max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_prompt + input_ids.shape[1] + max_new_tokens),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
-    )
-    return out[:, :max_new_tokens]
+    )[:, :max_new_tokens]
+    return _pad_after_eos(out, eos_ids, a.pad_token_id) if len(eos_ids) > 1 else out

@@ -118,8 +118,10 @@ def test_bf16_compute_stays_close(hf_llama):
 
 
 def _trim(seq, eos):
+    """The sequence up to and including its first EOS (any of `eos` when a list)."""
     seq = list(seq)
-    return seq[: seq.index(eos) + 1] if eos in seq else seq
+    stops = [i for i, t in enumerate(seq) if t in np.atleast_1d(eos)]
+    return seq[: stops[0] + 1] if stops else seq
 
 
 def _compare_generation(model, config, params, ids, mask, max_new, eos, num_beams=1):
@@ -144,6 +146,8 @@ def test_greedy_generation_matches_transformers_left_padded(hf_llama):
         again = _compare_generation(model, config, params, ids, mask, 10, eos=eos)
         stopped |= any(eos in row[:-1].tolist() and set(row[row.tolist().index(eos) + 1:].tolist()) == {0} for row in again)
     assert stopped
+    # Several EOS ids (Llama 3 Instruct): a row stops at whichever comes first.
+    _compare_generation(model, config, params, ids, mask, 10, eos=[1, int(out[0, 2]), int(out[2, 4])])
 
 
 def test_right_padded_prompts_are_left_aligned_for_generation(hf_llama):
@@ -381,3 +385,25 @@ def test_smollm2_chat_greedy_continuation_matches_transformers(smollm):
     eos = tok.eos_token_id
     assert _trim(ours, eos) == _trim(ref, eos)
     assert tok.decode(_trim(ours, eos), skip_special_tokens=True).strip() == "The capital of France is Paris."
+
+
+@needs_smollm
+def test_tokenizer_round_trips_through_a_directory(smollm, tmp_path):
+    from jpeft.tokenizer import load_tokenizer
+
+    tok = smollm[3]
+    tok.save_pretrained(tmp_path / "tok")
+    again = load_tokenizer(tmp_path / "tok")
+    text = "What is the capital of France?"
+    assert again(text).input_ids == tok(text).input_ids
+    assert again.chat_template == tok.chat_template and again.eos_token == tok.eos_token == "<|im_end|>"
+
+
+def test_tokenizer_errors_name_the_path(tmp_path):
+    from jpeft.tokenizer import load_tokenizer
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty"):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="nothing.gguf"):
+        load_tokenizer(tmp_path / "nothing.gguf")
