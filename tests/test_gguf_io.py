@@ -146,6 +146,13 @@ def test_tiny_gguf_loads_like_transformers(tmp_path, model_type, tie):
     got = np.asarray(llama.forward(config, params, ids, mask))
     assert np.abs(got - want)[mask.astype(bool)].max() < 1e-4
 
+    # The dequantised model saves as an ordinary transformers checkpoint.
+    llama.save_pretrained(tmp_path / "saved", config, params)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager").eval()
+    with torch.no_grad():
+        again = saved(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(again, want, atol=1e-5)
+
 
 @pytest.fixture
 def tiny(tmp_path):

@@ -17,8 +17,9 @@ from jpeft.models import llama, registry
 # Tiny configurations: grouped-query and multi-head attention, tied and untied heads, several rope_theta
 # values, Llama-3 rope scaling whose wavelengths span all three of its regimes, Qwen2's q/k/v bias,
 # Llama's attention_bias + mlp_bias, and a Mistral sliding window shorter than the test sequences.
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# Head dim 8, theta 100: wavelengths 6.3, 20, 63, 199 against low/high cut-offs 32 and 8.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 100.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 CONFIGS = {
     "gqa_tied": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
     "mha_untied_biased": ("llama", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
