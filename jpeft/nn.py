@@ -64,9 +64,13 @@ def _lora_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     if a.ndim == 3:
         # Stacked adapters (n, in, r): each batch row gathers its own A, B and scale.
         ids = ctx.adapter_ids
+        if ids is None:
+            raise ValueError(f"stacked LoRA leaves ({a.shape[0]} adapters) need adapter_ids (batch,) choosing each row's adapter")
         a, b, scale = a[ids], b[ids], scale[ids]
         lead = (slice(None),) + (None,) * (x.ndim - 2)
-        return jnp.einsum("b...i,bir,bro->b...o", h, a, b) * scale[lead + (None,)].astype(ctx.dtype)
+        # (h A) B in two contractions, the order of the single-adapter path, so a row's result matches it.
+        hr = jnp.einsum("b...i,bir->b...r", h, a)
+        return jnp.einsum("b...r,bro->b...o", hr, b) * scale[lead + (None,)].astype(ctx.dtype)
     return (h @ a) @ b * scale.astype(ctx.dtype)
 
 
