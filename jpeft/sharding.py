@@ -138,11 +138,11 @@ def _fit(spec: P, shape: Sequence[int], axis_sizes: Mapping[str, int]) -> tuple[
         names = axis if isinstance(axis, tuple) else (axis,)
         if shape[i] % int(np.prod([axis_sizes[a] for a in names])):
             dims[i], uneven = None, True
-    return P(*dims), uneven
+    return (P(*dims) if any(d is not None for d in dims) else P()), uneven
 
 
 def _peft_spec(path: str, shape: Sequence[int], shapes: Mapping[str, Sequence[int]], rules: Rules, axis_sizes: Mapping[str, int]) -> P:
-    module, leaf = path.rsplit("/", 1)
+    module, _, leaf = path.rpartition("/")
     kernel_shape = shapes.get(f"{module}/kernel")
     if leaf not in _FOLLOW_KERNEL or kernel_shape is None:
         return P()
