@@ -20,12 +20,12 @@ from jpeft.hf_io import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {  # GGUF name -> transformers name
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_TENSORS = {
+LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -128,11 +128,11 @@ def config_from_reader(reader, source: str = "GGUF file"):
 
 def hf_name(gguf_name: str) -> str | None:
     """GGUF tensor name -> transformers state-dict name, or None when it has no counterpart."""
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
     match = _LAYER_NAME.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_TENSORS:
-        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
+    if match and match[2] in LAYER_TENSORS:
+        return f"model.layers.{match[1]}.{LAYER_TENSORS[match[2]]}.{match[3]}"
     return None
 
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 from jpeft import hf_io
 from jpeft.hf_io import CheckpointError
+from jpeft.models import registry
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
     """A transformers fast tokenizer; for a `.gguf` file it is rebuilt from the file's vocabulary and template."""
     from transformers import AutoTokenizer
-
-    from jpeft.models import registry
 
     path = registry.resolve(name_or_path)
     if str(path).endswith(".gguf"):

@@ -12,8 +12,8 @@ from jpeft import gguf_io
 from jpeft.hf_io import CheckpointError
 from jpeft.models import llama, registry
 
-HF_TO_GGUF = {hf: g for g, hf in gguf_io._GLOBAL_TENSORS.items()}
-LAYER_TO_GGUF = {hf: g for g, hf in gguf_io._LAYER_TENSORS.items()}
+HF_TO_GGUF = {hf: g for g, hf in gguf_io.GLOBAL_TENSORS.items()}
+LAYER_TO_GGUF = {hf: g for g, hf in gguf_io.LAYER_TENSORS.items()}
 
 # Per-tensor storage types: every kind of dequantisation the loader has to get right. K-quants need rows of
 # 256, so `down_proj` (intermediate 256 wide) carries them, filled with valid random blocks.

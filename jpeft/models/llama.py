@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, hf_io, nn, tree
+from jpeft import generation, gguf_io, hf_io, nn, tree
 from jpeft.hf_io import CheckpointError
+from jpeft.models import registry
 
 Params = dict[str, Any]
 
@@ -255,9 +256,6 @@ def config_from_dict(raw: dict, source: str = "config"):
 
 def load_config(path_or_hub_id: str | os.PathLike):
     """The config of a checkpoint directory, hub id, known name or `.gguf` file."""
-    from jpeft import gguf_io
-    from jpeft.models import registry
-
     path = registry.resolve(path_or_hub_id)
     if str(path).endswith(".gguf"):
         return gguf_io.load_config(path)
@@ -267,9 +265,6 @@ def load_config(path_or_hub_id: str | os.PathLike):
 
 def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name."""
-    from jpeft import gguf_io
-    from jpeft.models import registry
-
     path = registry.resolve(path_or_hub_id)
     if str(path).endswith(".gguf"):
         config, state = gguf_io.read(path)
