@@ -253,6 +253,39 @@ def test_lora_leaves_act_like_merged_weights(hf_llama):
     np.testing.assert_allclose(llama.forward(config, lora, ids, mask), llama.forward(config, merged, ids, mask), atol=1e-4)
 
 
+def _with_lora(params, a_, b_, scale):
+    """A copy of `params` with LoRA leaves on every layer's q_proj and v_proj (stacked when a_ is 3-D)."""
+    out = jax.tree_util.tree_map(lambda x: x, params)
+    for layer in out["model"]["layers"].values():
+        for name in ("q_proj", "v_proj"):
+            width = layer["self_attn"][name]["kernel"].shape[1]
+            layer["self_attn"][name] = {**layer["self_attn"][name], "lora_a": jnp.asarray(a_, jnp.float32),
+                                        "lora_b": jnp.asarray(b_[..., :width], jnp.float32), "lora_scale": jnp.asarray(scale, jnp.float32)}
+    return out
+
+
+def test_stacked_lora_rows_match_each_adapter_alone(tmp_path):
+    model_type, overrides = CONFIGS["gqa_tied"]
+    make_hf_llama(tmp_path, model_type, **overrides)
+    config, params = llama.load_pretrained(tmp_path)
+    rng = np.random.default_rng(11)
+    a_, b_ = rng.normal(size=(2, 32, 2)) * 0.5, rng.normal(size=(2, 2, 32)) * 0.5
+    scales = np.array([2.0, 0.5])
+    stacked = _with_lora(params, a_, b_, scales)
+    singles = [_with_lora(params, a_[k], b_[k], scales[k]) for k in range(2)]
+    ids, mask = batch(rng, 3, 6, side="left")
+    adapter_ids = np.array([1, 0, 1])
+    logits = np.asarray(llama.forward(config, stacked, ids, mask, adapter_ids=jnp.asarray(adapter_ids)))
+    for num_beams in (1, 2):
+        out = np.asarray(llama.generate(config, stacked, ids, mask, max_new_tokens=5, num_beams=num_beams, adapter_ids=adapter_ids))
+        for row, k in enumerate(adapter_ids):
+            alone = np.asarray(llama.generate(config, singles[k], ids[row:row + 1], mask[row:row + 1], max_new_tokens=5, num_beams=num_beams))
+            np.testing.assert_array_equal(out[row], alone[0])
+            if num_beams == 1:
+                single = np.asarray(llama.forward(config, singles[k], ids[row:row + 1], mask[row:row + 1]))
+                np.testing.assert_allclose(logits[row][mask[row] > 0], single[0][mask[row] > 0], atol=1e-5)
+
+
 # ---- bad input: one clear error naming the file or tensor
 
 
