@@ -158,7 +158,8 @@ def param_specs(params: Mapping[str, Any], axis_sizes: Mapping[str, int], rules:
     """A tree of PartitionSpecs for `params` (arrays or ShapeDtypeStructs; None leaves stay None).
 
     `axis_sizes` is `mesh.shape` (or any {axis: size}); uneven dimensions fall back to replication,
-    listed in one warning.
+    listed in one warning. PEFT leaves read the spec of the kernel beside them, so pass the whole
+    tree (`combine(trainable, frozen)`, as `step_shardings` does): a LoRA leaf without its kernel is replicated.
     """
     flat = {p: v for p, v in tree.flatten(params).items() if v is not None}
     shapes = {p: tuple(v.shape) for p, v in flat.items()}

@@ -26,13 +26,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-if MODE == "distributed":
-    from jpeft import sharding as _sh
+from jpeft import sharding  # noqa: E402
 
-    _sh.init_distributed(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
+if MODE == "distributed":  # before anything touches a device
+    sharding.init_distributed(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
 
 import jpeft  # noqa: E402
-from jpeft import lora, prompt, sharding, training, tree  # noqa: E402
+from jpeft import lora, prompt, training, tree  # noqa: E402
 from jpeft.models import t5  # noqa: E402
 
 MESHES = {"8,1,1": (8, 1, 1), "2,2,2": (2, 2, 2), "1,2,4": (1, 2, 4)}
