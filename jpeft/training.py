@@ -51,3 +51,29 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return step
+
+
+def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0) -> LossFn:
+    """Mean cross-entropy of a decoder-only LM on the target tokens only.
+
+    The batch holds `input_ids`/`attention_mask` (B, L) of prompt + target, `target_start` (B,) where
+    each target begins, and `targets` (B, T) padded with -100. Only the T positions that predict targets
+    go through the LM head, so the (B, L, vocab) logits of the prompt are never formed.
+    """
+    from jpeft import nn
+    from jpeft.models import llama
+
+    a = llama.arch(config)
+
+    def loss(params, batch, rng):
+        ctx = nn.Ctx(dtype=dtype, rng=rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout)
+        x, mask = llama.embed(params, batch["input_ids"], batch["attention_mask"], dtype)
+        hidden, _ = llama.decoder(a, params, x, llama.positions_from_mask(mask), mask, ctx)
+        n_virtual = hidden.shape[1] - batch["input_ids"].shape[1]  # soft-prompt positions come first
+        T = batch["targets"].shape[1]
+        pos = n_virtual + batch["target_start"][:, None] - 1 + jnp.arange(T)[None, :]
+        picked = jnp.take_along_axis(hidden, jnp.clip(pos, 0, hidden.shape[1] - 1)[..., None], axis=1)
+        total, count = token_cross_entropy(llama.lm_head(params, picked, ctx), batch["targets"])
+        return total / jnp.maximum(count, 1)
+
+    return loss

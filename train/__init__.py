@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation entry points built on jpeft (dialogue summarization)."""

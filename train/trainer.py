@@ -1,0 +1,144 @@
+"""The training loop: optimizer from options, deterministic batches, jitted steps, logging and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from train.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer options: AdamW or Adafactor, warmup then constant/linear/cosine, clipping and accumulation."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    clip_norm: float | None = 1.0
+    grad_accum: int = 1
+
+
+def learning_rate(cfg: OptimConfig, steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then the chosen decay over the remaining optimizer steps."""
+    rest = max(1, steps - cfg.warmup_steps)
+    decay = {
+        "constant": optax.constant_schedule(cfg.lr),
+        "linear": optax.linear_schedule(cfg.lr, 0.0, rest),
+        "cosine": optax.cosine_decay_schedule(cfg.lr, rest),
+    }[cfg.schedule]
+    if cfg.warmup_steps == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
+    """The optax chain for `cfg`; with accumulation, one optimizer step per `grad_accum` micro-batches."""
+    lr = learning_rate(cfg, steps)
+    if cfg.name == "adamw":
+        opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
+    elif cfg.name == "adafactor":
+        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None)
+    else:
+        raise UsageError(f"unknown optimizer {cfg.name!r}; choose adamw or adafactor")
+    if cfg.clip_norm:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    return optax.MultiSteps(opt, cfg.grad_accum) if cfg.grad_accum > 1 else opt
+
+
+def batch_indices(n: int, batch_size: int, seed: int, i: int) -> np.ndarray:
+    """Example indices of micro-batch `i`: a fresh seeded permutation each epoch, so any batch can be recomputed."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise UsageError(f"--batch-size {batch_size} is larger than the {n} training examples")
+    epoch, j = divmod(i, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[j * batch_size : (j + 1) * batch_size]
+
+
+class Diverged(UsageError):
+    """The loss became NaN or infinite."""
+
+
+def fit(
+    step_fn: Callable,
+    trainable: Any,
+    opt_state: Any,
+    frozen: Any,
+    make_batch: Callable[[int], dict],
+    count_tokens: Callable[[dict], int],
+    total: int,
+    *,
+    seed: int,
+    out: Path,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+    dropout: bool = True,
+    log_every: int = 1,
+    save: Callable[[int, Any, Any], None] | None = None,
+    save_every: int = 0,
+    start: int = 0,
+) -> tuple[Any, Any, list[dict]]:
+    """Run micro-steps start..total-1; log JSON lines to out/metrics.jsonl; stop on a non-finite loss."""
+    key = jax.random.key(seed)
+    history: list[dict] = []
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", dynamic_ncols=True)
+    tokens, t0 = 0, time.perf_counter()
+    with (out / "metrics.jsonl").open("a") as log:
+        for i in bar:
+            batch = make_batch(i)
+            tokens += count_tokens(batch)
+            rng = jax.random.fold_in(key, i) if dropout else None
+            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, rng)
+            last = i + 1 == total
+            saving = save is not None and save_every and ((i + 1) % save_every == 0 or last)
+            if (i + 1) % log_every == 0 or last or saving:
+                loss = float(loss)  # the only host sync; a checkpoint is written only after its loss is checked
+                if not math.isfinite(loss):
+                    raise Diverged(f"loss became {loss} at step {i + 1}; the last good checkpoint is kept in {out / 'checkpoints'}")
+                elapsed = time.perf_counter() - t0
+                record = {"step": i + 1, "loss": loss, "lr": float(schedule((i + 1) // grad_accum)),
+                          "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed}
+                history.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if saving:
+                save(i + 1, trainable, opt_state)
+    return trainable, opt_state, history
+
+
+def plot_losses(history: list[dict], file: Path, title: str) -> None:
+    """Loss against step as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
+def fresh_copy(tree: Any) -> Any:
+    """Fresh buffers for a tree the jitted step will donate, so the caller's arrays stay valid."""
+    return jax.tree.map(jnp.copy, tree)
+
