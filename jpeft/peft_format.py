@@ -165,8 +165,10 @@ def _ia3_out(params, flat, config):
     modules = sorted(set(_modules_with(flat, "ia3_in")) | set(_modules_with(flat, "ia3_out")))
     ff = _modules_with(flat, "ia3_in")
     if config is None:
-        config = ia3.IA3Config(target_modules=_short_targets(tg.dense_modules(params), modules),
-                               feedforward_modules=_short_targets(modules, ff) if ff else [])
+        targets = _short_targets(tg.dense_modules(params), modules)
+        ff_targets = _short_targets(modules, ff)
+        # PEFT requires feedforward_modules to be a subset of target_modules, name for name.
+        config = ia3.IA3Config(target_modules=targets, feedforward_modules=ff_targets if set(ff_targets) <= set(targets) else ff)
     elif not isinstance(config, ia3.IA3Config):
         raise ValueError(f"save_adapter: the tree holds IA3 vectors but config is a {type(config).__name__}")
     if config.modules_to_save:

@@ -163,6 +163,41 @@ def test_causal_lm_trees_are_named_generically(tmp_path):
         assert f.get_tensor("prompt_embeddings").shape == (3, 8)
 
 
+def test_llama_round_trips_with_peft(tmp_path):
+    """The same code serves a causal LM: `model.layers...` names, CAUSAL_LM, one block of prompt rows."""
+    from jpeft.models import llama
+    from tests.models.test_llama import make_hf_llama
+
+    make_hf_llama(tmp_path / "base")
+    config, base = llama.load_pretrained(tmp_path / "base")
+    ids = np.random.default_rng(3).integers(3, 96, size=(2, 7))
+    mask = np.ones_like(ids)
+
+    def theirs(path):
+        from transformers import LlamaForCausalLM
+
+        model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager"), str(path)).eval()
+        with torch.no_grad():
+            return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+    cfg = lora.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}, use_rslora=True)
+    params = _randomize(lora.inject(base, cfg, jax.random.key(0)), jax.random.key(1))
+    jpeft.save_adapter(tmp_path / "lora", params, cfg)
+    ours = np.asarray(llama.forward(config, params, ids, mask))
+    assert np.abs(ours - np.asarray(llama.forward(config, base, ids, mask))).max() > 1e-2
+    assert np.abs(theirs(tmp_path / "lora") - ours).max() < 1e-4
+    back = jpeft.load_adapter(base, tmp_path / "lora")
+    assert np.abs(np.asarray(llama.forward(config, back, ids, mask)) - ours).max() < 1e-5
+
+    soft = _randomize(prompt.inject(base, prompt.PromptTuningConfig(num_virtual_tokens=3), jax.random.key(0)), jax.random.key(2))
+    jpeft.save_adapter(tmp_path / "prompt", soft)
+    saved = json.loads((tmp_path / "prompt" / "adapter_config.json").read_text())
+    assert saved["task_type"] == "CAUSAL_LM" and saved["num_transformer_submodules"] == 1
+    full = np.asarray(llama.forward(config, soft, ids, mask, prompt_logits=True))
+    assert np.abs(theirs(tmp_path / "prompt") - full).max() < 1e-4
+    np.testing.assert_array_equal(jpeft.load_adapter(base, tmp_path / "prompt")["prompt_embeddings"], soft["prompt_embeddings"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Merged export
 
