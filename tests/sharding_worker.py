@@ -35,17 +35,29 @@ import jpeft  # noqa: E402
 from jpeft import lora, prompt, training, tree  # noqa: E402
 from jpeft.models import t5  # noqa: E402
 
-MESHES = {"8,1,1": (8, 1, 1), "2,2,2": (2, 2, 2), "1,2,4": (1, 2, 4)}
+MESHES = {"1,1,1": (1, 1, 1), "8,1,1": (8, 1, 1), "2,2,2": (2, 2, 2), "1,2,4": (1, 2, 4)}
 
 
-def t5_config(**overrides):
+def t5_arch(**overrides) -> t5.Arch:
+    """A tiny FLAN-style T5 whose dimensions the test meshes divide (transformers-free: no import cost per process)."""
+    kwargs = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4, num_buckets=8,
+                  max_distance=20, eps=1e-6, is_gated_act=True, act="gelu_new", scale_decoder_outputs=False, dropout_rate=0.0,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    kwargs.update(overrides)
+    return t5.Arch(**kwargs)
+
+
+def hf_config(a: t5.Arch):
+    """The transformers config of `a`, which save_pretrained writes."""
     from transformers import T5Config
 
-    kwargs = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
-                  relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
-                  tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    kwargs.update(overrides)
-    return T5Config(**kwargs)
+    return T5Config(vocab_size=a.vocab_size, d_model=a.d_model, d_kv=a.d_kv, d_ff=a.d_ff, num_layers=a.num_layers,
+                    num_decoder_layers=a.num_decoder_layers, num_heads=a.num_heads, relative_attention_num_buckets=a.num_buckets,
+                    relative_attention_max_distance=a.max_distance, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 
 def make_batch(vocab: int, rows: int = 8, seed: int = 0) -> dict:
@@ -111,7 +123,7 @@ def state_report(opt_state, trainable) -> list[str]:
 
 def multidevice() -> dict:
     out = {"devices": jax.device_count()}
-    config = t5_config()
+    config = t5_arch()
     loss_fn = training.seq2seq_loss(config)
     tx = optax.adamw(1e-3)
     batches = [make_batch(config.vocab_size, seed=s) for s in (0, 1)]
@@ -123,17 +135,20 @@ def multidevice() -> dict:
         for name, (d, f, m) in MESHES.items():
             run = sharding.setup(f"data={d},fsdp={f},model={m}", loss_fn, tx, trainable, frozen, tx.init(trainable), batches[0])
             placed = {"trainable": spec_report(run.trainable, run.shardings.trainable), "frozen": spec_report(run.frozen, run.shardings.frozen)}
-            new_t, new_state, losses = run_steps(run.step, run.trainable, run.opt_state, run.frozen, [run.batch, run.place_batch(batches[1])])
+            compiled = run.step.lower(run.trainable, run.opt_state, run.frozen, run.batch, None).compile()
+            hlo = compiled.as_text()
+            new_t, new_state, losses = run_steps(compiled, run.trainable, run.opt_state, run.frozen, [run.batch, run.place_batch(batches[1])])
             res = {
                 "losses": losses, "ref_losses": ref_losses, "param_diff": max_diff(new_t, ref_t), "placed": placed,
                 "updated": spec_report(new_t, run.shardings.trainable), "state_wrong": state_report(new_state, new_t),
                 "batch_spec": str(run.batch["input_ids"].sharding.spec), "mesh": dict(run.mesh.shape),
+                "collectives": sum(hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in COLLECTIVES),
             }
             if method == "lora" and name == "2,2,2":  # gathering on save is layout-independent: one mesh is enough
                 merged = lora.merge(jpeft.combine(new_t, run.frozen))
                 res["merged_q_spec"] = str(merged["encoder"]["block"]["0"]["layer"]["0"]["SelfAttention"]["q"]["kernel"].sharding.spec)
                 with tempfile.TemporaryDirectory() as tmp:
-                    t5.save_pretrained(tmp, config, merged)
+                    t5.save_pretrained(tmp, hf_config(config), merged)
                     _, loaded = t5.load_pretrained(tmp)
                 saved = t5.state_dict_from_params(loaded)
                 res["saved_keys_match"] = sorted(saved) == sorted(ref_merged)
@@ -159,7 +174,7 @@ def errors(config, loss_fn, tx) -> dict:
 
 def uneven(tx) -> dict:
     """A T5 whose heads (3) and vocabulary (98) model=4 does not divide: those dims replicate, the step still matches."""
-    config = t5_config(num_heads=3, vocab_size=98)
+    config = t5_arch(num_heads=3, vocab_size=98)
     loss_fn = training.seq2seq_loss(config)
     trainable, frozen = setup_method(config, "lora")
     batch = make_batch(config.vocab_size)
@@ -173,24 +188,28 @@ def uneven(tx) -> dict:
 
 
 def distributed() -> dict:
-    config = t5_config()
+    config = t5_arch()
     loss_fn = training.seq2seq_loss(config)
     tx = optax.adamw(1e-3)
     trainable, frozen = setup_method(config, "lora")
     batch = make_batch(config.vocab_size)
-    # The unsharded reference, on this process's first device alone.
-    with jax.default_device(jax.local_devices()[0]):
-        ref_t, _, ref_losses = run_steps(training.make_train_step(loss_fn, tx), jax.tree.map(jnp.copy, trainable), tx.init(trainable), frozen, [batch])
-        ref_t = jax.device_get(ref_t)
     half = slice(4 * jax.process_index(), 4 * jax.process_index() + 4)  # each process feeds its own rows
     local = {k: v[half] for k, v in batch.items()}
     run = sharding.setup("data=2,model=2", loss_fn, tx, trainable, frozen, tx.init(trainable), local)
     new_t, _, losses = run_steps(run.step, run.trainable, run.opt_state, run.frozen, [run.batch])
     gathered = sharding.gather(new_t)
-    merged = sharding.gather(lora.merge(jpeft.combine(new_t, run.frozen)))
+    saved = t5.state_dict_from_params(sharding.gather(lora.merge(jpeft.combine(new_t, run.frozen))))  # what save_pretrained writes
+    ref_losses = param_diff = saved_diff = None
+    if jax.process_index() == 0:  # the unsharded reference once, on this process's first device alone
+        with jax.default_device(jax.local_devices()[0]):
+            ref_t, _, ref_losses = run_steps(training.make_train_step(loss_fn, tx), jax.tree.map(jnp.copy, trainable),
+                                             tx.init(trainable), frozen, [batch])
+        param_diff = max_diff(gathered, jax.device_get(ref_t))
+        ref_saved = t5.state_dict_from_params(lora.merge(jpeft.combine(ref_t, frozen)))
+        saved_diff = max(float(np.max(np.abs(saved[k] - ref_saved[k]))) for k in ref_saved) if sorted(saved) == sorted(ref_saved) else None
     return {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
-            "losses": losses, "ref_losses": ref_losses, "param_diff": max_diff(gathered, ref_t),
-            "merged_shapes_ok": all(isinstance(v, np.ndarray) for v in jax.tree.leaves(merged)),
+            "losses": losses, "ref_losses": ref_losses, "param_diff": param_diff,
+            "saved_diff": saved_diff,
             "q_spec": str(run.frozen["encoder"]["block"]["0"]["layer"]["0"]["SelfAttention"]["q"]["kernel"].sharding.spec)}
 
 
