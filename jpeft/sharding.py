@@ -21,7 +21,9 @@ tensor parallelism. `lora_scale`, `prompt_embeddings` and bottleneck adapters ar
 (they are small and touch the residual stream). `replicate_adapters=True` replicates every PEFT leaf.
 
 A dimension that a rule would split unevenly (its size not divisible by the mesh axis) falls back
-to replication for that dimension, with one warning listing the leaves. Optimizer state follows
+to replication for that dimension, with one warning listing the leaves. Divisibility is checked per
+dimension, not per head: a projection whose width divides but whose head count does not (e.g. 2 KV
+heads on model=4) is split inside heads, which is correct but communicates more. Optimizer state follows
 its parameter. Everything goes through `jax.jit` with `NamedSharding` in/out shardings, so a
 1-device mesh (the default) compiles to the same program as the unsharded step.
 """
@@ -136,6 +138,8 @@ def _fit(spec: P, shape: Sequence[int], axis_sizes: Mapping[str, int]) -> tuple[
         if axis is None:
             continue
         names = axis if isinstance(axis, tuple) else (axis,)
+        if any(a not in axis_sizes for a in names):
+            raise ValueError(f"partition spec {spec} names an axis the mesh {dict(axis_sizes)} does not have")
         if shape[i] % int(np.prod([axis_sizes[a] for a in names])):
             dims[i], uneven = None, True
     return (P(*dims) if any(d is not None for d in dims) else P()), uneven
@@ -185,7 +189,7 @@ def named(mesh: Mesh, specs: Any) -> Any:
 
 
 def param_shardings(params: Mapping[str, Any], mesh: Mesh, rules: Rules = DEFAULT_RULES, replicate_adapters: bool = False) -> dict:
-    """NamedShardings for a parameter tree (or a trainable / frozen part of one) on `mesh`."""
+    """NamedShardings for a whole parameter tree on `mesh` (see `param_specs`; `step_shardings` splits them)."""
     return named(mesh, param_specs(params, mesh.shape, rules, replicate_adapters))
 
 
