@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, lora, prompt, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, lora, prompt, sharding, targets, training, tree
 from train import data as data_lib
 from train import evaluate, tasks, trainer
 from train.errors import UsageError
@@ -188,14 +188,16 @@ def run(args: argparse.Namespace) -> dict:
     loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method == "lora" else 0.0)
 
     trainable, frozen = jpeft.partition(params, mask)
-    trainable = trainer.fresh_copy(trainable)
-    opt_state = tx.init(trainable)
-    place, step_fn = _placement(args, loss_fn, tx, trainable, frozen, opt_state)
-    trainable, frozen, opt_state = place(trainable, frozen, opt_state)
+    if args.mesh:
+        placed = sharding.setup(args.mesh, loss_fn, tx, trainable, frozen, tx.init(trainable))
+        trainable, frozen, opt_state, step_fn, place_batch = placed.trainable, placed.frozen, placed.opt_state, placed.step, placed.place_batch
+    else:
+        trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
+        opt_state, step_fn, place_batch = tx.init(trainable), training.make_train_step(loss_fn, tx), lambda b: b
 
     def make_batch(i: int) -> dict:
         idx = trainer.batch_indices(len(train_enc), args.batch_size, args.seed, i)
-        return place.batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len))
+        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len))
 
     total = steps * args.grad_accum
     ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
@@ -221,32 +223,13 @@ def run(args: argparse.Namespace) -> dict:
     results["final_loss"] = history[-1]["loss"] if history else None
     if history:
         trainer.plot_losses(_all_history(out), out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
-    params = jax.device_get(jpeft.combine(trainable, frozen))
+    params = sharding.gather(jpeft.combine(trainable, frozen)) if args.mesh else jpeft.combine(trainable, frozen)
     results["adapter_bytes"] = save_outputs(args, task, params, mask, method_cfg, out)
     tuned_preds = None
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = _score(task, params, eval_enc, args, dtype, "eval tuned")
         print(f"tuned ROUGE: {_fmt(results['tuned'])}")
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
-
-
-def _placement(args, loss_fn, tx, trainable, frozen, opt_state):
-    """(place, step): one device by default; a device mesh with --mesh."""
-    if args.mesh:
-        from jpeft import sharding
-
-        return sharding.placement(args.mesh, loss_fn, tx, trainable, frozen, opt_state)
-    return _SingleDevice(), training.make_train_step(loss_fn, tx)
-
-
-class _SingleDevice:
-    """Placement on the default device: nothing to move."""
-
-    def __call__(self, trainable, frozen, opt_state):
-        return trainable, frozen, opt_state
-
-    def batch(self, batch):
-        return batch
 
 
 def _all_history(out: Path) -> list[dict]:

@@ -135,3 +135,23 @@ def test_lab_writes_table_and_chart(model_dir, data_dir, tmp_path):
     table = (tmp_path / "lab" / "table.md").read_text()
     assert "base (no training)" in table and "| lora |" in table and "| ia3 |" in table
     assert (tmp_path / "lab" / "rouge.png").stat().st_size > 0
+
+
+def test_mesh_run_logs_the_same_losses(model_dir, data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def losses(out):
+        return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    args = ["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--batch-size", "4", "--steps", "3",
+            "--method", "lora", "--eval-samples", "0", "--max-source-len", "48", "--max-target-len", "8", "--lr", "1e-2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "train.summarize", *args, "--out", str(tmp_path / "mesh"), "--mesh", "data=2,fsdp=2,model=2"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summarize.main([*args, "--out", str(tmp_path / "single")]) == 0
+    mesh, single = losses(tmp_path / "mesh"), losses(tmp_path / "single")
+    assert len(mesh) == 3 and max(abs(a - b) for a, b in zip(mesh, single)) <= 1e-4
