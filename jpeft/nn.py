@@ -37,6 +37,7 @@ class Ctx:
     dropout_rate: float = 0.0
     lora_dropout: float = 0.0
     adapter_ids: jax.Array | None = None  # (batch,) row -> adapter index for stacked LoRA leaves
+    remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
     _count: int = 0
 
     @property
@@ -46,6 +47,35 @@ class Ctx:
     def next_key(self) -> jax.Array:
         self._count += 1
         return jax.random.fold_in(self.rng, self._count)
+
+
+def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Array, layers: list[Params], ctx: Ctx) -> jax.Array:
+    """x through `layer(params_i, x, ctx_i)` for each layer in order.
+
+    With `ctx.remat`, layers of identical parameter shapes run as one `lax.scan` over their stacked
+    parameters with the body rematerialised: the backward pass recomputes one layer at a time, so the
+    stored activations shrink from every intermediate of every layer to each layer's input, and one
+    body compiles instead of N. Otherwise (or when layers differ, e.g. under a LoRA rank_pattern) a
+    plain loop runs.
+    """
+    signature = lambda p: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), p)  # noqa: E731
+    if not ctx.remat or any(signature(p) != signature(layers[0]) for p in layers[1:]):
+        for i, p in enumerate(layers):
+            x = layer(p, x, _layer_ctx(ctx, i))
+        return x
+
+    def body(x, inputs):
+        p, i = inputs
+        return layer(p, x, _layer_ctx(ctx, i)), None
+
+    body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE cannot undo the recomputation
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
+    return jax.lax.scan(body, x, (stacked, jnp.arange(len(layers))))[0]
+
+
+def _layer_ctx(ctx: Ctx, i) -> Ctx:
+    """The context for layer i: its own dropout key stream (the same whether the layers loop or scan)."""
+    return dataclasses.replace(ctx, rng=None if ctx.rng is None else jax.random.fold_in(ctx.rng, i), _count=0)
 
 
 def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:

@@ -84,3 +84,42 @@ def test_loss_falls_for_every_method(flan, batch, method):
         trainable, opt_state, loss = step(trainable, opt_state, frozen, batch, None)
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_remat_scan_gives_the_same_loss_and_gradients(flan, batch):
+    params = lora.inject(flan.params, lora.LoraConfig(r=4, target_modules=["q", "v", "wo"]), jax.random.key(0))
+    params = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 and x.shape[0] == 4 else x, params)  # non-zero B
+    trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
+    rng = jax.random.key(5)  # dropout on: the per-layer key streams must agree too
+
+    def loss_and_grad(remat):
+        loss = training.seq2seq_loss(flan.config, remat=remat)
+        return jax.jit(jax.value_and_grad(lambda t: loss(jpeft.combine(t, frozen), batch, rng)))(trainable)
+
+    (plain, g_plain), (scanned, g_scanned) = loss_and_grad(False), loss_and_grad(True)
+    assert abs(float(plain) - float(scanned)) < 1e-5
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_scanned))) < 1e-5
+
+
+def test_causal_lm_loss_scores_only_targets_and_matches_full_logits():
+    from transformers import LlamaConfig
+
+    from jpeft.models import llama
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    params = lora.inject(llama.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]),
+                         jax.random.key(1))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, 64, size=(2, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    starts = np.array([6, 5], np.int32)
+    targets = np.full((2, 4), -100, np.int32)
+    targets[0] = ids[0, 6:10]
+    targets[1, :3] = ids[1, 5:8]
+    batch = {"input_ids": ids, "attention_mask": mask, "target_start": starts, "targets": targets}
+    logp = jax.nn.log_softmax(llama.forward(config, params, ids, mask), axis=-1)
+    expected = -np.mean([logp[0, t - 1, ids[0, t]] for t in range(6, 10)] + [logp[1, t - 1, ids[1, t]] for t in range(5, 8)])
+    for remat in (False, True):
+        assert float(training.causal_lm_loss(config, remat=remat)(params, batch, None)) == pytest.approx(float(expected), abs=1e-5)

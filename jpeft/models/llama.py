@@ -398,11 +398,15 @@ def decoder(config: Any, params: Params, x: jax.Array, positions: jax.Array, key
     cos, sin = rotary(a, positions)
     query_index = index + jnp.arange(x.shape[1])
     biases = {w: mask_bias(key_mask, query_index, w) for w in set(a.windows)}
-    layers = params["model"]["layers"]
+    layers = [params["model"]["layers"][str(i)] for i in range(a.num_layers)]
     new_cache = []
-    for i in range(a.num_layers):
-        x, layer_cache = _layer(layers[str(i)], x, cos, sin, biases[a.windows[i]], a, ctx, None if cache is None else cache[i], index)
-        new_cache.append(layer_cache)
+    if cache is None and len(biases) == 1:  # no cache and one mask for all layers: scan over stacked layers
+        bias = biases[a.windows[0]]
+        x = nn.run_layers(lambda p, x, c: _layer(p, x, cos, sin, bias, a, c)[0], x, layers, ctx)
+    else:
+        for i, p in enumerate(layers):
+            x, layer_cache = _layer(p, x, cos, sin, biases[a.windows[i]], a, ctx, None if cache is None else cache[i], index)
+            new_cache.append(layer_cache)
     x = nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype)
     return x, (new_cache if cache is not None else None)
 
@@ -426,6 +430,7 @@ def forward(
     dropout_rng: jax.Array | None = None,
     lora_dropout: float = 0.0,
     adapter_ids: jax.Array | None = None,
+    remat: bool = False,
     prompt_logits: bool = False,
 ) -> jax.Array:
     """Causal-LM logits (B, T, V) in float32 for the real input tokens. Pure; `dropout_rng` enables dropout.
@@ -436,7 +441,7 @@ def forward(
     pass `prompt_logits=True` to get those (B, N+T, V) logits instead.
     """
     a = arch(config)
-    ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, adapter_ids=adapter_ids)
+    ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
     x, mask = embed(params, input_ids, attention_mask, dtype)
     h, _ = decoder(a, params, x, positions_from_mask(mask), mask, ctx)
     if not prompt_logits:

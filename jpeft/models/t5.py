@@ -327,12 +327,22 @@ def encode(config: Any, params: Params, input_ids: jax.Array, attention_mask: ja
     table = p["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"]["embedding"]
     bias = position_bias(a, table, jnp.arange(S), S, bidirectional=True) + nn.attention_bias_from_mask(mask)[:, None, None, :]
     x = nn.dropout(ctx, x)
-    for i in range(a.num_layers):
-        layers = p["block"][str(i)]["layer"]
-        x, _ = _self_attention_layer(layers["0"], x, bias, a, ctx)
-        x = _ff_layer(layers["1"], x, a, ctx)
+
+    def block(p, x, c):
+        x, _ = _self_attention_layer(p["layer"]["0"], x, bias, a, c)
+        return _ff_layer(p["layer"]["1"], x, a, c)
+
+    x = nn.run_layers(block, x, _blocks(p, a.num_layers), ctx)
     x = nn.rms_norm(p["final_layer_norm"]["weight"], x, a.eps, ctx.dtype)
     return nn.dropout(ctx, x), mask
+
+
+def _blocks(stack: Params, n: int) -> list[Params]:
+    """Each block's parameters, without block 0's position-bias table (read once and shared), so blocks stack."""
+    blocks = [stack["block"][str(i)] for i in range(n)]
+    first = tree.flatten(blocks[0])
+    first = {k: v for k, v in first.items() if "relative_attention_bias" not in k}
+    return [tree.unflatten(first)] + blocks[1:]
 
 
 def cross_kv(config: Any, params: Params, encoded: jax.Array, ctx: nn.Ctx | None = None) -> list[tuple[jax.Array, jax.Array]]:
@@ -356,7 +366,7 @@ def decode(
     config: Any,
     params: Params,
     decoder_input_ids: jax.Array,
-    kv: list,
+    encoder: jax.Array | list,
     encoder_mask: jax.Array,
     decoder_attention_mask: jax.Array | None = None,
     ctx: nn.Ctx | None = None,
@@ -365,8 +375,9 @@ def decode(
 ) -> tuple[jax.Array, list | None]:
     """Decoder stack + LM head -> (logits (B, T, V) float32, updated cache).
 
-    Without `cache`, the whole target is processed with a causal mask. With `cache` (per block a (k, v)
-    pair of (B, Tmax, H, K)), `decoder_input_ids` holds the tokens at positions pos..pos+T-1 and keys
+    Without `cache`, `encoder` is the encoder output (B, S, D) and the whole target is processed with a
+    causal mask. With `cache` (per block a (k, v) pair of (B, Tmax, H, K)), `encoder` is `cross_kv`'s
+    per-block keys and values, `decoder_input_ids` holds the tokens at positions pos..pos+T-1, and keys
     past the last written position are masked.
     """
     a, ctx = arch(config), ctx or nn.Ctx()
@@ -383,15 +394,24 @@ def decode(
     self_bias = position_bias(a, table, query_pos, key_len, bidirectional=False) + nn.attention_bias_from_mask(self_mask)[:, None]
     cross_bias = nn.attention_bias_from_mask(encoder_mask)[:, None, None, :]
     x = nn.dropout(ctx, x)
-    new_cache = []
-    for i in range(a.num_decoder_layers):
-        layers = p["block"][str(i)]["layer"]
-        x, layer_cache = _self_attention_layer(layers["0"], x, self_bias, a, ctx, None if cache is None else cache[i], pos)
-        new_cache.append(layer_cache)
-        x = _cross_attention_layer(layers["1"], x, kv[i], cross_bias, a, ctx)
-        x = _ff_layer(layers["2"], x, a, ctx)
+
+    def block(p, x, c, kv=None, layer_cache=None):
+        layers = p["layer"]
+        x, layer_cache = _self_attention_layer(layers["0"], x, self_bias, a, c, layer_cache, pos)
+        kv = _kv(layers["1"]["EncDecAttention"], encoder, a, c) if kv is None else kv
+        x = _cross_attention_layer(layers["1"], x, kv, cross_bias, a, c)
+        return _ff_layer(layers["2"], x, a, c), layer_cache
+
+    new_cache = None
+    if cache is None:
+        x = nn.run_layers(lambda p, x, c: block(p, x, c)[0], x, _blocks(p, a.num_decoder_layers), ctx)
+    else:
+        new_cache = []
+        for i in range(a.num_decoder_layers):
+            x, layer_cache = block(p["block"][str(i)], x, ctx, encoder[i], cache[i])
+            new_cache.append(layer_cache)
     x = nn.dropout(ctx, nn.rms_norm(p["final_layer_norm"]["weight"], x, a.eps, ctx.dtype))
-    return _lm_head(a, params, x, ctx), (new_cache if cache is not None else None)
+    return _lm_head(a, params, x, ctx), new_cache
 
 
 def forward(
@@ -406,12 +426,13 @@ def forward(
     dropout_rng: jax.Array | None = None,
     lora_dropout: float = 0.0,
     adapter_ids: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.Array:
     """Teacher-forced logits (B, T, V) in float32. Pure; pass `dropout_rng` to train with dropout."""
     a = arch(config)
-    ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.dropout_rate, lora_dropout=lora_dropout, adapter_ids=adapter_ids)
+    ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.dropout_rate, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
     encoded, mask = encode(a, params, input_ids, attention_mask, ctx)
-    logits, _ = decode(a, params, decoder_input_ids, cross_kv(a, params, encoded, ctx), mask, decoder_attention_mask, ctx)
+    logits, _ = decode(a, params, decoder_input_ids, encoded, mask, decoder_attention_mask, ctx)
     return logits
 
 
