@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs worth)")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
+    g.add_argument("--no-remat", dest="remat", action="store_false",
+                   help="store every layer's activations instead of recomputing them in the backward pass (more memory)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,model=2 (default: one device)")
     g = p.add_argument_group("evaluation and output")
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
     optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
     tx = trainer.make_optimizer(optim, steps)
-    loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method == "lora" else 0.0)
+    loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method == "lora" else 0.0, args.remat)
 
     trainable, frozen = jpeft.partition(params, mask)
     if args.mesh:

@@ -139,10 +139,10 @@ def train_batch(task: Task, rows: list[dict], max_target: int) -> dict[str, np.n
     }
 
 
-def loss_fn(task: Task, dtype: Any, lora_dropout: float):
+def loss_fn(task: Task, dtype: Any, lora_dropout: float, remat: bool = True):
     """The task's training loss (seq2seq cross-entropy, or summary-only causal-LM cross-entropy)."""
     make = training.seq2seq_loss if task.family == "t5" else training.causal_lm_loss
-    return make(task.config, dtype=dtype, lora_dropout=lora_dropout)
+    return make(task.config, dtype=dtype, lora_dropout=lora_dropout, remat=remat)
 
 
 def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dtype: Any) -> list[str]:
