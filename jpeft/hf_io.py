@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -130,6 +130,38 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def checked_tree(
+    flat: dict[str, np.ndarray],
+    expected: dict[str, tuple[int, ...]],
+    to_hf: Callable[[str], tuple[str, bool]],
+    source: str,
+    what: str,
+    dtype: Any,
+    unexpected: list[str] = (),
+) -> dict:
+    """The nested parameter tree of `flat` once every name and shape matches `expected`, else one clear error.
+
+    `to_hf(path) -> (PyTorch name, transposed)` names tensors in messages as the checkpoint does.
+    """
+    from jpeft import tree
+
+    unexpected = list(unexpected) + [to_hf(p)[0] for p in flat if p not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source} holds tensors {what} with this config does not have: {sorted(unexpected)[:8]}")
+    missing = [to_hf(p)[0] for p in expected if p not in flat]
+    if missing:
+        raise CheckpointError(f"{source} is missing tensors: {sorted(missing)[:8]}" + (" ..." if len(missing) > 8 else ""))
+    for path, shape in expected.items():
+        if tuple(flat[path].shape) != shape:
+            hf_name, transposed = to_hf(path)
+            got = flat[path].shape[::-1] if transposed else flat[path].shape
+            want = shape[::-1] if transposed else shape
+            raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(got)} but the config implies {tuple(want)}")
+    import jax.numpy as jnp
+
+    return tree.unflatten({p: jnp.asarray(v, dtype=dtype) for p, v in flat.items()})
 
 
 def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -213,19 +213,7 @@ def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any
             raise CheckpointError(f"{source}: the config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
         del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
     expected = param_shapes(a)
-    unexpected += [_path_to_hf(p)[0] for p in flat if p not in expected]
-    if unexpected:
-        raise CheckpointError(f"{source} holds tensors a {a.model_type} model with this config does not have: {sorted(unexpected)[:8]}")
-    missing = [_path_to_hf(p)[0] for p in expected if p not in flat]
-    if missing:
-        raise CheckpointError(f"{source} is missing tensors: {sorted(missing)[:8]}" + (" ..." if len(missing) > 8 else ""))
-    for path, shape in expected.items():
-        if tuple(flat[path].shape) != shape:
-            hf_name, transposed = _path_to_hf(path)
-            got = flat[path].shape[::-1] if transposed else flat[path].shape
-            want = shape[::-1] if transposed else shape
-            raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(got)} but the config implies {tuple(want)}")
-    return tree.unflatten({p: jnp.asarray(v, dtype=dtype) for p, v in flat.items()})
+    return hf_io.checked_tree(flat, expected, _path_to_hf, source, f"a {a.model_type} model", dtype, unexpected)
 
 
 def state_dict_from_params(config: Any, params: Params) -> dict[str, np.ndarray]:

@@ -165,19 +165,7 @@ def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any
     if lm_head is not None and "shared/embedding" in flat and np.array_equal(lm_head.T, flat["shared/embedding"]):
         del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
     expected = param_shapes(config, tie_word_embeddings="lm_head/kernel" not in flat)
-    unexpected += [_path_to_hf(p)[0] for p in flat if p not in expected]
-    if unexpected:
-        raise CheckpointError(f"{source} holds tensors a T5 with this config does not have: {sorted(unexpected)[:8]}")
-    missing = [_path_to_hf(p)[0] for p in expected if p not in flat]
-    if missing:
-        raise CheckpointError(f"{source} is missing tensors: {sorted(missing)[:8]}" + (" ..." if len(missing) > 8 else ""))
-    for path, shape in expected.items():
-        if tuple(flat[path].shape) != shape:
-            hf_name, transposed = _path_to_hf(path)
-            got = flat[path].shape[::-1] if transposed else flat[path].shape
-            want = shape[::-1] if transposed else shape
-            raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(got)} but the config implies {tuple(want)}")
-    return tree.unflatten({p: jnp.asarray(v, dtype=dtype) for p, v in flat.items()})
+    return hf_io.checked_tree(flat, expected, _path_to_hf, source, "a T5", dtype, unexpected)
 
 
 def state_dict_from_params(params: Params) -> dict[str, np.ndarray]:
