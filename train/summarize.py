@@ -197,8 +197,10 @@ def run(args: argparse.Namespace) -> dict:
         trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
         opt_state, step_fn, place_batch = tx.init(trainable), training.make_train_step(loss_fn, tx), lambda b: b
 
+    batches = trainer.Batches([len(r["source"]) + len(r["target"]) for r in train_enc], args.batch_size, args.seed)
+
     def make_batch(i: int) -> dict:
-        idx = trainer.batch_indices(len(train_enc), args.batch_size, args.seed, i)
+        idx = batches(i)
         return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len))
 
     total = steps * args.grad_accum

@@ -7,7 +7,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,14 +58,35 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation
     return optax.MultiSteps(opt, cfg.grad_accum) if cfg.grad_accum > 1 else opt
 
 
-def batch_indices(n: int, batch_size: int, seed: int, i: int) -> np.ndarray:
-    """Example indices of micro-batch `i`: a fresh seeded permutation each epoch, so any batch can be recomputed."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise UsageError(f"--batch-size {batch_size} is larger than the {n} training examples")
-    epoch, j = divmod(i, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[j * batch_size : (j + 1) * batch_size]
+class Batches:
+    """Deterministic, length-grouped batches: micro-batch `i` of any run with the same seed is the same batch.
+
+    Each epoch shuffles the examples with a seeded permutation, sorts windows of `group` batches by
+    length (so a batch pads little and few shapes compile), then shuffles the batch order.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group: int = 32):
+        self.lengths, self.batch_size, self.seed, self.group = np.asarray(lengths), batch_size, seed, group
+        self.per_epoch = len(lengths) // batch_size
+        if self.per_epoch == 0:
+            raise UsageError(f"--batch-size {batch_size} is larger than the {len(lengths)} training examples")
+        self._plan: tuple[int, np.ndarray] | None = None
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))[: self.per_epoch * self.batch_size]
+        window = self.group * self.batch_size
+        chunks = [order[k : k + window] for k in range(0, len(order), window)]
+        order = np.concatenate([c[np.argsort(self.lengths[c], kind="stable")] for c in chunks])
+        batches = order.reshape(self.per_epoch, self.batch_size)
+        return batches[rng.permutation(self.per_epoch)]
+
+    def __call__(self, i: int) -> np.ndarray:
+        """Example indices of micro-batch `i`."""
+        epoch, j = divmod(i, self.per_epoch)
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, self._epoch(epoch))
+        return self._plan[1][j]
 
 
 class Diverged(UsageError):
