@@ -1,0 +1,86 @@
+"""Train-step time on a FLAN-T5-small-shaped model: jpeft LoRA vs full fine-tuning vs HF PEFT LoRA, and MFU."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from jpeft import training
+from jpeft.models import t5
+
+
+def shapes(quick: bool) -> tuple[int, int, int]:
+    """(batch, source, target) tokens of the timed step."""
+    return (8, 64, 16) if quick else (8, 256, 64)
+
+
+def t5_matmul_flops(config, B: int, S: int, T: int, lora_r: int = 8, backward_weights: bool = False) -> float:
+    """Analytic matmul FLOPs of one train step: forward, input gradients, and weight gradients if `backward_weights`.
+
+    Counts every dense (LoRA's q/v pairs included), the attention score/value products and the LM head;
+    elementwise work (norms, softmax, activations) is left out, as MFU conventionally does.
+    """
+    D, inner, F, V = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
+    ff = (3 if config.is_gated_act else 2) * D * F
+    lora = 2 * lora_r * (D + inner)  # q and v: (D x r) + (r x inner) each
+    enc_tok = config.num_layers * (4 * D * inner + ff + lora + 2 * S * inner)
+    dec_tok = config.num_decoder_layers * (4 * D * inner + 2 * D * inner + ff + 2 * lora + 2 * T * inner + 2 * S * inner) + D * V
+    cross_kv = config.num_decoder_layers * 2 * D * inner  # per source token
+    forward = 2 * (B * S * (enc_tok + cross_kv) + B * T * dec_tok)
+    return forward * (3 if backward_weights else 2)
+
+
+def jpeft_steps(config, batch: dict, warmup: int, repeats: int) -> tuple[dict[str, float], common.Step]:
+    """LoRA (r=8 on q, v) and full fine-tuning steps, timed one after the other on the same batch."""
+    params = t5.init_params(config, jax.random.key(0))
+    out, lora_step = {}, None
+    for method in ("lora8", "full"):
+        trainable, frozen = common.split_params(common.apply_method(params, method, jax.random.key(1)), method)
+        step = common.Step(training.seq2seq_loss(config), trainable, frozen, batch)
+        t = common.timed(step, warmup, repeats)
+        out.update({f"t5_{method}_step_s": t["median"], f"t5_{method}_step_s_min": t["min"], f"t5_{method}_step_s_max": t["max"]})
+        lora_step = lora_step or step
+    return out, lora_step
+
+
+def peft_step_time(config, batch: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """HF PEFT LoRA (r=8, alpha 8 on q, v) in PyTorch: same config and batch, AdamW, loss via labels=."""
+    import peft
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(T5ForConditionalGeneration(config), peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q", "v"], lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tensors = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in batch.items()}
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(**tensors).loss.backward()
+        opt.step()
+
+    t = common.timed(step, warmup, repeats)
+    return {"t5_peft_lora8_step_s": t["median"], "t5_peft_lora8_step_s_min": t["min"], "t5_peft_lora8_step_s_max": t["max"]}
+
+
+def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
+    """Step times, their ratios, and MFU of the jpeft LoRA step against a measured fp32 matmul peak."""
+    config = common.t5_config(quick=quick)
+    B, S, T = shapes(quick)
+    batch = common.t5_batch(config, B, S, T)
+    out, lora_step = jpeft_steps(config, batch, warmup, repeats)
+    out.update(peft_step_time(config, batch, warmup, repeats))
+    peak = common.matmul_peak_flops(1024 if quick else 2048)
+    flops = t5_matmul_flops(config, B, S, T)
+    out.update({
+        "lora_over_full_step_time": out["t5_lora8_step_s"] / out["t5_full_step_s"],
+        "jpeft_over_peft_step_time": out["t5_lora8_step_s"] / out["t5_peft_lora8_step_s"],
+        "matmul_peak_gflops": peak / 1e9,
+        "t5_lora8_step_gflop_analytic": flops / 1e9,
+        # For reference only: XLA's CPU cost analysis misses most matmul FLOPs here (see README).
+        "t5_lora8_step_gflop_xla": lora_step.flops() / 1e9,
+        "mfu": flops / out["t5_lora8_step_s"] / peak,
+    })
+    return out
