@@ -106,3 +106,18 @@ def jpeft_logits(flan, params):
     from jpeft.models import t5
 
     return np.asarray(t5.forward(flan.config, params, flan.ids, flan.mask, flan.dec))
+
+
+def rewrite_safetensors(model_dir: Path, edit) -> None:
+    """Apply `edit(state_dict)` to a saved model.safetensors in place (to build bad checkpoints)."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(model_dir / "model.safetensors")
+    edit(state)
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def damage_file(file: Path, how: str) -> None:
+    """Truncate a file to half its size, or replace it with garbage."""
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if how == "truncate" else b"\x00garbage" * 100)

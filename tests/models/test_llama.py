@@ -13,6 +13,7 @@ import torch
 
 from jpeft.hf_io import CheckpointError
 from jpeft.models import llama, registry
+from tests.conftest import damage_file, rewrite_safetensors
 
 # Tiny configurations: grouped-query and multi-head attention, tied and untied heads, several rope_theta
 # values, Llama-3 rope scaling whose wavelengths span all three of its regimes, Qwen2's q/k/v bias,
@@ -309,32 +310,22 @@ def test_other_model_type_is_refused(saved):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_safetensors(saved, damage):
-    file = saved / "model.safetensors"
-    data = file.read_bytes()
-    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    damage_file(saved / "model.safetensors", damage)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         llama.load_pretrained(saved)
 
 
-def _rewrite(saved, edit):
-    from safetensors.numpy import load_file, save_file
-
-    state = load_file(saved / "model.safetensors")
-    edit(state)
-    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
-
-
 def test_shape_disagreeing_with_config(saved):
-    _rewrite(saved, lambda s: s.update({"model.layers.1.self_attn.k_proj.weight": np.zeros((24, 32), np.float32)}))
+    rewrite_safetensors(saved, lambda s: s.update({"model.layers.1.self_attn.k_proj.weight": np.zeros((24, 32), np.float32)}))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight.*\(24, 32\)"):
         llama.load_pretrained(saved)
 
 
 def test_missing_and_unexpected_tensors(saved):
-    _rewrite(saved, lambda s: s.pop("model.layers.0.mlp.down_proj.weight"))
+    rewrite_safetensors(saved, lambda s: s.pop("model.layers.0.mlp.down_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.0\.mlp\.down_proj\.weight"):
         llama.load_pretrained(saved)
-    _rewrite(saved, lambda s: s.update({"model.layers.0.mlp.down_proj.weight": np.zeros((32, 48), np.float32),
+    rewrite_safetensors(saved, lambda s: s.update({"model.layers.0.mlp.down_proj.weight": np.zeros((32, 48), np.float32),
                                         "model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.extra\.weight"):
         llama.load_pretrained(saved)

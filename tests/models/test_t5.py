@@ -12,7 +12,7 @@ import torch
 
 from jpeft.hf_io import CheckpointError
 from jpeft.models import t5
-from tests.conftest import SHARED, make_hf_t5, padded_batch
+from tests.conftest import SHARED, damage_file, make_hf_t5, padded_batch, rewrite_safetensors
 
 
 def torch_logits(model, ids, mask, dec, dec_mask=None):  # noqa: F811 (adds the decoder mask)
@@ -167,29 +167,19 @@ def test_missing_config(saved):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_safetensors(saved, damage):
-    file = saved / "model.safetensors"
-    data = file.read_bytes()
-    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    damage_file(saved / "model.safetensors", damage)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         t5.load_pretrained(saved)
 
 
-def _rewrite(saved, edit):
-    from safetensors.numpy import load_file, save_file
-
-    state = load_file(saved / "model.safetensors")
-    edit(state)
-    save_file(state, saved / "model.safetensors", metadata={"format": "pt"})
-
-
 def test_shape_disagreeing_with_config(saved):
-    _rewrite(saved, lambda s: s.update({"encoder.block.1.layer.0.SelfAttention.q.weight": np.zeros((5, 32), np.float32)}))
+    rewrite_safetensors(saved, lambda s: s.update({"encoder.block.1.layer.0.SelfAttention.q.weight": np.zeros((5, 32), np.float32)}))
     with pytest.raises(CheckpointError, match=r"encoder\.block\.1\.layer\.0\.SelfAttention\.q\.weight.*\(5, 32\)"):
         t5.load_pretrained(saved)
 
 
 def test_missing_tensor(saved):
-    _rewrite(saved, lambda s: s.pop("decoder.block.0.layer.2.DenseReluDense.wo.weight"))
+    rewrite_safetensors(saved, lambda s: s.pop("decoder.block.0.layer.2.DenseReluDense.wo.weight"))
     with pytest.raises(CheckpointError, match=r"decoder\.block\.0\.layer\.2\.DenseReluDense\.wo\.weight"):
         t5.load_pretrained(saved)
 
