@@ -181,7 +181,8 @@ def test_llama_round_trips_with_peft(tmp_path):
         with torch.no_grad():
             return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
-    cfg = lora.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2}, use_rslora=True)
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = lora.LoraConfig(r=4, alpha=8, target_modules=seven, rank_pattern={"down_proj": 2}, use_rslora=True)
     params = _randomize(lora.inject(base, cfg, jax.random.key(0)), jax.random.key(1))
     jpeft.save_adapter(tmp_path / "lora", params, cfg)
     ours = np.asarray(llama.forward(config, params, ids, mask))
@@ -189,6 +190,29 @@ def test_llama_round_trips_with_peft(tmp_path):
     assert np.abs(theirs(tmp_path / "lora") - ours).max() < 1e-4
     back = jpeft.load_adapter(base, tmp_path / "lora")
     assert np.abs(np.asarray(llama.forward(config, back, ids, mask)) - ours).max() < 1e-5
+
+    # PEFT -> jpeft: an adapter PEFT itself wrote (all seven projections, a rank_pattern entry).
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(4)
+    ref = peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=seven, rank_pattern={"up_proj": 2}))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    ref.save_pretrained(tmp_path / "peft_lora")
+    loaded = jpeft.load_adapter(base, tmp_path / "peft_lora")
+    with torch.no_grad():
+        expected = ref.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(np.asarray(llama.forward(config, loaded, ids, mask)) - expected).max() < 1e-4
+
+    # Merged export: a plain transformers checkpoint with the adapter folded in.
+    llama.save_pretrained(tmp_path / "merged", config, lora.merge(params))
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    with torch.no_grad():
+        exported = merged(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(exported - ours).max() < 1e-4
 
     soft = _randomize(prompt.inject(base, prompt.PromptTuningConfig(num_virtual_tokens=3), jax.random.key(0)), jax.random.key(2))
     jpeft.save_adapter(tmp_path / "prompt", soft)
