@@ -10,7 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import jax.numpy as jnp
 import numpy as np
+
+from jpeft import tree
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -145,8 +148,6 @@ def checked_tree(
 
     `to_hf(path) -> (PyTorch name, transposed)` names tensors in messages as the checkpoint does.
     """
-    from jpeft import tree
-
     unexpected = list(unexpected) + [to_hf(p)[0] for p in flat if p not in expected]
     if unexpected:
         raise CheckpointError(f"{source} holds tensors {what} with this config does not have: {sorted(unexpected)[:8]}")
@@ -159,8 +160,6 @@ def checked_tree(
             got = flat[path].shape[::-1] if transposed else flat[path].shape
             want = shape[::-1] if transposed else shape
             raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(got)} but the config implies {tuple(want)}")
-    import jax.numpy as jnp
-
     return tree.unflatten({p: jnp.asarray(v, dtype=dtype) for p, v in flat.items()})
 
 

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     try:
-        trainable, opt_state, history = trainer.fit(
+        trainable, opt_state, _ = trainer.fit(
             step_fn, trainable, opt_state, frozen, make_batch, tasks.token_count, total,
             seed=args.seed, out=out, schedule=trainer.learning_rate(optim, steps), grad_accum=args.grad_accum,
             log_every=args.log_every, save=save, save_every=args.save_every or max(1, total // 4), start=start,
@@ -224,9 +224,10 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         ckpt.close()
     results["train_seconds"] = time.perf_counter() - t0
+    history = _all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
     results["final_loss"] = history[-1]["loss"] if history else None
     if history:
-        trainer.plot_losses(_all_history(out), out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
+        trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
     params = sharding.gather(jpeft.combine(trainable, frozen)) if args.mesh else jpeft.combine(trainable, frozen)
     results["adapter_bytes"] = save_outputs(args, task, params, mask, method_cfg, out)
     tuned_preds = None
@@ -239,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
 def _all_history(out: Path) -> list[dict]:
     """Every logged step, across restarts (the last record per step wins)."""
     records = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    log = out / "metrics.jsonl"
+    for line in (log.read_text().splitlines() if log.exists() else []):
         record = json.loads(line)
         records[record["step"]] = record
     return [records[s] for s in sorted(records)]

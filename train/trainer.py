@@ -106,7 +106,6 @@ def fit(
     out: Path,
     schedule: optax.Schedule,
     grad_accum: int = 1,
-    dropout: bool = True,
     log_every: int = 1,
     save: Callable[[int, Any, Any], None] | None = None,
     save_every: int = 0,
@@ -121,7 +120,7 @@ def fit(
         for i in bar:
             batch = make_batch(i)
             tokens += count_tokens(batch)
-            rng = jax.random.fold_in(key, i) if dropout else None
+            rng = jax.random.fold_in(key, i)  # dropout keys fixed by seed and step, so a resumed run matches
             trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, rng)
             last = i + 1 == total
             saving = save is not None and save_every and ((i + 1) % save_every == 0 or last)

@@ -323,7 +323,7 @@ def planning_trip(x: Ctx):
     transport = x.s("tr", ["train", "car", "bus", "plane"])
     issue = x.s("issue", ["budget", "activities", "none"])
     x.a(x.h(f"What do you think about going to {dest} in {month}?", f"I've been thinking, we should take a trip to {dest} in {month}.", f"Let's finally plan that holiday. How about {dest} this {month}?"))
-    x.b(x.c(f"I love that idea. How long would we go for?", "Sounds great. For how long?"))
+    x.b(x.c("I love that idea. How long would we go for?", "Sounds great. For how long?"))
     x.a(f"Maybe {length}.")
     x.b(f"Should we go by {transport}?")
     x.a(x.c("Yes, that's the easiest.", f"Sure, {transport} makes sense."))
@@ -401,7 +401,7 @@ def car_repair(x: Ctx):
     else:
         x.a("Is there any cheaper option?")
         x.b("I could use second-hand parts and knock off a bit.")
-        x.a(f"Let's do that. When can I pick it up?")
+        x.a("Let's do that. When can I pick it up?")
         x.b(f"Come back {ready}.")
         o = f"@A asks for a cheaper option, and @B offers second-hand parts; the car will be ready {ready}."
     return f"@A brings in the car because of {prob[1]}. @B finds that {prob[2]} and quotes {cost} dollars. {o}", "car repair"
@@ -415,9 +415,9 @@ def birthday_party(x: Ctx):
     task = x.s("task", [("invite the guests", "invite the guests"), ("buy the decorations", "buy decorations"), ("make a playlist", "make a playlist")])
     surprise = x.s("surprise", [True, False])
     x.a(x.h(f"{cap(who[0])} turns {who[1]} next month. We should throw a party.", f"Have you thought about {who[0]}'s {ORD[who[1]]} birthday?", f"Can we talk about the party for {who[0]}? It's a big one, {who[1]}."))
-    x.b(f"Definitely. Where should we have it?")
+    x.b("Definitely. Where should we have it?")
     x.a(f"I was thinking of {venue}.")
-    x.b(f"Good idea. And food?")
+    x.b("Good idea. And food?")
     x.a(f"{food[0].upper() + food[1:]}, of course.")
     if surprise:
         x.b("Should it be a surprise?")
@@ -438,7 +438,7 @@ def study_group(x: Ctx):
     x.b(x.c("Yes, please. Where?", "Good idea. Where should we meet?"))
     x.a(f"How about {place}?")
     hour = x.s("hour", ["four", "six", "ten in the morning"])
-    x.b(f"Fine. What time?")
+    x.b("Fine. What time?")
     x.a(f"Let's say {hour}.")
     x.b("And what should we actually do? Last time we just chatted.")
     x.a(f"Let's {plan[0]}.")
@@ -569,7 +569,7 @@ def moving_house(x: Ctx):
     reward = x.s("reward", ["pizza", "dinner at my new place", "a crate of beer"])
     ans = x.s("ans", ["yes", "morning_only", "no"])
     x.a(x.h(f"I'm moving {when}. Any chance you could help?", f"Guess what, I finally found somewhere! I'm moving to {to} {when}.", f"Are you free {when}? I need a hand with my move."))
-    x.b(f"Where are you moving?" if not x.turns[0][1].startswith("Guess") else "Congratulations! Do you need help?")
+    x.b("Where are you moving?" if not x.turns[0][1].startswith("Guess") else "Congratulations! Do you need help?")
     x.a(f"To {to}. Could you {help_[0]}?" if not x.turns[0][1].startswith("Guess") else f"Yes, could you {help_[0]}?")
     if ans == "yes":
         x.b("Sure, count me in.")
@@ -834,7 +834,7 @@ def buying_gift(x: Ctx):
     idea1 = x.s("idea1", ["a scarf", "a book", "flowers", "a mug"])
     final = x.s("final", ["a nice pen", "a cooking class voucher", "a framed photo", "a plant for the garden"])
     x.a(x.h(f"We need to get something for {who[0]}. Any ideas?", f"What should we buy {who[0]}?", f"I have no idea what to give {who[0]}. Help me?"))
-    x.b(f"How much do we want to spend?")
+    x.b("How much do we want to spend?")
     x.a(f"Around {budget} dollars.")
     x.b(f"What about {idea1}?")
     x.a(x.c("Too boring, we did that last year.", "Hmm, that feels a bit ordinary."))
