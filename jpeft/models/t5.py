@@ -244,16 +244,26 @@ def position_bias(a: Arch, table: jax.Array, query_pos: jax.Array, key_len: int,
 
 
 def _heads(x: jax.Array, a: Arch) -> jax.Array:
-    return x.reshape(*x.shape[:-1], a.num_heads, a.d_kv)  # (B, T, H, K)
+    """(B, T, H*K) -> heads-first (B, H, T, K), so attention's products are plain batched matmuls."""
+    return x.reshape(*x.shape[:-1], a.num_heads, a.d_kv).swapaxes(-3, -2)
+
+
+def _merge_heads(x: jax.Array) -> jax.Array:
+    """(B, H, T, K) -> (B, T, H*K)."""
+    x = x.swapaxes(-3, -2)
+    return x.reshape(*x.shape[:-2], -1)
 
 
 def _attend(p: Params, q_in: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
-    """T5 attention: no 1/sqrt(d) scaling; `bias` carries position bias and masks. k, v: (B, Tk, H, K)."""
+    """T5 attention: no 1/sqrt(d) scaling; `bias` carries position bias and masks. k, v: (B, H, Tk, K).
+
+    Keys and values stay heads-first: with the (B, Tk, H, K) layout XLA CPU transposed every cached
+    key and value block inside the decoding loop, which cost more than the matmuls themselves.
+    """
     q = _heads(nn.dense(p["q"], q_in, ctx), a)
-    scores = jnp.einsum("bqhk,bthk->bhqt", q, k).astype(jnp.float32) + bias
+    scores = jnp.einsum("bhqk,bhtk->bhqt", q, k).astype(jnp.float32) + bias
     weights = nn.dropout(ctx, jax.nn.softmax(scores, axis=-1).astype(ctx.dtype))
-    out = jnp.einsum("bhqt,bthk->bqhk", weights, v)
-    return nn.dense(p["o"], out.reshape(*out.shape[:2], -1), ctx)
+    return nn.dense(p["o"], _merge_heads(jnp.einsum("bhqt,bhtk->bhqk", weights, v)), ctx)
 
 
 def _kv(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> tuple[jax.Array, jax.Array]:
@@ -275,12 +285,12 @@ def _residual(module: Params, x: jax.Array, h: jax.Array, ctx: nn.Ctx) -> jax.Ar
 
 
 def _self_attention_layer(p, x, bias, a, ctx, cache=None, pos=None):
-    """Pre-norm self-attention; with `cache` (k, v of (B, Tmax, H, K)) writes this step's keys at `pos`."""
+    """Pre-norm self-attention; with `cache` (k, v of (B, H, Tmax, K)) writes this step's keys at `pos`."""
     h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
     k, v = _kv(p["SelfAttention"], h, a, ctx)
     if cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=1)
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=2)
         cache = (k, v)
     return _residual(p["SelfAttention"], x, _attend(p["SelfAttention"], h, k, v, bias, a, ctx), ctx), cache
 
@@ -364,7 +374,7 @@ def decode(
     """Decoder stack + LM head -> (logits (B, T, V) float32, updated cache).
 
     Without `cache`, `encoder` is the encoder output (B, S, D) and the whole target is processed with a
-    causal mask. With `cache` (per block a (k, v) pair of (B, Tmax, H, K)), `encoder` is `cross_kv`'s
+    causal mask. With `cache` (per block a (k, v) pair of (B, H, Tmax, K)), `encoder` is `cross_kv`'s
     per-block keys and values, `decoder_input_ids` holds the tokens at positions pos..pos+T-1, and keys
     past the last written position are masked.
     """
@@ -373,7 +383,7 @@ def decode(
     x = params["shared"]["embedding"][decoder_input_ids].astype(ctx.dtype)
     B, T = decoder_input_ids.shape
     query_pos = pos + jnp.arange(T)
-    key_len = T if cache is None else cache[0][0].shape[1]
+    key_len = T if cache is None else cache[0][0].shape[2]
     key_pos = jnp.arange(key_len)
     table = p["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"]["embedding"]
     self_mask = (key_pos[None, :] <= query_pos[:, None])[None]  # (1, T, Tk)
@@ -445,7 +455,7 @@ def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id
     encoded, mask = encode(a, params, input_ids, attention_mask, ctx)
     kv = cross_kv(a, params, encoded, ctx)
     rows = input_ids.shape[0]
-    cache_shape = (rows, max_len, a.num_heads, a.d_kv)
+    cache_shape = (rows, a.num_heads, max_len, a.d_kv)
     cache = [(jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(a.num_decoder_layers)]
 
     def step(tokens, i, cache):  # the i-th generated token sits at decoder position i + 1
