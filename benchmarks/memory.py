@@ -53,7 +53,7 @@ def smollm2_batch(config, batch: int, length: int, targets: int) -> dict[str, np
     return {
         "input_ids": rng.integers(2, vocab, (batch, length), dtype=np.int32),
         "attention_mask": np.ones((batch, length), np.int32),
-        "target_start": np.full((batch,), length - targets, np.int32),
+        "target_index": np.arange(batch, dtype=np.int32) * length + length - targets,
         "targets": rng.integers(2, vocab, (batch, targets), dtype=np.int32),
     }
 

@@ -21,8 +21,8 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 BATCH, MAX_SOURCE, MAX_TARGET = 8, 384, 64
 
 
-def dialogsum_batch():
-    """(task, params, batch) for the first BATCH DialogSum training dialogues, formatted as train.tasks does."""
+def dialogsum_batch(pack: bool = False):
+    """(task, params, batch) for the first BATCH DialogSum training dialogues, formatted (and packed) as train.tasks does."""
     import jax.numpy as jnp
 
     from train import tasks
@@ -31,12 +31,14 @@ def dialogsum_batch():
     with open(DATA) as f:
         examples = [json.loads(next(f)) for _ in range(BATCH)]
     rows = tasks.encode(task, examples, MAX_SOURCE, MAX_TARGET)
-    return task, params, tasks.train_batch(task, rows, MAX_TARGET)
+    return task, params, tasks.train_batch(task, rows, MAX_TARGET, pack=pack)
 
 
 def real_tokens(batch: dict) -> int:
     """Prompt + target tokens that are not padding."""
-    return int(batch["attention_mask"].sum())
+    from train import tasks
+
+    return tasks.token_count(batch)
 
 
 def jpeft_worker(warmup: int, repeats: int) -> dict:
@@ -46,7 +48,7 @@ def jpeft_worker(warmup: int, repeats: int) -> dict:
     import jpeft
     from benchmarks import common, memory
 
-    task, params, batch = dialogsum_batch()
+    task, params, batch = dialogsum_batch(pack=True)
     params = jpeft.lora.inject(params, jpeft.LoraConfig(r=16, alpha=32, target_modules=PROJ), jax.random.key(0))
     trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
     step = common.Step(memory.llama_loss(task.config), trainable, frozen, batch)
@@ -72,8 +74,9 @@ def peft_worker(warmup: int, repeats: int) -> dict:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
-    for i, start in enumerate(batch["target_start"]):
-        n = int((batch["targets"][i] != -100).sum())
+    L = labels.shape[1]
+    for i, index in enumerate(batch["target_index"]):
+        n, start = int((batch["targets"][i] != -100).sum()), int(index) - i * L
         labels[i, start:start + n] = batch["targets"][i, :n]
     inputs = {"input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)),
               "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64)), "labels": torch.from_numpy(labels)}

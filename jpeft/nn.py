@@ -15,6 +15,7 @@ so the low-rank path is fused into the same jitted computation as the frozen mat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -101,7 +102,38 @@ def _lora_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
         # (h A) B in two contractions, the order of the single-adapter path, so a row's result matches it.
         hr = jnp.einsum("b...i,bir->b...r", h, a)
         return jnp.einsum("b...r,bro->b...o", hr, b) * scale[lead + (None,)].astype(ctx.dtype)
-    return (h @ a) @ b * scale.astype(ctx.dtype)
+    lead = h.shape[:-1]
+    out = low_rank(h.reshape(-1, h.shape[-1]), a, b, scale.astype(ctx.dtype))
+    return out.reshape(*lead, out.shape[-1])
+
+
+@jax.custom_vjp
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """(x a) b * scale for x (N, in), with a backward pass that never transposes an (N, out) array.
+
+    Autodiff contracts over the N rows for the gradients of `a` and `b`, and XLA's CPU layout choice
+    was to transpose the incoming (N, out) gradient for that (a strided copy that cost more than the
+    frozen matmul itself). Here the two N-contractions take the small (N, r) operand transposed instead.
+    """
+    return (x @ a) @ b * scale
+
+
+def _low_rank_fwd(x, a, b, scale):
+    h = x @ a
+    return h @ b * scale, (x, h, a, b, scale)
+
+
+def _low_rank_bwd(res, g):
+    x, h, a, b, scale = res
+    g_h = g @ (b.T * scale)  # (N, r)
+    # The barriers keep XLA from folding the small transposes back into the dots (and transposing g or x).
+    g_hT, hT = jax.lax.optimization_barrier((g_h.T, h.T))  # (r, N) each
+    ht_g = hT @ g  # (r, out)
+    g_a = (g_hT @ x).T  # (in, r)
+    return g_h @ a.T, g_a, ht_g * scale, jnp.sum(ht_g * b).astype(scale.dtype)
+
+
+low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def dense(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
@@ -156,6 +188,71 @@ def adapter(p: Params | None, h: jax.Array, ctx: Ctx) -> jax.Array:
     return h + dense(p["up"], jax.nn.relu(dense(p["down"], h, ctx)), ctx)
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """(B, T) segment ids (0 = padding) -> (B, T) int32 positions counted from each segment's first token."""
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(new, index, 0), axis=1)
+    return jnp.where(segment_ids > 0, index - start, 0)
+
+
 def attention_bias_from_mask(mask: jax.Array) -> jax.Array:
     """(batch, ..., keys) of 0/1 -> additive float32 bias: 0 where attended, finfo.min where not."""
     return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx) -> jax.Array:
+    """Softmax attention of grouped queries; q (B, KV, G, T, E), k and v (B, KV, S, E) -> (B, KV, G, T, E).
+
+    `visible` (B, 1 or KV, 1 or G, T, S) is boolean. Scores and values are batched matmuls over
+    (B, KV) with the G query heads of a key/value head stacked as rows, so GQA never copies K or V.
+    Softmax runs in float32; the probabilities are cast back to q's dtype for the value product.
+    """
+    if ctx.deterministic or ctx.dropout_rate == 0.0:
+        return _attention(q, k, v, visible, scale)
+    return _values(dropout(ctx, _attention_probs(q, k, visible, scale)), v, q.dtype)
+
+
+def _attention_probs(q, k, visible, scale):
+    B, KV, G, T, E = q.shape
+    scores = (q.reshape(B, KV, G * T, E) @ jnp.swapaxes(k, -1, -2)).reshape(B, KV, G, T, -1) * scale
+    scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)  # (B, KV, G, T, S) float32
+
+
+def _values(probs, v, dtype):
+    B, KV, G, T, S = probs.shape
+    return (probs.astype(dtype).reshape(B, KV, G * T, S) @ v).reshape(B, KV, G, T, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, visible, scale):
+    return _values(_attention_probs(q, k, visible, scale), v, q.dtype)
+
+
+def _attention_fwd(q, k, v, visible, scale):
+    probs = _attention_probs(q, k, visible, scale)
+    out = _values(probs, v, q.dtype)
+    return out, (q, k, v, visible, probs, out)
+
+
+def _attention_bwd(scale, res, g):
+    """The softmax-attention gradient with every (rows, S) operand used untransposed.
+
+    Autodiff's dK = dS^T Q and dV = P^T dO made XLA's CPU backend copy the (B, KV, G*T, S) score
+    gradient and probabilities transposed; here the small (rows, E) operand is transposed instead.
+    """
+    q, k, v, visible, probs, out = res
+    B, KV, G, T, E = q.shape
+    rows = lambda x: x.reshape(B, KV, G * T, x.shape[-1])  # noqa: E731
+    g_probs = (rows(g) @ jnp.swapaxes(v, -1, -2)).reshape(probs.shape).astype(jnp.float32)
+    row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    g_scores = (probs * (g_probs - row_dot) * scale).astype(q.dtype)  # softmax backward, masked entries 0
+    gT, qT = jax.lax.optimization_barrier((jnp.swapaxes(rows(g), -1, -2), jnp.swapaxes(rows(q), -1, -2)))  # (B, KV, E, G*T)
+    g_q = (rows(g_scores) @ k).reshape(q.shape)
+    g_k = jnp.swapaxes(qT @ rows(g_scores), -1, -2)
+    g_v = jnp.swapaxes(gT @ rows(probs.astype(q.dtype)), -1, -2)
+    return g_q, g_k, g_v, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -59,9 +59,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
 def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0, remat: bool = False) -> LossFn:
     """Mean cross-entropy of a decoder-only LM on the target tokens only.
 
-    The batch holds `input_ids`/`attention_mask` (B, L) of prompt + target, `target_start` (B,) where
-    each target begins, and `targets` (B, T) padded with -100. Only the T positions that predict targets
-    go through the LM head, so the (B, L, vocab) logits of the prompt are never formed.
+    The batch holds `input_ids` (R, L) of prompt + target sequences, either one per row with an
+    `attention_mask`, or packed several per row with `segment_ids` (`jpeft.packing.pack`); `targets` (E, T)
+    of each example's target tokens padded with -100; and `target_index` (E,), where each example's
+    first target token sits in the flattened (R * L) batch. Only the E * T positions that predict
+    targets go through the LM head, so the (R, L, vocab) logits of the prompts are never formed.
     """
     from jpeft import nn
     from jpeft.models import llama
@@ -69,13 +71,18 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     a = llama.arch(config)
 
     def loss(params, batch, rng):
+        packed = "segment_ids" in batch
+        if packed and "prompt_embeddings" in params:
+            raise ValueError("a soft prompt is prepended per row, so it cannot train on packed rows: use attention_mask batches")
         ctx = nn.Ctx(dtype=dtype, rng=rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, remat=remat)
-        x, mask = llama.embed(params, batch["input_ids"], batch["attention_mask"], dtype)
-        hidden, _ = llama.decoder(a, params, x, llama.positions_from_mask(mask), mask, ctx)
-        n_virtual = hidden.shape[1] - batch["input_ids"].shape[1]  # soft-prompt positions come first
+        R, L = batch["input_ids"].shape
+        x, segments = llama.embed(params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], dtype)
+        # A 0/1 mask is a packing of one segment per row, so one code path serves both layouts.
+        hidden, _ = llama.decoder(a, params, x, nn.segment_positions(segments), segments, ctx, segment_ids=segments)
+        hidden = hidden[:, hidden.shape[1] - L:].reshape(R * L, -1)  # soft-prompt positions (first) dropped
         T = batch["targets"].shape[1]
-        pos = n_virtual + batch["target_start"][:, None] - 1 + jnp.arange(T)[None, :]
-        picked = jnp.take_along_axis(hidden, jnp.clip(pos, 0, hidden.shape[1] - 1)[..., None], axis=1)
+        pos = batch["target_index"][:, None] - 1 + jnp.arange(T)[None, :]  # position t predicts token t + 1
+        picked = hidden[jnp.clip(pos, 0, R * L - 1)]
         total, count = token_cross_entropy(llama.lm_head(params, picked, ctx), batch["targets"])
         return total / jnp.maximum(count, 1)
 

@@ -118,7 +118,7 @@ def test_causal_lm_loss_scores_only_targets_and_matches_full_logits():
     targets = np.full((2, 4), -100, np.int32)
     targets[0] = ids[0, 6:10]
     targets[1, :3] = ids[1, 5:8]
-    batch = {"input_ids": ids, "attention_mask": mask, "target_start": starts, "targets": targets}
+    batch = {"input_ids": ids, "attention_mask": mask, "target_index": starts + np.array([0, 10], np.int32), "targets": targets}
     logp = jax.nn.log_softmax(llama.forward(config, params, ids, mask), axis=-1)
     expected = -np.mean([logp[0, t - 1, ids[0, t]] for t in range(6, 10)] + [logp[1, t - 1, ids[1, t]] for t in range(5, 8)])
     for remat in (False, True):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from jpeft import training
+from jpeft import packing, training
 from jpeft.hf_io import CheckpointError
 from jpeft.models import llama, registry, t5
 from jpeft.tokenizer import load_tokenizer
@@ -123,20 +123,26 @@ def _pad(rows: list[list[int]], value: int, length: int | None = None, left: boo
     return out
 
 
-def train_batch(task: Task, rows: list[dict], max_target: int) -> dict[str, np.ndarray]:
-    """Arrays for one training step; targets always padded to max_target so the loss shape is fixed."""
+def train_batch(task: Task, rows: list[dict], max_target: int, pack: bool = False) -> dict[str, np.ndarray]:
+    """Arrays for one training step; targets always padded to max_target so the loss shape is fixed.
+
+    For decoder-only models `pack` puts several examples in a row (`jpeft.packing`), so the step
+    computes on little padding; otherwise each example has its own right-padded row.
+    """
     targets = _pad([r["target"] for r in rows], IGNORE, max_target)
     if task.family == "t5":
         ids = _pad([r["source"] for r in rows], task.pad_id)
         return {"input_ids": ids, "attention_mask": (_pad([[1] * len(r["source"]) for r in rows], 0, ids.shape[1])), "labels": targets}
     seqs = [r["source"] + r["target"] for r in rows]
-    ids = _pad(seqs, task.pad_id)
-    return {
-        "input_ids": ids,
-        "attention_mask": _pad([[1] * len(s) for s in seqs], 0, ids.shape[1]),
-        "target_start": np.array([len(r["source"]) for r in rows], np.int32),
-        "targets": targets,
-    }
+    row_len = -(-max(map(len, seqs)) // BUCKET) * BUCKET
+    packed = packing.pack(seqs, row_len, task.pad_id, rows=None if pack else [[i] for i in range(len(seqs))])
+    batch = {"input_ids": packed["input_ids"], "targets": targets,
+             "target_index": packed["start"] + np.array([len(r["source"]) for r in rows], np.int32)}
+    if pack:
+        batch["segment_ids"] = packed["segment_ids"]
+    else:
+        batch["attention_mask"] = (packed["segment_ids"] > 0).astype(np.int32)
+    return batch
 
 
 def loss_fn(task: Task, dtype: Any, lora_dropout: float, remat: bool = True):
@@ -162,5 +168,5 @@ def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dt
 
 def token_count(batch: dict[str, np.ndarray]) -> int:
     """Real (non-padding) tokens in a training batch, for throughput."""
-    n = int(batch["attention_mask"].sum())
+    n = int((batch["segment_ids"] > 0).sum()) if "segment_ids" in batch else int(batch["attention_mask"].sum())
     return n + int((batch["labels"] != IGNORE).sum()) if "labels" in batch else n

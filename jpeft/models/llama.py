@@ -318,35 +318,36 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
-def mask_bias(key_mask: jax.Array, query_index: jax.Array, window: int | None) -> jax.Array:
-    """(B, 1, 1, T, S) additive bias: key j visible to the query at sequence index i iff real, j <= i, i - j < window."""
+def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """(B, 1, 1, T, S) bool: key j is visible to the query at sequence index i iff real, j <= i and i - j < window.
+
+    With `segment_ids` (B, T = S) of a packed batch, a key must also lie in the query's segment.
+    """
     key_index = jnp.arange(key_mask.shape[-1])
     visible = key_mask.astype(bool)[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])
     if window is not None:
         visible = visible & (key_index[None, None, :] > query_index[None, :, None] - window)
-    return nn.attention_bias_from_mask(visible)[:, None, None]
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return visible[:, None, None]
 
 
-def _attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, a: Arch, ctx: nn.Ctx, cache=None, index=0):
-    """Grouped-query self-attention; with `cache` (k, v of (B, S, KV, E)) writes this call's keys at `index`."""
+def _attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array, a: Arch, ctx: nn.Ctx, cache=None, index=0):
+    """Grouped-query self-attention; with `cache` (k, v of (B, KV, S, E)) writes this call's keys at `index`."""
     B, T, _ = h.shape
     KV, G, E = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
-    q = nn.dense(p["q_proj"], h, ctx).reshape(B, T, KV * G, E)
-    k = nn.dense(p["k_proj"], h, ctx).reshape(B, T, KV, E)
-    v = nn.dense(p["v_proj"], h, ctx).reshape(B, T, KV, E)
     cos, sin = cos.astype(ctx.dtype), sin.astype(ctx.dtype)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
-        cache = (k, v)
     # Query heads h = kv * G + g share key/value head kv (transformers' repeat_kv layout).
-    q = q.reshape(B, T, KV, G, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(ctx.dtype)) * (E**-0.5)
-    weights = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(ctx.dtype)
-    weights = nn.dropout(ctx, weights)
-    out = jnp.einsum("bkgts,bske->btkge", weights, v.astype(ctx.dtype)).reshape(B, T, KV * G * E)
-    return nn.dense(p["o_proj"], out, ctx), cache
+    q = apply_rotary(nn.dense(p["q_proj"], h, ctx).reshape(B, T, KV * G, E), cos, sin).reshape(B, T, KV, G, E)
+    k = apply_rotary(nn.dense(p["k_proj"], h, ctx).reshape(B, T, KV, E), cos, sin)
+    v = nn.dense(p["v_proj"], h, ctx).reshape(B, T, KV, E)
+    q, k, v = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads first
+    if cache is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
+        cache = (k, v)
+    out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, E**-0.5, ctx)  # (B, KV, G, T, E)
+    return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
 
 
 def _mlp(p: Params, h: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
@@ -355,9 +356,9 @@ def _mlp(p: Params, h: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
     return nn.dense(p["down_proj"], gate * nn.dense(p["up_proj"], h, ctx), ctx)
 
 
-def _layer(p: Params, x, cos, sin, bias, a: Arch, ctx: nn.Ctx, cache=None, index=0):
+def _layer(p: Params, x, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, index=0):
     h = nn.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
-    h, cache = _attention(p["self_attn"], h, cos, sin, bias, a, ctx, cache, index)
+    h, cache = _attention(p["self_attn"], h, cos, sin, visible, a, ctx, cache, index)
     x = x + nn.adapter(p["self_attn"].get("adapter"), h, ctx)
     h = nn.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
     h = _mlp(p["mlp"], h, a, ctx)
@@ -375,25 +376,36 @@ def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype
     return x, attention_mask
 
 
-def decoder(config: Any, params: Params, x: jax.Array, positions: jax.Array, key_mask: jax.Array, ctx: nn.Ctx | None = None, cache: list | None = None, index: jax.Array | int = 0):
+def decoder(
+    config: Any,
+    params: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array,
+    ctx: nn.Ctx | None = None,
+    cache: list | None = None,
+    index: jax.Array | int = 0,
+    segment_ids: jax.Array | None = None,
+):
     """Decoder stack -> (final-normed hidden states (B, T, D), updated cache).
 
     `x` (B, T, D) holds the inputs at sequence indices index..index+T-1 with rotary `positions` (B, T);
     `key_mask` (B, S) says which key slots hold real tokens. Without `cache`, S = T and the keys are the
-    inputs themselves; with `cache` (per layer (k, v) of (B, S, KV, E)) this call's keys are written at `index`.
+    inputs themselves; with `cache` (per layer (k, v) of (B, KV, S, E)) this call's keys are written at `index`.
+    `segment_ids` (B, T) of a packed batch (no cache) keep attention inside each segment.
     """
     a, ctx = arch(config), ctx or nn.Ctx()
     cos, sin = rotary(a, positions)
     query_index = index + jnp.arange(x.shape[1])
-    biases = {w: mask_bias(key_mask, query_index, w) for w in set(a.windows)}
+    masks = {w: visibility(key_mask, query_index, w, segment_ids) for w in set(a.windows)}
     layers = [params["model"]["layers"][str(i)] for i in range(a.num_layers)]
     new_cache = []
-    if cache is None and len(biases) == 1:  # no cache and one mask for all layers: scan over stacked layers
-        bias = biases[a.windows[0]]
-        x = nn.run_layers(lambda p, x, c: _layer(p, x, cos, sin, bias, a, c)[0], x, layers, ctx)
+    if cache is None and len(masks) == 1:  # no cache and one mask for all layers: scan over stacked layers
+        visible = masks[a.windows[0]]
+        x = nn.run_layers(lambda p, x, c: _layer(p, x, cos, sin, visible, a, c)[0], x, layers, ctx)
     else:
         for i, p in enumerate(layers):
-            x, layer_cache = _layer(p, x, cos, sin, biases[a.windows[i]], a, ctx, None if cache is None else cache[i], index)
+            x, layer_cache = _layer(p, x, cos, sin, masks[a.windows[i]], a, ctx, None if cache is None else cache[i], index)
             new_cache.append(layer_cache)
     x = nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype)
     return x, (new_cache if cache is not None else None)
@@ -453,7 +465,7 @@ def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id
     positions = positions_from_mask(mask)
     # Slots past the prompt hold generated tokens; causality hides the ones not yet written.
     key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - P)), constant_values=1)
-    shape = (R, cache_len, a.num_kv_heads, a.head_dim)
+    shape = (R, a.num_kv_heads, cache_len, a.head_dim)
     cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
     h, cache = decoder(a, params, x, positions, key_mask, ctx, cache, 0)
     logits = lm_head(params, h[:, -1], ctx)
