@@ -16,12 +16,29 @@ Step = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
 
 
-def bucket(n: int, minimum: int = 8) -> int:
-    """Round a length up to a power of two so only a few shapes are ever compiled."""
+def bucket(n: int, minimum: int = 8, fine: bool = False) -> int:
+    """Round a length up to a power of two so only a few shapes are ever compiled.
+
+    `fine=True` also allows 1.5 x a power of two (8, 12, 16, 24, 32, 48, 64, 96, ...): twice the shapes,
+    but a key/value cache that every decoding step reads whole is at most 1.5x, not 2x, what it needs.
+    """
     size = minimum
     while size < n:
+        if fine and size * 3 // 2 >= n:
+            return size * 3 // 2
         size *= 2
     return size
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """First index of the maximum over the last axis (int32), as `jnp.argmax` for finite logits.
+
+    A max and a min over indices vectorise on CPU; `jnp.argmax`'s (value, index) reduction took
+    ~5% of a decoding step over a 32k vocabulary. NaN rows give the last index instead of the NaN's.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == top, index, logits.shape[-1] - 1), axis=-1)
 
 
 def greedy_search(step: Step, logits: jax.Array, cache: Any, max_new_tokens: jax.Array, max_len: int, eos: jax.Array, pad: int) -> jax.Array:
@@ -34,7 +51,7 @@ def greedy_search(step: Step, logits: jax.Array, cache: Any, max_new_tokens: jax
 
     def body(state):
         i, logits, done, out, cache = state
-        token = jnp.where(done, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        token = jnp.where(done, pad, argmax(logits))
         out = out.at[:, i].set(token)
         done = done | (token == eos)
         logits, cache = step(token, i, cache)
