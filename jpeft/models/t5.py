@@ -269,7 +269,8 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
 
 def _probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
     """softmax(q k^T + bias) in float32: (B, H, Tq, Tk)."""
-    return jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) + bias, axis=-1)
+    # An einsum, not q @ swapaxes(k): inside the decoding loop XLA materialised that transpose of every cached key block.
+    return jax.nn.softmax(jnp.einsum("bhqk,bhtk->bhqt", q, k).astype(jnp.float32) + bias, axis=-1)
 
 
 def _values(probs: jax.Array, v: jax.Array) -> jax.Array:
@@ -295,7 +296,7 @@ def _softmax_attention_bwd(res, g):
     and probabilities transposed; here the small (Tq, K) operands are transposed instead (as `nn.attention`).
     """
     q, k, v, bias, probs, out = res
-    g_probs = (g @ jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
+    g_probs = jnp.einsum("bhqk,bhtk->bhqt", g, v).astype(jnp.float32)
     row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     g_scores = probs * (g_probs - row_dot)  # softmax backward, float32
     lead = tuple(range(g_scores.ndim - bias.ndim))  # the bias's broadcast dimensions are summed back to its shape
