@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 import jpeft
-from benchmarks import common
+from benchmarks import common, speed
 from jpeft import multi, tree
 from jpeft.models import t5
 
@@ -63,10 +63,7 @@ def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
         "lora_merged": jpeft_generate(config, jpeft.lora.merge(single), ids, new),
         "lora_mixed": jpeft_generate(config, jpeft.attach(base, multi.stack_lora(adapters)), ids, new, np.arange(B) % N_ADAPTERS),
     }
-    out: dict[str, float] = {}
-    for name, call in variants.items():
-        t = common.timed(call, warmup, repeats)
-        out.update({f"gen_{name}_s": t["median"], f"gen_{name}_s_min": t["min"], f"gen_{name}_s_max": t["max"]})
+    out = speed.timed_together({f"gen_{name}": call for name, call in variants.items()}, warmup, repeats)
     out["gen_jpeft_tokens_per_s"] = B * new / out["gen_jpeft_base_s"]
     out["gen_transformers_tokens_per_s"] = B * new / out["gen_transformers_base_s"]
     out["generate_speedup_vs_transformers"] = out["gen_transformers_base_s"] / out["gen_jpeft_base_s"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from typing import Any, Callable
+
 import jax
 import numpy as np
 
@@ -31,20 +35,40 @@ def t5_matmul_flops(config, B: int, S: int, T: int, lora_r: int = 8, backward_we
     return forward * (3 if backward_weights else 2)
 
 
-def jpeft_steps(config, batch: dict, warmup: int, repeats: int) -> tuple[dict[str, float], common.Step]:
-    """LoRA (r=8 on q, v) and full fine-tuning steps, timed one after the other on the same batch."""
-    params = t5.init_params(config, jax.random.key(0))
-    out, lora_step = {}, None
+def timed_together(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
+    """`common.timed` for several calls, interleaved round-robin, as flat `{name}_s`, `_s_min`, `_s_max` figures.
+
+    The machine is shared: another job starting or stopping halves or doubles the CPU a call gets, so
+    timing one side's repeats before the other's can compare different machines. Interleaved, every
+    call's repeats see the same mix of loads.
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, ts in times.items():
+        out.update({f"{name}_s": statistics.median(ts), f"{name}_s_min": min(ts), f"{name}_s_max": max(ts)})
+    return out
+
+
+def jpeft_steps(config, batch: dict) -> dict[str, common.Step]:
+    """LoRA (r=8 on q, v) and full fine-tuning steps on the same batch, compiled, keyed by figure name."""
+    steps = {}
     for method in ("lora8", "full"):
+        # Each step gets its own copy of the weights: full fine-tuning donates (deletes) the arrays it is passed.
+        params = t5.init_params(config, jax.random.key(0))
         trainable, frozen = common.split_params(common.apply_method(params, method, jax.random.key(1)), method)
-        step = common.Step(training.seq2seq_loss(config), trainable, frozen, batch)
-        t = common.timed(step, warmup, repeats)
-        out.update({f"t5_{method}_step_s": t["median"], f"t5_{method}_step_s_min": t["min"], f"t5_{method}_step_s_max": t["max"]})
-        lora_step = lora_step or step
-    return out, lora_step
+        steps[f"t5_{method}_step"] = common.Step(training.seq2seq_loss(config), trainable, frozen, batch)
+    return steps
 
 
-def peft_step_time(config, batch: dict, warmup: int, repeats: int) -> dict[str, float]:
+def peft_step(config, batch: dict) -> Callable[[], None]:
     """HF PEFT LoRA (r=8, alpha 8 on q, v) in PyTorch: same config and batch, AdamW, loss via labels=."""
     import peft
     import torch
@@ -61,17 +85,16 @@ def peft_step_time(config, batch: dict, warmup: int, repeats: int) -> dict[str, 
         model(**tensors).loss.backward()
         opt.step()
 
-    t = common.timed(step, warmup, repeats)
-    return {"t5_peft_lora8_step_s": t["median"], "t5_peft_lora8_step_s_min": t["min"], "t5_peft_lora8_step_s_max": t["max"]}
+    return step
 
 
 def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
-    """Step times, their ratios, and MFU of the jpeft LoRA step against a measured fp32 matmul peak."""
+    """Step times (jpeft LoRA, jpeft full, PEFT LoRA, interleaved), their ratios, and MFU against a measured fp32 matmul peak."""
     config = common.t5_config(quick=quick)
     B, S, T = shapes(quick)
     batch = common.t5_batch(config, B, S, T)
-    out, lora_step = jpeft_steps(config, batch, warmup, repeats)
-    out.update(peft_step_time(config, batch, warmup, repeats))
+    steps = jpeft_steps(config, batch)
+    out = timed_together({**steps, "t5_peft_lora8_step": peft_step(config, batch)}, warmup, repeats)
     peak = common.matmul_peak_flops(1024 if quick else 2048)
     flops = t5_matmul_flops(config, B, S, T)
     out.update({
@@ -80,7 +103,7 @@ def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
         "matmul_peak_gflops": peak / 1e9,
         "t5_lora8_step_gflop_analytic": flops / 1e9,
         # Cross-check of the analytic count: XLA's cost analysis of the compiled step (elementwise work included).
-        "t5_lora8_step_gflop_xla": lora_step.flops() / 1e9,
+        "t5_lora8_step_gflop_xla": steps["t5_lora8_step"].flops() / 1e9,
         "mfu": flops / out["t5_lora8_step_s"] / peak,
     })
     return out
