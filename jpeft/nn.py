@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Params = dict[str, Any]
 
@@ -55,9 +56,9 @@ def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Arra
 
     With `ctx.remat`, layers of identical parameter shapes run as one `lax.scan` over their stacked
     parameters with the body rematerialised: the backward pass recomputes one layer at a time, so the
-    stored activations shrink from every intermediate of every layer to each layer's input, and one
-    body compiles instead of N. Otherwise (or when layers differ, e.g. under a LoRA rank_pattern) a
-    plain loop runs.
+    stored activations shrink from every intermediate of every layer to each layer's input and the
+    values tagged with `keep`, and one body compiles instead of N. Otherwise (or when layers differ,
+    e.g. under a LoRA rank_pattern) a plain loop runs.
     """
     signature = lambda p: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), p)  # noqa: E731
     if not ctx.remat or any(signature(p) != signature(layers[0]) for p in layers[1:]):
@@ -69,9 +70,18 @@ def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Arra
         p, i = inputs
         return layer(p, x, _layer_ctx(ctx, i)), None
 
-    body = jax.checkpoint(body, prevent_cse=False)  # inside scan, CSE cannot undo the recomputation
+    # Inside scan, CSE cannot undo the recomputation; values tagged by `keep` are stored, not recomputed.
+    body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(*KEPT))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
     return jax.lax.scan(body, x, (stacked, jnp.arange(len(layers))))[0]
+
+
+KEPT = ("kept",)
+
+
+def keep(x: jax.Array) -> jax.Array:
+    """Tag an activation to be stored rather than recomputed under `remat` (worth it for costly, mid-sized values)."""
+    return checkpoint_name(x, "kept")
 
 
 def _layer_ctx(ctx: Ctx, i) -> Ctx:
@@ -222,7 +232,16 @@ def _attention_probs(q, k, visible, scale):
 
 def _values(probs, v, dtype):
     B, KV, G, T, S = probs.shape
-    return (probs.astype(dtype).reshape(B, KV, G * T, S) @ v).reshape(B, KV, G, T, -1)
+    probs = _unfused(probs.astype(dtype))
+    return (probs.reshape(B, KV, G * T, S) @ v).reshape(B, KV, G, T, -1)
+
+
+def _unfused(x: jax.Array) -> jax.Array:
+    """x unchanged, but opaque to XLA's CPU backend, which otherwise fuses softmax work into the adjacent
+    attention matmul and runs the pair markedly slower than apart (a full-precision `reduce_precision`
+    is a no-op its matmul fusions do not take in)."""
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -245,7 +264,7 @@ def _attention_bwd(scale, res, g):
     q, k, v, visible, probs, out = res
     B, KV, G, T, E = q.shape
     rows = lambda x: x.reshape(B, KV, G * T, x.shape[-1])  # noqa: E731
-    g_probs = (rows(g) @ jnp.swapaxes(v, -1, -2)).reshape(probs.shape).astype(jnp.float32)
+    g_probs = _unfused((rows(g) @ jnp.swapaxes(v, -1, -2)).reshape(probs.shape)).astype(jnp.float32)
     row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     g_scores = (probs * (g_probs - row_dot) * scale).astype(q.dtype)  # softmax backward, masked entries 0
     gT, qT = jax.lax.optimization_barrier((jnp.swapaxes(rows(g), -1, -2), jnp.swapaxes(rows(q), -1, -2)))  # (B, KV, E, G*T)

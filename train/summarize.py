@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
     g.add_argument("--no-remat", dest="remat", action="store_false",
                    help="store every layer's activations instead of recomputing them in the backward pass (more memory)")
+    g.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="decoder-only models: one example per row instead of packing each batch's examples into few rows")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,model=2 (default: one device)")
     g = p.add_argument_group("evaluation and output")
@@ -198,10 +200,12 @@ def run(args: argparse.Namespace) -> dict:
         opt_state, step_fn, place_batch = tx.init(trainable), training.make_train_step(loss_fn, tx), lambda b: b
 
     batches = trainer.Batches([len(r["source"]) + len(r["target"]) for r in train_enc], args.batch_size, args.seed)
+    # A soft prompt is prepended per row, and sharded rows need a fixed row count: neither packs.
+    pack = args.pack and task.family == "llama" and args.method != "prompt" and not args.mesh
 
     def make_batch(i: int) -> dict:
         idx = batches(i)
-        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len))
+        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack))
 
     total = steps * args.grad_accum
     ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))

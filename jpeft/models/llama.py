@@ -352,8 +352,9 @@ def _attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visible:
 
 def _mlp(p: Params, h: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
     """SwiGLU: down(act(gate(h)) * up(h))."""
-    gate = nn.activation(a.act)(nn.dense(p["gate_proj"], h, ctx))
-    return nn.dense(p["down_proj"], gate * nn.dense(p["up_proj"], h, ctx), ctx)
+    # The two (B, T, F) projections are half a layer's matmul work: under remat they are kept, not recomputed.
+    gate = nn.activation(a.act)(nn.keep(nn.dense(p["gate_proj"], h, ctx)))
+    return nn.dense(p["down_proj"], gate * nn.keep(nn.dense(p["up_proj"], h, ctx)), ctx)
 
 
 def _layer(p: Params, x, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, index=0):
