@@ -223,6 +223,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scal
     return _values(dropout(ctx, _attention_probs(q, k, visible, scale)), v, q.dtype)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx, chunk: int = 128) -> jax.Array:
+    """`attention` for queries and keys of the same positions under a causal `visible` (no key after its query).
+
+    Queries run in blocks of about `chunk` rows, each against only the keys up to its last row, which
+    skips most of the score matrix's masked upper triangle (~40% less attention work at 448 tokens).
+    """
+    T = q.shape[3]
+    n = max(1, round(T / chunk))
+    if n == 1:
+        return attention(q, k, v, visible, scale, ctx)
+    bounds = [T * c // n for c in range(n + 1)]
+    return jnp.concatenate([
+        attention(q[..., lo:hi, :], k[:, :, :hi], v[:, :, :hi], visible[..., lo:hi, :hi], scale, ctx)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+    ], axis=3)
+
+
 def _attention_probs(q, k, visible, scale):
     B, KV, G, T, E = q.shape
     scores = (q.reshape(B, KV, G * T, E) @ jnp.swapaxes(k, -1, -2)).reshape(B, KV, G, T, -1) * scale

@@ -31,6 +31,18 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def row_length(lengths: Sequence[int], multiple: int = 64, attention_tokens: float = 3072.0) -> int:
+    """The row length (a multiple of `multiple`, up to twice the longest sequence) that packs cheapest.
+
+    Cost is rows x length x (1 + length / attention_tokens): the per-token matmul work plus attention,
+    which grows with the row; `attention_tokens` is the length at which the two are equal (about
+    matmul parameters per layer / (2 * heads * head_dim): ~3000 for SmolLM2).
+    """
+    shortest = -(-max(lengths) // multiple) * multiple
+    candidates = range(shortest, 2 * shortest + 1, multiple)
+    return min(candidates, key=lambda L: len(first_fit(lengths, L)) * L * (1 + L / attention_tokens))
+
+
 def pack(sequences: Sequence[Sequence[int]], row_len: int, pad_id: int, rows: list[list[int]] | None = None) -> dict[str, np.ndarray]:
     """Pack sequences into rows of `row_len`: `input_ids`, `segment_ids` (R, row_len) and `start` (E,).
 

@@ -86,3 +86,25 @@ def test_soft_prompt_refuses_packed_rows():
     batch = _batch([[3, 4, 5], [6, 7]], [1, 1], 8, pack=True)
     with pytest.raises(ValueError, match="cannot train on packed rows"):
         training.causal_lm_loss(config)(params, batch, None)
+
+
+def test_row_length_trades_rows_for_length():
+    lengths = [147, 156, 223, 240, 250, 282, 353, 445]  # the first 8 DialogSum dialogues, SmolLM2-tokenized
+    assert packing.row_length(lengths, 64, attention_tokens=1e9) == 576  # 4 rows of 576 beat 6 of 448
+    assert packing.row_length(lengths, 64, attention_tokens=1.0) == 448  # attention-bound: shortest rows
+    assert packing.row_length([64], 64) == 64
+
+
+def test_causal_attention_in_query_blocks_equals_one_block():
+    B, KV, G, T, E = 2, 2, 3, 37, 8
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, w = jax.random.normal(ks[0], (B, KV, G, T, E)), jax.random.normal(ks[3], (B, KV, G, T, E))
+    k, v = jax.random.normal(ks[1], (B, KV, T, E)), jax.random.normal(ks[2], (B, KV, T, E))
+    segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], [10, 15, 9, 3], axis=1).repeat(B, axis=0))
+    visible = llama.visibility(segments > 0, jnp.arange(T), None, segments)
+    ctx = nn.Ctx()
+    loss = lambda chunk: lambda q, k, v: jnp.sum(nn.causal_attention(q, k, v, visible, 0.3, ctx, chunk) * w)  # noqa: E731
+    one, blocks = (jax.value_and_grad(loss(c), argnums=(0, 1, 2))(q, k, v) for c in (T, 8))
+    np.testing.assert_allclose(blocks[0], one[0], rtol=1e-6)
+    for a, b in zip(blocks[1], one[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -134,7 +134,7 @@ def train_batch(task: Task, rows: list[dict], max_target: int, pack: bool = Fals
         ids = _pad([r["source"] for r in rows], task.pad_id)
         return {"input_ids": ids, "attention_mask": (_pad([[1] * len(r["source"]) for r in rows], 0, ids.shape[1])), "labels": targets}
     seqs = [r["source"] + r["target"] for r in rows]
-    row_len = -(-max(map(len, seqs)) // BUCKET) * BUCKET
+    row_len = packing.row_length([len(s) for s in seqs], BUCKET) if pack else -(-max(map(len, seqs)) // BUCKET) * BUCKET
     packed = packing.pack(seqs, row_len, task.pad_id, rows=None if pack else [[i] for i in range(len(seqs))])
     batch = {"input_ids": packed["input_ids"], "targets": targets,
              "target_index": packed["start"] + np.array([len(r["source"]) for r in rows], np.int32)}

@@ -346,7 +346,8 @@ def _attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visible:
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
         cache = (k, v)
-    out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, E**-0.5, ctx)  # (B, KV, G, T, E)
+    attend = nn.attention if cache is not None else nn.causal_attention  # without a cache, keys are the queries' positions
+    out = attend(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, E**-0.5, ctx)  # (B, KV, G, T, E)
     return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
 
 
