@@ -98,7 +98,8 @@ def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _lora_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
+def lora_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
+    """The low-rank update (dropout(x) A) B * scale of a LoRA module (stacked adapters chosen by ctx.adapter_ids)."""
     a, b = p["lora_a"].astype(ctx.dtype), p["lora_b"].astype(ctx.dtype)
     scale = p["lora_scale"]
     h = dropout(ctx, x, ctx.lora_dropout)
@@ -155,7 +156,7 @@ def dense(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     if "bias" in p:
         y = y + p["bias"].astype(ctx.dtype)
     if "lora_a" in p:
-        y = y + _lora_delta(p, x, ctx)
+        y = y + lora_delta(p, x, ctx)
     if "ia3_out" in p:
         y = y * p["ia3_out"].astype(ctx.dtype)
     return y

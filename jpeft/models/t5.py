@@ -332,7 +332,7 @@ def _project(module: Params, names: tuple[str, ...], x: jax.Array, ctx: nn.Ctx) 
     x = x.astype(ctx.dtype)
     y = x @ jnp.concatenate([p["kernel"].astype(ctx.dtype) for p in ps], axis=1)
     outs = jnp.split(y, np.cumsum([p["kernel"].shape[1] for p in ps])[:-1], axis=-1)
-    return [y + nn._lora_delta(p, x, ctx) if "lora_a" in p else y for y, p in zip(outs, ps)]
+    return [y + nn.lora_delta(p, x, ctx) if "lora_a" in p else y for y, p in zip(outs, ps)]
 
 
 def _kv(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> tuple[jax.Array, jax.Array]:
