@@ -199,13 +199,17 @@ def run(args: argparse.Namespace) -> dict:
         trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
         opt_state, step_fn, place_batch = tx.init(trainable), training.make_train_step(loss_fn, tx), lambda b: b
 
-    batches = trainer.Batches([len(r["source"]) + len(r["target"]) for r in train_enc], args.batch_size, args.seed)
+    lengths = [len(r["source"]) + len(r["target"]) for r in train_enc]
     # A soft prompt is prepended per row, and sharded rows need a fixed row count: neither packs.
     pack = args.pack and task.family == "llama" and args.method != "prompt" and not args.mesh
+    # Packed batches come in random order into rows of one length, so they vary only in their row count
+    # (few shapes compile); unpacked ones are grouped by length so that they pad little.
+    batches = trainer.Batches(lengths, args.batch_size, args.seed, group=1 if pack else 32)
+    row_len = -(-max(lengths) // tasks.BUCKET) * tasks.BUCKET if pack else None
 
     def make_batch(i: int) -> dict:
         idx = batches(i)
-        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack))
+        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack, row_len=row_len))
 
     total = steps * args.grad_accum
     ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))

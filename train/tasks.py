@@ -123,18 +123,22 @@ def _pad(rows: list[list[int]], value: int, length: int | None = None, left: boo
     return out
 
 
-def train_batch(task: Task, rows: list[dict], max_target: int, pack: bool = False) -> dict[str, np.ndarray]:
+def train_batch(task: Task, rows: list[dict], max_target: int, pack: bool = False, row_len: int | None = None) -> dict[str, np.ndarray]:
     """Arrays for one training step; targets always padded to max_target so the loss shape is fixed.
 
     For decoder-only models `pack` puts several examples in a row (`jpeft.packing`), so the step
-    computes on little padding; otherwise each example has its own right-padded row.
+    computes on little padding: into rows of `row_len`, or of the cheapest length for this batch
+    when it is None. Otherwise each example has its own right-padded row.
     """
     targets = _pad([r["target"] for r in rows], IGNORE, max_target)
     if task.family == "t5":
         ids = _pad([r["source"] for r in rows], task.pad_id)
         return {"input_ids": ids, "attention_mask": (_pad([[1] * len(r["source"]) for r in rows], 0, ids.shape[1])), "labels": targets}
     seqs = [r["source"] + r["target"] for r in rows]
-    row_len = packing.row_length([len(s) for s in seqs], BUCKET) if pack else -(-max(map(len, seqs)) // BUCKET) * BUCKET
+    if not pack:
+        row_len = -(-max(map(len, seqs)) // BUCKET) * BUCKET
+    elif row_len is None:
+        row_len = packing.row_length([len(s) for s in seqs], BUCKET)
     packed = packing.pack(seqs, row_len, task.pad_id, rows=None if pack else [[i] for i in range(len(seqs))])
     batch = {"input_ids": packed["input_ids"], "targets": targets,
              "target_index": packed["start"] + np.array([len(r["source"]) for r in rows], np.int32)}
