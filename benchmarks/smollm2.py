@@ -89,6 +89,19 @@ def peft_worker(warmup: int, repeats: int) -> dict:
     return {**common.timed(step, warmup, repeats), "tokens": real_tokens(batch), "shape": list(batch["input_ids"].shape)}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since its exec.
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that high-water mark over `exec`, so a worker
+    started from a big parent (the full benchmark run) reported the parent's peak instead of its own.
+    `VmHWM` belongs to the address space the exec created.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: ru_maxrss is the best there is
+
+
 def run_side(side: str, out: Path, warmup: int, repeats: int) -> dict:
     """Run one side in a fresh interpreter and return its figures, peak RSS included."""
     subprocess.run([sys.executable, "-m", "benchmarks.smollm2", side, str(out), str(warmup), str(repeats)], check=True,
@@ -114,5 +127,5 @@ def run(workdir: Path, warmup: int = 1, repeats: int = 2) -> dict[str, float]:
 if __name__ == "__main__":
     side, path, warm, reps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     figures = (jpeft_worker if side == "jpeft" else peft_worker)(warm, reps)
-    figures["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    figures["maxrss_bytes"] = peak_rss_bytes()
     path.write_text(json.dumps(figures))
