@@ -212,16 +212,17 @@ def attention_bias_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, ctx: Ctx) -> jax.Array:
     """Softmax attention of grouped queries; q (B, KV, G, T, E), k and v (B, KV, S, E) -> (B, KV, G, T, E).
 
-    `visible` (B, 1 or KV, 1 or G, T, S) is boolean. Scores and values are batched matmuls over
+    `mask` broadcasts to the (B, KV, G, T, S) scores: boolean visibility, or a float additive bias
+    (T5's position bias), which receives its gradient. Scores and values are batched matmuls over
     (B, KV) with the G query heads of a key/value head stacked as rows, so GQA never copies K or V.
     Softmax runs in float32; the probabilities are cast back to q's dtype for the value product.
     """
     if ctx.deterministic or ctx.dropout_rate == 0.0:
-        return _attention(q, k, v, visible, scale)
-    return _values(dropout(ctx, _attention_probs(q, k, visible, scale)), v, q.dtype)
+        return _attention(q, k, v, mask, scale)
+    return _values(dropout(ctx, _attention_probs(q, k, mask, scale)), v, q.dtype)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx, chunk: int = 128) -> jax.Array:
@@ -241,10 +242,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     ], axis=3)
 
 
-def _attention_probs(q, k, visible, scale):
-    B, KV, G, T, E = q.shape
-    scores = (q.reshape(B, KV, G * T, E) @ jnp.swapaxes(k, -1, -2)).reshape(B, KV, G, T, -1) * scale
-    scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+def _attention_probs(q, k, mask, scale):
+    # An einsum, not q @ swapaxes(k): inside a decoding loop XLA materialised that transpose of every cached key block.
+    scores = jnp.einsum("bkgte,bkse->bkgts", q, k).astype(jnp.float32) * scale
+    if mask.dtype == jnp.bool_:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    else:
+        scores = scores + mask
     return jax.nn.softmax(scores, axis=-1)  # (B, KV, G, T, S) float32
 
 
@@ -263,14 +267,14 @@ def _unfused(x: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, visible, scale):
-    return _values(_attention_probs(q, k, visible, scale), v, q.dtype)
+def _attention(q, k, v, mask, scale):
+    return _values(_attention_probs(q, k, mask, scale), v, q.dtype)
 
 
-def _attention_fwd(q, k, v, visible, scale):
-    probs = _attention_probs(q, k, visible, scale)
+def _attention_fwd(q, k, v, mask, scale):
+    probs = _attention_probs(q, k, mask, scale)
     out = _values(probs, v, q.dtype)
-    return out, (q, k, v, visible, probs, out)
+    return out, (q, k, v, mask, probs, out)
 
 
 def _attention_bwd(scale, res, g):
@@ -279,17 +283,25 @@ def _attention_bwd(scale, res, g):
     Autodiff's dK = dS^T Q and dV = P^T dO made XLA's CPU backend copy the (B, KV, G*T, S) score
     gradient and probabilities transposed; here the small (rows, E) operand is transposed instead.
     """
-    q, k, v, visible, probs, out = res
+    q, k, v, mask, probs, out = res
     B, KV, G, T, E = q.shape
     rows = lambda x: x.reshape(B, KV, G * T, x.shape[-1])  # noqa: E731
-    g_probs = _unfused((rows(g) @ jnp.swapaxes(v, -1, -2)).reshape(probs.shape)).astype(jnp.float32)
+    g_probs = _unfused(jnp.einsum("bkgte,bkse->bkgts", g, v)).astype(jnp.float32)
     row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    g_scores = (probs * (g_probs - row_dot) * scale).astype(q.dtype)  # softmax backward, masked entries 0
+    g_bias = probs * (g_probs - row_dot)  # softmax backward (float32): the gradient of an additive bias, 0 where masked
+    g_scores = (g_bias * scale).astype(q.dtype)
     gT, qT = jax.lax.optimization_barrier((jnp.swapaxes(rows(g), -1, -2), jnp.swapaxes(rows(q), -1, -2)))  # (B, KV, E, G*T)
     g_q = (rows(g_scores) @ k).reshape(q.shape)
     g_k = jnp.swapaxes(qT @ rows(g_scores), -1, -2)
     g_v = jnp.swapaxes(gT @ rows(probs.astype(q.dtype)), -1, -2)
-    return g_q, g_k, g_v, None
+    return g_q, g_k, g_v, None if mask.dtype == jnp.bool_ else _sum_to_shape(g_bias, mask.shape).astype(mask.dtype)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum x over the dimensions a value of `shape` was broadcast along to reach x's shape."""
+    lead = tuple(range(x.ndim - len(shape)))
+    ones = tuple(len(lead) + i for i, n in enumerate(shape) if n == 1 and x.shape[len(lead) + i] != 1)
+    return jnp.sum(x, axis=ones, keepdims=True).sum(axis=lead)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -259,58 +259,10 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
 
     Queries, keys and values stay heads-first: with the (B, T, H, K) layout XLA CPU transposed every
     cached key and value block inside the decoding loop, which cost more than the matmuls themselves.
+    `nn.attention` sees each head as its own key/value group of one query head.
     """
-    if ctx.deterministic or ctx.dropout_rate == 0.0:
-        out = _softmax_attention(q, k, v, bias)
-    else:
-        out = _values(nn.dropout(ctx, _probs(q, k, bias)), v)
+    out = nn.attention(q[:, :, None], k, v, bias[..., None, :, :], 1.0, ctx)[:, :, 0]
     return nn.dense(p["o"], _merge_heads(out), ctx)
-
-
-def _probs(q: jax.Array, k: jax.Array, bias: jax.Array) -> jax.Array:
-    """softmax(q k^T + bias) in float32: (B, H, Tq, Tk)."""
-    # An einsum, not q @ swapaxes(k): inside the decoding loop XLA materialised that transpose of every cached key block.
-    return jax.nn.softmax(jnp.einsum("bhqk,bhtk->bhqt", q, k).astype(jnp.float32) + bias, axis=-1)
-
-
-def _values(probs: jax.Array, v: jax.Array) -> jax.Array:
-    return probs.astype(v.dtype) @ v
-
-
-@jax.custom_vjp
-def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """softmax(q k^T + bias) v without dropout; q (B, H, Tq, K), k and v (B, H, Tk, K), bias broadcasts to the scores."""
-    return _values(_probs(q, k, bias), v)
-
-
-def _softmax_attention_fwd(q, k, v, bias):
-    probs = _probs(q, k, bias)
-    out = _values(probs, v)
-    return out, (q, k, v, bias, probs, out)
-
-
-def _softmax_attention_bwd(res, g):
-    """The attention gradient with every (Tq, Tk) operand used untransposed.
-
-    Autodiff's dK = dS^T Q and dV = P^T dO made XLA's CPU backend copy the (B, H, Tq, Tk) score gradient
-    and probabilities transposed; here the small (Tq, K) operands are transposed instead (as `nn.attention`).
-    """
-    q, k, v, bias, probs, out = res
-    g_probs = jnp.einsum("bhqk,bhtk->bhqt", g, v).astype(jnp.float32)
-    row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    g_scores = probs * (g_probs - row_dot)  # softmax backward, float32
-    lead = tuple(range(g_scores.ndim - bias.ndim))  # the bias's broadcast dimensions are summed back to its shape
-    ones = tuple(len(lead) + i for i, n in enumerate(bias.shape) if n == 1)
-    g_bias = jnp.sum(g_scores, axis=ones, keepdims=True).sum(axis=lead).astype(bias.dtype)
-    g_scores = g_scores.astype(q.dtype)
-    # The barrier keeps XLA from folding the small transposes back into the dots (and transposing g_scores or probs).
-    gT, qT = jax.lax.optimization_barrier((jnp.swapaxes(g, -1, -2), jnp.swapaxes(q, -1, -2)))  # (B, H, K, Tq)
-    g_k = jnp.swapaxes(qT @ g_scores, -1, -2)
-    g_v = jnp.swapaxes(gT @ probs.astype(q.dtype), -1, -2)
-    return g_scores @ k, g_k, g_v, g_bias
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 _FUSABLE_LEAVES = frozenset({"kernel", "lora_a", "lora_b", "lora_scale"})
