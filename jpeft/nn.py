@@ -71,17 +71,17 @@ def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Arra
         return layer(p, x, _layer_ctx(ctx, i)), None
 
     # Inside scan, CSE cannot undo the recomputation; values tagged by `keep` are stored, not recomputed.
-    body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(*KEPT))
+    body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_KEPT))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
     return jax.lax.scan(body, x, (stacked, jnp.arange(len(layers))))[0]
 
 
-KEPT = ("kept",)
+_KEPT = "kept"  # the checkpoint name `keep` tags
 
 
 def keep(x: jax.Array) -> jax.Array:
     """Tag an activation to be stored rather than recomputed under `remat` (worth it for costly, mid-sized values)."""
-    return checkpoint_name(x, "kept")
+    return checkpoint_name(x, _KEPT)
 
 
 def _layer_ctx(ctx: Ctx, i) -> Ctx:
