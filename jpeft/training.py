@@ -18,9 +18,33 @@ LossFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], jax.Array | None]
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens); labels equal to -100 are ignored (padding, prompts)."""
     valid = labels != IGNORE
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)
+    return _nll_sum(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid), jnp.sum(valid)
+
+
+@jax.custom_vjp
+def _nll_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sum over valid positions of logsumexp(logits) - logits[label], with a one-pass backward.
+
+    Autodiff of log_softmax + take_along_axis scatters into a zeroed (..., vocab) array and makes two
+    more passes over it; the gradient is softmax - onehot, one elementwise pass over the logits.
+    """
+    return _nll_sum_fwd(logits, labels, valid)[0]
+
+
+def _nll_sum_fwd(logits, labels, valid):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), (logits, labels, valid, lse)
+
+
+def _nll_sum_bwd(res, g):
+    logits, labels, valid, lse = res
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    weight = jnp.where(valid, g, 0.0)[..., None]
+    return (jnp.exp(logits - lse[..., None]) - onehot) * weight, None, None
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0, remat: bool = False) -> LossFn:

@@ -60,6 +60,22 @@ def test_token_cross_entropy_ignores_padding():
     assert int(count) == 1 and float(total) == pytest.approx(np.log(2))
 
 
+def test_token_cross_entropy_value_and_gradient_match_torch():
+    import torch
+
+    logits = np.random.default_rng(0).normal(size=(3, 5, 11)).astype(np.float32) * 3
+    labels = np.array([[1, 4, -100, 10, 0], [-100, -100, 2, 3, 7], [5, 5, 5, -100, 9]])
+    total, count = training.token_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    grad = jax.grad(lambda x: training.token_cross_entropy(x, jnp.asarray(labels))[0] / 11)(jnp.asarray(logits))
+    x = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(x.reshape(-1, 11), torch.tensor(labels).reshape(-1), ignore_index=-100, reduction="sum")
+    (ref / 11).backward()
+    assert int(count) == 11
+    np.testing.assert_allclose(float(total), ref.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), x.grad.numpy(), rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(grad)[labels == -100] == 0)
+
+
 METHODS = {
     "lora": lambda p, k: (lora.inject(p, lora.LoraConfig(r=4, alpha=8, target_modules=["q", "v"]), k), {}),
     "prompt": lambda p, k: (prompt.inject(p, prompt.PromptTuningConfig(num_virtual_tokens=4), k), {}),
