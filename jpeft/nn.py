@@ -220,28 +220,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     (B, KV) with the G query heads of a key/value head stacked as rows, so GQA never copies K or V.
     Softmax runs in float32; the probabilities are cast back to q's dtype for the value product.
     """
-    if not (ctx.deterministic or ctx.dropout_rate == 0.0):
-        return _values(dropout(ctx, _attention_probs(q, k, mask, scale)), v, q.dtype)
-    B = q.shape[0]
-    n = _rows_per_block(B, 4 * math.prod(q.shape[1:4]) * k.shape[2])
-    if n == B:
+    if ctx.deterministic or ctx.dropout_rate == 0.0:
         return _attention(q, k, v, mask, scale)
-    # A few batch rows at a time: their scores stay in cache through softmax and both matmuls, where the
-    # whole batch's (B, KV, G, T, S) scores would be written out and read back by each step (~1/3 faster).
-    blocks = lambda x: x.reshape(B // n, n, *x.shape[1:])  # noqa: E731
-    if mask.shape[0] == B:
-        out = jax.lax.map(lambda a: _attention(*a, scale), (blocks(q), blocks(k), blocks(v), blocks(mask)))
-    else:
-        out = jax.lax.map(lambda a: _attention(*a, mask, scale), (blocks(q), blocks(k), blocks(v)))
-    return out.reshape(q.shape)
-
-
-_BLOCK_BYTES = 2 << 20  # float32 scores per block of batch rows: about one core's L2 cache
-
-
-def _rows_per_block(rows: int, row_bytes: int) -> int:
-    """The largest divisor of `rows` whose rows' scores fit in `_BLOCK_BYTES` (at least 1)."""
-    return max([n for n in range(1, rows + 1) if rows % n == 0 and n * row_bytes <= _BLOCK_BYTES], default=1)
+    return _values(dropout(ctx, _attention_probs(q, k, mask, scale)), v, q.dtype)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx, chunk: int = 128) -> jax.Array:
