@@ -128,7 +128,7 @@ class Step:
         concrete = all(isinstance(x, jax.Array) for x in jax.tree.leaves(trainable))
         self.opt_state = tx.init(trainable) if concrete else jax.eval_shape(tx.init, trainable)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (trainable, self.opt_state, frozen, self.batch))
-        self.compiled = training.make_train_step(loss_fn, tx).lower(*abstract, None).compile()
+        self.compiled = training.compile_step(training.make_train_step(loss_fn, tx), *abstract, None)
 
     def __call__(self) -> float:
         """One step, blocking; the donated state is carried forward so repeats keep working."""

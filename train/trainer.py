@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jpeft import training
 from train.errors import UsageError
 
 
@@ -116,12 +117,16 @@ def fit(
     history: list[dict] = []
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
+    compiled: dict[tuple, Any] = {}  # one executable per batch shape
     with (out / "metrics.jsonl").open("a") as log:
         for i in bar:
             batch = make_batch(i)
             tokens += count_tokens(batch)
             rng = jax.random.fold_in(key, i)  # dropout keys fixed by seed and step, so a resumed run matches
-            trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, rng)
+            shapes = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+            if shapes not in compiled:
+                compiled[shapes] = training.compile_step(step_fn, trainable, opt_state, frozen, batch, rng)
+            trainable, opt_state, loss = compiled[shapes](trainable, opt_state, frozen, batch, rng)
             last = i + 1 == total
             saving = save is not None and save_every and ((i + 1) % save_every == 0 or last)
             if (i + 1) % log_every == 0 or last or saving:
