@@ -130,7 +130,7 @@ def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.
 
 
 def _low_rank_fwd(x, a, b, scale):
-    h = x @ a
+    h = keep(x @ a)  # (N, r): under remat, storing it costs ~1 MB a layer and saves a skinny, slow matmul
     return h @ b * scale, (x, h, a, b, scale)
 
 
