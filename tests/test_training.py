@@ -139,3 +139,18 @@ def test_causal_lm_loss_scores_only_targets_and_matches_full_logits():
     expected = -np.mean([logp[0, t - 1, ids[0, t]] for t in range(6, 10)] + [logp[1, t - 1, ids[1, t]] for t in range(5, 8)])
     for remat in (False, True):
         assert float(training.causal_lm_loss(config, remat=remat)(params, batch, None)) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_compile_step_matches_the_jitted_step():
+    tx = optax.adamw(1e-2)
+    step = training.make_train_step(lambda p, b, r: jnp.mean((b["x"] @ p["w"] + p["c"] - b["y"]) ** 2), tx)
+    params, frozen = jpeft.partition({"w": jnp.ones((3, 2)), "c": jnp.ones(2)}, {"w": True, "c": False})
+    batch = {"x": np.arange(12.0, dtype=np.float32).reshape(4, 3), "y": np.ones((4, 2), np.float32)}
+    compiled = training.compile_step(step, params, tx.init(params), frozen, batch, None)
+    fresh = lambda: jax.tree.map(jnp.copy, params)  # noqa: E731  (the step donates its inputs)
+    want = step(fresh(), tx.init(params), frozen, batch, None)
+    got = compiled(fresh(), tx.init(params), frozen, batch, None)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError):  # an executable is for the shapes it was compiled for
+        compiled(fresh(), tx.init(params), frozen, {"x": batch["x"][:2], "y": batch["y"][:2]}, None)
