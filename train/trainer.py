@@ -117,13 +117,13 @@ def fit(
     history: list[dict] = []
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
-    compiled: dict[tuple, Any] = {}  # one executable per batch shape
+    compiled: dict[tuple, Any] = {}  # one executable per batch shape and dtype
     with (out / "metrics.jsonl").open("a") as log:
         for i in bar:
             batch = make_batch(i)
             tokens += count_tokens(batch)
             rng = jax.random.fold_in(key, i)  # dropout keys fixed by seed and step, so a resumed run matches
-            shapes = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+            shapes = tuple((k, np.shape(v), v.dtype) for k, v in sorted(batch.items()))
             if shapes not in compiled:
                 compiled[shapes] = training.compile_step(step_fn, trainable, opt_state, frozen, batch, rng)
             trainable, opt_state, loss = compiled[shapes](trainable, opt_state, frozen, batch, rng)
