@@ -1,7 +1,7 @@
 """The real model: one LoRA train step on SmolLM2-135M-Instruct over DialogSum, jpeft vs HF PEFT.
 
 Each side runs in its own subprocess (`python -m benchmarks.smollm2 jpeft|peft OUT.json`) so its
-peak resident memory (ru_maxrss) is its own; the parent reads the JSON each one writes.
+peak resident memory (`peak_rss_bytes`) is its own; the parent reads the JSON each one writes.
 """
 
 from __future__ import annotations

@@ -31,6 +31,11 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
 def row_length(lengths: Sequence[int], multiple: int = 64, attention_tokens: float = 3072.0) -> int:
     """The row length (a multiple of `multiple`, up to twice the longest sequence) that packs cheapest.
 
@@ -38,7 +43,7 @@ def row_length(lengths: Sequence[int], multiple: int = 64, attention_tokens: flo
     which grows with the row; `attention_tokens` is the length at which the two are equal (about
     matmul parameters per layer / (2 * heads * head_dim): ~3000 for SmolLM2).
     """
-    shortest = -(-max(lengths) // multiple) * multiple
+    shortest = round_up(max(lengths), multiple)
     candidates = range(shortest, 2 * shortest + 1, multiple)
     return min(candidates, key=lambda L: len(first_fit(lengths, L)) * L * (1 + L / attention_tokens))
 

@@ -108,3 +108,7 @@ def test_causal_attention_in_query_blocks_equals_one_block():
     np.testing.assert_allclose(blocks[0], one[0], rtol=1e-6)
     for a, b in zip(blocks[1], one[1]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_round_up():
+    assert [packing.round_up(n, 64) for n in (1, 63, 64, 65, 128)] == [64, 64, 64, 128, 128]

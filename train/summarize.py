@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, lora, prompt, sharding, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, lora, packing, prompt, sharding, targets, training, tree
 from train import data as data_lib
 from train import evaluate, tasks, trainer
 from train.errors import UsageError
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     # Packed batches come in random order into rows of one length, so they vary only in their row count
     # (few shapes compile); unpacked ones are grouped by length so that they pad little.
     batches = trainer.Batches(lengths, args.batch_size, args.seed, group=1 if pack else 32)
-    row_len = -(-max(lengths) // tasks.BUCKET) * tasks.BUCKET if pack else None
+    row_len = packing.round_up(max(lengths), tasks.BUCKET) if pack else None
 
     def make_batch(i: int) -> dict:
         idx = batches(i)

@@ -113,7 +113,7 @@ def encode(task: Task, examples: list[dict], max_source: int, max_target: int) -
 
 
 def _pad(rows: list[list[int]], value: int, length: int | None = None, left: bool = False) -> np.ndarray:
-    length = length or -(-max(map(len, rows)) // BUCKET) * BUCKET
+    length = length or packing.round_up(max(map(len, rows)), BUCKET)
     out = np.full((len(rows), length), value, np.int32)
     for i, r in enumerate(rows):
         if left:
@@ -136,7 +136,7 @@ def train_batch(task: Task, rows: list[dict], max_target: int, pack: bool = Fals
         return {"input_ids": ids, "attention_mask": (_pad([[1] * len(r["source"]) for r in rows], 0, ids.shape[1])), "labels": targets}
     seqs = [r["source"] + r["target"] for r in rows]
     if not pack:
-        row_len = -(-max(map(len, seqs)) // BUCKET) * BUCKET
+        row_len = packing.round_up(max(map(len, seqs)), BUCKET)
     elif row_len is None:
         row_len = packing.row_length([len(s) for s in seqs], BUCKET)
     packed = packing.pack(seqs, row_len, task.pad_id, rows=None if pack else [[i] for i in range(len(seqs))])
