@@ -56,7 +56,8 @@ def sections(quick: bool, workdir: Path) -> dict[str, Callable[[], dict[str, flo
     """Each benchmark, in the order it runs; SmolLM2 is left out of --quick."""
     from benchmarks import inference, memory, scaling, smollm2, speed
 
-    reps = dict(warmup=1, repeats=3)
+    # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
+    reps = dict(warmup=1, repeats=5)
     out = {
         "memory": lambda: memory.run(quick),
         "speed": lambda: speed.run(quick, **reps),

@@ -42,23 +42,27 @@ def argmax(logits: jax.Array) -> jax.Array:
 
 
 def greedy_search(step: Step, logits: jax.Array, cache: Any, max_new_tokens: jax.Array, max_len: int, eos: jax.Array, pad: int) -> jax.Array:
-    """Argmax decoding -> (R, max_len) ids; rows that emitted EOS are padded; stops when all rows are done."""
+    """Argmax decoding -> (R, max_len) ids; rows that emitted EOS are padded; stops when all rows are done.
+
+    Each iteration steps the model on the last token, then picks the next one: the model runs
+    max_new_tokens - 1 times, never for a successor nobody asked for, so the cache needs only
+    max_new_tokens - 1 slots past the prompt.
+    """
     rows = logits.shape[0]
+    token = argmax(logits)
+    out = jnp.full((rows, max_len), pad, jnp.int32).at[:, 0].set(token)
 
     def cond(state):
         i, _, done, _, _ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, logits, done, out, cache = state
+        i, token, done, out, cache = state  # token: the (i - 1)-th generated token
+        logits, cache = step(token, i - 1, cache)
         token = jnp.where(done, pad, argmax(logits))
-        out = out.at[:, i].set(token)
-        done = done | (token == eos)
-        logits, cache = step(token, i, cache)
-        return i + 1, logits, done, out, cache
+        return i + 1, token, done | (token == eos), out.at[:, i].set(token), cache
 
-    init = (jnp.int32(0), logits, jnp.zeros((rows,), bool), jnp.full((rows, max_len), pad, jnp.int32), cache)
-    return jax.lax.while_loop(cond, body, init)[3]
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), token, token == eos, out, cache))[3]
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -84,7 +88,8 @@ def beam_search(
     `logits` and `cache` have B * num_beams rows (each input row repeated num_beams times).
     Finished hypotheses are scored logprob / length**length_penalty; the loop stops when no running
     beam can beat the worst finished one (transformers' `early_stopping=False` heuristic), when all
-    candidates hit EOS or the length limit, or at `max_new_tokens`.
+    candidates hit EOS or the length limit, or at `max_new_tokens`. As in `greedy_search`, the model runs
+    max_new_tokens - 1 times at most.
     """
     R, V = logits.shape
     K = num_beams
@@ -92,8 +97,9 @@ def beam_search(
     keep = 2 * K
     top_mask = jnp.arange(keep) < K
 
-    def body(state):
-        i, logits, cache, run_seq, run_scores, seqs, scores, finished, improvable, _ = state
+    def choose(i, logits, cache, beams):
+        """Extend the beams by the i-th generated token, scored from `logits`; reorder the cache to match."""
+        run_seq, run_scores, seqs, scores, finished, improvable, _ = beams
         length = (i + 1).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, K, V) + run_scores[..., None]
         top_logp, top_idx = jax.lax.top_k(logp.reshape(B, K * V), keep)
@@ -123,20 +129,25 @@ def beam_search(
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
         improvable = improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
         going = jnp.any(improvable) & ~(jnp.all(finished) & early_stopping) & ~jnp.all(hits)
+        return cache, (run_seq, run_scores, seqs, scores, finished, improvable, going)
 
-        logits, cache = step(run_seq[:, :, i].reshape(-1), i, cache)
-        return i + 1, logits, cache, run_seq, run_scores, seqs, scores, finished, improvable, going
+    def body(state):
+        i, cache, beams = state
+        logits, cache = step(beams[0][:, :, i - 1].reshape(-1), i - 1, cache)
+        cache, beams = choose(i, logits, cache, beams)
+        return i + 1, cache, beams
 
     def cond(state):
-        return state[-1] & (state[0] < max_new_tokens)
+        i, _, beams = state
+        return beams[-1] & (i < max_new_tokens)
 
     seq0 = jnp.full((B, K, max_len), pad, jnp.int32)
-    init = (
-        jnp.int32(0), logits, cache, seq0, jnp.zeros((B, K)).at[:, 1:].set(NEG), seq0,
-        jnp.full((B, K), NEG), jnp.zeros((B, K), bool), jnp.ones((B, 1), bool), jnp.bool_(True),
+    beams = (
+        seq0, jnp.zeros((B, K)).at[:, 1:].set(NEG), seq0, jnp.full((B, K), NEG), jnp.zeros((B, K), bool),
+        jnp.ones((B, 1), bool), jnp.bool_(True),
     )
-    final = jax.lax.while_loop(cond, body, init)
-    seqs = final[5][:, 0]
+    cache, beams = choose(jnp.int32(0), logits, cache, beams)
+    seqs = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, beams))[2][2][:, 0]
     # transformers pads a finished hypothesis after its EOS; make that padding explicit.
     after_eos = jnp.cumsum(jnp.cumsum(seqs == eos, axis=1), axis=1) > 1
     return jnp.where(after_eos, pad, seqs)

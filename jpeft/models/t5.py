@@ -265,39 +265,15 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
     return nn.dense(p["o"], _merge_heads(out), ctx)
 
 
-_FUSABLE_LEAVES = frozenset({"kernel", "lora_a", "lora_b", "lora_scale"})
-_FUSE_MAX_ROWS = 64  # fuse projections only for matmuls this short (decoding), where reading the weights dominates
-
-
-def _project(module: Params, names: tuple[str, ...], x: jax.Array, ctx: nn.Ctx) -> list[jax.Array]:
-    """`nn.dense(module[name], x)` for each name; for few rows, one matmul over the concatenated kernels.
-
-    Decoding multiplies a handful of rows by each kernel, so it is bound by streaming the weights: one
-    wide matmul streams them faster than several narrow ones, and inside the decoding loop the kernels'
-    concatenation is loop-invariant, so XLA hoists it out. For long inputs (training, the encoder) the
-    concatenation and the split cost more than they save. LoRA deltas are added per output, exactly as
-    `nn.dense` does; any other PEFT leaf (IA3, bias) falls back to separate denses.
-    """
-    ps = [module[n] for n in names]
-    if x.size // x.shape[-1] > _FUSE_MAX_ROWS or any(set(p) - _FUSABLE_LEAVES for p in ps):
-        return [nn.dense(p, x, ctx) for p in ps]
-    x = x.astype(ctx.dtype)
-    y = x @ jnp.concatenate([p["kernel"].astype(ctx.dtype) for p in ps], axis=1)
-    outs = jnp.split(y, np.cumsum([p["kernel"].shape[1] for p in ps])[:-1], axis=-1)
-    return [y + nn.lora_delta(p, x, ctx) if "lora_a" in p else y for y, p in zip(outs, ps)]
-
-
 def _kv(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> tuple[jax.Array, jax.Array]:
     """Keys and values (B, H, T, K) of x for one attention module."""
-    k, v = _project(p, ("k", "v"), x, ctx)
-    return _heads(k, a), _heads(v, a)
+    return _heads(nn.dense(p["k"], x, ctx), a), _heads(nn.dense(p["v"], x, ctx), a)
 
 
 def _feed_forward(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
     act = nn.activation(a.act)
     if a.is_gated_act:
-        gate, up = _project(p, ("wi_0", "wi_1"), x, ctx)
-        h = act(gate) * up
+        h = act(nn.dense(p["wi_0"], x, ctx)) * nn.dense(p["wi_1"], x, ctx)
     else:
         h = act(nn.dense(p["wi"], x, ctx))
     return nn.dense(p["wo"], nn.dropout(ctx, h), ctx)
@@ -311,7 +287,7 @@ def _residual(module: Params, x: jax.Array, h: jax.Array, ctx: nn.Ctx) -> jax.Ar
 def _self_attention_layer(p, x, bias, a, ctx, cache=None, pos=None):
     """Pre-norm self-attention; with `cache` (k, v of (B, H, Tmax, K)) writes this step's keys at `pos`."""
     h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
-    q, k, v = (_heads(y, a) for y in _project(p["SelfAttention"], ("q", "k", "v"), h, ctx))
+    q, k, v = (_heads(nn.dense(p["SelfAttention"][n], h, ctx), a) for n in ("q", "k", "v"))
     if cache is not None:
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=2)
@@ -523,7 +499,7 @@ def generate(
     S_bucket = generation.bucket(S)
     input_ids = jnp.pad(input_ids, ((0, 0), (0, S_bucket - S)), constant_values=a.pad_token_id)
     attention_mask = jnp.pad(attention_mask, ((0, 0), (0, S_bucket - S)))
-    max_len = generation.bucket(max_new_tokens + 1, fine=True)  # decoder positions 0 (start token) .. max_new_tokens
+    max_len = generation.bucket(max_new_tokens, fine=True)  # decoder positions 0 (start token) .. max_new_tokens - 1
     eos = a.eos_token_id if eos_token_id is None else eos_token_id
     out = _generate(
         a, params, input_ids, attention_mask, jnp.int32(max_new_tokens), jnp.int32(eos),
