@@ -419,7 +419,7 @@ def lm_head(params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
     if "lm_head" in params:
         logits = nn.dense(params["lm_head"], x, ctx)
     else:
-        logits = x.astype(ctx.dtype) @ params["model"]["embed_tokens"]["embedding"].astype(ctx.dtype).T
+        logits = nn.matmul(x.astype(ctx.dtype), params["model"]["embed_tokens"]["embedding"].astype(ctx.dtype).T)
     return logits.astype(jnp.float32)
 
 

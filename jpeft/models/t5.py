@@ -357,7 +357,7 @@ def _lm_head(a: Arch, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
     if "lm_head" in params:
         logits = nn.dense(params["lm_head"], x, ctx)
     else:
-        logits = x @ params["shared"]["embedding"].astype(ctx.dtype).T
+        logits = nn.matmul(x, params["shared"]["embedding"].astype(ctx.dtype).T)
     return logits.astype(jnp.float32)
 
 
