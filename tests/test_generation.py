@@ -28,12 +28,12 @@ def test_greedy_follows_the_argmax_and_pads_after_eos():
 def test_greedy_steps_the_model_once_per_token_after_the_first(max_new):
     calls = []
 
-    def step(tokens, i, steps):
+    def step(tokens, i, cache):
         jax.debug.callback(lambda i: calls.append(int(i)), i)
-        return jax.nn.one_hot((tokens + 1) % V, V), steps + 1
+        return next_token_model(tokens, i, cache)
 
     first = jax.nn.one_hot(jnp.array([1, 2]), V)
-    generation.greedy_search(step, first, jnp.int32(0), jnp.int32(max_new), 8, jnp.int32(-1), PAD).block_until_ready()
+    generation.greedy_search(step, first, (), jnp.int32(max_new), 8, jnp.int32(-1), PAD).block_until_ready()
     assert calls == list(range(max_new - 1))  # step i feeds the i-th generated token; the last one is never fed
 
 
