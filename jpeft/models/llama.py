@@ -466,7 +466,8 @@ def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id
     x, mask = embed(params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
     R, P = mask.shape
     positions = positions_from_mask(mask)
-    # Slots past the prompt hold generated tokens; causality hides the ones not yet written.
+    # Slots past the prompt hold generated tokens (all but the last, which is never fed back); causality
+    # hides the ones not yet written.
     key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - P)), constant_values=1)
     shape = (R, a.num_kv_heads, cache_len, a.head_dim)
     cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
@@ -537,7 +538,7 @@ def generate(
         a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos_ids[0] if eos_ids else -1),  # -1: no EOS, always generate max_new_tokens
         None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
-        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_prompt + input_ids.shape[1] + max_new_tokens),
+        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_prompt + input_ids.shape[1] + max_new_tokens - 1),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
     )[:, :max_new_tokens]
     return _pad_after_eos(out, eos_ids, a.pad_token_id) if len(eos_ids) > 1 else out

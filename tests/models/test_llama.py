@@ -142,6 +142,8 @@ def test_greedy_generation_matches_transformers_left_padded(hf_llama):
     _, model, config, params = hf_llama
     ids, mask = batch(np.random.default_rng(3), 4, 7, side="left")
     out = _compare_generation(model, config, params, ids, mask, 10, eos=1)
+    # 8 prompt slots + 8 fed tokens fill the 16-slot cache exactly (the 9th token is never fed back).
+    _compare_generation(model, config, params, ids, mask, 9, eos=-1)
     # Early tokens used as EOS exercise stopping and the padding after it.
     stopped = False
     for eos in list(dict.fromkeys(t for t in out[:, :3].ravel().tolist() if t != 0))[:3]:
