@@ -22,7 +22,7 @@ def test_quick_run_writes_finite_figures(tmp_path):
     assert headline <= figures.keys()
     for key in ("machine_cpu_count", "machine_jax", "machine_torch", "machine_platform", "total_s",
                 "mem_t5_full_step_peak_bytes", "mem_t5_lora8_gradient_bytes", "scale_source_time_exponent", "devices_8_step_s",
-                "generate_speedup_vs_transformers_bf16"):
+                "generate_speedup_vs_transformers_bf16", "peft_mfu", "full_mfu"):
         assert key in figures, key
     numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     assert all(math.isfinite(v) for v in numbers.values()), [k for k, v in numbers.items() if not math.isfinite(v)]
