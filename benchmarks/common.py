@@ -33,8 +33,26 @@ def timed(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3) -> dict[str,
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
+def on_gpu() -> bool:
+    """Whether jax runs on a GPU; PyTorch's side then runs on it too, so both sides share one device."""
+    return jax.default_backend() == "gpu"
+
+
+def torch_device() -> str:
+    """The device PyTorch's side of every comparison uses."""
+    return "cuda" if on_gpu() else "cpu"
+
+
+def torch_sync() -> None:
+    """Wait for PyTorch's queued GPU work, so a timed call ends when its work does (nothing to wait for on CPU)."""
+    if on_gpu():
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def machine() -> dict[str, Any]:
-    """Where the numbers were taken: CPU count, load, library versions, platform."""
+    """Where the numbers were taken: CPU count, load, devices, library versions, platform."""
     import torch
     import transformers
     import peft
@@ -47,6 +65,9 @@ def machine() -> dict[str, Any]:
         "machine_python": platform.python_version(),
         "machine_jax": jax.__version__,
         "machine_jax_backend": jax.default_backend(),
+        "machine_jax_device": jax.devices()[0].device_kind,
+        "machine_jax_matmul_precision": jax.config.jax_default_matmul_precision or "default",
+        "machine_torch_device": torch.cuda.get_device_name() if on_gpu() else "cpu",
         "machine_torch": torch.__version__,
         "machine_torch_threads": torch.get_num_threads(),
         "machine_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),

@@ -40,13 +40,14 @@ def transformers_generate(config, base: dict, ids: np.ndarray, new: int, bf16: b
     state = {k: torch.from_numpy(np.array(v)) for k, v in t5.state_dict_from_params(base).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("embed_tokens" in k for k in missing), (missing, unexpected)  # embed_tokens are tied to shared
-    if bf16:
-        model = model.to(torch.bfloat16)
-    inputs = torch.from_numpy(ids.astype(np.int64))
+    model = model.to(common.torch_device(), torch.bfloat16 if bf16 else torch.float32)
+    inputs = torch.from_numpy(ids.astype(np.int64)).to(common.torch_device())
 
     def call():
         with torch.inference_mode():
-            return model.generate(inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
+            out = model.generate(inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
+        common.torch_sync()
+        return out
 
     return call
 

@@ -52,8 +52,11 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def sections(quick: bool, workdir: Path) -> dict[str, Callable[[], dict[str, float]]]:
-    """Each benchmark, in the order it runs; SmolLM2 is left out of --quick."""
+SECTIONS = ("memory", "speed", "inference", "scaling", "smollm2")
+
+
+def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> dict[str, Callable[[], dict[str, float]]]:
+    """Each benchmark, in the order it runs, less those in `skip`; SmolLM2 is left out of --quick."""
     from benchmarks import inference, memory, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
@@ -67,7 +70,7 @@ def sections(quick: bool, workdir: Path) -> dict[str, Callable[[], dict[str, flo
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
-    return out
+    return {name: fn for name, fn in out.items() if name not in skip}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -75,17 +78,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, no SmolLM2: the CI smoke run (~3 min)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--skip", action="append", default=[], choices=SECTIONS, metavar="SECTION",
+                        help=f"leave a section out (repeatable): one of {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
 
+    import jax
     import torch
 
     from benchmarks import common
 
     torch.set_num_threads(common.CPUS)  # PyTorch and XLA both get every core
+    if common.on_gpu():
+        # The comparisons are fp32: XLA's GPU default rounds float32 matmul inputs to TF32, PyTorch's does not.
+        jax.config.update("jax_default_matmul_precision", "float32")
     figures: dict[str, float] = dict(common.machine())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in sections(args.quick, Path(tmp)).items():
+        for name, fn in sections(args.quick, Path(tmp), frozenset(args.skip)).items():
             t = time.perf_counter()
             part = fn()
             figures.update(part)

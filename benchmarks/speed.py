@@ -75,15 +75,17 @@ def peft_step(config, batch: dict) -> Callable[[], None]:
     from transformers import T5ForConditionalGeneration
 
     torch.manual_seed(0)
+    device = common.torch_device()
     model = peft.get_peft_model(T5ForConditionalGeneration(config), peft.LoraConfig(r=8, lora_alpha=8, target_modules=["q", "v"], lora_dropout=0.0))
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tensors = {k: torch.from_numpy(np.asarray(v, np.int64)) for k, v in batch.items()}
+    tensors = {k: torch.from_numpy(np.asarray(v, np.int64)).to(device) for k, v in batch.items()}
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         model(**tensors).loss.backward()
         opt.step()
+        common.torch_sync()
 
     return step
 
@@ -95,7 +97,7 @@ def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
     batch = common.t5_batch(config, B, S, T)
     steps = jpeft_steps(config, batch)
     out = timed_together({**steps, "t5_peft_lora8_step": peft_step(config, batch)}, warmup, repeats)
-    peak = common.matmul_peak_flops(1024 if quick else 2048)
+    peak = common.matmul_peak_flops(1024 if quick else 8192 if common.on_gpu() else 2048)
     flops = t5_matmul_flops(config, B, S, T)
     full_flops = t5_matmul_flops(config, B, S, T, lora_r=0, backward_weights=True)
     out.update({

@@ -28,3 +28,11 @@ def test_quick_run_writes_finite_figures(tmp_path):
     assert all(math.isfinite(v) for v in numbers.values()), [k for k, v in numbers.items() if not math.isfinite(v)]
     assert figures["lora_opt_state_over_trainable_bytes"] == 2.0  # exact: AdamW keeps two moments per trainable leaf
     assert figures["mem_t5_lora8_trainable_bytes"] < figures["mem_t5_full_trainable_bytes"]
+
+
+def test_sections_run_in_order_less_the_skipped(tmp_path):
+    from benchmarks.run import SECTIONS, sections
+
+    assert list(sections(False, tmp_path)) == list(SECTIONS)
+    assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling"]  # --quick has no SmolLM2
+    assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling"}))) == ["memory", "speed", "inference"]
