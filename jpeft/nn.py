@@ -90,12 +90,27 @@ def _layer_ctx(ctx: Ctx, i) -> Ctx:
 
 
 def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
-    """Inverted dropout; identity when deterministic or the rate is zero."""
+    """Inverted dropout; identity when deterministic or the rate is zero.
+
+    Each element compares a 16-bit draw, two per threefry word, with the rate rounded to a multiple of
+    2^-16 (0.05 -> 3277/65536 = 0.0500031), and survivors are scaled by the inverse of the rounded keep
+    rate, so the expectation is exact. `jax.random.bernoulli` spends a whole word per element, and threefry
+    is the cost of dropout on CPU: with LoRA dropout 0.05 a SmolLM2 step took 14.3 s with it and 12.2 s
+    this way (about 11 s without dropout).
+    """
     rate = ctx.dropout_rate if rate is None else rate
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
     if ctx.deterministic or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    drop = round(rate * _DRAWS)
+    n = math.prod(x.shape)
+    words = jax.random.bits(ctx.next_key(), ((n + 1) // 2,), jnp.uint32)
+    draws = jnp.stack([words & (_DRAWS - 1), words >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)
+    return jnp.where(draws >= drop, x * (_DRAWS / (_DRAWS - drop)), 0).astype(x.dtype)
+
+
+_DRAWS = 2**16  # values of one 16-bit draw
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -1,5 +1,7 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jpeft import nn
 
@@ -20,3 +22,29 @@ def test_matmul_accumulates_bf16_in_float32():
     out = nn.matmul(x, w)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), 1032.0)
+
+
+def test_dropout_drops_the_rounded_rate_and_keeps_the_mean():
+    ctx = nn.Ctx(rng=jax.random.key(0), dropout_rate=0.05)
+    x = jnp.ones((1001, 999))  # an odd element count: the last word's second draw goes unused
+    y = np.asarray(nn.dropout(ctx, x))
+    drop = 3277 / 65536  # 0.05 rounded to a multiple of 2^-16
+    dropped = (y == 0).mean()
+    assert abs(dropped - drop) < 5 * np.sqrt(drop * (1 - drop) / y.size)
+    np.testing.assert_array_equal(np.unique(y), [0.0, np.float32(65536 / (65536 - 3277))])  # survivors rescaled exactly
+    assert abs(y.mean() - 1.0) < 5 * np.sqrt(drop / (1 - drop) / y.size)
+
+
+def test_dropout_masks_follow_the_key():
+    x = jnp.ones((64, 33))
+    a, b, c = (nn.dropout(nn.Ctx(rng=jax.random.key(k), dropout_rate=0.5), x) for k in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert (np.asarray(a) != np.asarray(c)).any()
+    assert 0.4 < (np.asarray(a) == 0).mean() < 0.6  # both 16-bit halves of a word are used, neither is stuck
+    np.testing.assert_array_equal(nn.dropout(nn.Ctx(dropout_rate=0.5), x), x)  # no key: deterministic
+    np.testing.assert_array_equal(nn.dropout(nn.Ctx(rng=jax.random.key(0)), x), x)  # rate 0
+
+
+def test_dropout_rejects_a_rate_outside_zero_to_one():
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1.0"):
+        nn.dropout(nn.Ctx(rng=jax.random.key(0)), jnp.ones(3), rate=1.0)
