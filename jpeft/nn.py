@@ -89,6 +89,9 @@ def _layer_ctx(ctx: Ctx, i) -> Ctx:
     return dataclasses.replace(ctx, rng=None if ctx.rng is None else jax.random.fold_in(ctx.rng, i), _count=0)
 
 
+_DRAWS = 2**16  # values of one 16-bit draw
+
+
 def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
     """Inverted dropout; identity when deterministic or the rate is zero.
 
@@ -108,9 +111,6 @@ def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
     words = jax.random.bits(ctx.next_key(), ((n + 1) // 2,), jnp.uint32)
     draws = jnp.stack([words & (_DRAWS - 1), words >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)
     return jnp.where(draws >= drop, x * (_DRAWS / (_DRAWS - drop)), 0).astype(x.dtype)
-
-
-_DRAWS = 2**16  # values of one 16-bit draw
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
