@@ -170,10 +170,19 @@ class Step:
         return float(cost["flops"])
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Sustained fp32 matmul FLOP/s of this machine under jax (an n x n x n product, median of repeats)."""
+def matmul_peak_call(n: int = 2048, products: int = 4) -> tuple[Callable[[], None], float]:
+    """A blocking call of `products` fp32 n x n x n matmuls under jax, and its FLOPs: the machine's peak.
+
+    Timed beside the steps (`speed.timed_together`), so that peak and steps see the same load: the
+    reference alone moved between 162 and 189 GFLOP/s within a minute on this shared machine.
+    """
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(lambda a, b: a @ b)
-    t = timed(lambda: f(a, b).block_until_ready(), warmup=2, repeats=repeats)
-    return 2 * n**3 / t["median"]
+
+    def call() -> None:
+        for _ in range(products):
+            out = f(a, b)
+        out.block_until_ready()
+
+    return call, 2.0 * n**3 * products

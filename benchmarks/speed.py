@@ -91,13 +91,14 @@ def peft_step(config, batch: dict) -> Callable[[], None]:
 
 
 def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
-    """Step times (jpeft LoRA, jpeft full, PEFT LoRA, interleaved), their ratios, and MFU against a measured fp32 matmul peak."""
+    """Step times (jpeft LoRA, jpeft full, PEFT LoRA) and an fp32 matmul peak, interleaved; their ratios and MFU."""
     config = common.t5_config(quick=quick)
     B, S, T = shapes(quick)
     batch = common.t5_batch(config, B, S, T)
     steps = jpeft_steps(config, batch)
-    out = timed_together({**steps, "t5_peft_lora8_step": peft_step(config, batch)}, warmup, repeats)
-    peak = common.matmul_peak_flops(1024 if quick else 8192 if common.on_gpu() else 2048)
+    peak_call, peak_flops = common.matmul_peak_call(1024 if quick else 8192 if common.on_gpu() else 2048)
+    out = timed_together({**steps, "t5_peft_lora8_step": peft_step(config, batch), "matmul_peak": peak_call}, warmup, repeats)
+    peak = peak_flops / out["matmul_peak_s"]
     flops = t5_matmul_flops(config, B, S, T)
     full_flops = t5_matmul_flops(config, B, S, T, lora_r=0, backward_weights=True)
     out.update({
