@@ -6,6 +6,7 @@ import inspect
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -163,11 +164,29 @@ class Step:
                 "alias": m.alias_size_in_bytes,
                 "peak": m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes}
 
-    def flops(self) -> float:
-        """FLOPs of one step from XLA's cost analysis of the compiled program."""
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
+    def dot_flops(self) -> float:
+        """Matmul FLOPs of one step as compiled: `hlo_dot_flops` of XLA's optimised program."""
+        return hlo_dot_flops(self.compiled.as_text())
+
+
+def hlo_dot_flops(hlo: str) -> float:
+    """2 x output elements x contracted size, summed over every `dot` in an HLO module's text (fusion bodies included).
+
+    XLA's `cost_analysis()` adds elementwise work to the products and reports no split, so the products
+    are read from the program itself. Raises if it finds none: a changed HLO text format, not a zero.
+    """
+    shapes = {name: _dims(dims) for name, dims in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)}
+    total = 0
+    for out, lhs, attrs in re.findall(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), [^)]*\), (.*)", hlo):
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
+        total += 2 * math.prod(_dims(out)) * math.prod(shapes[lhs][i] for i in _dims(contracting))
+    if not total:
+        raise ValueError("no dot instructions found in the HLO text; has its format changed?")
+    return float(total)
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
 
 
 def matmul_peak_call(n: int = 2048, products: int = 4) -> tuple[Callable[[], None], float]:

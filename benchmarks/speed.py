@@ -19,20 +19,31 @@ def shapes(quick: bool) -> tuple[int, int, int]:
     return (8, 64, 16) if quick else (8, 256, 64)
 
 
-def t5_matmul_flops(config, B: int, S: int, T: int, lora_r: int = 8, backward_weights: bool = False) -> float:
-    """Analytic matmul FLOPs of one train step: forward, input gradients, and weight gradients if `backward_weights`.
+def t5_matmul_flops(config, B: int, S: int, T: int, lora_r: int = 8, full: bool = False) -> float:
+    """Analytic matmul FLOPs of one train step: LoRA (r on q, v), or full fine-tuning when `full`.
 
-    Counts every dense (LoRA's q/v pairs included), the attention score/value products and the LM head;
-    elementwise work (norms, softmax, activations) is left out, as MFU conventionally does.
+    Forward: every dense (LoRA's included), attention's score and value products, the LM head. Backward of
+    full fine-tuning: both operands' gradients of every product, twice its forward. Backward of LoRA: a frozen
+    dense needs only its input's gradient (once its forward), and none for the first encoder and decoder
+    layers' q, k, v, whose input is the frozen embedding; attention's products need both operands' (twice),
+    except those first layers' keys; LoRA's products need both (twice). Elementwise work is left out, as MFU
+    conventionally does. `Step.dot_flops` counts the same products in XLA's compiled step.
     """
     D, inner, F, V = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
+    Le, Ld = config.num_layers, config.num_decoder_layers
     ff = (3 if config.is_gated_act else 2) * D * F
-    lora = 2 * lora_r * (D + inner)  # q and v: (D x r) + (r x inner) each
-    enc_tok = config.num_layers * (4 * D * inner + ff + lora + 2 * S * inner)
-    dec_tok = config.num_decoder_layers * (4 * D * inner + 2 * D * inner + ff + 2 * lora + 2 * T * inner + 2 * S * inner) + D * V
-    cross_kv = config.num_decoder_layers * 2 * D * inner  # per source token
-    forward = 2 * (B * S * (enc_tok + cross_kv) + B * T * dec_tok)
-    return forward * (3 if backward_weights else 2)
+    # Multiply-accumulates of the forward pass, by kind. The decoder's cross-attention keys and values
+    # are projected from the B * S source tokens.
+    dense = B * S * Le * (4 * D * inner + ff) + B * T * Ld * (6 * D * inner + ff) + B * S * Ld * 2 * D * inner + B * T * D * V
+    attention = B * S * Le * 2 * S * inner + B * T * Ld * 2 * (T + S) * inner
+    if full:
+        return 2 * 3 * (dense + attention)
+    # LoRA's q and v, x A (D x r) then h B (r x inner): encoder q, v and cross-attention v on source tokens.
+    lora = (B * S * (2 * Le + Ld) + 3 * B * T * Ld) * lora_r * (D + inner)
+    first_qkv = 3 * D * inner * B * (S + T)  # input gradients the frozen embedding makes unnecessary
+    first_keys = B * (S * S + T * T) * inner
+    first_lora = 2 * lora_r * D * B * (S + T)
+    return 2 * (2 * dense - first_qkv + 3 * attention - first_keys + 3 * lora - first_lora)
 
 
 def timed_together(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
@@ -100,14 +111,14 @@ def run(quick: bool, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
     out = timed_together({**steps, "t5_peft_lora8_step": peft_step(config, batch), "matmul_peak": peak_call}, warmup, repeats)
     peak = peak_flops / out["matmul_peak_s"]
     flops = t5_matmul_flops(config, B, S, T)
-    full_flops = t5_matmul_flops(config, B, S, T, lora_r=0, backward_weights=True)
+    full_flops = t5_matmul_flops(config, B, S, T, full=True)
     out.update({
         "lora_over_full_step_time": out["t5_lora8_step_s"] / out["t5_full_step_s"],
         "jpeft_over_peft_step_time": out["t5_lora8_step_s"] / out["t5_peft_lora8_step_s"],
         "matmul_peak_gflops": peak / 1e9,
         "t5_lora8_step_gflop_analytic": flops / 1e9,
-        # Cross-check of the analytic count: XLA's cost analysis of the compiled step (elementwise work included).
-        "t5_lora8_step_gflop_xla": steps["t5_lora8_step"].flops() / 1e9,
+        # Cross-check of the analytic count: the matmul FLOPs XLA's compiled step executes.
+        "t5_lora8_step_gflop_xla_dots": steps["t5_lora8_step"].dot_flops() / 1e9,
         "mfu": flops / out["t5_lora8_step_s"] / peak,
         # The same count and peak for the other two steps, to put `mfu` beside them.
         "peft_mfu": flops / out["t5_peft_lora8_step_s"] / peak,

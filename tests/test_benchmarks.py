@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import common, speed
 from benchmarks.run import TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +27,7 @@ def test_quick_run_writes_finite_figures(tmp_path):
     assert headline <= figures.keys()
     for key in ("machine_cpu_count", "machine_jax", "machine_torch", "machine_platform", "total_s",
                 "mem_t5_full_step_peak_bytes", "mem_t5_lora8_gradient_bytes", "scale_source_time_exponent", "devices_8_step_s",
-                "generate_speedup_vs_transformers_bf16", "peft_mfu", "full_mfu"):
+                "generate_speedup_vs_transformers_bf16", "peft_mfu", "full_mfu", "matmul_peak_s", "t5_lora8_step_gflop_xla_dots"):
         assert key in figures, key
     numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     assert all(math.isfinite(v) for v in numbers.values()), [k for k, v in numbers.items() if not math.isfinite(v)]
@@ -36,3 +41,21 @@ def test_sections_run_in_order_less_the_skipped(tmp_path):
     assert list(sections(False, tmp_path)) == list(SECTIONS)
     assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling"]  # --quick has no SmolLM2
     assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling"}))) == ["memory", "speed", "inference"]
+
+
+def test_analytic_flops_are_the_products_xla_compiles():
+    # `mfu`'s numerator: every product the LoRA step needs and no other, so exactly what XLA keeps after
+    # dropping the gradients nobody asked for (the first layers' q, k, v inputs, the frozen weights').
+    config = common.t5_config(quick=True)
+    B, S, T = speed.shapes(True)
+    steps = speed.jpeft_steps(config, common.t5_batch(config, B, S, T))
+    assert steps["t5_lora8_step"].dot_flops() == speed.t5_matmul_flops(config, B, S, T)
+    assert steps["t5_full_step"].dot_flops() == speed.t5_matmul_flops(config, B, S, T, full=True)
+
+
+def test_hlo_dot_flops_counts_batched_and_fused_products():
+    a, b, w = jnp.ones((2, 3, 4, 5)), jnp.ones((2, 3, 5, 6)), jnp.ones((6, 7))
+    hlo = jax.jit(lambda a, b, w: jnp.tanh(a @ b) @ w).lower(a, b, w).compile().as_text()
+    assert common.hlo_dot_flops(hlo) == 2 * 2 * 3 * 4 * 6 * 5 + 2 * 2 * 3 * 4 * 7 * 6
+    with pytest.raises(ValueError, match="no dot"):
+        common.hlo_dot_flops(jax.jit(jnp.tanh).lower(a).compile().as_text())
