@@ -177,7 +177,7 @@ def hlo_dot_flops(hlo: str) -> float:
     """
     shapes = {name: _dims(dims) for name, dims in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)}
     total = 0
-    for out, lhs, attrs in re.findall(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), [^)]*\), (.*)", hlo):
+    for out, lhs, attrs in re.findall(r"= \w+\[([\d,]*)\]\S* dot\((?:\S+ )?%([\w.\-]+), [^)]*\), (.*)", hlo):
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
         total += 2 * math.prod(_dims(out)) * math.prod(shapes[lhs][i] for i in _dims(contracting))
     if not total:

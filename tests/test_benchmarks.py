@@ -57,5 +57,8 @@ def test_hlo_dot_flops_counts_batched_and_fused_products():
     a, b, w = jnp.ones((2, 3, 4, 5)), jnp.ones((2, 3, 5, 6)), jnp.ones((6, 7))
     hlo = jax.jit(lambda a, b, w: jnp.tanh(a @ b) @ w).lower(a, b, w).compile().as_text()
     assert common.hlo_dot_flops(hlo) == 2 * 2 * 3 * 4 * 6 * 5 + 2 * 2 * 3 * 4 * 7 * 6
+    # Older XLA printed each operand's shape before its name.
+    older = "%a = f32[2,3]{1,0} parameter(0)\n%d = f32[2,4]{1,0} dot(f32[2,3]{1,0} %a, f32[3,4]{1,0} %b), lhs_contracting_dims={1}"
+    assert common.hlo_dot_flops(older) == 2 * 2 * 4 * 3
     with pytest.raises(ValueError, match="no dot"):
         common.hlo_dot_flops(jax.jit(jnp.tanh).lower(a).compile().as_text())
