@@ -24,9 +24,9 @@ def t5_matmul_flops(config, B: int, S: int, T: int, lora_r: int = 8, full: bool 
 
     Forward: every dense (LoRA's included), attention's score and value products, the LM head. Backward of
     full fine-tuning: both operands' gradients of every product, twice its forward. Backward of LoRA: a frozen
-    dense needs only its input's gradient (once its forward), and none for the first encoder and decoder
-    layers' q, k, v, whose input is the frozen embedding; attention's products need both operands' (twice),
-    except those first layers' keys; LoRA's products need both (twice). Elementwise work is left out, as MFU
+    dense needs only its input's gradient (once its forward); attention's and LoRA's products need both
+    operands' (twice). The first encoder and decoder layers' q, k, v take the frozen embedding, so nothing
+    there needs a gradient with respect to it or to their keys. Elementwise work is left out, as MFU
     conventionally does. `Step.dot_flops` counts the same products in XLA's compiled step.
     """
     D, inner, F, V = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size
