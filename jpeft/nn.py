@@ -107,6 +107,8 @@ def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
     if ctx.deterministic or rate == 0.0:
         return x
     drop = round(rate * _DRAWS)
+    if drop == _DRAWS:
+        raise ValueError(f"dropout rate {rate} rounds to 1 at the 2^-16 resolution of the draws; use a rate below {1 - 1 / _DRAWS}")
     n = math.prod(x.shape)
     words = jax.random.bits(ctx.next_key(), ((n + 1) // 2,), jnp.uint32)
     draws = jnp.stack([words & (_DRAWS - 1), words >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)

@@ -52,3 +52,5 @@ def test_dropout_masks_follow_the_key():
 def test_dropout_rejects_a_rate_outside_zero_to_one():
     with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1.0"):
         nn.dropout(nn.Ctx(rng=jax.random.key(0)), jnp.ones(3), rate=1.0)
+    with pytest.raises(ValueError, match="rounds to 1"):
+        nn.dropout(nn.Ctx(rng=jax.random.key(0)), jnp.ones(3), rate=1 - 2**-18)
