@@ -25,11 +25,11 @@ def dialogsum_batch(pack: bool = False):
     """(task, params, batch) for the first BATCH DialogSum training dialogues, formatted (and packed) as train.tasks does."""
     import jax.numpy as jnp
 
-    from train import tasks
+    from train import data, tasks
 
     task, params = tasks.load_task(MODEL, None, jnp.float32)
     with open(DATA) as f:
-        examples = [json.loads(next(f)) for _ in range(BATCH)]
+        examples = data.normalize([json.loads(next(f)) for _ in range(BATCH)], str(DATA))
     rows = tasks.encode(task, examples, MAX_SOURCE, MAX_TARGET)
     return task, params, tasks.train_batch(task, rows, MAX_TARGET, pack=pack)
 

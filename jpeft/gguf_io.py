@@ -177,6 +177,21 @@ def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[st
     return state
 
 
+# Where llama.cpp's converter records the model a GGUF was made from, most specific first.
+SOURCE_KEYS = ("general.source.repo_url", "general.source.url", "general.repo_url", "general.url")
+_HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+?)(?:\.git)?/?$")
+
+
+def hub_id(path: str | os.PathLike) -> str | None:
+    """The Hugging Face repo id ("org/name") a GGUF file names as its source, or None when it names none."""
+    reader = open_reader(path)
+    for key in SOURCE_KEYS:
+        match = _HUB_URL.match(str(metadata(reader, key, "")))
+        if match:
+            return match.group(1)
+    return None
+
+
 def load_config(path: str | os.PathLike):
     """The transformers config described by a GGUF file's metadata."""
     return config_from_reader(open_reader(path), source=str(path))

@@ -235,8 +235,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict[st
     return cfg, tensors, metadata
 
 
-def load_adapter(params: Mapping[str, Any], path: str | os.PathLike) -> dict:
-    """`params` (a base without adapter) with the PEFT adapter at `path` attached; every check runs before anything is built."""
+def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
+    """`params` (a base without adapter) with the PEFT adapter at `path` attached; every check runs before anything is built.
+
+    The directory comes first, as in `save_adapter(path, params)`.
+    """
+    if isinstance(path, Mapping):
+        raise TypeError("load_adapter(path, params): the adapter directory comes first, then the base parameters")
     cfg, tensors, metadata = read_adapter(path)
     _check_base(params, path, cfg, metadata)
     who = f"{path} (adapter for {_base_name(cfg, metadata)!r})"

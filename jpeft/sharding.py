@@ -77,6 +77,10 @@ _FOLLOW_KERNEL = {"lora_a": (-2, 0), "lora_b": (-1, 1), "ia3_in": (-1, 0), "ia3_
 # Meshes
 
 
+CPU_DEVICES_HINT = ("; on CPU, simulate {n} devices by setting XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+                    "in the environment before JAX starts")
+
+
 def parse_mesh(spec: str) -> dict[str, int]:
     """'data=2,fsdp=2,model=2' -> {'data': 2, 'fsdp': 2, 'model': 2}; missing axes are 1."""
     sizes = dict.fromkeys(AXES, 1)
@@ -101,7 +105,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, devices: Sequence[An
     if min(data, fsdp, model) < 1:
         raise ValueError(f"mesh axes must be at least 1, got data={data}, fsdp={fsdp}, model={model}")
     if len(devices) % n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x model={model} = {n} devices does not divide the {len(devices)} available")
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x model={model} = {n} devices does not divide the {len(devices)} available"
+                         + (CPU_DEVICES_HINT.format(n=n) if devices[0].platform == "cpu" else ""))
     if jax.process_count() > 1 and n != len(devices):
         raise ValueError(f"a multi-process mesh must cover all {len(devices)} devices, got {n}")
     # Auto axes: jit's in/out shardings drive GSPMD propagation, the model code carries no sharding types.

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jpeft.batches import IGNORE
 from jpeft.split import combine
 
-IGNORE = -100
 LossFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], jax.Array | None], jax.Array]
 
 
@@ -55,7 +55,10 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
     """
     from jpeft.models import t5
 
+    _check_family(config, "seq2seq_loss", encoder_decoder=True)
+
     def loss(params, batch, rng):
+        _check_batch(batch, ("input_ids", "attention_mask", "labels"), "seq2seq_loss", "seq2seq_batch")
         dec = t5.shift_right(batch["labels"], config)
         logits = t5.forward(config, params, batch["input_ids"], batch["attention_mask"], dec,
                             dtype=dtype, dropout_rng=rng, lora_dropout=lora_dropout, remat=remat)
@@ -63,6 +66,22 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
         return total / jnp.maximum(count, 1)
 
     return loss
+
+
+def _check_family(config: Any, fn: str, encoder_decoder: bool) -> None:
+    """A loss built for the wrong kind of model fails here by name, not later on a missing config field."""
+    if bool(getattr(config, "is_encoder_decoder", False)) != encoder_decoder:
+        other = "causal_lm_loss" if encoder_decoder else "seq2seq_loss"
+        kind = getattr(config, "model_type", type(config).__name__)
+        raise TypeError(f"{fn} is for {'encoder-decoder (T5)' if encoder_decoder else 'decoder-only (Llama-family)'} models; "
+                        f"this config is a {kind!r} model: use training.{other}(config)")
+
+
+def _check_batch(batch: Mapping[str, Any], keys: tuple[str, ...], fn: str, helper: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{fn} needs batch keys {list(keys)}, missing {missing} (got {sorted(batch)}); "
+                       f"build the batch with jpeft.batches.{helper}(...)")
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
@@ -111,9 +130,11 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     from jpeft import nn
     from jpeft.models import llama
 
+    _check_family(config, "causal_lm_loss", encoder_decoder=False)
     a = llama.arch(config)
 
     def loss(params, batch, rng):
+        _check_batch(batch, ("input_ids", "targets", "target_index"), "causal_lm_loss", "causal_lm_batch")
         packed = "segment_ids" in batch
         if packed and "prompt_embeddings" in params:
             raise ValueError("a soft prompt is prepended per row, so it cannot train on packed rows: use attention_mask batches")

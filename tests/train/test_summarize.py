@@ -97,7 +97,7 @@ def test_clear_errors(model_dir, data_dir, tmp_path, capsys):
     assert "does not exist" in _error(capsys, _run(model_dir, tmp_path / "missing.jsonl", tmp_path / "o1"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"dialogue": "hi there"}) + "\n" + json.dumps({"dialogue": "x", "summary": "y"}) + "\n")
-    assert "has no summary" in _error(capsys, _run(model_dir, bad, tmp_path / "o2"))
+    assert "example 0 has no 'summary' text" in _error(capsys, _run(model_dir, bad, tmp_path / "o2"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert "no examples" in _error(capsys, _run(model_dir, empty, tmp_path / "o3"))

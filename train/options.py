@@ -1,0 +1,145 @@
+"""Command-line options of `train.summarize` and `train.lab`, and the checks that run before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from train import tasks
+from train.data import INPUT_FIELD, TARGET_FIELD
+from train.errors import UsageError
+
+METHODS = ("none", "full", "lora", "prompt", "ia3", "adapter", "selective")
+LAB_METHODS = ("none", "full", "lora", "prompt", "ia3")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default in its help line (flags and unset options say theirs in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentParser:
+    """All options; the lab's parser takes `--methods` (several) instead of `--method`, and its own `--out` default."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, hub id, .gguf file, or smollm2-135m-instruct (packaged)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
+    g.add_argument("--data", help="directory with train/validation .jsonl/.json/.csv/.parquet files, one such file, or a hub "
+                   "dataset name such as knkarthick/dialogsum (default: the bundled sample in train/sample_data)")
+    g.add_argument("--eval-data", help="separate evaluation file or directory (default: --data's validation split, or 10%% of a single file)")
+    g.add_argument("--input-field", default=INPUT_FIELD, help="column holding the text to summarize")
+    g.add_argument("--target-field", default=TARGET_FIELD, help="column holding the reference summary")
+    g.add_argument("--prompt", default=tasks.PROMPT, help="prompt template; {input} marks where each input goes (default: %(default)r)")
+    g.add_argument("--max-source-len", type=int, default=384, help="prompt tokens (the input is cut to fit)")
+    g.add_argument("--max-target-len", type=int, default=64, help="target tokens, for training and generation")
+    g = p.add_argument_group("method")
+    if lab:
+        g.add_argument("--methods", default=",".join(LAB_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    else:
+        g.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
+    g.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: q,v for T5, q_proj,v_proj for Llama)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on LoRA's input")
+    g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
+    g.add_argument("--lora-init", default="default", choices=["default", "gaussian", "pissa"], help="initialisation of A and B")
+    g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"], help="prompt tuning: initialisation")
+    g.add_argument("--prompt-init-text", default="Summarize the following conversation.", help="prompt tuning: text for --prompt-init text")
+    g.add_argument("--ia3-targets", help="comma-separated (default: k,v,wo for T5, k_proj,v_proj,down_proj for Llama)")
+    g.add_argument("--ia3-feedforward", help="comma-separated feed-forward targets (default: wo for T5, down_proj for Llama)")
+    g.add_argument("--adapter-kind", default="houlsby", choices=["houlsby", "pfeiffer"], help="bottleneck adapter placement")
+    g.add_argument("--adapter-reduction", type=int, default=16, help="bottleneck adapter: d_model / bottleneck width")
+    g.add_argument("--select-modules", help="selective: comma-separated module names to train")
+    g.add_argument("--select-layer-norms", action="store_true", help="selective: train every norm")
+    g.add_argument("--select-last-blocks", type=int, help="selective: train the last N blocks of each stack")
+    g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optax optimizer")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="decay after warmup")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="global gradient norm clip (0: none)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs worth)")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data when --steps is not given")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
+    g.add_argument("--no-remat", dest="remat", action="store_false",
+                   help="store every layer's activations instead of recomputing them in the backward pass (more memory)")
+    g.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="decoder-only models: one example per row instead of packing each batch's examples into few rows")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and dropout")
+    g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,model=2 (default: one device)")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-samples", type=int, default=50, help="validation examples scored before and after (0: no evaluation)")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="examples per generation batch")
+    g.add_argument("--skip-base-eval", action="store_true", help="score only the tuned model")
+    g.add_argument("--out", default="runs/lab" if lab else "runs/summarize", help="run directory (resumed when restarted with the same settings)")
+    g.add_argument("--overwrite", action="store_true", help="start --out afresh, deleting its earlier run")
+    g.add_argument("--log-every", type=int, default=1, help="log the loss every N micro-steps")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N micro-steps (0: about 4 per run)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk")
+    g.add_argument("--merge", action="store_true", help="also save the merged model (LoRA / IA3)")
+    return p
+
+
+def method_list(text: str) -> list[str]:
+    """The lab's `--methods`, each checked."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise UsageError("--methods names no method")
+    for m in methods:
+        check_method(m)
+    if len(set(methods)) < len(methods):
+        raise UsageError(f"--methods {text!r} names a method twice")
+    return methods
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:  # `not >=` also catches NaN
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value}")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every mistake visible in the options alone: budgets, ranges, the prompt template and the mesh."""
+    check_method(args.method)
+    _at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
+              "num_virtual_tokens", "adapter_reduction", "select_last_blocks", "log_every", "keep_checkpoints")
+    _at_least(args, 0, "eval_samples", "warmup_steps", "save_every", "weight_decay", "clip_norm")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise UsageError(f"--epochs must be a positive number, got {args.epochs}")
+    if not args.lora_alpha > 0:
+        raise UsageError(f"--lora-alpha must be positive, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.steps is not None and args.warmup_steps >= args.steps:
+        raise UsageError(f"--warmup-steps {args.warmup_steps} leaves no training after warmup in --steps {args.steps}")
+    tasks.check_prompt(args.prompt)
+    if args.mesh:
+        check_mesh(args.mesh)
+
+
+def check_mesh(spec: str) -> None:
+    """The mesh parses and fits the devices JAX sees (building a mesh loads no model)."""
+    from jpeft import sharding
+
+    try:
+        sharding.mesh_from_string(spec)
+    except ValueError as e:
+        raise UsageError(f"--mesh {spec}: {e}") from None
