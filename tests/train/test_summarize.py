@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import SHARED, make_hf_t5
 from train import summarize
+from train.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not (SHARED / "tokenizers" / "t5").is_dir(), reason="needs ../shared/tokenizers/t5")
 
@@ -107,11 +108,14 @@ def test_clear_errors(model_dir, data_dir, tmp_path, capsys):
     assert "pass local files" in _error(capsys, _run(model_dir, "someone/some-dataset", tmp_path / "o7"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_dir, tmp_path, capsys):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    import optax
+
+    from train import trainer
+
+    monkeypatch.setattr(trainer, "make_optimizer", lambda cfg, steps: optax.sgd(float("nan")))  # step 1's update poisons the weights
     out = tmp_path / "nan"
-    code = _run(model_dir, data_dir, out, "--method", "lora", "--steps", "3", "--eval-samples", "0", "--save-every", "1",
-                "--lr", "nan", "--clip-norm", "0")
-    err = _error(capsys, code)
+    err = _error(capsys, _run(model_dir, data_dir, out, "--method", "lora", "--steps", "3", "--eval-samples", "0", "--save-every", "1"))
     assert "loss became nan at step 2" in err and "checkpoint" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
@@ -122,7 +126,7 @@ def test_overlong_inputs_warn_once_with_a_count(model_dir, data_dir, tmp_path, c
                            "--max-target-len", "4"])
     assert code == 0
     warning_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: truncated")]
-    assert len(warning_lines) == 2 and "12 of 12 dialogues" in warning_lines[0] and "1 of 1 dialogues" in warning_lines[1]
+    assert len(warning_lines) == 2 and "12 of 12 inputs" in warning_lines[0] and "1 of 1 inputs" in warning_lines[1]
 
 
 def test_lab_writes_table_and_chart(model_dir, data_dir, tmp_path):
@@ -155,3 +159,150 @@ def test_mesh_run_logs_the_same_losses(model_dir, data_dir, tmp_path):
     assert summarize.main([*args, "--out", str(tmp_path / "single")]) == 0
     mesh, single = losses(tmp_path / "mesh"), losses(tmp_path / "single")
     assert len(mesh) == 3 and max(abs(a - b) for a, b in zip(mesh, single)) <= 1e-4
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading weights (or evaluating) a test failure: the checks under test must come first."""
+    from train import tasks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(tasks, "load_task", refuse)
+    monkeypatch.setattr(summarize, "execute", refuse)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--mesh", "data=2,fsdp=2,model=2"], "XLA_FLAGS=--xla_force_host_platform_device_count=8"),
+    (["--mesh", "tensor=2"], "expected name=size"),
+    (["--method", "lora", "--lora-targets", "nope"], "--method lora: target_modules=['nope'] matches no module. Module names in this model"),
+    (["--method", "ia3", "--ia3-targets", "q_proj"], "matches no module"),
+    (["--method", "selective", "--select-modules", "nothing"], "selects no parameters"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1"),
+    (["--eval-samples", "-1"], "--eval-samples must be at least 0"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--warmup-steps", "5", "--steps", "5"], "leaves no training after warmup"),
+    (["--prompt", "Summarize this."], "must contain {input} exactly once"),
+    (["--input-field", "text"], "has no 'text' column (its columns: 'id', 'dialogue', 'summary', 'topic'); name the right one with --input-field"),
+], ids=["mesh-devices", "mesh-syntax", "lora-targets", "ia3-targets", "selective", "steps", "batch", "eval-samples", "lr", "dropout",
+        "warmup", "prompt", "field"])
+def test_mistakes_are_reported_before_the_model_loads(model_dir, data_dir, tmp_path, capsys, no_loading, extra, words):
+    err = _error(capsys, _run(model_dir, data_dir, tmp_path / "o", *extra))
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def _results(out):
+    return (out / "results.json").read_bytes()
+
+
+def test_run_directory_resumes_only_the_same_run(model_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    out, data_dir = tmp_path / "run", shutil.copytree(data_dir, tmp_path / "data")
+    common = ("--method", "lora", "--lora-r", "4", "--steps", "2", "--eval-samples", "1", "--eval-batch-size", "1")
+    assert _run(model_dir, data_dir, out, *common) == 0
+    first, settings = _results(out), json.loads((out / "run.json").read_text())
+    assert settings["complete"] and settings["settings"]["lora_r"] == 4 and settings["settings"]["train_examples"]["count"] == 12
+    capsys.readouterr()
+
+    # The same settings again: reported as done, nothing retrained, results.json untouched (evaluation options may differ).
+    assert _run(model_dir, data_dir, out, *common, "--eval-samples", "2") == 0
+    assert "already holds this run, complete" in capsys.readouterr().out
+    assert _results(out) == first
+
+    # Other settings: one line naming each difference and the two ways out; the run is left as it was.
+    for extra, change in ((["--lora-r", "8"], "--lora-r 4 -> 8"), (["--lr", "0.5"], "--lr 0.01 -> 0.5"),
+                          (["--steps", "3", "--schedule", "linear"], '--schedule "constant" -> "linear"; --steps 2 -> 3')):
+        err = _error(capsys, _run(model_dir, data_dir, out, *common, *extra))
+        assert change in err and "use a new --out" in err and "--overwrite" in err, err
+    edited = (data_dir / "train.jsonl").read_text().replace("seven", "eight")  # same file, other examples
+    (data_dir / "train.jsonl").write_text(edited)
+    assert "training data (12 examples, sha256" in _error(capsys, _run(model_dir, data_dir, out, *common))
+    assert _results(out) == first
+
+    # --overwrite trains the new settings from scratch.
+    assert _run(model_dir, data_dir, out, *common, "--lora-r", "8", "--overwrite") == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["lora_r"] == 8
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_run_directory_without_its_settings_is_not_resumed(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "old"
+    (out / "checkpoints" / "3").mkdir(parents=True)
+    err = _error(capsys, _run(model_dir, data_dir, out, "--steps", "1"))
+    assert "holds an earlier run (checkpoints) without its run.json" in err
+
+
+def test_help_shows_defaults_and_the_run_shows_its_plan_and_outputs(model_dir, data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        summarize.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("usage: jpeft-summarize", "--lr LR peak learning rate (default: 0.0002)", "(default: 8)", "(default: runs/summarize)",
+                  "(default: 'Summarize the following conversation.\\n\\n{input}\\n\\nSummary: ')"):
+        assert words in text, words
+    assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--steps", "2", "--eval-samples", "0") == 0
+    out = capsys.readouterr().out
+    assert "plan: lora on" in out and "2 optimizer steps x 2 examples" in out and "trainable parameters:" in out
+    assert f"wrote {tmp_path / 'p'}/: results.json" in out
+
+
+def test_lab_has_its_own_help_and_checks_every_run_first(model_dir, data_dir, tmp_path, capsys, no_loading):
+    from train import lab
+
+    with pytest.raises(SystemExit):
+        lab.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "usage: jpeft-lab" in text and "--methods METHODS" in text and "(default: none,full,lora,prompt,ia3)" in text
+    assert "(default: runs/lab)" in text and "[--method METHOD]" not in text
+    common = ["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--out", str(tmp_path / "lab")]
+    assert "unknown method 'lorra'" in _error(capsys, lab.main([*common, "--methods", "none,lorra"]))
+    assert "matches no module" in _error(capsys, lab.main([*common, "--methods", "none,lora", "--lora-targets", "nope"]))
+    assert "--steps must be at least 1" in _error(capsys, lab.main([*common, "--steps", "0"]))
+
+
+def test_parquet_with_other_columns_and_a_prompt_template(model_dir, tmp_path):
+    import datasets
+
+    rows = [{"document": d, "summary": s, "id": f"x{i}"} for i, (d, s) in enumerate(DIALOGUES * 3)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "xsum_like.parquet"))
+    out = tmp_path / "pq"
+    code = summarize.main(["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(tmp_path / "xsum_like.parquet"),
+                           "--input-field", "document", "--target-field", "summary", "--prompt", "Summarize: {input}",
+                           "--out", str(out), "--batch-size", "2", "--steps", "1", "--eval-samples", "1", "--eval-batch-size", "1",
+                           "--max-source-len", "48", "--max-target-len", "8"])
+    assert code == 0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in predictions] == ["x0"] and predictions[0]["reference"] == DIALOGUES[0][1]  # the held-out first 10%
+
+
+def test_a_prompt_template_reaches_the_tokens(model_dir):
+    from train import data, tasks
+
+    task, _ = tasks.load_task(str(model_dir), TOKENIZER, None)
+    rows = data.normalize([{"text": "hello there", "gist": "hi"}], "rows", "text", "gist")
+    # Other braces are literal text, not format fields (T5's vocabulary has no "{": it decodes without them).
+    (plain,), (custom,) = (tasks.encode(task, rows, 48, 8, p) for p in ("{input}", "Summarize: {input} {x} (done)"))
+    words = lambda ids: task.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    assert words(plain["source"]) == "hello there" and words(custom["source"]) == "Summarize: hello there x (done)"
+
+
+@pytest.mark.parametrize("as_dataset", [True, False], ids=["datasets.Dataset", "list-of-dicts"])
+def test_python_api_takes_rows_in_memory(model_dir, tmp_path, as_dataset):
+    import datasets
+
+    rows = [{"text": d, "gist": s} for d, s in DIALOGUES * 3]
+    train = datasets.Dataset.from_list(rows) if as_dataset else rows
+    results = summarize.finetune(train, rows[:2], model=str(model_dir), tokenizer=TOKENIZER, input_field="text", target_field="gist",
+                                 method="lora", lora_r=2, steps=2, batch_size=2, eval_samples=2, eval_batch_size=2,
+                                 max_source_len=48, max_target_len=8, out=str(tmp_path / "api"))
+    assert results["eval_examples"] == 2 and set(results["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    recorded = json.loads((tmp_path / "api" / "run.json").read_text())["settings"]
+    assert recorded["data"] == ("<Dataset>" if as_dataset else "<list>") and recorded["train_examples"]["count"] == 12
+    with pytest.raises(TypeError, match="unknown options \\['lora_rank'\\]"):
+        summarize.finetune(train, lora_rank=4)
+    with pytest.raises(UsageError, match="example 1 has no 'gist' text"):
+        summarize.finetune([rows[0], {"text": "x", "gist": ""}], model=str(model_dir), input_field="text", target_field="gist")
