@@ -39,7 +39,7 @@ def test_causal_lm_batch_gives_the_loss_of_each_example_alone(tiny_llama, pack):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, 64, size=n).tolist() for n in (7, 3, 12, 5)]
     targets = [rng.integers(2, 64, size=n).tolist() for n in (2, 5, 1, 3)]
-    batch = batches.causal_lm_batch(prompts, targets, pad_id=0, eos_id=1, max_target=8, pack=pack, bucket=16)
+    batch = batches.causal_lm_batch(prompts, targets, pad_id=0, eos_id=1, max_target=8, pack=pack, row_len=32 if pack else None, bucket=16)
     with_eos = [t + [1] for t in targets]
     assert batch["targets"].shape == (4, 8) and (batch["targets"] == -100).sum() == 4 * 8 - sum(map(len, with_eos))
     # target_index points at each example's first target token in the flattened batch
