@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jax
@@ -337,3 +338,11 @@ def test_save_rejects_what_peft_cannot_hold(flan, tmp_path):
 def test_load_adapter_takes_the_path_first_like_save_adapter(flan, saved):
     with pytest.raises(TypeError, match=r"load_adapter\(path, params\): the adapter directory comes first"):
         jpeft.load_adapter(flan.params, saved)
+
+
+def test_saved_files_get_the_usual_permissions(saved):
+    """Written through a private temporary directory, but readable as any file the user writes (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in saved.iterdir()} == {0o666 & ~umask}
