@@ -273,14 +273,14 @@ def _finish(results: dict, out: Path, rows: list[dict], base: list[str] | None, 
     return results
 
 
-def finetune(data: Any = None, eval_data: Any = None, **overrides: Any) -> dict:
+def finetune(data: Any = None, eval_data: Any = None, **settings: Any) -> dict:
     """The command as a function: `data` is what --data takes or a `datasets.Dataset` / list of dicts; every other
     option by its Python name (`method="lora"`, `lora_r=8`, `steps=32`, ...). Returns the results dict."""
     args = parser().parse_args([])
-    unknown = sorted(set(overrides) - set(vars(args)) - {"data", "eval_data"})
+    unknown = sorted(set(settings) - set(vars(args)))
     if unknown:
         raise TypeError(f"finetune() got unknown options {unknown}; the options are {sorted(vars(args))}")
-    vars(args).update(overrides)
+    vars(args).update(settings)
     label = lambda d: d if d is None or isinstance(d, str) else str(d) if isinstance(d, os.PathLike) else f"<{type(d).__name__}>"  # noqa: E731
     args.data, args.eval_data = label(data), label(eval_data)  # what run.json records; the rows' hash says the rest
     return run(args, data, eval_data)
