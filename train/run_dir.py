@@ -20,9 +20,10 @@ SETTINGS_FILE = "run.json"
 RESULTS_FILE = "results.json"
 # What a run writes: all that --overwrite deletes (nothing else in the directory is touched).
 ARTIFACTS = (SETTINGS_FILE, RESULTS_FILE, "metrics.jsonl", "predictions.jsonl", "loss.png", "checkpoints", "adapter", "merged", "model")
-# Options that change only what is scored, logged or kept, never the trained weights: a restart may change them.
+# Options that change only what is scored, logged or kept, or how much memory a step takes, never the trained
+# weights: a restart may change them.
 FREE = ("out", "overwrite", "eval_data", "eval_samples", "eval_batch_size", "skip_base_eval", "log_every", "save_every",
-        "keep_checkpoints", "merge")
+        "keep_checkpoints", "merge", "remat")
 BUDGET = ("steps", "epochs")
 
 
