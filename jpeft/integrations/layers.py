@@ -1,0 +1,118 @@
+"""Layer kinds of third-party Flax models, described by how their weight meets the input.
+
+A kind says which weight axes are contracted with the input (`in_axes`) and which become output
+(`out_axes`), so a LoRA pair is A (*in, r), B (r, *out) for any layout, and its update is computed by
+`nn.lora_delta` (the rule jpeft's own models use) on the input flattened to (..., in). Only the
+arrangement of axes differs between kinds; the math is the one rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import nn
+
+Leaves = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One weight a method can adapt: where it is and how its axes meet the input (per call, without scan axes)."""
+
+    path: tuple[str, ...]  # module path in the params tree
+    kind: str
+    weight: str  # the weight's leaf name ("kernel", "embedding", "w", ...)
+    shape: tuple[int, ...]  # the weight as the layer sees it in one call
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.in_axes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.out_axes)
+
+    def as_matrix(self, w: jax.Array) -> jax.Array:
+        """The weight (*lead, *shape) as (*lead, in, out)."""
+        lead = w.ndim - len(self.shape)
+        perm = tuple(range(lead)) + tuple(lead + a for a in self.in_axes + self.out_axes)
+        return w.transpose(perm).reshape(*w.shape[:lead], math.prod(self.in_shape), math.prod(self.out_shape))
+
+    def from_matrix(self, m: jax.Array) -> jax.Array:
+        """The inverse of `as_matrix`: (*lead, in, out) back to the weight's own layout."""
+        lead = m.shape[:-2]
+        m = m.reshape(*lead, *self.in_shape, *self.out_shape)
+        order = self.in_axes + self.out_axes
+        inverse = tuple(order.index(a) for a in range(len(order)))
+        return m.transpose(tuple(range(len(lead))) + tuple(len(lead) + i for i in inverse))
+
+
+def _flat(leaves: Leaves, site: Site) -> Leaves:
+    """A, B as the (in, r), (r, out) matrices `nn.lora_delta` reads."""
+    r = leaves["lora_b"].shape[0]
+    return {**leaves, "lora_a": leaves["lora_a"].reshape(-1, r), "lora_b": leaves["lora_b"].reshape(r, -1)}
+
+
+def contract_delta(site: Site, leaves: Leaves, x: jax.Array, x_axes: tuple[int, ...], ctx: nn.Ctx) -> jax.Array:
+    """LoRA's update for an input whose `x_axes` (in order) meet the weight's `in_axes`: (..., *out), the
+    input's other axes first, in order."""
+    x_axes = tuple(a % x.ndim for a in x_axes)
+    xt = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - len(x_axes), x.ndim)))
+    xt = xt.reshape(*xt.shape[: x.ndim - len(x_axes)], -1)
+    y = nn.lora_delta(_flat(leaves, site), xt, ctx)
+    return y.reshape(*y.shape[:-1], *site.out_shape)
+
+
+def parse_einsum(equation: str, kernel_ndim: int) -> tuple[str, str, str]:
+    """(input, weight, output) subscripts of a two-operand einsum whose second operand is the weight."""
+    lhs, _, out = equation.replace(" ", "").partition("->")
+    operands = lhs.split(",")
+    if len(operands) != 2 or not out or "." in equation or len(operands[1]) != kernel_ndim:
+        raise ValueError(f"einsum {equation!r}: jpeft adapts 'input,weight->output' equations with explicit output and no ellipsis")
+    return operands[0], operands[1], out
+
+
+def einsum_axes(equation: str, kernel_ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in_axes, out_axes) of the weight in an einsum; an axis shared by input, weight and output is refused."""
+    x, w, out = parse_einsum(equation, kernel_ndim)
+    shared = [c for c in w if c in x and c in out]
+    stray = [c for c in w if c not in x and c not in out]
+    if shared or stray:
+        raise ValueError(f"einsum {equation!r}: weight axes {shared + stray} are neither only contracted nor only output; "
+                         "LoRA needs weight axes that are one or the other")
+    return tuple(i for i, c in enumerate(w) if c in x), tuple(i for i, c in enumerate(w) if c not in x)
+
+
+def einsum_delta(site: Site, equation: str, leaves: Leaves, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
+    """LoRA's update laid out as the einsum's output."""
+    xs, w, out = parse_einsum(equation, len(site.shape))
+    contracted = [w[a] for a in site.in_axes]
+    kept = [c for c in xs if c not in contracted]
+    y = contract_delta(site, leaves, x, tuple(xs.index(c) for c in contracted), ctx)  # (*kept, *weight out axes)
+    return jnp.einsum(f"{''.join(kept)}{''.join(w[a] for a in site.out_axes)}->{out}", y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How one layer class meets its weight: its axes for a call, and LoRA's update for that call."""
+
+    weight: str
+    axes: Callable[[Any, tuple[int, ...], tuple, dict], tuple[tuple[int, ...], tuple[int, ...]]]  # (module, shape, args, kwargs)
+    delta: Callable[[Site, Any, Leaves, tuple, dict, nn.Ctx], jax.Array]  # (site, module, leaves, args, kwargs, ctx)
+    methods: tuple[str, ...] = ("__call__",)
+
+
+def first_input(args: tuple, kwargs: dict) -> jax.Array:
+    """A layer call's input: its first argument, positional or by keyword."""
+    return args[0] if args else next(iter(kwargs.values()))

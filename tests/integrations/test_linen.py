@@ -1,0 +1,185 @@
+"""LoRA on an unmodified Flax Linen transformer: DenseGeneral heads, Einsum projections, Conv, Embed, layers under
+nn.scan + nn.remat. References: the base model itself, and the base model run on weights merged by hand here."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft import linen
+
+D, HEADS, HEAD_DIM, VOCAB, LAYERS = 16, 2, 8, 40, 3
+
+
+class Block(fnn.Module):
+    @fnn.compact
+    def __call__(self, x, _):
+        q = fnn.DenseGeneral((HEADS, HEAD_DIM), name="query")(x)                          # (b, s, h, k)
+        k = fnn.DenseGeneral((HEADS, HEAD_DIM), name="key")(x)
+        v = fnn.Einsum((HEADS, D, HEAD_DIM), "bsd,hdk->bshk", name="value")(x)          # contracted axis in the middle
+        w = jax.nn.softmax(jnp.einsum("bshk,bthk->bhst", q, k) / np.sqrt(HEAD_DIM), axis=-1)
+        o = fnn.DenseGeneral(D, axis=(-2, -1), name="out")(jnp.einsum("bhst,bthk->bshk", w, v))
+        x = x + o
+        h = jax.nn.gelu(fnn.Dense(2 * D, name="up")(x))
+        return x + fnn.Einsum((2 * D, D), "bsf,fd->bsd", name="down")(h), None
+
+
+class Tiny(fnn.Module):
+    @fnn.compact
+    def __call__(self, ids):
+        x = fnn.Embed(VOCAB, D, name="embed")(ids)
+        x = fnn.Conv(D, (3,), name="conv")(x)
+        stack = fnn.scan(fnn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS)
+        x, _ = stack(name="layers")(x, None)
+        return fnn.Dense(VOCAB, name="head")(x)
+
+
+TARGETS = ["query", "value", "out", "up", "down", "conv", "embed"]
+# How each target's weight meets LoRA's A (*in, r) and B (r, *out): the merged weight written out by hand.
+MERGE = {"query": "dr,rhk->dhk", "value": "dr,rhk->hdk", "out": "hkr,rd->hkd", "up": "dr,rf->df", "down": "fr,rd->fd",
+         "conv": "cir,ro->cio", "embed": "vr,rd->vd"}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, ids = Tiny(), jax.random.randint(jax.random.key(1), (2, 7), 0, VOCAB)
+    params = model.init(jax.random.key(0), ids)["params"]
+    return model, params, ids
+
+
+def _random_lora(params, key):
+    """Random A and B everywhere (B is zero after inject), so the update is not trivially zero."""
+    flat = jpeft.tree.flatten(params)
+    for i, path in enumerate(sorted(p for p in flat if p.endswith(("/lora_a", "/lora_b")))):
+        flat[path] = 0.1 * jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
+    return jpeft.tree.unflatten(flat)
+
+
+def _merged_by_hand(params):
+    flat = jpeft.tree.flatten(params)
+    out = {p: v for p, v in flat.items() if not p.rsplit("/", 1)[-1].startswith("lora_")}
+    for name, spec in MERGE.items():
+        prefix = f"layers/{name}" if name not in ("conv", "embed") else name
+        weight = f"{prefix}/{'embedding' if name == 'embed' else 'kernel'}"
+        a, b, s = flat[f"{prefix}/lora_a"], flat[f"{prefix}/lora_b"], flat[f"{prefix}/lora_scale"]
+        if prefix.startswith("layers/"):  # stacked by nn.scan: one adapter a layer
+            delta = jax.vmap(lambda a, b, s: s * jnp.einsum(spec, a, b))(a, b, s)
+        else:
+            delta = s * jnp.einsum(spec, a, b)
+        out[weight] = flat[weight] + delta
+    return jpeft.tree.unflatten(out)
+
+
+def _inject(setup, **cfg):
+    model, params, ids = setup
+    config = jpeft.LoraConfig(r=4, alpha=8, target_modules=TARGETS, **cfg)
+    return linen.inject(model, params, config, jax.random.key(2), ids)
+
+
+def test_sites_find_every_layer_kind_with_its_axes(setup):
+    model, params, ids = setup
+    found = {s.name: s for s in linen.sites(model, params, ids)}
+    assert sorted(found) == sorted(["embed", "conv", "head", *(f"layers.{n}" for n in ("query", "key", "value", "out", "up", "down"))])
+    assert found["layers.value"].in_axes == (1,) and found["layers.value"].out_axes == (0, 2)
+    assert found["layers.out"].in_axes == (0, 1) and found["conv"].in_axes == (0, 1) and found["embed"].kind == "Embed"
+
+
+def test_leaves_have_the_weight_layout_and_the_scan_axis(setup):
+    p = _inject(setup)
+    assert p["layers"]["query"]["lora_a"].shape == (LAYERS, D, 4) and p["layers"]["query"]["lora_b"].shape == (LAYERS, 4, HEADS, HEAD_DIM)
+    assert p["layers"]["value"]["lora_a"].shape == (LAYERS, D, 4) and p["layers"]["value"]["lora_b"].shape == (LAYERS, 4, HEADS, HEAD_DIM)
+    assert p["layers"]["out"]["lora_a"].shape == (LAYERS, HEADS, HEAD_DIM, 4) and p["layers"]["query"]["lora_scale"].shape == (LAYERS,)
+    assert p["conv"]["lora_a"].shape == (3, D, 4) and p["embed"]["lora_a"].shape == (VOCAB, 4) and p["embed"]["lora_scale"].shape == ()
+    assert "lora_a" not in p["layers"]["key"] and "lora_a" not in p["head"]
+    assert float(p["layers"]["up"]["lora_scale"][0]) == 2.0 and not np.any(p["layers"]["up"]["lora_b"])
+
+
+def test_zero_b_gives_the_base_output_exactly(setup):
+    model, params, ids = setup
+    np.testing.assert_array_equal(linen.apply(model, {"params": _inject(setup)}, ids), model.apply({"params": params}, ids))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_random_lora_equals_the_base_model_on_weights_merged_by_hand(setup, rslora):
+    model, params, ids = setup
+    p = _random_lora(_inject(setup, use_rslora=rslora), jax.random.key(3))
+    got = jax.jit(lambda p: linen.apply(model, {"params": p}, ids))(p)
+    want = model.apply({"params": _merged_by_hand(p)}, ids)
+    assert float(jnp.abs(got - want).max()) <= 1e-5 * max(1.0, float(jnp.abs(want).max()))
+    assert float(jnp.abs(got - model.apply({"params": params}, ids)).max()) > 1e-2  # the adapter does change the output
+
+
+def test_merge_runs_in_the_unmodified_model_and_unmerge_restores(setup):
+    model, params, ids = setup
+    p = _random_lora(_inject(setup), jax.random.key(4))
+    merged = linen.merge(model, p, ids)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    np.testing.assert_allclose(model.apply({"params": merged}, ids), linen.apply(model, {"params": p}, ids), atol=1e-5)
+    back = linen.unmerge(model, merged, p, ids)
+    for path, value in jpeft.tree.flatten(p).items():
+        np.testing.assert_allclose(jpeft.tree.flatten(back)[path], value, atol=1e-5, err_msg=path)
+
+
+def test_gradients_only_for_lora_leaves_and_none_formed_for_frozen_weights(setup):
+    model, params, ids = setup
+    p = _random_lora(_inject(setup), jax.random.key(5))
+    trainable, frozen = jpeft.partition(p, jpeft.trainable_mask(p))
+    assert all(path.rsplit("/", 1)[-1].startswith("lora_") for path in jpeft.tree.flatten(trainable) if jpeft.tree.flatten(trainable)[path] is not None)
+
+    def loss(t):
+        return jnp.mean(linen.apply(model, {"params": jpeft.combine(t, frozen)}, ids) ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    # A weight's gradient may come out of XLA whole, as its (in, out) matrix, or transposed (per layer inside the scan).
+    forms = {site.name: {site.shape, site.shape[::-1], (math.prod(site.in_shape), math.prod(site.out_shape)),
+                         (math.prod(site.out_shape), math.prod(site.in_shape))} for site in linen.sites(model, params, ids)}
+    formed = lambda fn, arg: sorted(n for n, f in forms.items() if f & _product_shapes(fn, arg))  # noqa: E731
+    assert formed(jax.grad(loss), trainable) == [], "the compiled gradient forms a frozen weight's gradient"
+    full = lambda q: jnp.mean(linen.apply(model, {"params": q}, ids) ** 2)  # noqa: E731
+    assert len(formed(jax.grad(full), p)) >= 7  # control: full fine-tuning does form them
+
+
+def _product_shapes(fn, arg) -> set[tuple[int, ...]]:
+    """Output shapes of every dot and convolution in the optimised HLO of jit(fn)(arg)."""
+    hlo = jax.jit(fn).lower(arg).compile().as_text()
+    return {tuple(int(d) for d in m.split(",") if d) for m in re.findall(r"= f32\[([\d,]*)\]\{[^}]*\} (?:dot|convolution)\(", hlo)}
+
+
+def test_unread_leaves_and_unmatched_targets_are_errors(setup):
+    model, params, ids = setup
+    p = _inject(setup)
+    with pytest.raises(ValueError, match=r"LoRA leaves that no layer read: \['unused'\]"):
+        linen.apply(model, {"params": {**p, "unused": {"lora_a": jnp.ones((2, 2))}}}, ids)
+    with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module. Module names in this model: .*'query'"):
+        linen.inject(model, params, jpeft.LoraConfig(target_modules=["nope"]), jax.random.key(0), ids)
+
+
+def test_registered_third_party_layer(setup):
+    class MyProj(fnn.Module):  # a library's own layer: weight `w`, used through jnp.einsum
+        @fnn.compact
+        def __call__(self, x):
+            w = self.param("w", fnn.initializers.normal(0.2), (HEADS, x.shape[-1], HEAD_DIM))
+            return jnp.einsum("bsd,hdk->bshk", x, w)
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return MyProj(name="proj")(x)
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, D))
+    params = Net().init(jax.random.key(1), x)["params"]
+    config = jpeft.LoraConfig(r=2, alpha=2, target_modules=["proj"])
+    with pytest.raises(ValueError, match="matches no module"):  # not Flax's own: unknown until registered
+        linen.inject(Net(), params, config, jax.random.key(2), x)
+    linen.register(MyProj, "w", "bsd,hdk->bshk")
+    p = _random_lora(linen.inject(Net(), params, config, jax.random.key(2), x), jax.random.key(3))
+    want = jnp.einsum("bsd,hdk->bshk", x, params["proj"]["w"] + jnp.einsum("dr,rhk->hdk", p["proj"]["lora_a"], p["proj"]["lora_b"]))
+    np.testing.assert_allclose(linen.apply(Net(), {"params": p}, x), want, atol=1e-5)
