@@ -103,6 +103,24 @@ def einsum_delta(site: Site, equation: str, leaves: Leaves, x: jax.Array, ctx: n
     return jnp.einsum(f"{''.join(kept)}{''.join(w[a] for a in site.out_axes)}->{out}", y)
 
 
+def conv_delta(leaves: Leaves, x: jax.Array, geometry: dict[str, Any], ctx: nn.Ctx) -> jax.Array:
+    """conv(x, A) B s: A a convolution of the layer's own geometry into r channels, B a 1x1 projection (as HF PEFT)."""
+    import flax.linen as fnn
+
+    r = leaves["lora_b"].shape[0]
+    x = nn.dropout(ctx, x, ctx.lora_dropout)
+    h = fnn.Conv(r, use_bias=False, **geometry).apply({"params": {"kernel": leaves["lora_a"].astype(x.dtype)}}, x)
+    return nn.matmul(h, leaves["lora_b"].astype(h.dtype)) * leaves["lora_scale"].astype(h.dtype)
+
+
+CONV_GEOMETRY = ("kernel_size", "strides", "padding", "input_dilation", "kernel_dilation")
+
+
+def embed_delta(leaves: Leaves, ids: jax.Array) -> jax.Array:
+    """A[ids] B s: HF PEFT's LoRA on an embedding (no dropout on ids)."""
+    return nn.matmul(leaves["lora_a"][ids], leaves["lora_b"]) * leaves["lora_scale"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """How one layer class meets its weight: its axes for a call, and LoRA's update for that call."""
@@ -111,8 +129,34 @@ class Kind:
     axes: Callable[[Any, tuple[int, ...], tuple, dict], tuple[tuple[int, ...], tuple[int, ...]]]  # (module, shape, args, kwargs)
     delta: Callable[[Site, Any, Leaves, tuple, dict, nn.Ctx], jax.Array]  # (site, module, leaves, args, kwargs, ctx)
     methods: tuple[str, ...] = ("__call__",)
+    # The weight's rank in one call, from the module and the stored rank: what is left over are stacked layer
+    # axes (NNX layers built by nnx.vmap, whose stored weight is all Flax NNX shows before a call).
+    call_ndim: Callable[[Any, int], int] = lambda module, stored: stored
 
 
 def first_input(args: tuple, kwargs: dict) -> jax.Array:
     """A layer call's input: its first argument, positional or by keyword."""
     return args[0] if args else next(iter(kwargs.values()))
+
+
+def registered(weight: str, equation_or_axes: str | tuple[int, ...]) -> Kind:
+    """The kind of a user-registered layer: its weight meets the input as in an einsum equation
+    ("input,weight->output"), or contracts the given weight axes with the input's last axes, in order."""
+    if isinstance(equation_or_axes, str):
+        eq = equation_or_axes
+        return Kind(weight, lambda m, shape, a, k: einsum_axes(eq, len(shape)),
+                    lambda site, m, leaves, a, k, ctx: einsum_delta(site, eq, leaves, first_input(a, k), ctx),
+                    call_ndim=lambda m, stored: len(eq.replace(" ", "").split("->")[0].split(",")[1]))
+    given = tuple(equation_or_axes)
+
+    def axes(m, shape, a, k):
+        contracted = tuple(i % len(shape) for i in given)
+        return contracted, tuple(i for i in range(len(shape)) if i not in contracted)
+
+    return Kind(weight, axes, lambda site, m, leaves, a, k, ctx: contract_delta(
+        site, leaves, first_input(a, k), tuple(range(-len(given), 0)), ctx))
+
+
+def kind_of(kinds: dict[type, Kind], module: Any) -> Kind | None:
+    """The kind registered for the module's class or its nearest base class."""
+    return next((kinds[c] for c in type(module).__mro__ if c in kinds), None)

@@ -48,53 +48,27 @@ def _conv_axes(m, shape, args, kwargs):
     return tuple(range(len(shape) - 1)), (len(shape) - 1,)
 
 
-def _conv_delta(site, m, leaves, args, kwargs, ctx):
-    """conv(x, A) B s: A a convolution of the layer's own geometry into r channels, B a 1x1 projection (as HF PEFT)."""
-    r = leaves["lora_b"].shape[0]
-    down = m.clone(parent=None, features=r, use_bias=False, name=None)
-    x = nn.dropout(ctx, layers.first_input(args, kwargs), ctx.lora_dropout)
-    h = down.apply({"params": {"kernel": leaves["lora_a"].astype(x.dtype)}}, x)
-    return nn.matmul(h, leaves["lora_b"].astype(h.dtype)) * leaves["lora_scale"].astype(h.dtype)
-
-
-def _embed_delta(site, m, leaves, args, kwargs, ctx):
-    ids = layers.first_input(args, kwargs)
-    return nn.matmul(leaves["lora_a"][ids], leaves["lora_b"]) * leaves["lora_scale"]
-
-
 KINDS: dict[type, Kind] = {
     fnn.Dense: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx)),
     fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta),
     fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(_einsum_equation(m, k), len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx)),
-    fnn.Conv: Kind("kernel", _conv_axes, _conv_delta),
-    fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)), _embed_delta),
+    fnn.Conv: Kind("kernel", _conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
+        leaves, layers.first_input(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx)),
+    fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
+                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, layers.first_input(a, k))),
 }
 
 
 def register(cls: type, weight_name: str, equation_or_axes: str | tuple[int, ...]) -> None:
     """Cover a layer class that is not Flax's own: its `weight_name` param meets the input as in the einsum
     `equation_or_axes` ("input,weight->output"), or, given weight axes, contracts them with the input's last axes."""
-    if isinstance(equation_or_axes, str):
-        eq = equation_or_axes
-        KINDS[cls] = Kind(weight_name, lambda m, s, a, k: layers.einsum_axes(eq, len(s)),
-                          lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, eq, leaves, layers.first_input(a, k), ctx))
-        return
-    in_axes = tuple(equation_or_axes)
-
-    def axes(m, shape, a, k):
-        return tuple(i % len(shape) for i in in_axes), tuple(i for i in range(len(shape)) if i not in {j % len(shape) for j in in_axes})
-
-    KINDS[cls] = Kind(weight_name, axes, lambda site, m, leaves, a, k, ctx: layers.contract_delta(
-        site, leaves, layers.first_input(a, k), tuple(range(-len(in_axes), 0)), ctx))
+    KINDS[cls] = layers.registered(weight_name, equation_or_axes)
 
 
 def _kind(module: Any) -> Kind | None:
-    for cls in type(module).__mro__:
-        if cls in KINDS:
-            return KINDS[cls]
-    return None
+    return layers.kind_of(KINDS, module)
 
 
 def _split(variables: Mapping[str, Any]) -> tuple[dict, bool]:

@@ -1,0 +1,180 @@
+"""PEFT on an unmodified Flax NNX model, in place: LoRA leaves become `nnx.LoRAParam` attributes of the layers they adapt.
+
+`inject` gives each targeted layer `lora_a` / `lora_b` (`nnx.LoRAParam`, so `nnx.Optimizer(model, tx,
+wrt=nnx.LoRAParam)` and `nnx.DiffState(0, nnx.LoRAParam)` train exactly them) and `lora_scale` (a `LoRAScale`
+variable, never trained), and switches the layer to a subclass whose call adds LoRA's update to its own
+output, computed by the rule every jpeft model uses. Everything else stays `nnx.Param`; layers built by
+`nnx.vmap` carry leaves with the same leading axes, so `nnx.scan` / `nnx.remat` slice them with the weight.
+`nnx.to_pure_dict(nnx.state(model))` is then a plain jpeft tree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jpeft import lora, nn
+from jpeft import targets as tg
+from jpeft.integrations import layers
+from jpeft.integrations.layers import Kind, Site
+
+LORA_LEAVES = ("lora_a", "lora_b", "lora_scale")
+
+
+class LoRAScale(nnx.Variable):
+    """LoRA's fixed alpha / r (or alpha / sqrt(r)): a variable beside A and B that no optimizer updates."""
+
+
+def _linear_general_axes(m, shape, a, k):
+    if m.batch_axis:
+        raise ValueError(f"LinearGeneral with batch_axis={dict(m.batch_axis)} shares weight axes with the input; not adaptable by LoRA")
+    n_in = len(m.in_features)
+    return tuple(range(n_in)), tuple(range(n_in, len(shape)))
+
+
+def _conv_axes(m, shape, a, k):
+    if m.feature_group_count != 1:
+        raise ValueError(f"a grouped Conv (feature_group_count={m.feature_group_count}) is not adaptable by LoRA")
+    return tuple(range(len(shape) - 1)), (len(shape) - 1,)
+
+
+def _x(a, k):
+    return layers.first_input(a, k)
+
+
+KINDS: dict[type, Kind] = {
+    nnx.Linear: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
+                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), (-1,), ctx),
+                     call_ndim=lambda m, n: 2),
+    nnx.LinearGeneral: Kind("kernel", _linear_general_axes,
+                            lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), m.axis, ctx),
+                            call_ndim=lambda m, n: len(m.batch_axis) + len(m.in_features) + len(m.out_features)),
+    nnx.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(m.einsum_str, len(s)),
+                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, k.get("einsum_str") or m.einsum_str, leaves, _x(a, k), ctx),
+                     call_ndim=lambda m, n: len(m.kernel_shape)),
+    nnx.Conv: Kind("kernel", _conv_axes,
+                   lambda site, m, leaves, a, k, ctx: layers.conv_delta(leaves, _x(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx),
+                   call_ndim=lambda m, n: len(m.kernel_size) + 2),
+    nnx.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
+                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, _x(a, k)), call_ndim=lambda m, n: 2),
+}
+
+
+def register(cls: type, weight_name: str, equation_or_axes: str | tuple[int, ...]) -> None:
+    """Cover an NNX layer class that is not Flax's own (see `jpeft.linen.register`)."""
+    KINDS[cls] = layers.registered(weight_name, equation_or_axes)
+
+
+_ADAPTED: dict[type, type] = {}
+
+
+def _adapted(cls: type) -> type:
+    """`cls` with LoRA's update added to the output of its call (one subclass per class, made once)."""
+    if cls not in _ADAPTED:
+        def __call__(self, *args, **kwargs):
+            y = cls.__call__(self, *args, **kwargs)
+            site = _site(self, ())
+            leaves = {n: getattr(self, n)[...] for n in LORA_LEAVES}
+            return y + layers.kind_of(KINDS, self).delta(site, self, leaves, args, kwargs, nn.Ctx()).astype(y.dtype)
+
+        _ADAPTED[cls] = type(f"LoRA{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
+    return _ADAPTED[cls]
+
+
+def _site(module: Any, path: tuple) -> Site:
+    """The weight of `module` as one call sees it (stacked leading axes dropped)."""
+    kind = layers.kind_of(KINDS, module)
+    stored = getattr(module, kind.weight)[...].shape
+    shape = tuple(stored[len(stored) - kind.call_ndim(module, len(stored)):])
+    in_axes, out_axes = kind.axes(module, shape, (), {})
+    return Site(tuple(map(str, path)), _base_class(module).__name__, kind.weight, shape, in_axes, out_axes)
+
+
+def _base_class(module: Any) -> type:
+    cls = type(module)
+    return cls.__mro__[1] if cls in _ADAPTED.values() else cls
+
+
+def sites(model: nnx.Module) -> Iterator[tuple[Site, nnx.Module]]:
+    """(site, layer) for every adaptable layer in the model."""
+    for path, node in nnx.iter_graph(model):
+        kind = layers.kind_of(KINDS, node) if isinstance(node, nnx.Module) else None
+        if kind is not None and hasattr(node, kind.weight):
+            yield _site(node, path), node
+
+
+def inject(model: nnx.Module, config: lora.LoraConfig, key: jax.Array) -> nnx.Module:
+    """Add LoRA to the targeted layers of `model`, in place (and return it): A Kaiming-uniform, B zero, as HF PEFT."""
+    found = {site.name: (site, layer) for site, layer in sites(model)}
+    chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
+    for i, name in enumerate(chosen):
+        site, layer = found[name]
+        if hasattr(layer, "lora_a"):
+            raise ValueError(f"{name} already has LoRA weights: merge them before injecting again")
+        weight = getattr(layer, site.weight)
+        w = weight[...]
+        lead = w.shape[: w.ndim - len(site.shape)]
+        r, scale = config.rank_and_scale(name)
+        matrix = site.as_matrix(w)
+        k = jax.random.fold_in(key, i)
+        if config.init == "pissa":
+            a, b, residual = _vmap(lambda m: lora._pissa(m, r, scale), len(lead))(matrix)
+            weight[...] = site.from_matrix(residual).astype(w.dtype)
+        else:
+            keys = jax.random.split(k, math.prod(lead)).reshape(lead) if lead else k
+            a, b = _vmap(lambda kk, m: lora._init_pair(kk, m, r, config.init), len(lead))(keys, matrix)
+        layer.lora_a = nnx.LoRAParam(a.reshape(*lead, *site.in_shape, r).astype(w.dtype))
+        layer.lora_b = nnx.LoRAParam(b.reshape(*lead, r, *site.out_shape).astype(w.dtype))
+        layer.lora_scale = LoRAScale(jnp.full(lead, scale, jnp.float32))
+        layer.__class__ = _adapted(type(layer))
+    return model
+
+
+def _vmap(fn, depth: int):
+    for _ in range(depth):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _delta(site: Site, layer: nnx.Module) -> jax.Array:
+    a, b, s = (getattr(layer, n)[...] for n in LORA_LEAVES)
+    r = b.shape[s.ndim]
+    m = s[..., None, None] * (a.astype(jnp.float32).reshape(*s.shape, -1, r) @ b.astype(jnp.float32).reshape(*s.shape, r, -1))
+    return site.from_matrix(m)
+
+
+def merge(model: nnx.Module) -> dict:
+    """Fold W + s·AB into every adapted layer in place, restore its class, and return the removed adapter as a pure dict."""
+    adapter: dict = {}
+    for site, layer in list(sites(model)):
+        if not hasattr(layer, "lora_a"):
+            continue
+        weight = getattr(layer, site.weight)
+        weight[...] = (weight[...].astype(jnp.float32) + _delta(site, layer)).astype(weight[...].dtype)
+        adapter[site.name] = {n: getattr(layer, n)[...] for n in LORA_LEAVES}
+        for n in LORA_LEAVES:
+            delattr(layer, n)
+        layer.__class__ = _base_class(layer)
+    if not adapter:
+        raise ValueError("merge: this model holds no LoRA layers")
+    return adapter
+
+
+def unmerge(model: nnx.Module, adapter: dict) -> nnx.Module:
+    """The inverse of `merge`: subtract s·AB from each weight and put the adapter back (in place)."""
+    found = {site.name: (site, layer) for site, layer in sites(model)}
+    missing = sorted(set(adapter) - set(found))
+    if missing:
+        raise ValueError(f"unmerge: the adapter names layers this model does not have: {missing}")
+    for name, leaves in adapter.items():
+        site, layer = found[name]
+        layer.lora_a, layer.lora_b, layer.lora_scale = (nnx.LoRAParam(leaves["lora_a"]), nnx.LoRAParam(leaves["lora_b"]),
+                                                        LoRAScale(leaves["lora_scale"]))
+        weight = getattr(layer, site.weight)
+        weight[...] = (weight[...].astype(jnp.float32) - _delta(site, layer)).astype(weight[...].dtype)
+        layer.__class__ = _adapted(type(layer))
+    return model
