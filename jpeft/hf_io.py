@@ -177,4 +177,5 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict
     """Save numpy tensors (contiguous, PyTorch layout) to one safetensors file."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(file), metadata=metadata or {"format": "pt"})
+    # ascontiguousarray makes 0-d arrays 1-d; the reshape keeps a scalar a scalar.
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(file), metadata=metadata or {"format": "pt"})

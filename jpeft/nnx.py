@@ -1,5 +1,5 @@
-"""PEFT on unmodified Flax NNX models, in place (`jpeft.integrations.nnx`): inject, merge, unmerge, register."""
+"""PEFT on unmodified Flax NNX models, in place (`jpeft.integrations.nnx`): inject, attach, merge, unmerge, register."""
 
-from jpeft.integrations.nnx import LoRAScale, inject, merge, register, sites, unmerge
+from jpeft.integrations.nnx import LoRAScale, attach, inject, merge, register, sites, unmerge
 
-__all__ = ["LoRAScale", "inject", "merge", "register", "sites", "unmerge"]
+__all__ = ["LoRAScale", "attach", "inject", "merge", "register", "sites", "unmerge"]

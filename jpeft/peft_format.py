@@ -5,6 +5,8 @@ A directory written here loads with `peft.PeftModel.from_pretrained`, and one wr
 Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, PyTorch layout: lora_A (r, in),
 lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`), and the
 module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works.
+LoRA on layers PEFT's layout cannot hold (Flax Conv, Embed, Einsum and DenseGeneral weights, layers stacked
+by scan) is stored by tree path instead, with `"jpeft_layout": "tree"` and the module paths in the config.
 
 The safetensors metadata also records the base the adapter was trained on (its name and a
 fingerprint of its parameter names and shapes); PEFT ignores it, `load_adapter` checks it first.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +35,7 @@ PREFIX = "base_model.model."
 FINGERPRINT_KEY = "jpeft_base_fingerprint"
 BASE_NAME_KEY = "jpeft_base_model"
 PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
 _UNSUPPORTED_LORA = (
@@ -73,7 +77,9 @@ def save_adapter(
         raise ValueError("save_adapter needs the full tree (base + adapter), e.g. jpeft.attach(base, adapter), to fingerprint the base")
     method = _method(flat)
     task = task or task_type(params)
-    if method == "LORA":
+    if method == "LORA" and not _peft_layout(flat):
+        cfg_json, tensors = _tree_lora_out(flat, config)
+    elif method == "LORA":
         cfg_json, tensors = _lora_out(params, flat, config)
     elif method == "IA3":
         cfg_json, tensors = _ia3_out(params, flat, config)
@@ -146,6 +152,52 @@ def _lora_out(params, flat, config):
         bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=False,
     )
     return cfg_json, tensors
+
+
+def _peft_layout(flat: Mapping[str, Any]) -> bool:
+    """Whether every LoRA module is a Linear as PEFT stores it: a 2-D kernel, 2-D A and B, one scale."""
+    return all(np.ndim(flat.get(f"{p}/kernel")) == 2 and np.ndim(flat[f"{p}/lora_a"]) == 2 and np.ndim(flat[f"{p}/lora_scale"]) == 0
+               for p in (path[: -len("/lora_a")] for path in flat if path.endswith("/lora_a")))
+
+
+def _tree_lora_out(flat, config):
+    """Adapters PEFT's layout cannot hold (Flax layers: Conv, Embed, Einsum and DenseGeneral weights, layers stacked by
+    scan): the LoRA leaves by tree path, each module's scale included, and the module paths in the config."""
+    paths = sorted(p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a"))
+    tensors = {f"{p}/{leaf}": np.asarray(flat[f"{p}/{leaf}"]) for p in paths for leaf in lora.LEAVES}
+    ranks = {p: int(np.shape(flat[f"{p}/lora_a"])[-1]) for p in paths}
+    cfg_json = dict(jpeft_layout=TREE_LAYOUT, modules=[p.replace("/", ".") for p in paths], r=_most_common(ranks),
+                    lora_alpha=None if config is None else config.alpha, use_rslora=bool(config and config.use_rslora),
+                    target_modules=None if config is None else (config.target_modules if isinstance(config.target_modules, str)
+                                                                else list(config.target_modules)))
+    return cfg_json, tensors
+
+
+def _tree_lora_in(params, who, cfg, tensors) -> dict[str, Any]:
+    modules = cfg.get("modules")
+    if not isinstance(modules, list) or not modules:
+        raise CheckpointError(f"{who}/{CONFIG_FILE} names no modules (its jpeft_layout {TREE_LAYOUT!r} needs a 'modules' list)")
+    expected = {f"{m.replace('.', '/')}/{leaf}" for m in modules for leaf in lora.LEAVES}
+    if set(tensors) != expected:
+        raise CheckpointError(f"{who}: tensors {sorted(set(tensors) - expected)[:5]} unexpected, {sorted(expected - set(tensors))[:5]} missing")
+    flat = tree.flatten(params)
+    for m in modules:
+        prefix = m.replace(".", "/")
+        if f"{prefix}/lora_a" in flat:
+            raise CheckpointError(f"{who}: the given base already has LoRA weights at {m}; split its adapter off first")
+        weights = [v for p, v in flat.items() if p.rsplit("/", 1)[0] == prefix and np.ndim(v) >= 2 and not split.is_adapter_path(p)]
+        a, b, s = (tensors[f"{prefix}/{leaf}"] for leaf in lora.LEAVES)
+        lead = np.shape(s)
+        # A (*lead, *in, r) and B (*lead, r, *out) span the weight (*lead, *in, *out) in some order of its axes.
+        spans = lambda w: math.prod(a.shape[len(lead):-1]) * math.prod(b.shape[len(lead) + 1:]) * math.prod(lead) == np.size(w)  # noqa: E731
+        if not any(spans(w) for w in weights):
+            raise CheckpointError(f"{who} adapts {m} with A {tuple(a.shape)} and B {tuple(b.shape)}, which fit no weight of "
+                                  "that module in the given base (missing, or of another size)")
+        dtype = next(w.dtype for w in weights if spans(w))
+        for leaf, v in (("lora_a", a), ("lora_b", b)):
+            tensors[f"{prefix}/{leaf}"] = jnp.asarray(v, dtype)
+        tensors[f"{prefix}/lora_scale"] = jnp.asarray(s, jnp.float32)
+    return dict(tensors)
 
 
 def _check_lora_config(params, config, modules, ranks, scales):
@@ -246,6 +298,8 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
     _check_base(params, path, cfg, metadata)
     who = f"{path} (adapter for {_base_name(cfg, metadata)!r})"
     kind = cfg["peft_type"]
+    if kind == "LORA" and cfg.get("jpeft_layout") == TREE_LAYOUT:  # shapes checked against the weights there
+        return tree.unflatten({**tree.flatten(params), **_tree_lora_in(params, who, cfg, tensors)})
     if kind == "LORA":
         leaves = _lora_in(params, who, cfg, tensors)
     elif kind == "IA3":

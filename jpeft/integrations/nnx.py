@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpeft import lora, nn
+from jpeft import lora, nn, tree
 from jpeft import targets as tg
 from jpeft.integrations import layers
 from jpeft.integrations.layers import Kind, Site
@@ -148,33 +148,49 @@ def _delta(site: Site, layer: nnx.Module) -> jax.Array:
 
 
 def merge(model: nnx.Module) -> dict:
-    """Fold W + s·AB into every adapted layer in place, restore its class, and return the removed adapter as a pure dict."""
-    adapter: dict = {}
+    """Fold W + s·AB into every adapted layer in place and restore its class; returns the removed adapter as a tree
+    of LoRA leaves by module path (what `unmerge` and `attach` take, and `jpeft.save_adapter` can write with the base)."""
+    removed: dict = {}
     for site, layer in list(sites(model)):
         if not hasattr(layer, "lora_a"):
             continue
         weight = getattr(layer, site.weight)
         weight[...] = (weight[...].astype(jnp.float32) + _delta(site, layer)).astype(weight[...].dtype)
-        adapter[site.name] = {n: getattr(layer, n)[...] for n in LORA_LEAVES}
+        removed.update({f"{'/'.join(site.path)}/{n}": getattr(layer, n)[...] for n in LORA_LEAVES})
         for n in LORA_LEAVES:
             delattr(layer, n)
         layer.__class__ = _base_class(layer)
-    if not adapter:
+    if not removed:
         raise ValueError("merge: this model holds no LoRA layers")
-    return adapter
+    return tree.unflatten(removed)
+
+
+def attach(model: nnx.Module, adapter: dict) -> nnx.Module:
+    """Give the layers the LoRA leaves found in `adapter` (a tree by module path, e.g. from `jpeft.load_adapter` on
+    `nnx.to_pure_dict(nnx.state(model))`), in place."""
+    found = {site.path: (site, layer) for site, layer in sites(model)}
+    flat = tree.flatten(adapter)
+    paths = sorted({tuple(p.split("/")[:-1]) for p in flat if p.endswith("/lora_a")})
+    missing = [".".join(p) for p in paths if p not in found]
+    if missing:
+        raise ValueError(f"the adapter names layers this model does not have: {missing}")
+    for path in paths:
+        site, layer = found[path]
+        if hasattr(layer, "lora_a"):
+            raise ValueError(f"{site.name} already has LoRA weights: merge them first")
+        prefix = "/".join(path)
+        layer.lora_a, layer.lora_b = nnx.LoRAParam(flat[f"{prefix}/lora_a"]), nnx.LoRAParam(flat[f"{prefix}/lora_b"])
+        layer.lora_scale = LoRAScale(jnp.asarray(flat[f"{prefix}/lora_scale"], jnp.float32))
+        layer.__class__ = _adapted(type(layer))
+    return model
 
 
 def unmerge(model: nnx.Module, adapter: dict) -> nnx.Module:
-    """The inverse of `merge`: subtract s·AB from each weight and put the adapter back (in place)."""
-    found = {site.name: (site, layer) for site, layer in sites(model)}
-    missing = sorted(set(adapter) - set(found))
-    if missing:
-        raise ValueError(f"unmerge: the adapter names layers this model does not have: {missing}")
-    for name, leaves in adapter.items():
-        site, layer = found[name]
-        layer.lora_a, layer.lora_b, layer.lora_scale = (nnx.LoRAParam(leaves["lora_a"]), nnx.LoRAParam(leaves["lora_b"]),
-                                                        LoRAScale(leaves["lora_scale"]))
-        weight = getattr(layer, site.weight)
-        weight[...] = (weight[...].astype(jnp.float32) - _delta(site, layer)).astype(weight[...].dtype)
-        layer.__class__ = _adapted(type(layer))
+    """The inverse of `merge`: put the adapter back and subtract s·AB from each weight (in place)."""
+    attach(model, adapter)
+    adapted = {tuple(p.split("/")[:-1]) for p in tree.flatten(adapter) if p.endswith("/lora_a")}
+    for site, layer in sites(model):
+        if site.path in adapted:
+            weight = getattr(layer, site.weight)
+            weight[...] = (weight[...].astype(jnp.float32) - _delta(site, layer)).astype(weight[...].dtype)
     return model

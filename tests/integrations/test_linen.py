@@ -183,3 +183,21 @@ def test_registered_third_party_layer(setup):
     p = _random_lora(linen.inject(Net(), params, config, jax.random.key(2), x), jax.random.key(3))
     want = jnp.einsum("bsd,hdk->bshk", x, params["proj"]["w"] + jnp.einsum("dr,rhk->hdk", p["proj"]["lora_a"], p["proj"]["lora_b"]))
     np.testing.assert_allclose(linen.apply(Net(), {"params": p}, x), want, atol=1e-5)
+
+
+def test_adapter_files_round_trip_with_the_base_fingerprint(setup, tmp_path):
+    from jpeft.hf_io import CheckpointError
+
+    model, params, ids = setup
+    p = _random_lora(_inject(setup), jax.random.key(6))
+    jpeft.save_adapter(tmp_path / "adapter", p, base_model_name_or_path="my-linen-model")
+    config = __import__("json").loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["jpeft_layout"] == "tree" and "layers.query" in config["modules"] and config["r"] == 4
+    back = jpeft.load_adapter(tmp_path / "adapter", params)
+    for path, value in jpeft.tree.flatten(p).items():
+        np.testing.assert_array_equal(jpeft.tree.flatten(back)[path], value, err_msg=path)
+    np.testing.assert_array_equal(linen.apply(model, {"params": back}, ids), linen.apply(model, {"params": p}, ids))
+    other = Tiny().init(jax.random.key(9), jnp.zeros((1, 3), jnp.int32))["params"]
+    other["head"] = {"kernel": jnp.zeros((D, VOCAB + 1)), "bias": jnp.zeros(VOCAB + 1)}
+    with pytest.raises(CheckpointError, match="was trained on base 'my-linen-model'"):
+        jpeft.load_adapter(tmp_path / "adapter", other)

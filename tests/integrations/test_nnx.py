@@ -162,3 +162,15 @@ def test_only_lora_params_train_and_no_frozen_gradient_is_formed():
 def test_unmatched_targets_name_the_layers():
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module. Module names in this model: .*'query'"):
         jnnx.inject(Tiny(), jpeft.LoraConfig(target_modules=["nope"]), jax.random.key(0))
+
+
+def test_adapter_files_round_trip_into_a_fresh_model(tmp_path):
+    model = _lora_model()
+    jpeft.save_adapter(tmp_path / "adapter", nnx.to_pure_dict(nnx.state(model)), base_model_name_or_path="my-nnx-model")
+    fresh = Tiny()
+    loaded = jpeft.load_adapter(tmp_path / "adapter", nnx.to_pure_dict(nnx.state(fresh)))  # the base fingerprint is checked
+    jnnx.attach(fresh, loaded)
+    assert isinstance(fresh.layers.query.lora_a, nnx.LoRAParam)
+    np.testing.assert_array_equal(fresh(IDS), model(IDS))
+    with pytest.raises(ValueError, match="already has LoRA weights"):
+        jnnx.attach(fresh, loaded)
