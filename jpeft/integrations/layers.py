@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import nn
+from jpeft import targets as tg
 
 Leaves = dict[str, jax.Array]
 
@@ -160,3 +161,14 @@ def registered(weight: str, equation_or_axes: str | tuple[int, ...]) -> Kind:
 def kind_of(kinds: dict[type, Kind], module: Any) -> Kind | None:
     """The kind registered for the module's class or its nearest base class."""
     return next((kinds[c] for c in type(module).__mro__ if c in kinds), None)
+
+
+def refuse_opaque(targets: tg.Targets, opaque: dict[str, tuple[str, list[str]]], register: str) -> None:
+    """A target naming a module whose weights its own code uses (not through a layer jpeft can see) is refused by name."""
+    hits = sorted(n for n in opaque if n and tg.matches(targets, n))
+    if hits:
+        cls, params = opaque[hits[0]]
+        raise ValueError(
+            f"target_modules matches {hits[0]} ({cls}), whose params {params} are used inside its own code, where jpeft cannot "
+            f"add LoRA's update. If its call is one contraction of its input with one weight, {register}({cls}, '<param>', "
+            "'<input>,<weight>-><output>') covers it; otherwise target the Flax layers inside it, or wrap its weights in them")

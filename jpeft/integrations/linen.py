@@ -80,21 +80,30 @@ def _split(variables: Mapping[str, Any]) -> tuple[dict, bool]:
 
 def sites(model: fnn.Module, variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> list[Site]:
     """Every adaptable layer the model calls on these example inputs, found by one abstract pass."""
+    return _survey(model, variables, args, kwargs)[0]
+
+
+def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple[str, list[str]]]]:
+    """(adaptable layers, {path: (class, param names)} of the other modules that hold params of their own)."""
     found: dict[tuple[str, ...], Site] = {}
+    opaque: dict[str, tuple[str, list[str]]] = {}
 
     def record(next_fun, a, k, context):
-        kind = _kind(context.module)
-        if kind is not None and context.method_name in kind.methods and context.module.has_variable("params", kind.weight):
-            m = context.module
+        m, kind = context.module, _kind(context.module)
+        if kind is not None and context.method_name in kind.methods and m.has_variable("params", kind.weight):
             shape = tuple(m.get_variable("params", kind.weight).shape)
             in_axes, out_axes = kind.axes(m, shape, a, k)
             found.setdefault(tuple(m.scope.path), Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes))
-        return next_fun(*a, **k)
+        out = next_fun(*a, **k)
+        own = [n for n, v in (m.variables.get("params") or {}).items() if not isinstance(v, Mapping)] if m.scope else []
+        if kind is None and own:
+            opaque[".".join(m.scope.path)] = (type(m).__name__, own)
+        return out
 
     full, _ = _split(variables)
     with fnn.intercept_methods(record):
         jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), full)
-    return list(found.values())
+    return list(found.values()), opaque
 
 
 def _module(params: Mapping[str, Any], path: tuple[str, ...]) -> dict:
@@ -112,7 +121,9 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     leading axes `nn.scan` stacks layers on. `target_modules` matches dotted module paths as HF PEFT does.
     """
     variables, bare = _split(params)
-    found = {s.name: s for s in sites(model, variables, *example_args, **example_kwargs)}
+    adaptable, opaque = _survey(model, variables, example_args, example_kwargs)
+    layers.refuse_opaque(config.target_modules, opaque, "jpeft.linen.register")
+    found = {s.name: s for s in adaptable}
     chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
     out = tree.flatten(variables["params"])
     for i, name in enumerate(chosen):

@@ -109,6 +109,10 @@ def sites(model: nnx.Module) -> Iterator[tuple[Site, nnx.Module]]:
 
 def inject(model: nnx.Module, config: lora.LoraConfig, key: jax.Array) -> nnx.Module:
     """Add LoRA to the targeted layers of `model`, in place (and return it): A Kaiming-uniform, B zero, as HF PEFT."""
+    opaque = {".".join(map(str, path)): (type(node).__name__, params) for path, node in nnx.iter_graph(model)
+              if isinstance(node, nnx.Module) and layers.kind_of(KINDS, node) is None
+              and (params := [n for n, v in vars(node).items() if isinstance(v, nnx.Param)])}
+    layers.refuse_opaque(config.target_modules, opaque, "jpeft.nnx.register")
     found = {site.name: (site, layer) for site, layer in sites(model)}
     chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
     for i, name in enumerate(chosen):

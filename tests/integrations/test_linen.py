@@ -177,7 +177,7 @@ def test_registered_third_party_layer(setup):
     x = jax.random.normal(jax.random.key(0), (2, 5, D))
     params = Net().init(jax.random.key(1), x)["params"]
     config = jpeft.LoraConfig(r=2, alpha=2, target_modules=["proj"])
-    with pytest.raises(ValueError, match="matches no module"):  # not Flax's own: unknown until registered
+    with pytest.raises(ValueError, match=r"jpeft.linen.register\(MyProj"):  # not Flax's own: refused until registered
         linen.inject(Net(), params, config, jax.random.key(2), x)
     linen.register(MyProj, "w", "bsd,hdk->bshk")
     p = _random_lora(linen.inject(Net(), params, config, jax.random.key(2), x), jax.random.key(3))
@@ -201,3 +201,23 @@ def test_adapter_files_round_trip_with_the_base_fingerprint(setup, tmp_path):
     other["head"] = {"kernel": jnp.zeros((D, VOCAB + 1)), "bias": jnp.zeros(VOCAB + 1)}
     with pytest.raises(CheckpointError, match="was trained on base 'my-linen-model'"):
         jpeft.load_adapter(tmp_path / "adapter", other)
+
+
+def test_a_module_using_its_weights_in_its_own_code_is_refused_by_name():
+    class FeedForward(fnn.Module):  # like the gemma library's: two raw weights and a nonlinearity inside __call__
+        @fnn.compact
+        def __call__(self, x):
+            gate = self.param("gating_einsum", fnn.initializers.normal(), (x.shape[-1], 8))
+            down = self.param("linear", fnn.initializers.normal(), (8, x.shape[-1]))
+            return jax.nn.gelu(x @ gate) @ down
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return FeedForward(name="ffw")(x)
+
+    x = jnp.ones((2, D))
+    params = Net().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"matches ffw \(FeedForward\), whose params \['gating_einsum', 'linear'\] are used inside "
+                                         r"its own code.*jpeft.linen.register\(FeedForward"):
+        linen.inject(Net(), params, jpeft.LoraConfig(target_modules=["ffw"]), jax.random.key(1), x)

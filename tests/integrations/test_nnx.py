@@ -174,3 +174,20 @@ def test_adapter_files_round_trip_into_a_fresh_model(tmp_path):
     np.testing.assert_array_equal(fresh(IDS), model(IDS))
     with pytest.raises(ValueError, match="already has LoRA weights"):
         jnnx.attach(fresh, loaded)
+
+
+def test_a_module_using_its_weights_in_its_own_code_is_refused_by_name():
+    class FeedForward(nnx.Module):
+        def __init__(self, rngs):
+            self.gating = nnx.Param(jax.random.normal(rngs.params(), (D, 8)))
+            self.linear = nnx.Param(jax.random.normal(rngs.params(), (8, D)))
+
+        def __call__(self, x):
+            return jax.nn.gelu(x @ self.gating[...]) @ self.linear[...]
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.ffw = FeedForward(nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match=r"matches ffw \(FeedForward\), whose params \['gating', 'linear'\].*jpeft.nnx.register"):
+        jnnx.inject(Net(), jpeft.LoraConfig(target_modules=["ffw"]), jax.random.key(1))
