@@ -166,3 +166,28 @@ def test_nnx_raw_matmul_fails_in_qwix_under_jit_and_works_in_jpeft_once_register
     model.lora_b[...] = _random(model.lora_b[...].shape, 0)
     want = X @ (_RawMatmul(nnx.Rngs(0)).w[...] + model.lora_a[...] @ model.lora_b[...] * ALPHA / R)
     np.testing.assert_allclose(nnx.jit(lambda m: m(X))(model), want, atol=1e-5)
+
+
+def test_linen_embed_gets_lora_in_jpeft_and_none_in_qwix():
+    class Embedder(fnn.Module):
+        @fnn.compact
+        def __call__(self, ids):
+            return fnn.Embed(50, D, name="embed")(ids)
+
+    ids = jnp.arange(6).reshape(2, 3)
+    qparams = qwix.apply_lora_to_model(Embedder(), qwix.LoraProvider(module_path=".*", rank=R, alpha=ALPHA)).init(jax.random.key(0), ids)
+    assert sorted(qparams["params"]["embed"]) == ["embedding"]  # qwix adapts dot_general / einsum / conv, not lookups
+    params = Embedder().init(jax.random.key(0), ids)["params"]
+    ours = linen.inject(Embedder(), params, jpeft.LoraConfig(r=R, alpha=ALPHA, target_modules=["embed"]), jax.random.key(1), ids)
+    assert ours["embed"]["lora_a"].shape == (50, R) and ours["embed"]["lora_b"].shape == (R, D)
+
+
+def test_what_the_peers_do_not_have():
+    """The table's empty cells: no merge or adapter files in qwix's API; nnx.LoRA has no alpha or dropout."""
+    import inspect
+
+    assert not [n for n in dir(qwix) if not n.startswith("_") and any(w in n.lower() for w in ("merge", "save", "load", "export"))]
+    for cls in (nnx.LoRA, nnx.LoRALinear):
+        params = inspect.signature(cls).parameters
+        assert "alpha" not in params and "dropout" not in params and not hasattr(cls, "merge")
+    assert issubclass(nnx.LoRAParam, nnx.Param)  # so nnx.Optimizer(model, tx) without wrt=nnx.LoRAParam trains the base too
