@@ -70,7 +70,13 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
 
 def _check_family(config: Any, fn: str, encoder_decoder: bool) -> None:
     """A loss built for the wrong kind of model fails here by name, not later on a missing config field."""
-    if bool(getattr(config, "is_encoder_decoder", False)) != encoder_decoder:
+    from jpeft.models import llama, t5
+
+    if isinstance(config, (t5.Arch, llama.Arch)):  # jpeft's own resolved configs
+        is_encoder_decoder = isinstance(config, t5.Arch)
+    else:
+        is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if is_encoder_decoder != encoder_decoder:
         other = "causal_lm_loss" if encoder_decoder else "seq2seq_loss"
         kind = getattr(config, "model_type", type(config).__name__)
         raise TypeError(f"{fn} is for {'encoder-decoder (T5)' if encoder_decoder else 'decoder-only (Llama-family)'} models; "

@@ -79,6 +79,11 @@ def test_losses_name_the_right_loss_and_the_batch_helper(tiny_llama, flan):
         training.seq2seq_loss(config)
     with pytest.raises(TypeError, match=r"causal_lm_loss is for decoder-only .* 't5' model: use training.seq2seq_loss\(config\)"):
         training.causal_lm_loss(flan.config)
+    from jpeft.models import t5
+
+    training.seq2seq_loss(t5.arch(flan.config))  # jpeft's resolved configs are told apart too
+    with pytest.raises(TypeError, match="causal_lm_loss is for decoder-only"):
+        training.causal_lm_loss(t5.arch(flan.config))
     hf_style = {"input_ids": np.ones((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32), "labels": np.ones((1, 4), np.int32)}
     with pytest.raises(KeyError, match=r"missing \['targets', 'target_index'\].*jpeft.batches.causal_lm_batch"):
         training.causal_lm_loss(config)(params, hf_style, None)
