@@ -59,6 +59,17 @@ class Site:
         return m.transpose(tuple(range(len(lead))) + tuple(len(lead) + i for i in inverse))
 
 
+def lora_axis_names(site: Site, names: tuple | None, lead: int) -> tuple[tuple | None, tuple | None, tuple | None]:
+    """Partition names for A, B and the scale from the weight's (*lead, *shape) names: A takes the contracted
+    axes' names, B the output axes', the rank is whole (None), stacked layer axes keep theirs."""
+    if names is None:
+        return None, None, None
+    names = tuple(names)
+    stack = names[:lead]
+    return ((*stack, *(names[lead + a] for a in site.in_axes), None), (*stack, None, *(names[lead + a] for a in site.out_axes)),
+            stack)
+
+
 def _flat(leaves: Leaves, site: Site) -> Leaves:
     """A, B as the (in, r), (r, out) matrices `nn.lora_delta` reads."""
     r = leaves["lora_b"].shape[0]

@@ -91,7 +91,7 @@ def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple
     def record(next_fun, a, k, context):
         m, kind = context.module, _kind(context.module)
         if kind is not None and context.method_name in kind.methods and m.has_variable("params", kind.weight):
-            shape = tuple(m.get_variable("params", kind.weight).shape)
+            shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
             in_axes, out_axes = kind.axes(m, shape, a, k)
             found.setdefault(tuple(m.scope.path), Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes))
         out = next_fun(*a, **k)
@@ -131,22 +131,30 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
         module = _module(variables["params"], site.path)
         if "lora_a" in module:
             raise ValueError(f"{name} already has LoRA weights: merge or split them off before injecting again")
-        w = module[site.weight]
+        boxed = module[site.weight]
+        w = fnn.meta.unbox(boxed)
         lead = w.shape[: w.ndim - len(site.shape)]
         r, scale = config.rank_and_scale(name)
         matrix = site.as_matrix(w)
         keys = jax.random.split(jax.random.fold_in(key, i), math.prod(lead)).reshape(lead) if lead else jax.random.fold_in(key, i)
         if config.init == "pissa":
             a, b, residual = _vmap(lambda m: lora._pissa(m, r, scale), len(lead))(matrix)
-            out[_leaf(site, site.weight)] = site.from_matrix(residual).astype(w.dtype)
+            out[_leaf(site, site.weight)] = _rebox(boxed, site.from_matrix(residual).astype(w.dtype))
         else:
             a, b = _vmap(lambda k, m: lora._init_pair(k, m, r, config.init), len(lead))(keys, matrix)
         prefix = "/".join(site.path)
-        out[f"{prefix}/lora_a"] = a.reshape(*lead, *site.in_shape, r).astype(w.dtype)
-        out[f"{prefix}/lora_b"] = b.reshape(*lead, r, *site.out_shape).astype(w.dtype)
-        out[f"{prefix}/lora_scale"] = jnp.full(lead, scale, jnp.float32)
+        names = layers.lora_axis_names(site, boxed.names if isinstance(boxed, fnn.Partitioned) else None, len(lead))
+        values = (a.reshape(*lead, *site.in_shape, r).astype(w.dtype), b.reshape(*lead, r, *site.out_shape).astype(w.dtype),
+                  jnp.full(lead, scale, jnp.float32))
+        for leaf, value, axes in zip(LORA_LEAVES, values, names):
+            out[f"{prefix}/{leaf}"] = value if axes is None else boxed.replace(value=value, names=axes)
     new = {**variables, "params": tree.unflatten(out)}
     return new["params"] if bare else new
+
+
+def _rebox(boxed: Any, value: jax.Array) -> Any:
+    """`value` in the box (and so with the partitioning) of `boxed`, if it had one."""
+    return boxed.replace_boxed(value) if isinstance(boxed, fnn.meta.AxisMetadata) else value
 
 
 def _leaf(site: Site, leaf: str) -> str:
@@ -167,8 +175,8 @@ def _interceptor(ctx: nn.Ctx, used: set) -> Iterator[None]:
         y = next_fun(*a, **k)
         if kind is None or context.method_name not in kind.methods or not m.has_variable("params", "lora_a"):
             return y
-        leaves = {n: m.get_variable("params", n) for n in LORA_LEAVES}
-        shape = tuple(m.get_variable("params", kind.weight).shape)
+        leaves = {n: fnn.meta.unbox(m.get_variable("params", n)) for n in LORA_LEAVES}
+        shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
         in_axes, out_axes = kind.axes(m, shape, a, k)
         site = Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes)
         used.add(site.path)
@@ -210,9 +218,10 @@ def merge(model: fnn.Module, params: Mapping[str, Any], *example_args: Any, **ex
     for path in holders:
         site = found[path]
         prefix = "/".join(path)
-        a, b, s = flat[f"{prefix}/lora_a"], flat[f"{prefix}/lora_b"], flat[f"{prefix}/lora_scale"]
-        w = base[_leaf(site, site.weight)]
-        base[_leaf(site, site.weight)] = (w.astype(jnp.float32) + site.from_matrix(_delta_matrix(a, b, s, site))).astype(w.dtype)
+        a, b, s = (fnn.meta.unbox(flat[f"{prefix}/{leaf}"]) for leaf in LORA_LEAVES)
+        boxed = base[_leaf(site, site.weight)]
+        w = fnn.meta.unbox(boxed)
+        base[_leaf(site, site.weight)] = _rebox(boxed, (w.astype(jnp.float32) + site.from_matrix(_delta_matrix(a, b, s, site))).astype(w.dtype))
     new = {**variables, "params": tree.unflatten(base)}
     return new["params"] if bare else new
 
@@ -233,8 +242,9 @@ def unmerge(model: fnn.Module, merged: Mapping[str, Any], adapter: Mapping[str, 
     found = {s.path: s for s in sites(model, variables, *example_args, **example_kwargs)}
     for path in sorted({tuple(p.split("/")[:-1]) for p in leaves if p.endswith("/lora_a")}):
         site, prefix = found[path], "/".join(path)
-        w = flat[_leaf(site, site.weight)]
-        delta = site.from_matrix(_delta_matrix(leaves[f"{prefix}/lora_a"], leaves[f"{prefix}/lora_b"], leaves[f"{prefix}/lora_scale"], site))
-        flat[_leaf(site, site.weight)] = (w.astype(jnp.float32) - delta).astype(w.dtype)
+        boxed = flat[_leaf(site, site.weight)]
+        w = fnn.meta.unbox(boxed)
+        delta = site.from_matrix(_delta_matrix(*(fnn.meta.unbox(leaves[f"{prefix}/{leaf}"]) for leaf in LORA_LEAVES), site))
+        flat[_leaf(site, site.weight)] = _rebox(boxed, (w.astype(jnp.float32) - delta).astype(w.dtype))
     new = {**variables, "params": tree.unflatten({**flat, **leaves})}
     return new["params"] if bare else new

@@ -131,9 +131,14 @@ def inject(model: nnx.Module, config: lora.LoraConfig, key: jax.Array) -> nnx.Mo
         else:
             keys = jax.random.split(k, math.prod(lead)).reshape(lead) if lead else k
             a, b = _vmap(lambda kk, m: lora._init_pair(kk, m, r, config.init), len(lead))(keys, matrix)
-        layer.lora_a = nnx.LoRAParam(a.reshape(*lead, *site.in_shape, r).astype(w.dtype))
-        layer.lora_b = nnx.LoRAParam(b.reshape(*lead, r, *site.out_shape).astype(w.dtype))
-        layer.lora_scale = LoRAScale(jnp.full(lead, scale, jnp.float32))
+        values = (a.reshape(*lead, *site.in_shape, r).astype(w.dtype), b.reshape(*lead, r, *site.out_shape).astype(w.dtype),
+                  jnp.full(lead, scale, jnp.float32))
+        names = layers.lora_axis_names(site, weight.get_metadata().get("out_sharding"), len(lead))
+        for leaf, value, kind, axes in zip(LORA_LEAVES, values, (nnx.LoRAParam, nnx.LoRAParam, LoRAScale), names):
+            variable = kind(value)
+            if axes is not None:  # the weight's partitioning, for nnx.get_partition_spec
+                variable.set_metadata("out_sharding", axes)
+            setattr(layer, leaf, variable)
         layer.__class__ = _adapted(type(layer))
     return model
 
