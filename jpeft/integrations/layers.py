@@ -31,6 +31,7 @@ class Site:
     shape: tuple[int, ...]  # the weight as the layer sees it in one call
     in_axes: tuple[int, ...]
     out_axes: tuple[int, ...]
+    rule: Kind | None = dataclasses.field(default=None, compare=False, repr=False)  # the layer kind's rule
 
     @property
     def name(self) -> str:
@@ -57,17 +58,6 @@ class Site:
         order = self.in_axes + self.out_axes
         inverse = tuple(order.index(a) for a in range(len(order)))
         return m.transpose(tuple(range(len(lead))) + tuple(len(lead) + i for i in inverse))
-
-
-def lora_axis_names(site: Site, names: tuple | None, lead: int) -> tuple[tuple | None, tuple | None, tuple | None]:
-    """Partition names for A, B and the scale from the weight's (*lead, *shape) names: A takes the contracted
-    axes' names, B the output axes', the rank is whole (None), stacked layer axes keep theirs."""
-    if names is None:
-        return None, None, None
-    names = tuple(names)
-    stack = names[:lead]
-    return ((*stack, *(names[lead + a] for a in site.in_axes), None), (*stack, None, *(names[lead + a] for a in site.out_axes)),
-            stack)
 
 
 def _flat(leaves: Leaves, site: Site) -> Leaves:
@@ -144,6 +134,9 @@ class Kind:
     # The weight's rank in one call, from the module and the stored rank: what is left over are stacked layer
     # axes (NNX layers built by nnx.vmap, whose stored weight is all Flax NNX shows before a call).
     call_ndim: Callable[[Any, int], int] = lambda module, stored: stored
+    # (input axes meeting in_axes, output axes holding out_axes), in those orders, for (IA)^3's scaling vectors;
+    # None where HF PEFT has no IA3 for the layer (convolutions' spatial axes, embeddings).
+    io_axes: Callable[[Any, tuple, dict, int, int], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
 
 
 def first_input(args: tuple, kwargs: dict) -> jax.Array:
@@ -183,3 +176,94 @@ def refuse_opaque(targets: tg.Targets, opaque: dict[str, tuple[str, list[str]]],
             f"target_modules matches {hits[0]} ({cls}), whose params {params} are used inside its own code, where jpeft cannot "
             f"add LoRA's update. If its call is one contraction of its input with one weight, {register}({cls}, '<param>', "
             "'<input>,<weight>-><output>') covers it; otherwise target the Flax layers inside it, or wrap its weights in them")
+
+
+def einsum_io_axes(equation: str, weight_ndim: int, in_axes: tuple[int, ...], out_axes: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where an einsum's contracted weight axes sit in its input, and its output weight axes in its output."""
+    x, w, out = parse_einsum(equation, weight_ndim)
+    return tuple(x.index(w[a]) for a in in_axes), tuple(out.index(w[a]) for a in out_axes)
+
+
+def _along(vector: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
+    """A (*dims) vector whose dims lie along `axes` of an ndim array, shaped to broadcast against it."""
+    axes = tuple(a % ndim for a in axes)
+    order = sorted(range(len(axes)), key=lambda i: axes[i])
+    shape = [1] * ndim
+    for i in order:
+        shape[axes[i]] = vector.shape[i]
+    return vector.transpose(order).reshape(shape)
+
+
+def adapted_call(kind: Kind, site: Site, module: Any, leaves: Leaves, call: Callable, args: tuple, kwargs: dict, ctx: nn.Ctx) -> jax.Array:
+    """One call of an adapted layer: (IA)^3 scales its input or output, LoRA adds (x A) B s to its own output."""
+    x = first_input(args, kwargs)
+    if "ia3_in" in leaves:
+        x_axes, _ = kind.io_axes(module, args, kwargs, x.ndim, 0)
+        x = x * _along(leaves["ia3_in"], x_axes, x.ndim).astype(x.dtype)
+        args, kwargs = ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
+    y = call(*args, **kwargs)
+    if "lora_a" in leaves:
+        y = y + kind.delta(site, module, leaves, args, kwargs, ctx).astype(y.dtype)
+    if "ia3_out" in leaves:
+        _, y_axes = kind.io_axes(module, args, kwargs, x.ndim, y.ndim)
+        y = y * _along(leaves["ia3_out"], y_axes, y.ndim).astype(y.dtype)
+    return y
+
+
+LEAVES = ("lora_a", "lora_b", "lora_scale", "ia3_in", "ia3_out")
+
+
+def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array) -> tuple[Leaves, jax.Array | None]:
+    """A method's leaves for one weight w (*lead, *shape), stacked axes first, and PiSSA's residual weight (else None)."""
+    from jpeft import ia3, lora
+
+    lead = w.shape[: w.ndim - len(site.shape)]
+    if isinstance(config, ia3.IA3Config):
+        if site.rule is None or site.rule.io_axes is None:
+            raise ValueError(f"{name}: HF PEFT has no (IA)^3 for a {site.kind} layer; target its dense or einsum layers")
+        if tg.matches(config.feedforward_modules, name):
+            return {"ia3_in": jnp.ones((*lead, *site.in_shape), w.dtype)}, None
+        return {"ia3_out": jnp.ones((*lead, *site.out_shape), w.dtype)}, None
+    r, scale = config.rank_and_scale(name)
+    matrix = site.as_matrix(w)
+    residual = None
+    if config.init == "pissa":
+        a, b, rest = _vmap(lambda m: lora._pissa(m, r, scale), len(lead))(matrix)
+        residual = site.from_matrix(rest).astype(w.dtype)
+    else:
+        keys = jax.random.split(key, math.prod(lead)).reshape(lead) if lead else key
+        a, b = _vmap(lambda k, m: lora._init_pair(k, m, r, config.init), len(lead))(keys, matrix)
+    return {"lora_a": a.reshape(*lead, *site.in_shape, r).astype(w.dtype), "lora_b": b.reshape(*lead, r, *site.out_shape).astype(w.dtype),
+            "lora_scale": jnp.full(lead, scale, jnp.float32)}, residual
+
+
+def axis_names(site: Site, leaf: str, names: tuple | None, lead: int) -> tuple | None:
+    """A leaf's partition names from its weight's (*lead, *shape) names: A the contracted axes', B the output
+    axes', the rank whole (None), (IA)^3 vectors their axes', stacked layer axes kept."""
+    if names is None:
+        return None
+    stack, ins, outs = tuple(names[:lead]), tuple(names[lead + a] for a in site.in_axes), tuple(names[lead + a] for a in site.out_axes)
+    return {"lora_a": (*stack, *ins, None), "lora_b": (*stack, None, *outs), "lora_scale": stack, "ia3_in": (*stack, *ins),
+            "ia3_out": (*stack, *outs)}[leaf]
+
+
+def _vmap(fn: Callable, depth: int) -> Callable:
+    for _ in range(depth):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def fold(site: Site, w: jax.Array, leaves: Leaves, sign: float = 1.0) -> jax.Array:
+    """w (*lead, *shape) with the leaves folded in (sign=-1 takes LoRA's update back out; IA3 divides), float32 math."""
+    m = site.as_matrix(w.astype(jnp.float32))
+    lead = m.shape[:-2]
+    if "lora_a" in leaves:
+        r = leaves["lora_b"].shape[len(lead)]
+        a = leaves["lora_a"].astype(jnp.float32).reshape(*lead, -1, r)
+        b = leaves["lora_b"].astype(jnp.float32).reshape(*lead, r, -1)
+        m = m + sign * leaves["lora_scale"][..., None, None] * (a @ b)
+    for leaf, where in (("ia3_in", (..., slice(None), None)), ("ia3_out", (..., None, slice(None)))):
+        if leaf in leaves:
+            v = leaves[leaf].astype(jnp.float32).reshape(*lead, -1)[where]
+            m = m * v if sign > 0 else m / v
+    return site.from_matrix(m).astype(w.dtype)

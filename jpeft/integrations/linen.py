@@ -10,20 +10,16 @@ Layers stacked by `nn.scan` carry their leaves with the same leading layer axis;
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterator, Mapping
 
 import flax.linen as fnn
 import jax
-import jax.numpy as jnp
 
-from jpeft import lora, nn
+from jpeft import ia3, lora, nn
 from jpeft import targets as tg
 from jpeft import tree
 from jpeft.integrations import layers
-from jpeft.integrations.layers import Kind, Site
-
-LORA_LEAVES = ("lora_a", "lora_b", "lora_scale")
+from jpeft.integrations.layers import LEAVES, Kind, Site
 
 
 def _dense_general_axes(m, shape, args, kwargs):
@@ -34,8 +30,21 @@ def _dense_general_axes(m, shape, args, kwargs):
 
 
 def _dense_general_delta(site, m, leaves, args, kwargs, ctx):
-    axis = m.axis if isinstance(m.axis, tuple) else (m.axis,)
-    return layers.contract_delta(site, leaves, layers.first_input(args, kwargs), axis, ctx)
+    return layers.contract_delta(site, leaves, layers.first_input(args, kwargs), _axis(m), ctx)
+
+
+def _axis(m) -> tuple[int, ...]:
+    return m.axis if isinstance(m.axis, tuple) else (m.axis,)
+
+
+def _einsum_io(m, a, k, x_ndim, y_ndim):
+    eq = _einsum_equation(m, k)
+    shape = m.shape
+    return layers.einsum_io_axes(eq, len(shape), *layers.einsum_axes(eq, len(shape)))
+
+
+def _features(m) -> tuple[int, ...]:
+    return m.features if isinstance(m.features, tuple) else (m.features,)
 
 
 def _einsum_equation(m, kwargs) -> str:
@@ -50,10 +59,13 @@ def _conv_axes(m, shape, args, kwargs):
 
 KINDS: dict[type, Kind] = {
     fnn.Dense: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
-                    lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx)),
-    fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta),
+                    lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx),
+                    io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
+    fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta,
+                           io_axes=lambda m, a, k, xn, yn: (_axis(m), tuple(range(-len(_features(m)), 0)))),
     fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(_einsum_equation(m, k), len(s)),
-                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx)),
+                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx),
+                     io_axes=_einsum_io),
     fnn.Conv: Kind("kernel", _conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
         leaves, layers.first_input(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx)),
     fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
@@ -93,7 +105,7 @@ def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple
         if kind is not None and context.method_name in kind.methods and m.has_variable("params", kind.weight):
             shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
             in_axes, out_axes = kind.axes(m, shape, a, k)
-            found.setdefault(tuple(m.scope.path), Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes))
+            found.setdefault(tuple(m.scope.path), Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes, kind))
         out = next_fun(*a, **k)
         own = [n for n, v in (m.variables.get("params") or {}).items() if not isinstance(v, Mapping)] if m.scope else []
         if kind is None and own:
@@ -113,9 +125,10 @@ def _module(params: Mapping[str, Any], path: tuple[str, ...]) -> dict:
     return node
 
 
-def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig, key: jax.Array, *example_args: Any,
+def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig | ia3.IA3Config, key: jax.Array, *example_args: Any,
            **example_kwargs: Any) -> dict:
-    """A new tree with lora_a (*lead, *in, r), lora_b (*lead, r, *out), lora_scale (*lead) beside each targeted weight.
+    """A new tree with the method's leaves beside each targeted weight: LoRA's lora_a (*lead, *in, r), lora_b
+    (*lead, r, *out), lora_scale (*lead), or (IA)^3's ia3_out (*lead, *out) / ia3_in (*lead, *in) on feed-forward modules.
 
     `params` is the params collection or the whole variables dict (returned in the same form); `*lead` are the
     leading axes `nn.scan` stacks layers on. `target_modules` matches dotted module paths as HF PEFT does.
@@ -128,26 +141,18 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     out = tree.flatten(variables["params"])
     for i, name in enumerate(chosen):
         site = found[name]
-        module = _module(variables["params"], site.path)
-        if "lora_a" in module:
-            raise ValueError(f"{name} already has LoRA weights: merge or split them off before injecting again")
-        boxed = module[site.weight]
+        if any(leaf in _module(variables["params"], site.path) for leaf in LEAVES):
+            raise ValueError(f"{name} already has PEFT leaves: merge or split them off before injecting again")
+        boxed = out[_leaf(site, site.weight)]
         w = fnn.meta.unbox(boxed)
-        lead = w.shape[: w.ndim - len(site.shape)]
-        r, scale = config.rank_and_scale(name)
-        matrix = site.as_matrix(w)
-        keys = jax.random.split(jax.random.fold_in(key, i), math.prod(lead)).reshape(lead) if lead else jax.random.fold_in(key, i)
-        if config.init == "pissa":
-            a, b, residual = _vmap(lambda m: lora._pissa(m, r, scale), len(lead))(matrix)
-            out[_leaf(site, site.weight)] = _rebox(boxed, site.from_matrix(residual).astype(w.dtype))
-        else:
-            a, b = _vmap(lambda k, m: lora._init_pair(k, m, r, config.init), len(lead))(keys, matrix)
-        prefix = "/".join(site.path)
-        names = layers.lora_axis_names(site, boxed.names if isinstance(boxed, fnn.Partitioned) else None, len(lead))
-        values = (a.reshape(*lead, *site.in_shape, r).astype(w.dtype), b.reshape(*lead, r, *site.out_shape).astype(w.dtype),
-                  jnp.full(lead, scale, jnp.float32))
-        for leaf, value, axes in zip(LORA_LEAVES, values, names):
-            out[f"{prefix}/{leaf}"] = value if axes is None else boxed.replace(value=value, names=axes)
+        leaves, residual = layers.new_leaves(site, w, config, name, jax.random.fold_in(key, i))
+        if residual is not None:
+            out[_leaf(site, site.weight)] = _rebox(boxed, residual)
+        lead = w.ndim - len(site.shape)
+        names = boxed.names if isinstance(boxed, fnn.Partitioned) else None
+        for leaf, value in leaves.items():
+            axes = layers.axis_names(site, leaf, names, lead)
+            out[_leaf(site, leaf)] = value if axes is None else boxed.replace(value=value, names=axes)
     new = {**variables, "params": tree.unflatten(out)}
     return new["params"] if bare else new
 
@@ -161,28 +166,21 @@ def _leaf(site: Site, leaf: str) -> str:
     return "/".join((*site.path, leaf))
 
 
-def _vmap(fn, depth: int):
-    for _ in range(depth):
-        fn = jax.vmap(fn)
-    return fn
-
-
 @contextlib.contextmanager
 def _interceptor(ctx: nn.Ctx, used: set) -> Iterator[None]:
-    def add_lora(next_fun, a, k, context):
+    def adapt(next_fun, a, k, context):
         m = context.module
         kind = _kind(m)
-        y = next_fun(*a, **k)
-        if kind is None or context.method_name not in kind.methods or not m.has_variable("params", "lora_a"):
-            return y
-        leaves = {n: fnn.meta.unbox(m.get_variable("params", n)) for n in LORA_LEAVES}
+        present = [n for n in LEAVES if m.has_variable("params", n)] if kind is not None and context.method_name in kind.methods else []
+        if not present:
+            return next_fun(*a, **k)
+        leaves = {n: fnn.meta.unbox(m.get_variable("params", n)) for n in present}
         shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
-        in_axes, out_axes = kind.axes(m, shape, a, k)
-        site = Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes)
+        site = Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, *kind.axes(m, shape, a, k))
         used.add(site.path)
-        return y + kind.delta(site, m, leaves, a, k, ctx).astype(y.dtype)
+        return layers.adapted_call(kind, site, m, leaves, next_fun, a, k, ctx)
 
-    with fnn.intercept_methods(add_lora):
+    with fnn.intercept_methods(adapt):
         yield
 
 
@@ -198,53 +196,50 @@ def apply(model: fnn.Module, variables: Mapping[str, Any], *args: Any, lora_rng:
     with _interceptor(ctx, used):
         out = model.apply(variables, *args, **kwargs)
     full, _ = _split(variables)
-    holders = {tuple(p.split("/")[:-1]) for p in tree.flatten(full["params"]) if p.endswith("/lora_a")}
+    holders = {tuple(p.split("/")[:-1]) for p in tree.flatten(full["params"]) if p.rsplit("/", 1)[-1] in LEAVES}
     if holders - used:
         unread = sorted(".".join(p) for p in holders - used)
-        raise ValueError(f"LoRA leaves that no layer read: {unread}; each must sit beside the weight of a layer this call runs "
+        raise ValueError(f"PEFT leaves that no layer read: {unread}; each must sit beside the weight of a layer this call runs "
                          f"(Flax's Dense, DenseGeneral, Einsum, Conv, Embed, or a class given to jpeft.linen.register)")
     return out
 
 
 def merge(model: fnn.Module, params: Mapping[str, Any], *example_args: Any, **example_kwargs: Any) -> dict:
-    """The model's own params with W + s·AB folded into each adapted weight and the LoRA leaves removed."""
+    """The model's own params with every PEFT leaf folded into its weight (W + s·AB, or W scaled by IA3) and removed."""
     variables, bare = _split(params)
     flat = tree.flatten(variables["params"])
-    base = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LORA_LEAVES}
+    base = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LEAVES}
     found = {s.path: s for s in sites(model, {**variables, "params": tree.unflatten(base)}, *example_args, **example_kwargs)}
-    holders = sorted({tuple(p.split("/")[:-1]) for p in flat if p.endswith("/lora_a")})
+    holders = _holders(flat)
     if not holders:
-        raise ValueError("merge: these params hold no LoRA leaves")
-    for path in holders:
+        raise ValueError("merge: these params hold no LoRA or IA3 leaves")
+    for path, leaves in holders.items():
         site = found[path]
-        prefix = "/".join(path)
-        a, b, s = (fnn.meta.unbox(flat[f"{prefix}/{leaf}"]) for leaf in LORA_LEAVES)
         boxed = base[_leaf(site, site.weight)]
-        w = fnn.meta.unbox(boxed)
-        base[_leaf(site, site.weight)] = _rebox(boxed, (w.astype(jnp.float32) + site.from_matrix(_delta_matrix(a, b, s, site))).astype(w.dtype))
+        base[_leaf(site, site.weight)] = _rebox(boxed, layers.fold(site, fnn.meta.unbox(boxed), leaves))
     new = {**variables, "params": tree.unflatten(base)}
     return new["params"] if bare else new
 
 
-def _delta_matrix(a: jax.Array, b: jax.Array, scale: jax.Array, site: Site) -> jax.Array:
-    """s·AB as (*lead, in, out) in float32."""
-    r = b.shape[scale.ndim]
-    a2 = a.astype(jnp.float32).reshape(*scale.shape, -1, r)
-    b2 = b.astype(jnp.float32).reshape(*scale.shape, r, -1)
-    return scale[..., None, None] * (a2 @ b2)
+def _holders(flat: Mapping[str, Any]) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """{module path: its PEFT leaves, unboxed}."""
+    out: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+    for p, v in flat.items():
+        *path, leaf = p.split("/")
+        if leaf in LEAVES:
+            out.setdefault(tuple(path), {})[leaf] = fnn.meta.unbox(v)
+    return out
 
 
 def unmerge(model: fnn.Module, merged: Mapping[str, Any], adapter: Mapping[str, Any], *example_args: Any, **example_kwargs: Any) -> dict:
-    """The inverse of `merge`: W = merged - s·AB, with the adapter's leaves (a tree holding them) put back."""
+    """The inverse of `merge`: the adapter's leaves (a tree holding them) taken back out of the weights and put beside them."""
     variables, bare = _split(merged)
     flat = tree.flatten(variables["params"])
-    leaves = {p: v for p, v in tree.flatten(_split(adapter)[0]["params"]).items() if p.rsplit("/", 1)[-1] in LORA_LEAVES}
+    adapter_flat = {p: v for p, v in tree.flatten(_split(adapter)[0]["params"]).items() if p.rsplit("/", 1)[-1] in LEAVES}
     found = {s.path: s for s in sites(model, variables, *example_args, **example_kwargs)}
-    for path in sorted({tuple(p.split("/")[:-1]) for p in leaves if p.endswith("/lora_a")}):
-        site, prefix = found[path], "/".join(path)
+    for path, leaves in _holders(adapter_flat).items():
+        site = found[path]
         boxed = flat[_leaf(site, site.weight)]
-        w = fnn.meta.unbox(boxed)
-        delta = site.from_matrix(_delta_matrix(*(fnn.meta.unbox(leaves[f"{prefix}/{leaf}"]) for leaf in LORA_LEAVES), site))
-        flat[_leaf(site, site.weight)] = _rebox(boxed, (w.astype(jnp.float32) - delta).astype(w.dtype))
-    new = {**variables, "params": tree.unflatten({**flat, **leaves})}
+        flat[_leaf(site, site.weight)] = _rebox(boxed, layers.fold(site, fnn.meta.unbox(boxed), leaves, sign=-1.0))
+    new = {**variables, "params": tree.unflatten({**flat, **adapter_flat})}
     return new["params"] if bare else new

@@ -10,19 +10,17 @@ output, computed by the rule every jpeft model uses. Everything else stays `nnx.
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpeft import lora, nn, tree
+from jpeft import ia3, lora, nn, tree
 from jpeft import targets as tg
 from jpeft.integrations import layers
-from jpeft.integrations.layers import Kind, Site
-
-LORA_LEAVES = ("lora_a", "lora_b", "lora_scale")
+from jpeft.integrations.layers import LEAVES, Kind, Site
 
 
 class LoRAScale(nnx.Variable):
@@ -49,13 +47,16 @@ def _x(a, k):
 KINDS: dict[type, Kind] = {
     nnx.Linear: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                      lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), (-1,), ctx),
-                     call_ndim=lambda m, n: 2),
+                     call_ndim=lambda m, n: 2, io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
     nnx.LinearGeneral: Kind("kernel", _linear_general_axes,
                             lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), m.axis, ctx),
-                            call_ndim=lambda m, n: len(m.batch_axis) + len(m.in_features) + len(m.out_features)),
+                            call_ndim=lambda m, n: len(m.batch_axis) + len(m.in_features) + len(m.out_features),
+                            io_axes=lambda m, a, k, xn, yn: (tuple(m.axis), tuple(range(-len(m.out_features), 0)))),
     nnx.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(m.einsum_str, len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, k.get("einsum_str") or m.einsum_str, leaves, _x(a, k), ctx),
-                     call_ndim=lambda m, n: len(m.kernel_shape)),
+                     call_ndim=lambda m, n: len(m.kernel_shape),
+                     io_axes=lambda m, a, k, xn, yn: layers.einsum_io_axes(m.einsum_str, len(m.kernel_shape),
+                                                                           *layers.einsum_axes(m.einsum_str, len(m.kernel_shape)))),
     nnx.Conv: Kind("kernel", _conv_axes,
                    lambda site, m, leaves, a, k, ctx: layers.conv_delta(leaves, _x(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx),
                    call_ndim=lambda m, n: len(m.kernel_size) + 2),
@@ -73,15 +74,13 @@ _ADAPTED: dict[type, type] = {}
 
 
 def _adapted(cls: type) -> type:
-    """`cls` with LoRA's update added to the output of its call (one subclass per class, made once)."""
+    """`cls` whose call applies the PEFT leaves it holds (one subclass per class, made once)."""
     if cls not in _ADAPTED:
         def __call__(self, *args, **kwargs):
-            y = cls.__call__(self, *args, **kwargs)
             site = _site(self, ())
-            leaves = {n: getattr(self, n)[...] for n in LORA_LEAVES}
-            return y + layers.kind_of(KINDS, self).delta(site, self, leaves, args, kwargs, nn.Ctx()).astype(y.dtype)
+            return layers.adapted_call(site.rule, site, self, _leaves_of(self), functools.partial(cls.__call__, self), args, kwargs, nn.Ctx())
 
-        _ADAPTED[cls] = type(f"LoRA{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
+        _ADAPTED[cls] = type(f"Adapted{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
     return _ADAPTED[cls]
 
 
@@ -91,12 +90,16 @@ def _site(module: Any, path: tuple) -> Site:
     stored = getattr(module, kind.weight)[...].shape
     shape = tuple(stored[len(stored) - kind.call_ndim(module, len(stored)):])
     in_axes, out_axes = kind.axes(module, shape, (), {})
-    return Site(tuple(map(str, path)), _base_class(module).__name__, kind.weight, shape, in_axes, out_axes)
+    return Site(tuple(map(str, path)), _base_class(module).__name__, kind.weight, shape, in_axes, out_axes, kind)
 
 
 def _base_class(module: Any) -> type:
     cls = type(module)
     return cls.__mro__[1] if cls in _ADAPTED.values() else cls
+
+
+def _leaves_of(layer: nnx.Module) -> dict:
+    return {n: getattr(layer, n)[...] for n in LEAVES if hasattr(layer, n)}
 
 
 def sites(model: nnx.Module) -> Iterator[tuple[Site, nnx.Module]]:
@@ -107,8 +110,9 @@ def sites(model: nnx.Module) -> Iterator[tuple[Site, nnx.Module]]:
             yield _site(node, path), node
 
 
-def inject(model: nnx.Module, config: lora.LoraConfig, key: jax.Array) -> nnx.Module:
-    """Add LoRA to the targeted layers of `model`, in place (and return it): A Kaiming-uniform, B zero, as HF PEFT."""
+def inject(model: nnx.Module, config: lora.LoraConfig | ia3.IA3Config, key: jax.Array) -> nnx.Module:
+    """Add the method to the targeted layers of `model`, in place (and return it): LoRA's A (Kaiming-uniform) and B
+    (zero) as `nnx.LoRAParam` with a `LoRAScale`, or (IA)^3's ones-initialised vectors as `nnx.LoRAParam`."""
     opaque = {".".join(map(str, path)): (type(node).__name__, params) for path, node in nnx.iter_graph(model)
               if isinstance(node, nnx.Module) and layers.kind_of(KINDS, node) is None
               and (params := [n for n, v in vars(node).items() if isinstance(v, nnx.Param)])}
@@ -117,89 +121,79 @@ def inject(model: nnx.Module, config: lora.LoraConfig, key: jax.Array) -> nnx.Mo
     chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
     for i, name in enumerate(chosen):
         site, layer = found[name]
-        if hasattr(layer, "lora_a"):
-            raise ValueError(f"{name} already has LoRA weights: merge them before injecting again")
+        if _leaves_of(layer):
+            raise ValueError(f"{name} already has PEFT leaves: merge them before injecting again")
         weight = getattr(layer, site.weight)
-        w = weight[...]
-        lead = w.shape[: w.ndim - len(site.shape)]
-        r, scale = config.rank_and_scale(name)
-        matrix = site.as_matrix(w)
-        k = jax.random.fold_in(key, i)
-        if config.init == "pissa":
-            a, b, residual = _vmap(lambda m: lora._pissa(m, r, scale), len(lead))(matrix)
-            weight[...] = site.from_matrix(residual).astype(w.dtype)
-        else:
-            keys = jax.random.split(k, math.prod(lead)).reshape(lead) if lead else k
-            a, b = _vmap(lambda kk, m: lora._init_pair(kk, m, r, config.init), len(lead))(keys, matrix)
-        values = (a.reshape(*lead, *site.in_shape, r).astype(w.dtype), b.reshape(*lead, r, *site.out_shape).astype(w.dtype),
-                  jnp.full(lead, scale, jnp.float32))
-        names = layers.lora_axis_names(site, weight.get_metadata().get("out_sharding"), len(lead))
-        for leaf, value, kind, axes in zip(LORA_LEAVES, values, (nnx.LoRAParam, nnx.LoRAParam, LoRAScale), names):
-            variable = kind(value)
-            if axes is not None:  # the weight's partitioning, for nnx.get_partition_spec
-                variable.set_metadata("out_sharding", axes)
-            setattr(layer, leaf, variable)
-        layer.__class__ = _adapted(type(layer))
+        leaves, residual = layers.new_leaves(site, weight[...], config, name, jax.random.fold_in(key, i))
+        if residual is not None:
+            weight[...] = residual
+        _set_leaves(layer, site, leaves)
     return model
 
 
-def _vmap(fn, depth: int):
-    for _ in range(depth):
-        fn = jax.vmap(fn)
-    return fn
-
-
-def _delta(site: Site, layer: nnx.Module) -> jax.Array:
-    a, b, s = (getattr(layer, n)[...] for n in LORA_LEAVES)
-    r = b.shape[s.ndim]
-    m = s[..., None, None] * (a.astype(jnp.float32).reshape(*s.shape, -1, r) @ b.astype(jnp.float32).reshape(*s.shape, r, -1))
-    return site.from_matrix(m)
+def _set_leaves(layer: nnx.Module, site: Site, leaves: dict) -> None:
+    """The leaves as variables of the layer (the trainable ones `nnx.LoRAParam`), with the weight's partition names."""
+    weight = getattr(layer, site.weight)
+    names, lead = weight.get_metadata().get("out_sharding"), weight[...].ndim - len(site.shape)
+    for leaf, value in leaves.items():
+        variable = LoRAScale(jnp.asarray(value, jnp.float32)) if leaf == "lora_scale" else nnx.LoRAParam(value)
+        axes = layers.axis_names(site, leaf, names, lead)
+        if axes is not None:  # for nnx.get_partition_spec
+            variable.set_metadata("out_sharding", axes)
+        setattr(layer, leaf, variable)
+    layer.__class__ = _adapted(type(layer))
 
 
 def merge(model: nnx.Module) -> dict:
-    """Fold W + s·AB into every adapted layer in place and restore its class; returns the removed adapter as a tree
-    of LoRA leaves by module path (what `unmerge` and `attach` take, and `jpeft.save_adapter` can write with the base)."""
+    """Fold every layer's PEFT leaves into its weight in place and restore its class; returns the removed adapter as a
+    tree of leaves by module path (what `unmerge` and `attach` take, and `jpeft.save_adapter` can write with the base)."""
     removed: dict = {}
     for site, layer in list(sites(model)):
-        if not hasattr(layer, "lora_a"):
+        leaves = _leaves_of(layer)
+        if not leaves:
             continue
         weight = getattr(layer, site.weight)
-        weight[...] = (weight[...].astype(jnp.float32) + _delta(site, layer)).astype(weight[...].dtype)
-        removed.update({f"{'/'.join(site.path)}/{n}": getattr(layer, n)[...] for n in LORA_LEAVES})
-        for n in LORA_LEAVES:
+        weight[...] = layers.fold(site, weight[...], leaves)
+        removed.update({f"{'/'.join(site.path)}/{n}": v for n, v in leaves.items()})
+        for n in leaves:
             delattr(layer, n)
         layer.__class__ = _base_class(layer)
     if not removed:
-        raise ValueError("merge: this model holds no LoRA layers")
+        raise ValueError("merge: this model holds no LoRA or IA3 layers")
     return tree.unflatten(removed)
 
 
+def _by_module(adapter: dict) -> dict[tuple[str, ...], dict]:
+    out: dict[tuple[str, ...], dict] = {}
+    for p, v in tree.flatten(adapter).items():
+        *path, leaf = p.split("/")
+        if leaf in LEAVES:
+            out.setdefault(tuple(path), {})[leaf] = v
+    return out
+
+
 def attach(model: nnx.Module, adapter: dict) -> nnx.Module:
-    """Give the layers the LoRA leaves found in `adapter` (a tree by module path, e.g. from `jpeft.load_adapter` on
+    """Give the layers the PEFT leaves found in `adapter` (a tree by module path, e.g. from `jpeft.load_adapter` on
     `nnx.to_pure_dict(nnx.state(model))`), in place."""
     found = {site.path: (site, layer) for site, layer in sites(model)}
-    flat = tree.flatten(adapter)
-    paths = sorted({tuple(p.split("/")[:-1]) for p in flat if p.endswith("/lora_a")})
-    missing = [".".join(p) for p in paths if p not in found]
+    held = _by_module(adapter)
+    missing = [".".join(p) for p in held if p not in found]
     if missing:
         raise ValueError(f"the adapter names layers this model does not have: {missing}")
-    for path in paths:
+    for path, leaves in held.items():
         site, layer = found[path]
-        if hasattr(layer, "lora_a"):
-            raise ValueError(f"{site.name} already has LoRA weights: merge them first")
-        prefix = "/".join(path)
-        layer.lora_a, layer.lora_b = nnx.LoRAParam(flat[f"{prefix}/lora_a"]), nnx.LoRAParam(flat[f"{prefix}/lora_b"])
-        layer.lora_scale = LoRAScale(jnp.asarray(flat[f"{prefix}/lora_scale"], jnp.float32))
-        layer.__class__ = _adapted(type(layer))
+        if _leaves_of(layer):
+            raise ValueError(f"{site.name} already has PEFT leaves: merge them first")
+        _set_leaves(layer, site, leaves)
     return model
 
 
 def unmerge(model: nnx.Module, adapter: dict) -> nnx.Module:
-    """The inverse of `merge`: put the adapter back and subtract s·AB from each weight (in place)."""
-    attach(model, adapter)
-    adapted = {tuple(p.split("/")[:-1]) for p in tree.flatten(adapter) if p.endswith("/lora_a")}
-    for site, layer in sites(model):
-        if site.path in adapted:
+    """The inverse of `merge`: take the adapter back out of each weight and put it beside it (in place)."""
+    found = {site.path: (site, layer) for site, layer in sites(model)}
+    for path, leaves in _by_module(adapter).items():
+        if path in found:
+            site, layer = found[path]
             weight = getattr(layer, site.weight)
-            weight[...] = (weight[...].astype(jnp.float32) - _delta(site, layer)).astype(weight[...].dtype)
-    return model
+            weight[...] = layers.fold(site, weight[...], leaves, sign=-1.0)
+    return attach(model, adapter)

@@ -156,7 +156,7 @@ def _product_shapes(fn, arg) -> set[tuple[int, ...]]:
 def test_unread_leaves_and_unmatched_targets_are_errors(setup):
     model, params, ids = setup
     p = _inject(setup)
-    with pytest.raises(ValueError, match=r"LoRA leaves that no layer read: \['unused'\]"):
+    with pytest.raises(ValueError, match=r"PEFT leaves that no layer read: \[.unused.\]"):
         linen.apply(model, {"params": {**p, "unused": {"lora_a": jnp.ones((2, 2))}}}, ids)
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module. Module names in this model: .*'query'"):
         linen.inject(model, params, jpeft.LoraConfig(target_modules=["nope"]), jax.random.key(0), ids)

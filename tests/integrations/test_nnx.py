@@ -172,7 +172,7 @@ def test_adapter_files_round_trip_into_a_fresh_model(tmp_path):
     jnnx.attach(fresh, loaded)
     assert isinstance(fresh.layers.query.lora_a, nnx.LoRAParam)
     np.testing.assert_array_equal(fresh(IDS), model(IDS))
-    with pytest.raises(ValueError, match="already has LoRA weights"):
+    with pytest.raises(ValueError, match="already has PEFT leaves"):
         jnnx.attach(fresh, loaded)
 
 
