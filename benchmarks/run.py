@@ -32,6 +32,9 @@ TARGETS = [
     ("lora_opt_state_over_trainable_bytes", "==", 2.0),
     ("jpeft_over_peft_smollm2_step_time", "<=", 0.5),
     ("jpeft_over_peft_smollm2_peak_memory", "<=", 0.35),
+    ("jpeft_over_qwix_step_time", "<=", 0.85),
+    ("jpeft_over_qwix_peak_memory", "<=", 1.0),
+    ("flax_lora_over_full_step_time", "<=", 0.65),
 ]
 PNG = Path(__file__).resolve().parent / "scaling.png"
 
@@ -52,12 +55,12 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("memory", "speed", "inference", "scaling", "smollm2")
+SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "smollm2")
 
 
 def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> dict[str, Callable[[], dict[str, float]]]:
     """Each benchmark, in the order it runs, less those in `skip`; SmolLM2 is left out of --quick."""
-    from benchmarks import inference, memory, scaling, smollm2, speed
+    from benchmarks import flax_models, inference, memory, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
     reps = dict(warmup=1, repeats=5)
@@ -67,6 +70,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> 
         "inference": lambda: inference.run(quick, **reps),
         # Sweeps have many points: two timed repeats each keep the default run inside its budget.
         "scaling": lambda: scaling.run(quick, workdir, None if quick else PNG, warmup=1, repeats=2),
+        "flax": lambda: flax_models.run(quick, **reps),
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
