@@ -73,6 +73,7 @@ def save_adapter(
     Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from lora_scale).
     """
     flat = tree.flatten(params)
+    params = tree.unflatten(flat)  # string keys throughout (an NNX state's list indices are ints)
     if not any(not split.is_adapter_path(p) for p in flat):
         raise ValueError("save_adapter needs the full tree (base + adapter), e.g. jpeft.attach(base, adapter), to fingerprint the base")
     method = _method(flat)
@@ -294,6 +295,7 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
     """
     if isinstance(path, Mapping):
         raise TypeError("load_adapter(path, params): the adapter directory comes first, then the base parameters")
+    params = tree.unflatten(tree.flatten(params))  # string keys throughout (an NNX state's list indices are ints)
     cfg, tensors, metadata = read_adapter(path)
     _check_base(params, path, cfg, metadata)
     who = f"{path} (adapter for {_base_name(cfg, metadata)!r})"

@@ -10,8 +10,8 @@ SEP = "/"
 
 
 def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}."""
-    return traverse_util.flatten_dict(dict(tree), sep=SEP)
+    """Nested dict -> {"a/b/c": leaf}; integer keys (list indices in an NNX state) become their digits."""
+    return {SEP.join(map(str, path)): leaf for path, leaf in traverse_util.flatten_dict(dict(tree)).items()}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:

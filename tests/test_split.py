@@ -87,3 +87,12 @@ def test_every_method_leaves_a_trainable_mask(flan):
         trainable, _ = jpeft.count_params(params, verbose=False)
         _, adapter = jpeft.split_adapter(params)
         assert 0 < trainable <= sum(x.size for x in jax.tree.leaves(adapter))
+
+
+def test_tree_paths_take_integer_keys_as_digits():
+    """An NNX state's list indices are ints: paths spell them as digits, and go back as strings."""
+    from jpeft import tree
+
+    flat = tree.flatten({"blocks": {0: {"kernel": 1}, 1: {"kernel": 2}}})
+    assert flat == {"blocks/0/kernel": 1, "blocks/1/kernel": 2}
+    assert tree.unflatten(flat) == {"blocks": {"0": {"kernel": 1}, "1": {"kernel": 2}}}
