@@ -267,8 +267,7 @@ def _finish(results: dict, out: Path, rows: list[dict], base: list[str] | None, 
             f.write(json.dumps(record) + "\n")
     os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
     run_dir.finish(out, results)
-    written = [name for name in ("results.json", "predictions.jsonl", "metrics.jsonl", "loss.png", "adapter", "merged", "model", "checkpoints")
-               if (out / name).exists()]
+    written = [name for name in run_dir.ARTIFACTS if (out / name).exists()]
     print(f"wrote {out}/: {', '.join(written)}")
     return results
 

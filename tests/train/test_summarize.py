@@ -247,7 +247,7 @@ def test_help_shows_defaults_and_the_run_shows_its_plan_and_outputs(model_dir, d
     assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--steps", "2", "--eval-samples", "0") == 0
     out = capsys.readouterr().out
     assert "plan: lora on" in out and "2 optimizer steps x 2 examples" in out and "trainable parameters:" in out
-    assert f"wrote {tmp_path / 'p'}/: results.json" in out
+    assert f"wrote {tmp_path / 'p'}/: run.json, results.json, metrics.jsonl" in out
 
 
 def test_lab_has_its_own_help_and_checks_every_run_first(model_dir, data_dir, tmp_path, capsys, no_loading):
