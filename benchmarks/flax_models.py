@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 import jpeft
+from benchmarks import speed
 from jpeft import linen
 from jpeft import nnx as jnnx
 
@@ -170,31 +171,14 @@ def nnx_trainers(shape: Shape) -> dict[str, Trainer]:
     return out
 
 
-def _interleaved(trainers: dict[str, Trainer], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each step, timed round-robin so that load on the machine falls on all alike."""
-    import time
-
-    for t in trainers.values():
-        for _ in range(warmup):
-            t()
-    times: dict[str, list[float]] = {k: [] for k in trainers}
-    for _ in range(repeats):
-        for k, t in trainers.items():
-            start = time.perf_counter()
-            t()
-            times[k].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def run(quick: bool = False, warmup: int = 1, repeats: int = 3) -> dict[str, float]:
     """The flax section's figures: step times, XLA peaks and the three headline ratios."""
     shape = QUICK if quick else Shape()
     out: dict[str, float] = {"flax_shape_layers": shape.layers, "flax_shape_d": shape.d, "flax_tokens_per_step": shape.batch * shape.seq}
     for family, make in (("linen", linen_trainers), ("nnx", nnx_trainers)):
         trainers = make(shape)
-        for name, seconds in _interleaved(trainers, warmup, repeats).items():
-            out[f"flax_{family}_{name}_step_s"] = seconds
-            out[f"flax_{family}_{name}_peak_bytes"] = trainers[name].peak_bytes()
+        out.update(speed.timed_together({f"flax_{family}_{name}_step": t for name, t in trainers.items()}, warmup, repeats))
+        out.update({f"flax_{family}_{name}_peak_bytes": t.peak_bytes() for name, t in trainers.items()})
         del trainers
     out["jpeft_over_qwix_step_time"] = out["flax_linen_jpeft_step_s"] / out["flax_linen_qwix_step_s"]
     out["jpeft_over_qwix_peak_memory"] = out["flax_linen_jpeft_peak_bytes"] / out["flax_linen_qwix_peak_bytes"]
