@@ -1,10 +1,11 @@
 """jpeft: parameter-efficient fine-tuning for JAX, numerically matched to Hugging Face PEFT.
 
 Every method is a pure transform of a plain parameter tree (`lora.inject`, `prompt.inject`, ...);
-the models use the added leaves when present, and a mask says what trains.
+the models use the added leaves when present, and a mask says what trains. `jpeft.linen` and `jpeft.nnx`
+do the same for unmodified Flax models.
 """
 
-from jpeft import adapters, ia3, lora, prompt, selective
+from jpeft import adapters, batches, ia3, lora, prompt, selective
 from jpeft.adapters import AdapterConfig
 from jpeft.ia3 import IA3Config
 from jpeft.lora import LoraConfig
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "SelectiveConfig",
-    "adapters", "attach", "combine", "count_params", "ia3", "load_adapter", "lora", "optimizer", "partition",
+    "adapters", "attach", "batches", "combine", "count_params", "ia3", "load_adapter", "lora", "optimizer", "partition",
     "prompt", "save_adapter", "selective", "split_adapter", "trainable_mask",
 ]
