@@ -161,10 +161,23 @@ def _peft_layout(flat: Mapping[str, Any]) -> bool:
                for p in (path[: -len("/lora_a")] for path in flat if path.endswith("/lora_a")))
 
 
+def _spanned_weight(flat: Mapping[str, Any], prefix: str, a, b, s) -> Any | None:
+    """The module's weight that A (*lead, *in, r) and B (*lead, r, *out) span, its axes in some order, or None.
+
+    Stacked scan layers have the scale's leading axes on the weight too; stacked adapters (`multi.stack_lora`)
+    do not, so they span nothing."""
+    lead = np.shape(s)
+    size = math.prod(np.shape(a)[len(lead):-1]) * math.prod(np.shape(b)[len(lead) + 1:]) * math.prod(lead)
+    return next((v for p, v in flat.items() if p.rsplit("/", 1)[0] == prefix and np.ndim(v) >= 2 and not split.is_adapter_path(p)
+                 and np.shape(v)[: len(lead)] == lead and np.size(v) == size), None)
+
+
 def _tree_lora_out(flat, config):
     """Adapters PEFT's layout cannot hold (Flax layers: Conv, Embed, Einsum and DenseGeneral weights, layers stacked by
     scan): the LoRA leaves by tree path, each module's scale included, and the module paths in the config."""
     paths = sorted(p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a"))
+    if any(_spanned_weight(flat, p, *(flat[f"{p}/{leaf}"] for leaf in lora.LEAVES)) is None for p in paths):
+        raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one adapter; save each adapter")
     tensors = {f"{p}/{leaf}": np.asarray(flat[f"{p}/{leaf}"]) for p in paths for leaf in lora.LEAVES}
     ranks = {p: int(np.shape(flat[f"{p}/lora_a"])[-1]) for p in paths}
     cfg_json = dict(jpeft_layout=TREE_LAYOUT, modules=[p.replace("/", ".") for p in paths], r=_most_common(ranks),
@@ -186,17 +199,13 @@ def _tree_lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         prefix = m.replace(".", "/")
         if f"{prefix}/lora_a" in flat:
             raise CheckpointError(f"{who}: the given base already has LoRA weights at {m}; split its adapter off first")
-        weights = [v for p, v in flat.items() if p.rsplit("/", 1)[0] == prefix and np.ndim(v) >= 2 and not split.is_adapter_path(p)]
         a, b, s = (tensors[f"{prefix}/{leaf}"] for leaf in lora.LEAVES)
-        lead = np.shape(s)
-        # A (*lead, *in, r) and B (*lead, r, *out) span the weight (*lead, *in, *out) in some order of its axes.
-        spans = lambda w: math.prod(a.shape[len(lead):-1]) * math.prod(b.shape[len(lead) + 1:]) * math.prod(lead) == np.size(w)  # noqa: E731
-        if not any(spans(w) for w in weights):
+        weight = _spanned_weight(flat, prefix, a, b, s)
+        if weight is None:
             raise CheckpointError(f"{who} adapts {m} with A {tuple(a.shape)} and B {tuple(b.shape)}, which fit no weight of "
                                   "that module in the given base (missing, or of another size)")
-        dtype = next(w.dtype for w in weights if spans(w))
         for leaf, v in (("lora_a", a), ("lora_b", b)):
-            tensors[f"{prefix}/{leaf}"] = jnp.asarray(v, dtype)
+            tensors[f"{prefix}/{leaf}"] = jnp.asarray(v, weight.dtype)
         tensors[f"{prefix}/lora_scale"] = jnp.asarray(s, jnp.float32)
     return dict(tensors)
 
