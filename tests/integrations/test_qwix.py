@@ -190,4 +190,6 @@ def test_what_the_peers_do_not_have():
     for cls in (nnx.LoRA, nnx.LoRALinear):
         params = inspect.signature(cls).parameters
         assert "alpha" not in params and "dropout" not in params and not hasattr(cls, "merge")
+    lora_names = [n for n in dir(nnx) if "lora" in n.lower()]
+    assert not [n for n in lora_names if any(w in n.lower() for w in ("embed", "merge", "save", "load"))]
     assert issubclass(nnx.LoRAParam, nnx.Param)  # so nnx.Optimizer(model, tx) without wrt=nnx.LoRAParam trains the base too
