@@ -149,9 +149,11 @@ def registered(weight: str, equation_or_axes: str | tuple[int, ...]) -> Kind:
     ("input,weight->output"), or contracts the given weight axes with the input's last axes, in order."""
     if isinstance(equation_or_axes, str):
         eq = equation_or_axes
+        weight_ndim = len(eq.replace(" ", "").split("->")[0].split(",")[1])
         return Kind(weight, lambda m, shape, a, k: einsum_axes(eq, len(shape)),
                     lambda site, m, leaves, a, k, ctx: einsum_delta(site, eq, leaves, first_input(a, k), ctx),
-                    call_ndim=lambda m, stored: len(eq.replace(" ", "").split("->")[0].split(",")[1]))
+                    call_ndim=lambda m, stored: weight_ndim,
+                    io_axes=lambda m, a, k, xn, yn: einsum_io_axes(eq, weight_ndim, *einsum_axes(eq, weight_ndim)))
     given = tuple(equation_or_axes)
 
     def axes(m, shape, a, k):

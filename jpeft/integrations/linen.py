@@ -25,7 +25,7 @@ from jpeft.integrations.layers import LEAVES, Kind, Site
 def _dense_general_axes(m, shape, args, kwargs):
     if m.batch_dims:
         raise ValueError(f"{m.name}: DenseGeneral with batch_dims={m.batch_dims} shares weight axes with the input; not adaptable by LoRA")
-    n_in = len(m.axis) if isinstance(m.axis, tuple) else 1
+    n_in = len(_axis(m))
     return tuple(range(n_in)), tuple(range(n_in, len(shape)))
 
 

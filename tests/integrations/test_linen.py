@@ -268,3 +268,23 @@ def test_lora_dropout_applies_only_with_a_key(setup):
     b = linen.apply(model, {"params": p}, ids, lora_rng=jax.random.key(0), lora_dropout=0.5)
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - plain).max()) > 1e-3
+
+
+def test_ia3_on_a_registered_einsum_layer():
+    class Proj(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return jnp.einsum("bsd,hdk->bshk", x, self.param("w", fnn.initializers.normal(0.2), (HEADS, D, HEAD_DIM)))
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return Proj(name="proj")(x)
+
+    linen.register(Proj, "w", "bsd,hdk->bshk")
+    x = jax.random.normal(jax.random.key(0), (2, 5, D))
+    params = Net().init(jax.random.key(1), x)["params"]
+    p = linen.inject(Net(), params, jpeft.IA3Config(target_modules=["proj"], feedforward_modules=[]), jax.random.key(2), x)
+    p["proj"]["ia3_out"] = 1 + 0.3 * jax.random.normal(jax.random.key(3), (HEADS, HEAD_DIM))
+    want = jnp.einsum("bsd,hdk->bshk", x, params["proj"]["w"] * p["proj"]["ia3_out"][:, None, :])
+    np.testing.assert_allclose(linen.apply(Net(), {"params": p}, x), want, atol=1e-5)
