@@ -118,13 +118,6 @@ def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple
     return list(found.values()), opaque
 
 
-def _module(params: Mapping[str, Any], path: tuple[str, ...]) -> dict:
-    node: Any = params
-    for part in path:
-        node = node[part]
-    return node
-
-
 def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig | ia3.IA3Config, key: jax.Array, *example_args: Any,
            **example_kwargs: Any) -> dict:
     """A new tree with the method's leaves beside each targeted weight: LoRA's lora_a (*lead, *in, r), lora_b
@@ -141,7 +134,7 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     out = tree.flatten(variables["params"])
     for i, name in enumerate(chosen):
         site = found[name]
-        if any(leaf in _module(variables["params"], site.path) for leaf in LEAVES):
+        if any(leaf in tg.get_module(variables["params"], site.name) for leaf in LEAVES):
             raise ValueError(f"{name} already has PEFT leaves: merge or split them off before injecting again")
         boxed = out[_leaf(site, site.weight)]
         w = fnn.meta.unbox(boxed)
