@@ -10,6 +10,12 @@ add leaves beside the kernel that `dense` picks up when present:
 
 so the low-rank path is fused into the same jitted computation as the frozen matmul and
 `W + BA` is never materialised during training.
+
+The frozen weight may instead be a quantized leaf group in PyTorch's (out, in) row layout (`jpeft.quant`):
+`kernel_nf4` + `kernel_absmax` (NF4, or `kernel_absmax_q/_scale/_offset` when double-quantized), `kernel_int8`
++ `kernel_absmax`, or GGUF blocks `kernel_q4_0`, `kernel_q4_1`, `kernel_q5_0`, `kernel_q8_0`, `kernel_q4_k`,
+`kernel_q6_k`. `dense` dequantizes it inside the matmul and again in the backward pass, so neither the
+forward-to-backward residuals nor remat ever hold a float copy of it; the PEFT leaves apply unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from jpeft import quant
 
 Params = dict[str, Any]
 
@@ -180,12 +188,33 @@ def _low_rank_bwd(res, g):
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def quantized_matmul(fmt: str, x: jax.Array, group: Params) -> jax.Array:
+    """x (..., in) @ W for a quantized leaf group of format `fmt`, W dequantized here; codes get no gradient."""
+    return _einsum("...i,oi->...o", x, quant.unpack(fmt, group).astype(x.dtype))
+
+
+def _quantized_matmul_fwd(fmt, x, group):
+    return quantized_matmul(fmt, x, group), group  # the codes, not W: W would be a float copy of the layer held for backward
+
+
+def _quantized_matmul_bwd(fmt, group, g):
+    # The barrier makes this a second dequantization, from the codes, once g exists: XLA can neither merge it
+    # with the forward one (CSE would keep W alive in between) nor hoist it ahead of the backward pass.
+    group, g = jax.lax.optimization_barrier((group, g))
+    return matmul(g, quant.unpack(fmt, group).astype(g.dtype)), None
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
 def dense(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
-    """x @ kernel, plus whichever PEFT leaves sit beside the kernel (see module docstring)."""
+    """x @ kernel (or its quantized group, dequantized), plus whichever PEFT leaves sit beside it (see module docstring)."""
     x = x.astype(ctx.dtype)
     if "ia3_in" in p:
         x = x * p["ia3_in"].astype(ctx.dtype)
-    y = matmul(x, p["kernel"].astype(ctx.dtype))
+    fmt = quant.format_of(p)
+    y = matmul(x, p["kernel"].astype(ctx.dtype)) if fmt is None else quantized_matmul(fmt, x, quant.leaves(p))
     if "bias" in p:
         y = y + p["bias"].astype(ctx.dtype)
     if "lora_a" in p:

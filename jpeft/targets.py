@@ -6,13 +6,15 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from jpeft import tree
+from jpeft.quant import layout
 
 Targets = str | Sequence[str]
 
 
 def dense_modules(params: Mapping[str, Any]) -> list[str]:
-    """Dotted paths of every module that holds a `kernel` (the candidates for LoRA and IA3)."""
-    return [path[: -len("/kernel")].replace("/", ".") for path in tree.flatten(params) if path.endswith("/kernel")]
+    """Dotted paths of every module that holds a weight, a `kernel` or a quantized one (the candidates for LoRA and IA3)."""
+    weights = (layout.KERNEL, *layout.CODES)
+    return [module.replace("/", ".") for module, _, leaf in (path.rpartition("/") for path in tree.flatten(params)) if leaf in weights]
 
 
 def matches(targets: Targets, name: str) -> bool:
