@@ -274,20 +274,23 @@ def attention_bias_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, ctx: Ctx) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, ctx: Ctx, softcap: float | None = None) -> jax.Array:
     """Softmax attention of grouped queries; q (B, KV, G, T, E), k and v (B, KV, S, E) -> (B, KV, G, T, E).
 
     `mask` broadcasts to the (B, KV, G, T, S) scores: boolean visibility, or a float additive bias
     (T5's position bias), which receives its gradient. Scores and values are batched matmuls over
     (B, KV) with the G query heads of a key/value head stacked as rows, so GQA never copies K or V.
     Softmax runs in float32; the probabilities are cast back to q's dtype for the value product.
+    `softcap` (Gemma 2) squashes the scaled scores to softcap * tanh(scores / softcap) before the mask;
+    its gradient comes from autodiff rather than the hand-written backward pass.
     """
-    if ctx.deterministic or ctx.dropout_rate == 0.0:
+    if softcap is None and (ctx.deterministic or ctx.dropout_rate == 0.0):
         return _attention(q, k, v, mask, scale)
-    return _values(dropout(ctx, _attention_probs(q, k, mask, scale)), v, q.dtype)
+    return _values(dropout(ctx, _attention_probs(q, k, mask, scale, softcap)), v, q.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx, chunk: int = 128) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx, chunk: int = 128,
+                     softcap: float | None = None) -> jax.Array:
     """`attention` for queries and keys of the same positions under a causal `visible` (no key after its query).
 
     Queries run in blocks of about `chunk` rows, each against only the keys up to its last row, which
@@ -296,17 +299,19 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     T = q.shape[3]
     n = max(1, round(T / chunk))
     if n == 1:
-        return attention(q, k, v, visible, scale, ctx)
+        return attention(q, k, v, visible, scale, ctx, softcap)
     bounds = [T * c // n for c in range(n + 1)]
     return jnp.concatenate([
-        attention(q[..., lo:hi, :], k[:, :, :hi], v[:, :, :hi], visible[..., lo:hi, :hi], scale, ctx)
+        attention(q[..., lo:hi, :], k[:, :, :hi], v[:, :, :hi], visible[..., lo:hi, :hi], scale, ctx, softcap)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ], axis=3)
 
 
-def _attention_probs(q, k, mask, scale):
+def _attention_probs(q, k, mask, scale, softcap=None):
     # An einsum, not q @ swapaxes(k): inside a decoding loop XLA materialised that transpose of every cached key block.
     scores = jnp.einsum("bkgte,bkse->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     if mask.dtype == jnp.bool_:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     else:
