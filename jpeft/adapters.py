@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jpeft import quant
 from jpeft import targets as tg
 
 ATTENTION = ("SelfAttention", "EncDecAttention", "self_attn")
@@ -37,7 +38,7 @@ class AdapterConfig:
 def _output_dim(module: Mapping[str, Any]) -> int:
     for name in ("o", "o_proj", "wo", "down_proj"):
         if name in module:
-            return module[name]["kernel"].shape[1]
+            return quant.weight_shape(module[name])[1]
     raise ValueError(f"cannot find the output projection among {sorted(module)}")
 
 

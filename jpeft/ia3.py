@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from jpeft import quant
 from jpeft import targets as tg
 from jpeft import tree
 
@@ -33,17 +34,18 @@ def inject(params: Mapping[str, Any], cfg: IA3Config, key: Any = None) -> dict:
         module = tg.get_module(params, name)
         if any(leaf in module for leaf in LEAVES):
             raise ValueError(f"{name} already has IA3 vectors")
-        d_in, d_out = module["kernel"].shape
+        (d_in, d_out), dtype = quant.weight_shape(module), quant.weight_dtype(module)
         if tg.matches(cfg.feedforward_modules, name):
-            updates[name] = {"ia3_in": jnp.ones((d_in,), module["kernel"].dtype)}
+            updates[name] = {"ia3_in": jnp.ones((d_in,), dtype)}
         else:
-            updates[name] = {"ia3_out": jnp.ones((d_out,), module["kernel"].dtype)}
+            updates[name] = {"ia3_out": jnp.ones((d_out,), dtype)}
     return tg.replace_modules(params, updates)
 
 
 def merge(params: Mapping[str, Any]) -> dict:
-    """Fold the vectors into the kernels (W * l per row or column) and drop them."""
-    flat = tree.flatten(params)
+    """Fold the vectors into the kernels (W * l per row or column) and drop them; a quantized W becomes a float32 kernel."""
+    modules = sorted({p.rsplit("/", 1)[0].replace("/", ".") for p in tree.flatten(params) if p.rsplit("/", 1)[-1] in LEAVES})
+    flat = tree.flatten(quant.dequantize(params, modules))
     found = False
     for path in [p for p in flat if p.rsplit("/", 1)[-1] in LEAVES]:
         module, leaf = path.rsplit("/", 1)

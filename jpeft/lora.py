@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from jpeft import quant
 from jpeft import targets as tg
 from jpeft import tree
 
@@ -59,7 +60,7 @@ def target_names(params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
 
 
 def _init_pair(key, kernel, r, init):
-    d_in, d_out = kernel.shape
+    d_in, d_out = kernel.shape  # kernel: an array or a ShapeDtypeStruct
     if init == "default":  # torch's kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(key, (d_in, r), jnp.float32, -bound, bound)
@@ -83,14 +84,17 @@ def inject(params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict:
         module = tg.get_module(params, name)
         if "lora_a" in module:
             raise ValueError(f"{name} already has LoRA weights: merge or split them off before injecting again")
-        kernel = module["kernel"]
         r, scale = cfg.rank_and_scale(name)
         leaves = {"lora_scale": jnp.asarray(scale, jnp.float32)}
         if cfg.init == "pissa":
+            if quant.is_quantized(module):
+                raise ValueError(f"PiSSA rewrites the base weight of {name}, which is quantized: inject PiSSA on the float base, then quantize")
+            kernel = module["kernel"]
             a, b, residual = _pissa(kernel, r, scale)
             leaves.update(lora_a=a.astype(kernel.dtype), lora_b=b.astype(kernel.dtype), kernel=residual.astype(kernel.dtype))
-        else:
-            leaves["lora_a"], leaves["lora_b"] = _init_pair(jax.random.fold_in(key, i), kernel, r, cfg.init)
+        else:  # the weight's logical (in, out) shape and float dtype, whether it is a kernel or quantized
+            weight = jax.ShapeDtypeStruct(quant.weight_shape(module), quant.weight_dtype(module))
+            leaves["lora_a"], leaves["lora_b"] = _init_pair(jax.random.fold_in(key, i), weight, r, cfg.init)
         updates[name] = leaves
     return tg.replace_modules(params, updates)
 
@@ -107,11 +111,14 @@ def _delta(module: Mapping[str, Any]) -> jax.Array:
 
 
 def merge(params: Mapping[str, Any]) -> dict:
-    """W + scale * A @ B accumulated in float32, LoRA leaves removed: a plain tree of the base's structure."""
-    flat = tree.flatten(params)
+    """W + scale * A @ B accumulated in float32, LoRA leaves removed: a plain tree of the base's structure.
+
+    A quantized W is dequantized first, so its merged module holds a float32 `kernel` (for export).
+    """
     modules = _lora_modules(params)
     if not modules:
         raise ValueError("merge: this parameter tree holds no LoRA weights (no lora_a leaves)")
+    flat = tree.flatten(quant.dequantize(params, [m.replace("/", ".") for m in modules]))
     for path in modules:
         module = {leaf: flat.pop(f"{path}/{leaf}") for leaf in LEAVES}
         kernel = flat[f"{path}/kernel"]

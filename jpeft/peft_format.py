@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import hf_io, ia3, lora, prompt, split, tree
+from jpeft import hf_io, ia3, lora, prompt, quant, split, tree
 from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 
@@ -46,8 +46,12 @@ _UNSUPPORTED_LORA = (
 
 
 def base_fingerprint(params: Mapping[str, Any]) -> str:
-    """sha256 of the base model's parameter names and shapes (PEFT leaves ignored, dtype ignored)."""
-    shapes = sorted((p, list(np.shape(v))) for p, v in tree.flatten(params).items() if not split.is_adapter_path(p))
+    """sha256 of the base model's parameter names and shapes (PEFT leaves ignored, dtype ignored).
+
+    A quantized weight counts as the float kernel it stands for, so an adapter trained on a quantized base
+    loads onto the float one and vice versa.
+    """
+    shapes = sorted((p, list(s)) for p, s in quant.float_shapes(params).items() if not split.is_adapter_path(p))
     return hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
 
 
@@ -157,7 +161,8 @@ def _lora_out(params, flat, config):
 
 def _peft_layout(flat: Mapping[str, Any]) -> bool:
     """Whether every LoRA module is a Linear as PEFT stores it: a 2-D kernel, 2-D A and B, one scale."""
-    return all(np.ndim(flat.get(f"{p}/kernel")) == 2 and np.ndim(flat[f"{p}/lora_a"]) == 2 and np.ndim(flat[f"{p}/lora_scale"]) == 0
+    weights = quant.float_shapes(tree.unflatten(flat))
+    return all(len(weights.get(f"{p}/kernel", ())) == 2 and np.ndim(flat[f"{p}/lora_a"]) == 2 and np.ndim(flat[f"{p}/lora_scale"]) == 0
                for p in (path[: -len("/lora_a")] for path in flat if path.endswith("/lora_a")))
 
 
@@ -357,11 +362,15 @@ def _split_names(who, tensors, suffixes: tuple[str, ...]) -> dict[str, dict[str,
     return out
 
 
-def _kernel_shape(params, who, module: str) -> tuple[int, int]:
+def _weight(params, who, module: str) -> tuple[tuple[int, int], Any]:
+    """The logical (in, out) shape and float dtype of a module's weight, float or quantized."""
     try:
-        return tuple(tg.get_module(params, module)["kernel"].shape)
+        found = tg.get_module(params, module)
     except (KeyError, TypeError):
-        raise CheckpointError(f"{who} adapts {module}, which the given base does not have") from None
+        found = None
+    if not isinstance(found, Mapping) or not quant.has_weight(found):
+        raise CheckpointError(f"{who} adapts {module}, which the given base does not have")
+    return quant.weight_shape(found), quant.weight_dtype(found)
 
 
 def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
@@ -379,14 +388,13 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         if len(pair) != 2:
             raise CheckpointError(f"{who}: {module} has only {list(pair)}; LoRA needs lora_A and lora_B")
         a, b = pair["lora_A.weight"], pair["lora_B.weight"]
-        d_in, d_out = _kernel_shape(params, who, module)
+        (d_in, d_out), dtype = _weight(params, who, module)
         r, scale = config.rank_and_scale(module)
         if a.shape != (r, d_in) or b.shape != (d_out, r):
             raise CheckpointError(
                 f"{who}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but its config rank {r} and the "
                 f"base kernel (in={d_in}, out={d_out}) need ({r}, {d_in}) and ({d_out}, {r})"
             )
-        dtype = tg.get_module(params, module)["kernel"].dtype
         prefix = module.replace(".", "/")
         leaves[f"{prefix}/lora_a"] = a.T.astype(dtype)
         leaves[f"{prefix}/lora_b"] = b.T.astype(dtype)
@@ -399,13 +407,12 @@ def _ia3_in(params, who, cfg, tensors) -> dict[str, Any]:
     leaves = {}
     for module, vec in _split_names(who, tensors, ("ia3_l",)).items():
         vec = vec["ia3_l"]
-        d_in, d_out = _kernel_shape(params, who, module)
+        (d_in, d_out), dtype = _weight(params, who, module)
         is_ff = tg.matches(ff, module)
         want = (1, d_in) if is_ff else (d_out, 1)
         if tuple(vec.shape) != want:
             raise CheckpointError(f"{who}: {module}.ia3_l has shape {tuple(vec.shape)}, but a {'feed-forward' if is_ff else 'non-feed-forward'} "
                                   f"module with kernel (in={d_in}, out={d_out}) needs {want}")
-        dtype = tg.get_module(params, module)["kernel"].dtype
         leaves[f"{module.replace('.', '/')}/{'ia3_in' if is_ff else 'ia3_out'}"] = vec.reshape(-1).astype(dtype)
     return leaves
 

@@ -20,6 +20,10 @@ kernel's input / output spec, which matches how the activations they scale are l
 tensor parallelism. `lora_scale`, `prompt_embeddings` and bottleneck adapters are replicated
 (they are small and touch the residual stream). `replicate_adapters=True` replicates every PEFT leaf.
 
+A quantized weight (`jpeft.quant`, rows in PyTorch's (out, in) layout) is split along its output rows as its
+kernel's output dim would be; its packed input dim stays whole (a split could cut a block), and NF4's
+double-quantization scale and offset are replicated. PEFT leaves beside it follow the kernel it stands for.
+
 A dimension that a rule would split unevenly (its size not divisible by the mesh axis) falls back
 to replication for that dimension, with one warning listing the leaves. Divisibility is checked per
 dimension, not per head: a projection whose width divides but whose head count does not (e.g. 2 KV
@@ -41,7 +45,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jpeft import split, training, tree
+from jpeft import quant, split, training, tree
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -162,6 +166,15 @@ def _peft_spec(path: str, shape: Sequence[int], shapes: Mapping[str, Sequence[in
     return P(*dims)
 
 
+def _quantized_spec(path: str, shape: Sequence[int], rules: Rules) -> P:
+    """A quantized leaf's rows take its kernel's output-dim spec; everything else of it is whole."""
+    module, _, leaf = path.rpartition("/")
+    if leaf not in quant.ROW_LEAVES:
+        return P()
+    out_axis = _dims(rule_spec(f"{module}/kernel", rules), 2)[1]
+    return P(out_axis, *[None] * (len(shape) - 1))
+
+
 def param_specs(params: Mapping[str, Any], axis_sizes: Mapping[str, int], rules: Rules = DEFAULT_RULES,
                 replicate_adapters: bool = False, warn: bool = True) -> dict:
     """A tree of PartitionSpecs for `params` (arrays or ShapeDtypeStructs; None leaves stay None).
@@ -172,10 +185,13 @@ def param_specs(params: Mapping[str, Any], axis_sizes: Mapping[str, int], rules:
     """
     flat = {p: v for p, v in tree.flatten(params).items() if v is not None}
     shapes = {p: tuple(v.shape) for p, v in flat.items()}
+    kernels = quant.float_shapes(tree.unflatten(flat))  # a quantized weight as the (in, out) kernel it stands for
     specs, uneven = {}, []
     for path, shape in shapes.items():
         if split.is_adapter_path(path):
-            spec = P() if replicate_adapters else _peft_spec(path, shape, shapes, rules, axis_sizes)
+            spec = P() if replicate_adapters else _peft_spec(path, shape, kernels, rules, axis_sizes)
+        elif quant.is_quantized_leaf(path):
+            spec = _quantized_spec(path, shape, rules)
         else:
             spec = rule_spec(path, rules)
         if len(spec) > len(shape):

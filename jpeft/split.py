@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import optax
 
+from jpeft import quant
 from jpeft import selective as sel
 from jpeft import targets as tg
 from jpeft import tree
@@ -23,7 +24,10 @@ def is_adapter_path(path: str) -> bool:
 
 
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
-    """A tree of bools: True on PEFT leaves (not lora_scale), inside `modules_to_save`, and on `selective`'s choice."""
+    """A tree of bools: True on PEFT leaves (not lora_scale), inside `modules_to_save`, and on `selective`'s choice.
+
+    Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it.
+    """
     chosen = set(sel.selected_paths(params, selective)) if selective is not None else set()
     flat = tree.flatten(params)
     mask = {}
@@ -34,6 +38,7 @@ def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (
             or (bool(modules_to_save) and tg.within(modules_to_save, ".".join(parts[:-1])))
             or path in chosen
         )
+    quant.check_frozen(mask)
     return tree.unflatten(mask)
 
 
@@ -54,6 +59,7 @@ def combine(*trees: Mapping[str, Any]) -> dict:
 
 def optimizer(tx: optax.GradientTransformation, mask: Mapping[str, Any]) -> optax.GradientTransformation:
     """`tx` on trainable leaves, zero updates and no state on frozen ones (optax.masked alone freezes nothing)."""
+    quant.check_frozen(mask)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
@@ -69,19 +75,20 @@ def split_adapter(params: Mapping[str, Any]) -> tuple[dict, dict]:
 def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
     """Put an adapter on a base (no copies); an error if the adapter's modules or shapes do not fit the base."""
     flat_base, flat_adapter = tree.flatten(base), tree.flatten(adapter)
+    shapes = quant.float_shapes(base)  # a quantized weight counts as a kernel of its logical shape
     clash = [p for p in flat_adapter if p in flat_base]
     if clash:
         raise ValueError(f"attach: the base already has {clash[:3]}; split its adapter off first")
     for path, value in flat_adapter.items():
         module = path.split("/adapter/")[0] if "/adapter/" in path else path.rsplit("/", 1)[0]
-        kernel = flat_base.get(f"{module}/kernel")
+        kernel = shapes.get(f"{module}/kernel")
         leaf = path.rsplit("/", 1)[-1]
         if leaf == "prompt_embeddings":
             continue
         if kernel is None and "/adapter/" not in path:
             raise ValueError(f"attach: adapter leaf {path} has no base kernel at {module}/kernel")
-        if kernel is not None and not _fits(leaf, value.shape, kernel.shape):
-            raise ValueError(f"attach: {path} has shape {value.shape}, which does not fit the base kernel {kernel.shape}")
+        if kernel is not None and not _fits(leaf, value.shape, kernel):
+            raise ValueError(f"attach: {path} has shape {value.shape}, which does not fit the base kernel {kernel}")
     return tree.unflatten({**flat_base, **flat_adapter})
 
 
