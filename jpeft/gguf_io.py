@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,47 @@ def read(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
     reader = open_reader(path)
     config = config_from_reader(reader, source=str(path))
     return config, state_dict_from_reader(reader, config, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed weights (`jpeft.quant`): Linear weights kept as the file's GGML blocks
+
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K")  # the types jpeft.quant dequantizes in JAX
+
+
+def _packable(tensor, name: str | None) -> bool:
+    """A 2-D Linear weight of a type jpeft.quant reads; the embedding table is gathered, so it stays float."""
+    from gguf import GGMLQuantizationType as Q
+
+    return (name is not None and name != GLOBAL_TENSORS["token_embd.weight"] and len(tensor.shape) == 2
+            and Q(tensor.tensor_type).name in PACKED_TYPES)
+
+
+def read_packed(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, tuple[str, np.ndarray]]]:
+    """(config, float32 state dict of the other tensors, {name: (GGML type "q4_k", rows (out, row_bytes) uint8)}).
+
+    Linear weights of `PACKED_TYPES` keep the file's blocks, one row of bytes per output feature. Blocks run along
+    the input dim, so llama's q/k row un-permutation moves whole byte rows and stays exact. Every other tensor
+    (norms, F32/F16/BF16 weights, the embedding table, types without a JAX dequantizer) is read as `read` reads it.
+    """
+    from gguf import GGMLQuantizationType as Q
+
+    source = str(path)
+    reader = open_reader(path)
+    config = config_from_reader(reader, source=source)
+    arch = metadata(reader, "general.architecture", source=source)
+    packed, rest = {}, []
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if not _packable(tensor, name):
+            rest.append(tensor)
+            continue
+        rows = np.asarray(tensor.data)  # (out, row_bytes), PyTorch's row order
+        if arch == "llama" and ".self_attn.q_proj." in name:
+            rows = unpermute_rotary(rows, config.num_attention_heads)
+        elif arch == "llama" and ".self_attn.k_proj." in name:
+            rows = unpermute_rotary(rows, config.num_key_value_heads)
+        packed[name] = (Q(tensor.tensor_type).name.lower(), rows)
+    # The float tensors go through the float reader unchanged, on a view of the file without the packed ones.
+    floats = state_dict_from_reader(types.SimpleNamespace(fields=reader.fields, tensors=rest), config, source=source)
+    return config, floats, packed
