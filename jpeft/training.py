@@ -70,16 +70,16 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
 
 def _check_family(config: Any, fn: str, encoder_decoder: bool) -> None:
     """A loss built for the wrong kind of model fails here by name, not later on a missing config field."""
-    from jpeft.models import llama, t5
+    from jpeft.models import gemma, llama, t5
 
-    if isinstance(config, (t5.Arch, llama.Arch)):  # jpeft's own resolved configs
+    if isinstance(config, (t5.Arch, llama.Arch, gemma.Arch)):  # jpeft's own resolved configs
         is_encoder_decoder = isinstance(config, t5.Arch)
     else:
         is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if is_encoder_decoder != encoder_decoder:
         other = "causal_lm_loss" if encoder_decoder else "seq2seq_loss"
         kind = getattr(config, "model_type", type(config).__name__)
-        raise TypeError(f"{fn} is for {'encoder-decoder (T5)' if encoder_decoder else 'decoder-only (Llama-family)'} models; "
+        raise TypeError(f"{fn} is for {'encoder-decoder (T5)' if encoder_decoder else 'decoder-only (Llama, Gemma)'} models; "
                         f"this config is a {kind!r} model: use training.{other}(config)")
 
 
@@ -134,10 +134,11 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     targets go through the LM head, so the (R, L, vocab) logits of the prompts are never formed.
     """
     from jpeft import nn
-    from jpeft.models import llama
+    from jpeft.models import causal_lm
 
     _check_family(config, "causal_lm_loss", encoder_decoder=False)
-    a = llama.arch(config)
+    model = causal_lm.model_for(config)  # llama or gemma
+    a = model.arch(config)
 
     def loss(params, batch, rng):
         _check_batch(batch, ("input_ids", "targets", "target_index"), "causal_lm_loss", "causal_lm_batch")
@@ -146,14 +147,14 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
             raise ValueError("a soft prompt is prepended per row, so it cannot train on packed rows: use attention_mask batches")
         ctx = nn.Ctx(dtype=dtype, rng=rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, remat=remat)
         R, L = batch["input_ids"].shape
-        x, segments = llama.embed(params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], dtype)
+        x, segments = model.embed(a, params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], dtype)
         # A 0/1 mask is a packing of one segment per row, so one code path serves both layouts.
-        hidden, _ = llama.decoder(a, params, x, nn.segment_positions(segments), segments, ctx, segment_ids=segments)
+        hidden, _ = model.decoder(a, params, x, nn.segment_positions(segments), segments, ctx, segment_ids=segments)
         hidden = hidden[:, hidden.shape[1] - L:].reshape(R * L, -1)  # soft-prompt positions (first) dropped
         T = batch["targets"].shape[1]
         pos = batch["target_index"][:, None] - 1 + jnp.arange(T)[None, :]  # position t predicts token t + 1
         picked = hidden[jnp.clip(pos, 0, R * L - 1)]
-        total, count = token_cross_entropy(llama.lm_head(params, picked, ctx), batch["targets"])
+        total, count = token_cross_entropy(model.lm_head(a, params, picked, ctx), batch["targets"])
         return total / jnp.maximum(count, 1)
 
     return loss

@@ -126,12 +126,13 @@ def _trim(seq, eos):
     return seq[: stops[0] + 1] if stops else seq
 
 
-def _compare_generation(model, config, params, ids, mask, max_new, eos, num_beams=1):
+def _compare_generation(model, config, params, ids, mask, max_new, eos, num_beams=1, module=llama):
+    """jpeft's `module.generate` against transformers' generate: the same tokens up to each row's first EOS."""
     with torch.no_grad():
         ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new,
                              do_sample=False, num_beams=num_beams, eos_token_id=eos, pad_token_id=0,
                              length_penalty=1.0, early_stopping=False).numpy()[:, ids.shape[1]:]
-    ours = np.asarray(llama.generate(config, params, ids, mask, max_new_tokens=max_new, num_beams=num_beams, eos_token_id=eos))
+    ours = np.asarray(module.generate(config, params, ids, mask, max_new_tokens=max_new, num_beams=num_beams, eos_token_id=eos))
     assert ours.shape == (ids.shape[0], max_new)
     for r, o in zip(ref, ours):
         assert _trim(o, eos) == _trim(r, eos)

@@ -1,0 +1,375 @@
+"""What the decoder-only models (`llama`, `gemma`) share: positions, masks, rotary embeddings, the attention and
+gated-MLP blocks, soft prompts, the forward pass, the KV-cached generation loop and the checkpoint plumbing.
+
+Shapes: B batch, T tokens, S key slots (sequence or cache length), D hidden, KV key/value heads, G queries per
+key/value head, E head_dim, V vocab, N soft-prompt tokens.
+
+A model module plugs into the shared forward pass, loss and generation loop by providing, for its resolved
+`Arch` `a` (which has `num_layers`, `num_kv_heads`, `head_dim`, `attention_dropout`, `pad_token_id` and
+`eos_token_ids`):
+
+- `embed(a, params, input_ids, attention_mask, dtype) -> (x (B, N+T, D), mask (B, N+T))`
+- `decoder(a, params, x, positions, key_mask, ctx, cache, index, segment_ids) -> (h (B, T, D), cache)`
+- `lm_head(a, params, h, ctx) -> float32 logits (..., V)`
+
+and, for loading, `arch`, `config_from_dict`, `param_shapes` and `CAUSAL_LM` (model_type -> transformers class).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import generation, gguf_io, hf_io, nn, tree
+from jpeft.hf_io import CheckpointError
+from jpeft.models import registry
+
+Params = dict[str, Any]
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def model_for(config: Any) -> ModuleType:
+    """The jpeft module (`llama` or `gemma`) that implements a decoder-only config, config dict or resolved Arch."""
+    from jpeft.models import gemma, llama
+
+    if isinstance(config, (llama.Arch, gemma.Arch)):
+        return llama if isinstance(config, llama.Arch) else gemma
+    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    for module in (llama, gemma):
+        if model_type in module.MODEL_TYPES:
+            return module
+    raise ValueError(f"model_type {model_type!r} is not a decoder-only model jpeft implements "
+                     f"({list(llama.MODEL_TYPES + gemma.MODEL_TYPES)})")
+
+
+def eos_ids(config: Any) -> tuple[int, ...]:
+    """A config's EOS id(s) as a tuple (empty when it has none)."""
+    eos = config.eos_token_id
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+
+def check_rope(rope: dict) -> dict:
+    """A transformers `rope_parameters` dict that jpeft can compute, with its defaults filled in."""
+    rope = dict(rope)
+    rope.setdefault("rope_type", "default")
+    if rope["rope_type"] not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope['rope_type']!r}; jpeft implements {list(ROPE_TYPES)}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"unsupported partial_rotary_factor {rope['partial_rotary_factor']}; jpeft rotates whole heads")
+    return rope
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions, masks and rotary embeddings
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """(B, T) 0/1 -> (B, T) int32 positions: count of earlier real tokens, 0 on padding (transformers' generate)."""
+    mask = mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """(B, 1, 1, T, S) bool: key j is visible to the query at sequence index i iff real, j <= i and i - j < window.
+
+    With `segment_ids` (B, T = S) of a packed batch, a key must also lie in the query's segment.
+    """
+    key_index = jnp.arange(key_mask.shape[-1])
+    visible = key_mask.astype(bool)[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])
+    if window is not None:
+        visible = visible & (key_index[None, None, :] > query_index[None, :, None] - window)
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return visible[:, None, None]
+
+
+def inv_freq(rope: Mapping[str, Any], head_dim: int) -> np.ndarray:
+    """(E/2,) float32 rotary inverse frequencies, with linear or Llama-3 scaling applied as transformers does."""
+    E = head_dim
+    freq = 1.0 / (np.float32(rope["rope_theta"]) ** (np.arange(0, E, 2, dtype=np.float32) / np.float32(E)))
+    if rope["rope_type"] == "linear":
+        freq = freq / rope["factor"]
+    elif rope["rope_type"] == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freq
+        scaled = np.where(wavelen > old_len / low, freq / factor, freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        freq = np.where(medium, smoothed, scaled)
+    return freq.astype(np.float32)
+
+
+def rotary(rope: Mapping[str, Any], head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (B, T, E) float32 for integer positions (B, T)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq(rope, head_dim))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate (B, T, heads, E) by cos/sin (B, T, E) in the half-split layout transformers uses."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array, a: Any, ctx: nn.Ctx,
+                   cache=None, index=0, *, scale: float, softcap: float | None = None,
+                   qk_norm: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+    """Grouped-query self-attention; with `cache` (k, v of (B, KV, S, E)) writes this call's keys at `index`.
+
+    `qk_norm(weight, x)`, when given, normalises each query and key head (`q_norm` / `k_norm`) before rotary.
+    """
+    B, T, _ = h.shape
+    KV, G, E = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
+    cos, sin = cos.astype(ctx.dtype), sin.astype(ctx.dtype)
+    # Query heads h = kv * G + g share key/value head kv (transformers' repeat_kv layout).
+    q = nn.dense(p["q_proj"], h, ctx).reshape(B, T, KV * G, E)
+    k = nn.dense(p["k_proj"], h, ctx).reshape(B, T, KV, E)
+    if qk_norm is not None:
+        q, k = qk_norm(p["q_norm"]["weight"], q), qk_norm(p["k_norm"]["weight"], k)
+    q = apply_rotary(q, cos, sin).reshape(B, T, KV, G, E)
+    k = apply_rotary(k, cos, sin)
+    v = nn.dense(p["v_proj"], h, ctx).reshape(B, T, KV, E)
+    # Under remat, q, k and v are kept: recomputing their projections cost ~8% of a SmolLM2 step, keeping them 0.27 GB.
+    q, k, v = nn.keep(q.transpose(0, 2, 3, 1, 4)), nn.keep(k.transpose(0, 2, 1, 3)), nn.keep(v.transpose(0, 2, 1, 3))  # heads first
+    if cache is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
+        cache = (k, v)
+    attend = nn.attention if cache is not None else nn.causal_attention  # without a cache, keys are the queries' positions
+    out = attend(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)  # (B, KV, G, T, E)
+    return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
+
+
+def gated_mlp(p: Params, h: jax.Array, act: str, ctx: nn.Ctx) -> jax.Array:
+    """down(act(gate(h)) * up(h)): SwiGLU for Llama, GeGLU for Gemma."""
+    # The two (B, T, F) projections are half a layer's matmul work: under remat they are kept, not recomputed.
+    gate = nn.activation(act)(nn.keep(nn.dense(p["gate_proj"], h, ctx)))
+    return nn.dense(p["down_proj"], gate * nn.keep(nn.dense(p["up_proj"], h, ctx)), ctx)
+
+
+def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Token embeddings (times `scale`, in `dtype`) with any soft prompt prepended: (B, N+T, D) and the (B, N+T) mask."""
+    x = params["model"]["embed_tokens"]["embedding"][input_ids].astype(dtype)
+    if scale is not None:  # a float32 scale rounded to the compute dtype, as transformers rounds it to the weights' dtype
+        x = x * jnp.asarray(np.float32(scale)).astype(dtype)
+    if "prompt_embeddings" in params:  # prepended as given: PEFT feeds its soft prompt unscaled, past the embedding layer
+        prompt = params["prompt_embeddings"].astype(dtype)
+        B = input_ids.shape[0]
+        x = jnp.concatenate([jnp.broadcast_to(prompt[None], (B, *prompt.shape)), x], axis=1)
+        attention_mask = jnp.concatenate([jnp.ones((B, prompt.shape[0]), jnp.int32), jnp.asarray(attention_mask, jnp.int32)], axis=1)
+    return x, attention_mask
+
+
+def lm_head(params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
+    """Hidden states (..., D) -> float32 logits (..., V), through the tied embedding when there is no `lm_head`."""
+    if "lm_head" in params:
+        logits = nn.dense(params["lm_head"], x, ctx)
+    else:
+        logits = nn.matmul(x.astype(ctx.dtype), params["model"]["embed_tokens"]["embedding"].astype(ctx.dtype).T)
+    return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pass and generation
+
+
+def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *, dtype: Any = jnp.float32,
+            dropout_rng: jax.Array | None = None, lora_dropout: float = 0.0, adapter_ids: jax.Array | None = None,
+            remat: bool = False, prompt_logits: bool = False) -> jax.Array:
+    """Causal-LM logits (B, T, V) of `model` (see the models' `forward`); (B, N+T, V) with `prompt_logits`."""
+    ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
+    x, mask = model.embed(a, params, input_ids, attention_mask, dtype)
+    h, _ = model.decoder(a, params, x, positions_from_mask(mask), mask, ctx)
+    if not prompt_logits:
+        h = h[:, h.shape[1] - input_ids.shape[1]:]
+    return model.lm_head(a, params, h, ctx)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping"))
+def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype, length_penalty, early_stopping):
+    ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
+    if num_beams > 1:  # every row becomes num_beams rows, as transformers does
+        input_ids, attention_mask = (jnp.repeat(t, num_beams, axis=0) for t in (input_ids, attention_mask))
+        if adapter_ids is not None:
+            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
+    x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
+    R, P = mask.shape
+    positions = positions_from_mask(mask)
+    # Slots past the prompt hold generated tokens (all but the last, which is never fed back); causality
+    # hides the ones not yet written.
+    key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - P)), constant_values=1)
+    shape = (R, a.num_kv_heads, cache_len, a.head_dim)
+    cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
+    h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, 0)
+    logits = model.lm_head(a, params, h[:, -1], ctx)
+    last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
+
+    def step(tokens, i, cache):  # the i-th generated token sits at slot P + i, position last + 1 + i
+        x, _ = model.embed(a, {"model": params["model"]}, tokens[:, None], jnp.ones((R, 1), jnp.int32), dtype)  # no soft prompt again
+        h, cache = model.decoder(a, params, x, (last + 1 + i)[:, None], key_mask, ctx, cache, P + i)
+        return model.lm_head(a, params, h[:, 0], ctx), cache
+
+    if num_beams == 1:
+        return generation.greedy_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id)
+    return generation.beam_search(
+        step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id,
+        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+    )
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move each row's padding to the left (keeping token order), so every prompt ends in the last column."""
+    order = np.argsort(attention_mask, axis=1, kind="stable")
+    return np.take_along_axis(input_ids, order, axis=1), np.take_along_axis(attention_mask, order, axis=1)
+
+
+def pad_after_eos(out: jax.Array, eos_ids: tuple[int, ...], pad: int) -> jax.Array:
+    """Pad everything after each row's first EOS (any of `eos_ids`), as transformers does."""
+    after = jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
+    return jnp.where(after, pad, out)
+
+
+def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, *,
+             length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | list[int] | None = None,
+             dtype: Any = jnp.float32, adapter_ids=None) -> jax.Array:
+    """Greedy or beam search with `model` (see the models' `generate`); (B, max_new_tokens) ids, pad after EOS."""
+    eos = a.eos_token_ids if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
+    if num_beams > 1 and len(eos) > 1:
+        raise ValueError(f"beam search stops on one EOS id, but {list(eos)} were given: pass eos_token_id=<one id>")
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    input_ids, attention_mask = left_align(input_ids, attention_mask)
+    S = input_ids.shape[1]
+    extra = generation.bucket(S) - S
+    input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
+    attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+    n_prompt = params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0
+    out = _generate(
+        model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
+        jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens
+        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
+        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_prompt + input_ids.shape[1] + max_new_tokens - 1),
+        num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
+    )[:, :max_new_tokens]
+    return pad_after_eos(out, eos, a.pad_token_id) if len(eos) > 1 else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+
+
+def hf_to_path(name: str) -> tuple[str, bool]:
+    """PyTorch state-dict name -> (tree path, whether the tensor is a transposed Linear weight)."""
+    parts = name.split(".")
+    module, leaf = "/".join(parts[:-1]), parts[-1]
+    if name == "model.embed_tokens.weight":
+        return "model/embed_tokens/embedding", False
+    if leaf == "bias":
+        return f"{module}/bias", False
+    if leaf == "weight" and parts[-2].endswith("norm"):
+        return f"{module}/weight", False
+    if leaf == "weight":
+        return f"{module}/kernel", True
+    raise KeyError(name)
+
+
+def path_to_hf(path: str) -> tuple[str, bool]:
+    """Tree path -> (PyTorch state-dict name, whether to transpose)."""
+    module, leaf = path.rsplit("/", 1)
+    return module.replace("/", ".") + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
+
+
+def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:
+    """Convert a transformers state dict of `model`'s family to a jpeft tree, checking every name and shape first."""
+    a = model.arch(config)
+    flat: dict[str, np.ndarray] = {}
+    unexpected = []
+    for name, value in state.items():
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints stored; recomputed from the config
+            continue
+        try:
+            path, transpose = hf_to_path(name)
+        except KeyError:
+            unexpected.append(name)
+            continue
+        flat[path] = value.T if transpose else value
+    if a.tie_word_embeddings and "lm_head/kernel" in flat:
+        if not np.array_equal(flat["lm_head/kernel"].T, flat.get("model/embed_tokens/embedding")):
+            raise CheckpointError(f"{source}: the config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
+        del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
+    expected = model.param_shapes(a)
+    return hf_io.checked_tree(flat, expected, path_to_hf, source, f"a {a.model_type} model", dtype, unexpected)
+
+
+def state_dict_from_params(model: ModuleType, config: Any, params: Params) -> dict[str, np.ndarray]:
+    """jpeft tree -> transformers state dict (PyTorch layout); refuses leaves the base model does not have."""
+    flat = tree.flatten(params)
+    expected = model.param_shapes(config, tie_word_embeddings="lm_head" not in params)
+    extra = sorted(p for p in flat if p not in expected)
+    if extra:
+        raise ValueError(f"{extra[0]} is not a base-model weight: merge or split off PEFT leaves before saving")
+    missing = sorted(p for p in expected if p not in flat)
+    if missing:
+        raise ValueError(f"the parameters lack base-model weights: {missing[:8]}")
+    out = {}
+    for path, value in flat.items():
+        name, transpose = path_to_hf(path)
+        value = np.asarray(jax.device_get(value), dtype=np.float32) if value.dtype != jnp.bfloat16 else np.asarray(value)
+        out[name] = value.T if transpose else value
+    return out
+
+
+def load_config(model: ModuleType, path_or_hub_id: str | os.PathLike):
+    """The config of a checkpoint directory, hub id, known name or `.gguf` file, checked to be `model`'s family."""
+    path = registry.resolve(path_or_hub_id)
+    if str(path).endswith(".gguf"):
+        return _of_family(model, gguf_io.load_config(path), path)
+    model_dir = hf_io.resolve_model_dir(path)
+    return model.config_from_dict(hf_io.read_config_json(model_dir), source=str(model_dir / "config.json"))
+
+
+def _of_family(model: ModuleType, config: Any, source: Any) -> Any:
+    if config.model_type not in model.MODEL_TYPES:
+        raise CheckpointError(f"{source} holds a {config.model_type!r} model; {model.__name__} handles {list(model.MODEL_TYPES)}")
+    return config
+
+
+def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False):
+    """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name."""
+    path = registry.resolve(path_or_hub_id)
+    if str(path).endswith(".gguf"):
+        config, state = gguf_io.read(path)
+        _of_family(model, config, path)
+        return config, params_from_state_dict(model, config, state, dtype=dtype, source=str(path))
+    model_dir = hf_io.resolve_model_dir(path)
+    config = load_config(model, model_dir)
+    state = hf_io.read_state_dict(model_dir, allow_pickle=allow_pickle)
+    return config, params_from_state_dict(model, config, state, dtype=dtype, source=str(model_dir))
+
+
+def save_pretrained(model: ModuleType, out_dir: str | os.PathLike, config: Any, params: Params) -> None:
+    """Write a standard HF directory (config.json + model.safetensors) atomically."""
+    state = state_dict_from_params(model, config, params)
+    cfg = config.to_dict()
+    cfg["tie_word_embeddings"] = "lm_head.weight" not in state
+    cfg.pop("quantization_config", None)  # the weights are written dequantised
+    cfg["architectures"] = [model.CAUSAL_LM[model.arch(config).model_type]]
+    with hf_io.atomic_dir(out_dir) as tmp:
+        hf_io.write_safetensors(tmp / hf_io.SAFETENSORS, state)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
