@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jpeft import quant
+from jpeft import quant, tree
 
 Params = dict[str, Any]
 
@@ -66,10 +66,13 @@ def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Arra
     parameters with the body rematerialised: the backward pass recomputes one layer at a time, so the
     stored activations shrink from every intermediate of every layer to each layer's input and the
     values tagged with `keep`, and one body compiles instead of N. Otherwise (or when layers differ,
-    e.g. under a LoRA rank_pattern) a plain loop runs.
+    e.g. under a LoRA rank_pattern) a plain loop runs. Layers holding quantized weights scan even without
+    remat: in an unrolled loop XLA's CPU scheduler dequantized every layer's weights up front and kept them
+    until the backward pass; in a scan, one layer's dequantized weights exist at a time.
     """
     signature = lambda p: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), p)  # noqa: E731
-    if not ctx.remat or any(signature(p) != signature(layers[0]) for p in layers[1:]):
+    quantized = any(quant.is_quantized_leaf(path) for path in tree.flatten(layers[0])) if layers else False
+    if not (ctx.remat or quantized) or any(signature(p) != signature(layers[0]) for p in layers[1:]):
         for i, p in enumerate(layers):
             x = layer(p, x, _layer_ctx(ctx, i))
         return x
@@ -78,8 +81,8 @@ def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Arra
         p, i = inputs
         return layer(p, x, _layer_ctx(ctx, i)), None
 
-    # Inside scan, CSE cannot undo the recomputation; values tagged by `keep` are stored, not recomputed.
-    body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_KEPT))
+    if ctx.remat:  # inside scan, CSE cannot undo the recomputation; values tagged by `keep` are stored, not recomputed
+        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_KEPT))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)
     return jax.lax.scan(body, x, (stacked, jnp.arange(len(layers))))[0]
 
@@ -191,6 +194,9 @@ low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def quantized_matmul(fmt: str, x: jax.Array, group: Params) -> jax.Array:
     """x (..., in) @ W for a quantized leaf group of format `fmt`, W dequantized here; codes get no gradient."""
+    # W depends only on the codes, so XLA is free to dequantize every layer up front and hold them all (its CPU
+    # scheduler did, in an unrolled loop of layers); the barrier ties W to x where XLA keeps barriers.
+    group, x = jax.lax.optimization_barrier((group, x))
     return _einsum("...i,oi->...o", x, quant.unpack(fmt, group).astype(x.dtype))
 
 
@@ -199,8 +205,9 @@ def _quantized_matmul_fwd(fmt, x, group):
 
 
 def _quantized_matmul_bwd(fmt, group, g):
-    # The barrier makes this a second dequantization, from the codes, once g exists: XLA can neither merge it
-    # with the forward one (CSE would keep W alive in between) nor hoist it ahead of the backward pass.
+    # W again, from the codes, once g exists. The barriers only order work where XLA keeps them (its CPU pipeline
+    # drops them before scheduling); what bounds memory is that `run_layers` scans quantized layers, so each
+    # dequantization lives in its own layer's loop body, forward or backward, and no two layers' W coexist.
     group, g = jax.lax.optimization_barrier((group, g))
     return matmul(g, quant.unpack(fmt, group).astype(g.dtype)), None
 
