@@ -1,0 +1,278 @@
+"""jpeft.quant: a frozen base that stays quantized (QLoRA).
+
+NF4 and int8 bit for bit against bitsandbytes, GGUF blocks against the `gguf` package, LoRA on a quantized Llama
+against LoRA on its dequantized twin, the compiled step's memory, and the packaged SmolLM2 GGUF loaded packed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jpeft
+from jpeft import batches, lora, nn, quant, split, targets, training, tree
+from jpeft.quant import bnb, ggml
+
+bf = pytest.importorskip("bitsandbytes.functional")
+torch = pytest.importorskip("torch")
+
+
+def _weight(rng, out, d_in):
+    w = (rng.standard_normal((out, d_in)) * rng.uniform(0.01, 2.0, (out, 1))).astype(np.float32)
+    w[0, :64] = 0.0  # an all-zero block
+    return w
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats, value for value
+
+
+def test_nf4_matches_bitsandbytes():
+    w = _weight(np.random.default_rng(0), 48, 320)
+    q, state = bf.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4")
+    codes, absmax = bnb.quantize_nf4(w)
+    np.testing.assert_array_equal(codes.reshape(-1), q.numpy().reshape(-1))
+    np.testing.assert_array_equal(absmax.reshape(-1), state.absmax.numpy())
+    np.testing.assert_array_equal(np.asarray(bnb.dequantize_nf4(codes, absmax)), bf.dequantize_4bit(q, state).numpy())
+    np.testing.assert_array_equal(bnb.NF4_LEVELS, bf.get_4bit_type("nf4", device="cpu").numpy())
+
+
+def test_nf4_double_quant_matches_bitsandbytes():
+    """bitsandbytes' own double-quantized state dequantizes bit for bit; jpeft's quantizer picks the nearest map value,
+    which bitsandbytes' CPU binary search misses on rare near-ties, so a few codes may sit one level away."""
+    np.testing.assert_array_equal(bnb.DYNAMIC_MAP, bf.create_dynamic_map().numpy())
+    w = _weight(np.random.default_rng(1), 96, 320)
+    q, state = bf.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True)
+    ref = bf.dequantize_4bit(q, state).numpy()
+    shape = (96, 320 // 64)
+    theirs = bnb.dequantize_absmax(state.absmax.numpy().reshape(shape), state.state2.absmax.numpy(), np.float32(state.offset.item()))
+    np.testing.assert_array_equal(np.asarray(bnb.dequantize_nf4(q.numpy().reshape(96, 160), theirs)), ref)
+
+    codes, scale, offset = bnb.quantize_absmax(bnb.quantize_nf4(w)[1])
+    assert abs(offset - state.offset.item()) <= np.spacing(np.float32(offset))
+    np.testing.assert_array_equal(scale, state.state2.absmax.numpy())
+    diff = codes.reshape(-1).astype(int) - state.absmax.numpy().astype(int)
+    assert np.abs(diff).max() <= 1 and np.mean(diff != 0) < 0.01
+    group = quant.quantize({"m": {"kernel": jnp.asarray(w.T)}}, "nf4", double_quant=True, targets=["m"])["m"]
+    assert sorted(group) == ["kernel_absmax_offset", "kernel_absmax_q", "kernel_absmax_scale", "kernel_nf4"]
+    np.testing.assert_allclose(np.asarray(quant.weight(group)).T, ref, rtol=0, atol=2e-2 * np.abs(w).max())
+
+
+def test_int8_matches_bitsandbytes():
+    w = _weight(np.random.default_rng(2), 40, 72)
+    codes, stats, _ = bf.int8_vectorwise_quant(torch.from_numpy(w))  # (codes, row absmax, outlier columns)
+    ours, absmax = bnb.quantize_int8(w)
+    np.testing.assert_array_equal(ours, codes.numpy())
+    np.testing.assert_array_equal(absmax, stats.numpy())
+    np.testing.assert_allclose(np.asarray(bnb.dequantize_int8(ours, absmax)), bf.int8_vectorwise_dequant(codes, stats).numpy(), rtol=1e-6)
+
+
+def _gguf_rows(rng, qtype: str, out: int, d_in: int) -> np.ndarray:
+    """Rows of a GGML type: quantized by the gguf package where it can, else random bytes with finite f16 scales."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if qtype not in ("q4_k", "q6_k"):  # gguf quantizes these itself
+        return quants.quantize(rng.standard_normal((out, d_in)).astype(np.float32), Q[qtype.upper()])
+    block, size = quant.GGUF_TYPES[qtype]
+    rows = rng.integers(0, 256, (out, d_in // block, size), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (out, d_in // block, 2)).astype(np.float16).view(np.uint8)  # 2 f16 = 4 bytes
+    if qtype == "q4_k":
+        rows[..., 0:4] = scales  # d, dmin
+    else:
+        rows[..., 208:210] = scales[..., :2]  # d
+    return rows.reshape(out, -1)
+
+
+@pytest.mark.parametrize("qtype", sorted(quant.GGUF_TYPES))
+def test_gguf_blocks_match_gguf_package(qtype):
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    rows = _gguf_rows(np.random.default_rng(3), qtype, 24, 512)
+    group = quant.gguf_leaves(qtype, rows)
+    assert quant.weight_shape(group) == (512, 24)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ggml.DEQUANTIZE[qtype])(rows)), quants.dequantize(rows, Q[qtype.upper()]))
+
+
+def test_quantize_targets_and_errors():
+    rng = np.random.default_rng(4)
+    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((128, 64)), jnp.float32), "bias": jnp.zeros(64)},
+              "odd": {"kernel": jnp.ones((96, 8))}, "lm_head": {"kernel": jnp.ones((64, 10))}}
+    with pytest.raises(ValueError, match="odd to NF4: its input dim 96"):
+        quant.quantize(params, "nf4")
+    q = quant.quantize(params, "int8")
+    assert quant.quantized_modules(q) == ["a", "odd"] and "kernel" in q["lm_head"]  # the LM head stays float by default
+    assert quant.weight_shape(q["odd"]) == (96, 8) and q["a"]["bias"] is params["a"]["bias"]
+    assert tree.flatten(quant.float_shapes(q)) == {p: tuple(v.shape) for p, v in tree.flatten(params).items()}
+    with pytest.raises(ValueError, match="unknown quantization format"):
+        quant.quantize(params, "nf3")
+    with pytest.raises(ValueError, match="matches no module"):
+        quant.quantize(q, "int8", targets=["a"])  # already quantized: not a float candidate
+    back = quant.dequantize(q)
+    np.testing.assert_allclose(back["a"]["kernel"], params["a"]["kernel"], atol=float(jnp.abs(params["a"]["kernel"]).max()) / 127)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training on a quantized Llama
+
+
+def _tiny_llama(hidden=128, inter=256, layers=2, vocab=96):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                                      eos_token_id=1, tie_word_embeddings=True)
+    from jpeft.models import llama
+
+    return config, llama.init_params(config, jax.random.key(0))
+
+
+def _batch(vocab=96, rows=3):
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(2, vocab, n)) for n in (5, 9, 3)[:rows]]
+    targets = [list(rng.integers(2, vocab, n)) for n in (2, 4, 6)[:rows]]
+    return {k: jnp.asarray(v) for k, v in batches.causal_lm_batch(prompts, targets, pad_id=0, eos_id=1, bucket=8).items()}
+
+
+def _loss_and_grads(config, params, remat):
+    mask = jpeft.trainable_mask(params)
+    trainable, frozen = jpeft.partition(params, mask)
+    loss_fn = training.causal_lm_loss(config, remat=remat)
+    step = jax.jit(jax.value_and_grad(lambda t, f, b: loss_fn(jpeft.combine(t, f), b, None)))
+    return step(trainable, frozen, _batch())
+
+
+def _mixed_quantized(params):
+    """Every projection quantized, in every format: NF4, double-quantized NF4, int8 and GGUF Q5_0 / Q8_0 blocks."""
+    rng = np.random.default_rng(6)
+    params = quant.quantize(params, "nf4", targets=["q_proj", "o_proj"])
+    params = quant.quantize(params, "nf4", targets=["gate_proj"], double_quant=True)
+    params = quant.quantize(params, "int8", targets=["k_proj", "up_proj"])
+    flat = tree.flatten(params)
+    for name, qtype in (("v_proj", "q5_0"), ("down_proj", "q8_0")):  # blocks as a GGUF file would hold them
+        for path in [p for p in flat if p.endswith(f"{name}/kernel")]:
+            d_in, out = flat.pop(path).shape
+            group = quant.gguf_leaves(qtype, _gguf_rows(rng, qtype, out, d_in))
+            flat.update({f"{path.rsplit('/', 1)[0]}/{k}": v for k, v in group.items()})
+    return tree.unflatten(flat)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_lora_on_quantized_llama_matches_dequantized_base(remat):
+    """Loss and LoRA gradients of the jitted step on a quantized base equal those on its dequantized float twin."""
+    config, params = _tiny_llama()
+    qparams = _mixed_quantized(params)
+    assert len(quant.quantized_modules(qparams)) == 14
+    qlora = lora.inject(qparams, jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "up_proj"]),
+                        jax.random.key(1))
+    flat = tree.flatten(qlora)
+    for p in [p for p in flat if p.endswith("lora_b")]:  # B nonzero so that A's gradient is too
+        flat[p] = 0.01 * jax.random.normal(jax.random.key(len(p)), flat[p].shape)
+    qlora = tree.unflatten(flat)
+    float_lora = quant.dequantize(qlora)
+    assert not quant.quantized_modules(float_lora)
+    (loss_q, grads_q), (loss_f, grads_f) = _loss_and_grads(config, qlora, remat), _loss_and_grads(config, float_lora, remat)
+    np.testing.assert_allclose(loss_q, loss_f, rtol=1e-5)
+    gq, gf = ({p: v for p, v in tree.flatten(g).items() if v is not None} for g in (grads_q, grads_f))
+    assert sorted(gq) == sorted(gf) and {p.rsplit("/", 1)[-1] for p in gq} == {"lora_a", "lora_b"}
+    for p in gq:
+        np.testing.assert_allclose(gq[p], gf[p], rtol=1e-4, atol=1e-6, err_msg=p)
+
+
+def _naive_quantized_matmul(fmt, x, group):
+    """What autodiff would do without the custom VJP: keep each dequantized W as a residual for the backward pass."""
+    return nn._einsum("...i,oi->...o", x, quant.unpack(fmt, group).astype(x.dtype))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_compiled_step_holds_no_float_copy_of_the_base(remat, monkeypatch):
+    """A model whose NF4 weights dominate: the compiled train step's temporaries (one layer's dequantized weights at a
+    time, the scan's stacked codes, activations) stay far below the float32 size of the quantized weights, while
+    dequantize-then-autodiff keeps every layer's dequantized weights from the forward pass to the backward pass."""
+    config, params = _tiny_llama(hidden=256, inter=1024, layers=12, vocab=64)
+    qparams = lora.inject(quant.quantize(params, "nf4"), jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), jax.random.key(1))
+    float_bytes = 4 * sum(np.prod(quant.weight_shape(targets.get_module(qparams, m))) for m in quant.quantized_modules(qparams))
+    mask = jpeft.trainable_mask(qparams)
+    trainable, frozen = jpeft.partition(qparams, mask)
+    tx = split.optimizer(optax.adam(1e-3), mask)
+    args = (trainable, tx.init(trainable), frozen, _batch(vocab=64, rows=1), None)
+
+    def temp_bytes():
+        step = training.make_train_step(training.causal_lm_loss(config, remat=remat), tx)
+        return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes() < 0.3 * float_bytes
+    if not remat:
+        monkeypatch.setattr(nn, "quantized_matmul", _naive_quantized_matmul)
+        assert temp_bytes() > float_bytes
+
+
+def test_quantized_leaves_never_train():
+    config, params = _tiny_llama()
+    qparams = quant.quantize(params, "nf4")
+    with pytest.raises(ValueError, match="quantized weights cannot be trained: .*q_proj/kernel_absmax"):
+        jpeft.trainable_mask(qparams, selective=jpeft.SelectiveConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="quantized weights cannot be trained"):
+        jpeft.trainable_mask(qparams, modules_to_save=["mlp"])
+    with pytest.raises(ValueError, match="quantized weights cannot be trained"):
+        split.optimizer(optax.adam(1e-3), jax.tree.map(lambda _: True, qparams))  # full fine-tuning
+    with pytest.raises(ValueError, match="PiSSA"):
+        lora.inject(qparams, jpeft.LoraConfig(init="pissa", target_modules=["q_proj"]), jax.random.key(0))
+    # Norms are not quantized, so selective training of them still works.
+    mask = tree.flatten(jpeft.trainable_mask(qparams, selective=jpeft.SelectiveConfig(layer_norms=True)))
+    assert any(mask.values()) and not any(m for p, m in mask.items() if quant.is_quantized_leaf(p))
+
+
+def test_generation_on_quantized_llama_matches_dequantized():
+    from jpeft.models import llama
+
+    config, params = _tiny_llama()
+    qparams = quant.quantize(params, "int8")
+    ids = np.array([[5, 6, 7, 8], [0, 9, 10, 11]])
+    mask = (ids > 0).astype(np.int32)
+    ours = llama.generate(config, qparams, ids, mask, max_new_tokens=4)
+    np.testing.assert_array_equal(ours, llama.generate(config, quant.dequantize(qparams), ids, mask, max_new_tokens=4))
+
+
+# ----------------------------------------------------------------------------------------------
+# The packaged SmolLM2 GGUF, kept packed
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from jpeft.models import llama, registry
+
+    path = registry.resolve("smollm2-135m-instruct")
+    config, packed = llama.load_pretrained(path, quantized=True)
+    return config, packed, llama.load_pretrained(path)[1]
+
+
+def test_smollm2_loads_packed(smollm2, tmp_path):
+    from jpeft.models import llama
+
+    config, packed, floats = smollm2
+    formats = {quant.format_of(targets.get_module(packed, m)) for m in quant.quantized_modules(packed)}
+    assert formats == {"q4_1"} and len(quant.quantized_modules(packed)) == 7 * config.num_hidden_layers
+    assert packed["model"]["embed_tokens"]["embedding"].dtype == jnp.float32  # the Q8_0 table is gathered: float
+    ids = np.array([[1, 504, 3458, 314, 260, 1345, 28, 9421, 30]])
+    logits = jax.jit(lambda p: llama.forward(config, p, ids, np.ones_like(ids)))
+    np.testing.assert_allclose(logits(packed), logits(floats), rtol=1e-4, atol=1e-4)
+
+    cfg = jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = lora.inject(packed, cfg, jax.random.key(0))
+    mask = jpeft.trainable_mask(model)
+    assert {p.rsplit("/", 1)[-1] for p, m in tree.flatten(mask).items() if m} == {"lora_a", "lora_b"}
+    state = split.optimizer(optax.adam(1e-3), mask).init(jpeft.partition(model, mask)[0])
+    assert all(np.size(leaf) <= 4 * 576 for leaf in jax.tree.leaves(state))  # no state beside the base
+    jpeft.save_adapter(tmp_path / "adapter", model, cfg)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 2_000_000  # LoRA only, never the base
+    reloaded = jpeft.load_adapter(tmp_path / "adapter", floats)  # the fingerprint counts packed weights as their kernels
+    merged = lora.merge(model)
+    assert "kernel" in merged["model"]["layers"]["0"]["self_attn"]["q_proj"] and quant.is_quantized(merged["model"]["layers"]["0"]["mlp"]["up_proj"])
+    np.testing.assert_allclose(merged["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"],
+                               lora.merge(reloaded)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"], atol=1e-6)
