@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, gguf_io, hf_io, nn, tree
+from jpeft import generation, gguf_io, hf_io, nn, quant, tree
 from jpeft.hf_io import CheckpointError
 from jpeft.models import registry
 
@@ -295,8 +295,13 @@ def path_to_hf(path: str) -> tuple[str, bool]:
     return module.replace("/", ".") + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
 
 
-def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:
-    """Convert a transformers state dict of `model`'s family to a jpeft tree, checking every name and shape first."""
+def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
+                           packed: dict[str, tuple[str, np.ndarray]] | None = None) -> Params:
+    """Convert a transformers state dict of `model`'s family to a jpeft tree, checking every name and shape first.
+
+    `packed` ({name: (GGML type, rows)}, from `gguf_io.read_packed`) holds Linear weights kept quantized: each
+    becomes its `jpeft.quant` leaf group, checked by the (in, out) shape it stands for.
+    """
     a = model.arch(config)
     flat: dict[str, np.ndarray] = {}
     unexpected = []
@@ -313,8 +318,24 @@ def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.n
         if not np.array_equal(flat["lm_head/kernel"].T, flat.get("model/embed_tokens/embedding")):
             raise CheckpointError(f"{source}: the config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
         del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
-    expected = model.param_shapes(a)
-    return hf_io.checked_tree(flat, expected, path_to_hf, source, f"a {a.model_type} model", dtype, unexpected)
+    groups, expected = _packed_leaves(packed or {}, model.param_shapes(a), source)
+    params = hf_io.checked_tree(flat, expected, path_to_hf, source, f"a {a.model_type} model", dtype, unexpected)
+    return tree.unflatten({**tree.flatten(params), **groups}) if groups else params
+
+
+def _packed_leaves(packed: dict[str, tuple[str, np.ndarray]], expected: dict[str, tuple[int, ...]], source: str) -> tuple[dict, dict]:
+    """(flat leaves of the packed weights' quant groups, the expected shapes of the float tensors left to check)."""
+    leaves, expected = {}, dict(expected)
+    for name, (qtype, rows) in packed.items():
+        path, _ = hf_to_path(name)
+        group = quant.gguf_leaves(qtype, rows)
+        if path not in expected:
+            raise CheckpointError(f"{source} holds tensor {name}, which this config's model does not have")
+        if quant.weight_shape(group) != expected[path]:
+            raise CheckpointError(f"{source}: tensor {name} has shape {quant.weight_shape(group)[::-1]} but the config implies {expected[path][::-1]}")
+        del expected[path]
+        leaves.update({f"{path.rsplit('/', 1)[0]}/{k}": v for k, v in group.items()})
+    return leaves, expected
 
 
 def state_dict_from_params(model: ModuleType, config: Any, params: Params) -> dict[str, np.ndarray]:
@@ -350,13 +371,20 @@ def _of_family(model: ModuleType, config: Any, source: Any) -> Any:
     return config
 
 
-def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False):
-    """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name."""
+def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False,
+                    quantized: bool = False):
+    """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
+
+    `quantized=True` keeps a GGUF file's quantized Linear weights as its packed blocks (`jpeft.quant`), never float.
+    """
     path = registry.resolve(path_or_hub_id)
     if str(path).endswith(".gguf"):
-        config, state = gguf_io.read(path)
+        config, state, packed = gguf_io.read_packed(path) if quantized else (*gguf_io.read(path), None)
         _of_family(model, config, path)
-        return config, params_from_state_dict(model, config, state, dtype=dtype, source=str(path))
+        return config, params_from_state_dict(model, config, state, dtype=dtype, source=str(path), packed=packed)
+    if quantized:
+        raise ValueError(f"quantized=True keeps a GGUF file's blocks packed, but {path} is not a .gguf file: load it in float "
+                         "and call jpeft.quant.quantize(params, 'nf4' or 'int8')")
     model_dir = hf_io.resolve_model_dir(path)
     config = load_config(model, model_dir)
     state = hf_io.read_state_dict(model_dir, allow_pickle=allow_pickle)
