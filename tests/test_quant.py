@@ -276,3 +276,44 @@ def test_smollm2_loads_packed(smollm2, tmp_path):
     assert "kernel" in merged["model"]["layers"]["0"]["self_attn"]["q_proj"] and quant.is_quantized(merged["model"]["layers"]["0"]["mlp"]["up_proj"])
     np.testing.assert_allclose(merged["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"],
                                lora.merge(reloaded)["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI's --quantize
+
+
+def test_cli_quantize_is_checked_before_loading(tmp_path, capsys):
+    from train import summarize
+
+    cases = [(["--quantize", "gguf", "--model", str(tmp_path)], "--quantize gguf keeps a .gguf file's blocks packed"),
+             (["--quantize", "nf4", "--method", "full"], "--method full trains every weight")]
+    for argv, message in cases:
+        assert summarize.main(argv + ["--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_quantize_end_to_end(tmp_path, capsys):
+    """A tiny T5 whose dims are not multiples of 64: NF4 is refused by name before loading; int8 trains, records
+    --quantize in run.json and exports the merged model in float."""
+    import json
+
+    from tests.conftest import SHARED, make_hf_t5
+    from tests.train import test_summarize
+
+    if not (SHARED / "tokenizers" / "t5").is_dir():
+        pytest.skip("needs ../shared/tokenizers/t5")
+
+    model_dir, data_dir = tmp_path / "t5", tmp_path / "data"
+    make_hf_t5(model_dir, vocab_size=32128, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
+               feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    data_dir.mkdir()
+    for split_name in ("train", "validation"):
+        rows = [{"id": str(i), "dialogue": d, "summary": s} for i, (d, s) in enumerate(test_summarize.DIALOGUES)]
+        (data_dir / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert test_summarize._run(model_dir, data_dir, tmp_path / "nf4", "--quantize", "nf4") == 2
+    assert "--quantize nf4: cannot quantize" in capsys.readouterr().err
+    out = tmp_path / "int8"
+    assert test_summarize._run(model_dir, data_dir, out, "--quantize", "int8", "--steps", "1", "--eval-samples", "0", "--merge") == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["quantize"] == "int8"
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
