@@ -58,6 +58,9 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--select-modules", help="selective: comma-separated module names to train")
     g.add_argument("--select-layer-norms", action="store_true", help="selective: train every norm")
     g.add_argument("--select-last-blocks", type=int, help="selective: train the last N blocks of each stack")
+    g.add_argument("--quantize", choices=["nf4", "int8", "gguf"],
+                   help="keep the frozen base quantized (QLoRA): nf4 or int8 as bitsandbytes makes them (every dense weight but "
+                        "the LM head), or gguf to keep a .gguf model's own blocks packed")
     g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optax optimizer")
@@ -131,8 +134,21 @@ def check(args: argparse.Namespace) -> None:
     if args.steps is not None and args.warmup_steps >= args.steps:
         raise UsageError(f"--warmup-steps {args.warmup_steps} leaves no training after warmup in --steps {args.steps}")
     tasks.check_prompt(args.prompt)
+    check_quantize(args)
     if args.mesh:
         check_mesh(args.mesh)
+
+
+def check_quantize(args: argparse.Namespace) -> None:
+    """--quantize gguf needs a .gguf model, and a quantized base never trains in full."""
+    from jpeft.models import registry
+
+    if args.quantize == "gguf" and not str(registry.resolve(args.model)).endswith(".gguf"):
+        raise UsageError(f"--quantize gguf keeps a .gguf file's blocks packed, but --model {args.model} is not a .gguf file; "
+                         "use --quantize nf4 or int8")
+    if args.quantize and args.method == "full":
+        raise UsageError(f"--method full trains every weight, but --quantize {args.quantize} keeps the base frozen and quantized; "
+                         "use lora, ia3, prompt or adapter")
 
 
 def check_mesh(spec: str) -> None:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, lora, packing, prompt, sharding, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, lora, packing, prompt, quant, sharding, targets, training, tree
 from jpeft.models import llama, t5
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
@@ -84,12 +84,17 @@ def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: 
 
 def check_method_fits(args: argparse.Namespace, family: str, config: Any) -> None:
     """Apply the method to the model's parameter shapes alone (`jax.eval_shape`): targets, ranks and patterns are
-    checked against the real module names before any weight is read."""
-    if args.method == "none":
-        return
+    checked against the real module names before any weight is read; so is --quantize nf4 / int8."""
     module = t5 if family == "t5" else llama
     tied = {"tie_word_embeddings": getattr(config, "tie_word_embeddings", True)} if family == "t5" else {}
     shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in module.param_shapes(config, **tied).items()}
+    if args.quantize in quant.FORMATS:
+        try:
+            quant.select(tree.unflatten(shapes), args.quantize)
+        except ValueError as e:
+            raise UsageError(f"--quantize {args.quantize}: {e}") from None
+    if args.method == "none":
+        return
     # A text-initialised prompt needs the tokenizer, not yet loaded; its shapes are those of any other init.
     check = argparse.Namespace(**{**vars(args), "prompt_init": "random" if args.prompt_init == "text" else args.prompt_init})
     jax.eval_shape(lambda p: apply_method(check, family, None, p)[0], tree.unflatten(shapes))
@@ -116,7 +121,7 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
         return _dir_bytes(out / "adapter")
     jpeft.save_adapter(out / "adapter", params, config=method_cfg, base_model_name_or_path=task.source)
     if args.merge and args.method in ("lora", "ia3"):
-        merged = (lora.merge if args.method == "lora" else ia3.merge)(params)
+        merged = quant.dequantize((lora.merge if args.method == "lora" else ia3.merge)(params))  # exported in float
         task.module.save_pretrained(out / "merged", task.config, merged)
     return _dir_bytes(out / "adapter")
 
@@ -163,7 +168,9 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32)
+    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, quantized=args.quantize == "gguf")
+    if args.quantize in quant.FORMATS:
+        base = quant.quantize(base, args.quantize)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)

@@ -82,12 +82,16 @@ def find_model(model: str) -> tuple[str, Any, Path]:
         return family, (t5 if family == "t5" else llama).load_config(path), path
 
 
-def load_task(model: str, tokenizer: str | None, dtype: Any) -> tuple[Task, dict]:
-    """(task, params) for a model directory, hub id, .gguf file or packaged short name (the tokenizer loads first)."""
+def load_task(model: str, tokenizer: str | None, dtype: Any, quantized: bool = False) -> tuple[Task, dict]:
+    """(task, params) for a model directory, hub id, .gguf file or packaged short name (the tokenizer loads first).
+
+    `quantized` keeps a .gguf file's quantized Linear weights packed (`--quantize gguf`).
+    """
     family, _, path = find_model(model)
     with _as_usage_errors(model):
         tok = load_tokenizer(registry.resolve(tokenizer) if tokenizer else path)
-        config, params = (t5 if family == "t5" else llama).load_pretrained(path, dtype=dtype)
+        load = (t5 if family == "t5" else llama).load_pretrained
+        config, params = load(path, dtype=dtype, quantized=True) if quantized else load(path, dtype=dtype)  # GGUF decoders only
     return Task(family, config, tok, registry.hub_id(model)), params
 
 
