@@ -3,12 +3,15 @@
 Mirrors transformers' own GGUF loader (`modeling_gguf_pytorch_utils.load_gguf_checkpoint`): the same config
 keys, the same tensor renaming, and the same undoing of llama.cpp's q/k row permutation for the `llama`
 architecture (llama.cpp interleaves the two rotary halves of each head; transformers keeps them split).
+Gemma 2 / 3 files store every norm weight as 1 + w (llama.cpp's converter adds the one), so it is subtracted,
+and their q/k rows are not permuted.
 Whatever jpeft cannot represent exactly (other architectures, quantisation types without a dequantiser,
 rope-frequency tensors) is refused with an error naming it, never approximated.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import types
@@ -19,7 +22,8 @@ import numpy as np
 
 from jpeft.hf_io import CheckpointError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")
 
 GLOBAL_TENSORS = {  # GGUF name -> transformers name
     "token_embd.weight": "model.embed_tokens.weight",
@@ -37,17 +41,35 @@ LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+GEMMA_LAYER_TENSORS = {  # Gemma norms its sub-layers' inputs and outputs; ffn_norm is the pre-MLP one
+    **LAYER_TENSORS,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _MISSING = object()
 
 
 def open_reader(path: str | os.PathLike):
-    """A `gguf.GGUFReader` (memory-mapped), with clear errors for missing or non-GGUF files."""
-    from gguf import GGUFReader
+    """A `gguf.GGUFReader` (memory-mapped), with clear errors for missing or non-GGUF files.
 
+    The last file opened stays open: parsing the metadata of a large vocabulary is slow (~20 s for Gemma 3's
+    262k tokens), and loading a model reads it for the config, the weights and the hub id in turn.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist (expected a .gguf file)")
+    stat = path.stat()
+    return _reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _reader(path: str, size: int, mtime_ns: int):  # size and mtime: a rewritten file is parsed afresh
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path, "r")
     except (ValueError, OSError, IndexError, KeyError) as e:
@@ -84,7 +106,8 @@ def _rope_parameters(get, reader, arch: str, source: str) -> dict:
 
 
 def config_from_reader(reader, source: str = "GGUF file"):
-    """A transformers `LlamaConfig` / `Qwen2Config` from GGUF metadata, as transformers' GGUF loader builds it."""
+    """A transformers `LlamaConfig` / `Qwen2Config` / `Gemma2Config` / `Gemma3TextConfig` from GGUF metadata,
+    as transformers' GGUF loader builds it."""
     import transformers
 
     arch = _architecture(reader, source)
@@ -120,6 +143,8 @@ def config_from_reader(reader, source: str = "GGUF file"):
         eos_token_id=get("tokenizer.ggml.eos_token_id", None),
         pad_token_id=get("tokenizer.ggml.padding_token_id", None),
     )
+    if arch in GEMMA:
+        return _gemma_config(get, arch, head_dim, kwargs)
     if arch == "qwen2":
         if head_dim != hidden // heads:
             raise CheckpointError(f"{source}: a Qwen2 head dim of {head_dim} (not hidden/heads) is not supported")
@@ -127,13 +152,33 @@ def config_from_reader(reader, source: str = "GGUF file"):
     return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """GGUF tensor name -> transformers state-dict name, or None when it has no counterpart."""
+def _gemma_config(get, arch: str, head_dim: int, kwargs: dict):
+    """Gemma 2 / 3 configs, with what llama.cpp hard-codes rather than stores: the 27B models' query scale and
+    Gemma 3's local rotary base (transformers' loader takes the same defaults for the smaller models)."""
+    import transformers
+
+    layers, hidden, heads = kwargs["num_hidden_layers"], kwargs["hidden_size"], kwargs["num_attention_heads"]
+    is_27b = layers == (46 if arch == "gemma2" else 62)  # llama.cpp's test for the 27B models
+    common = dict(head_dim=head_dim, sliding_window=int(get(f"{arch}.attention.sliding_window")),
+                  query_pre_attn_scalar=hidden // heads if is_27b else head_dim)
+    full = kwargs.pop("rope_parameters")
+    if arch == "gemma2":
+        return transformers.Gemma2Config(**kwargs, **common, rope_parameters=full,
+                                         attn_logit_softcapping=float(get("gemma2.attn_logit_softcapping", 50.0)),
+                                         final_logit_softcapping=float(get("gemma2.final_logit_softcapping", 30.0)))
+    # The rope metadata (base, linear scaling of the 4B+ models) is the global layers'; local layers use base 10000.
+    ropes = {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    return transformers.Gemma3TextConfig(**kwargs, **common, rope_parameters=ropes)
+
+
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """GGUF tensor name -> transformers state-dict name (for GGUF architecture `arch`), or None when it has no counterpart."""
     if gguf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[gguf_name]
+    layer_tensors = GEMMA_LAYER_TENSORS if arch in GEMMA else LAYER_TENSORS
     match = _LAYER_NAME.fullmatch(gguf_name)
-    if match and match[2] in LAYER_TENSORS:
-        return f"model.layers.{match[1]}.{LAYER_TENSORS[match[2]]}.{match[3]}"
+    if match and match[2] in layer_tensors:
+        return f"model.layers.{match[1]}.{layer_tensors[match[2]]}.{match[3]}"
     return None
 
 
@@ -163,7 +208,7 @@ def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[st
     arch = metadata(reader, "general.architecture", source=source)
     state, unknown = {}, []
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         if name is None:
             unknown.append(tensor.name)
             continue
@@ -172,6 +217,8 @@ def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[st
             value = unpermute_rotary(value, config.num_attention_heads)
         elif arch == "llama" and ".self_attn.k_proj." in name:
             value = unpermute_rotary(value, config.num_key_value_heads)
+        elif arch in GEMMA and name.endswith("norm.weight"):
+            value = value - 1
         state[name] = value
     if unknown:
         raise CheckpointError(f"{source} holds tensors jpeft cannot map to a {arch} model: {sorted(unknown)[:8]}")
@@ -234,7 +281,7 @@ def read_packed(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], di
     arch = metadata(reader, "general.architecture", source=source)
     packed, rest = {}, []
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         if not _packable(tensor, name):
             rest.append(tensor)
             continue

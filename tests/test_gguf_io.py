@@ -14,6 +14,7 @@ from jpeft.models import llama, registry
 
 HF_TO_GGUF = {hf: g for g, hf in gguf_io.GLOBAL_TENSORS.items()}
 LAYER_TO_GGUF = {hf: g for g, hf in gguf_io.LAYER_TENSORS.items()}
+GEMMA_LAYER_TO_GGUF = {hf: g for g, hf in gguf_io.GEMMA_LAYER_TENSORS.items()}
 
 # Per-tensor storage types: every kind of dequantisation the loader has to get right. K-quants need rows of
 # 256, so `down_proj` (intermediate 256 wide) carries them, filled with valid random blocks.
@@ -22,11 +23,12 @@ TYPES = {"embed_tokens": Q.Q8_0, "q_proj": Q.F16, "k_proj": Q.BF16, "v_proj": Q.
 K_QUANTS = {0: Q.Q6_K, 1: Q.Q4_K}
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     if hf in HF_TO_GGUF:
         return HF_TO_GGUF[hf]
     _, _, layer, *module, leaf = hf.split(".")
-    return f"blk.{layer}.{LAYER_TO_GGUF['.'.join(module)]}.{leaf}"
+    names = GEMMA_LAYER_TO_GGUF if arch in gguf_io.GEMMA else LAYER_TO_GGUF
+    return f"blk.{layer}.{names['.'.join(module)]}.{leaf}"
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -48,7 +50,8 @@ def random_k_quant(rows: int, cols: int, qtype, rng) -> np.ndarray:
 
 def write_gguf(path, config, state: dict[str, np.ndarray], arch: str = "llama", types=TYPES, rng=None,
                extra_tensors: dict | None = None, extra_metadata: dict | None = None):
-    """A GGUF as llama.cpp's converter would write it (q/k permuted for `llama`), tensors stored per `types`."""
+    """A GGUF as llama.cpp's converter would write it (q/k permuted for `llama`, norms stored as 1 + w for Gemma),
+    tensors stored per `types`."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -59,11 +62,16 @@ def write_gguf(path, config, state: dict[str, np.ndarray], arch: str = "llama", 
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])  # Gemma 3: the global layers' base
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if arch == "llama":
         writer.add_rope_dimension_count(config.head_dim)
+    if arch in gguf_io.GEMMA:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_sliding_window(config.sliding_window)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_pad_token_id(config.pad_token_id)
@@ -71,7 +79,9 @@ def write_gguf(path, config, state: dict[str, np.ndarray], arch: str = "llama", 
         writer.add_string(key, value) if isinstance(value, str) else writer.add_float32(key, value)
     written = {}
     for hf, original in state.items():
-        name, value = gguf_name(hf), original
+        name, value = gguf_name(hf, arch), original
+        if arch in gguf_io.GEMMA and hf.endswith("norm.weight"):
+            value = value + 1
         if arch == "llama" and ".q_proj." in hf:
             value = permute(value, config.num_attention_heads)
         if arch == "llama" and ".k_proj." in hf:

@@ -209,6 +209,9 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         if adapter_ids is not None:
             ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
+    if "prompt_embeddings" in params:  # padding first, so a sliding window spans real slots only, as without padding
+        order = jnp.argsort(mask, axis=1, stable=True)
+        x, mask = jnp.take_along_axis(x, order[..., None], axis=1), jnp.take_along_axis(mask, order, axis=1)
     R, P = mask.shape
     positions = positions_from_mask(mask)
     # Slots past the prompt hold generated tokens (all but the last, which is never fed back); causality

@@ -262,12 +262,11 @@ def decoder(
         # under remat (the kind is then traced, and picks its row of the stacked tables).
         stacked = jax.tree.map(lambda *t: jnp.stack(t), *tables)
 
-        def layer(p_and_kind, x, c):
-            p, k = p_and_kind
-            visible, cos, sin = (t[k] for t in stacked)
-            return _layer(p, x, cos, sin, visible, a, c)[0]
+        def layer(p, x, c):
+            visible, cos, sin = (t[p["kind"]] for t in stacked)
+            return _layer(p["layer"], x, cos, sin, visible, a, c)[0]
 
-        x = nn.run_layers(layer, x, [(p, np.int32(k)) for p, k in zip(layers, kind_of)], ctx)
+        x = nn.run_layers(layer, x, [{"layer": p, "kind": np.int32(k)} for p, k in zip(layers, kind_of)], ctx)
     else:
         for i, p in enumerate(layers):
             visible, cos, sin = tables[kind_of[i]]
