@@ -191,9 +191,12 @@ def load_config(path_or_hub_id: str | os.PathLike):
     return causal_lm.load_config(_MODEL, path_or_hub_id)
 
 
-def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False):
-    """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name."""
-    return causal_lm.load_pretrained(_MODEL, path_or_hub_id, dtype, allow_pickle)
+def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False, quantized: bool = False):
+    """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
+
+    `quantized=True` keeps a GGUF file's quantized Linear weights packed as `jpeft.quant` leaf groups.
+    """
+    return causal_lm.load_pretrained(_MODEL, path_or_hub_id, dtype, allow_pickle, quantized)
 
 
 def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> None:
