@@ -8,7 +8,8 @@ from typing import Any, Mapping
 from jpeft import targets as tg
 from jpeft import tree
 
-NORMS = ("layer_norm", "final_layer_norm", "input_layernorm", "post_attention_layernorm", "norm")
+NORMS = ("layer_norm", "final_layer_norm", "input_layernorm", "post_attention_layernorm", "norm",
+         "pre_feedforward_layernorm", "post_feedforward_layernorm", "q_norm", "k_norm")  # the last four: Gemma's
 BLOCK_LISTS = ("block", "layers")
 
 

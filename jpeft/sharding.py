@@ -14,6 +14,8 @@ parallelism over heads / MLP hidden / vocabulary on `"model"`:
 | `relative_attention_bias/embedding` (buckets, H) | `(None, "model")` (along heads) |
 | norms, o_proj/down_proj biases, anything unmatched | replicated |
 
+Llama and Gemma trees share these names (Gemma's extra norms and `q_norm` / `k_norm` are replicated).
+
 PEFT leaves follow the kernel they sit beside: `lora_a` (in, r) takes the kernel's input-dim spec,
 `lora_b` (r, out) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
 kernel's input / output spec, which matches how the activations they scale are laid out under

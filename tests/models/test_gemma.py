@@ -289,6 +289,24 @@ def test_bottleneck_adapters_sit_on_both_sub_layers(gemma3):
     assert np.abs(np.asarray(_forward(a, moved, ids, mask)) - np.asarray(_forward(a, base, ids, mask))).max() > 1e-3
 
 
+def test_gemma_trees_shard_like_llama(gemma3):
+    """The default rules split Gemma's projections, embedding and LoRA leaves as Llama's; its extra norms replicate."""
+    from jax.sharding import PartitionSpec as P
+
+    from jpeft import sharding
+
+    _, _, base = gemma3
+    params = lora.inject(base, lora.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), jax.random.key(0))
+    specs = tree.flatten(sharding.param_specs(params, {"data": 1, "fsdp": 2, "model": 2}))
+    layer = "model/layers/0"
+    assert specs["model/embed_tokens/embedding"] == P("model", "fsdp") and specs["lm_head/kernel"] == P("fsdp", "model")
+    assert specs[f"{layer}/self_attn/q_proj/kernel"] == specs[f"{layer}/mlp/up_proj/kernel"] == P("fsdp", "model")
+    assert specs[f"{layer}/self_attn/o_proj/kernel"] == specs[f"{layer}/mlp/down_proj/kernel"] == P("model", "fsdp")
+    assert specs[f"{layer}/self_attn/q_proj/lora_b"] == P(None, "model") and specs[f"{layer}/mlp/down_proj/lora_a"] == P("model", None)
+    for norm in ("self_attn/q_norm", "self_attn/k_norm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        assert specs[f"{layer}/{norm}/weight"] == P(), norm
+
+
 def test_training_dispatches_on_the_config(gemma3):
     _, config, _ = gemma3
     with pytest.raises(TypeError, match="causal_lm_loss"):
