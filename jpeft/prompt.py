@@ -38,8 +38,12 @@ def embedding_table(params: Mapping[str, Any]) -> jax.Array:
     raise ValueError("no input embedding found (expected shared/embedding or model/embed_tokens/embedding)")
 
 
-def inject(params: Mapping[str, Any], cfg: PromptTuningConfig, key: jax.Array) -> dict:
-    """A new tree with a trainable `prompt_embeddings` leaf (num_virtual_tokens, d_model)."""
+def inject(params: Mapping[str, Any], cfg: PromptTuningConfig, key: jax.Array, embed_scale: float = 1.0) -> dict:
+    """A new tree with a trainable `prompt_embeddings` leaf (num_virtual_tokens, d_model).
+
+    `embed_scale` is the factor the model multiplies token embeddings by (Gemma: sqrt(d_model)): the vocab and
+    text inits start from embedded tokens, as HF PEFT's do (it runs the ids through the embedding layer).
+    """
     if LEAF in params:
         raise ValueError("this tree already has prompt_embeddings: split the old adapter off before injecting another")
     table = embedding_table(params)
@@ -55,4 +59,6 @@ def inject(params: Mapping[str, Any], cfg: PromptTuningConfig, key: jax.Array) -
             raise ValueError(f"prompt text {cfg.text!r} tokenizes to nothing")
         ids = (ids * (n // len(ids) + 1))[:n]  # HF PEFT repeats or truncates the phrase to length
         prompt = table[jnp.asarray(ids)]
+    if cfg.init != "random" and embed_scale != 1.0:
+        prompt = (prompt.astype(jnp.float32) * embed_scale).astype(table.dtype)
     return {**params, LEAF: prompt}

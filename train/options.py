@@ -27,7 +27,10 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     """All options; the lab's parser takes `--methods` (several) instead of `--method`, and its own `--out` default."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, hub id, .gguf file, or smollm2-135m-instruct (packaged)")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, hub id, .gguf file, or a packaged model: smollm2-135m-instruct, gemma3-270m")
+    g.add_argument("--chat-template", default="auto", choices=["auto", "yes", "no"],
+                   help="put prompts through the tokenizer's chat template (auto: packaged models know whether they are "
+                        "instruct models; others use the template when their tokenizer has one)")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
     g.add_argument("--data", help="directory with train/validation .jsonl/.json/.csv/.parquet files, one such file, or a hub "
                    "dataset name such as knkarthick/dialogsum (default: the bundled sample in train/sample_data)")
@@ -44,15 +47,16 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
         g.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
-    g.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: q,v for T5, q_proj,v_proj for Llama)")
+    g.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: q,v for T5, q_proj,v_proj for Llama and Gemma)")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on LoRA's input")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
     g.add_argument("--lora-init", default="default", choices=["default", "gaussian", "pissa"], help="initialisation of A and B")
     g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
     g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"], help="prompt tuning: initialisation")
     g.add_argument("--prompt-init-text", default="Summarize the following conversation.", help="prompt tuning: text for --prompt-init text")
-    g.add_argument("--ia3-targets", help="comma-separated (default: k,v,wo for T5, k_proj,v_proj,down_proj for Llama)")
-    g.add_argument("--ia3-feedforward", help="comma-separated feed-forward targets (default: wo for T5, down_proj for Llama)")
+    g.add_argument("--ia3-targets", help="comma-separated (default: k,v,wo for T5, k_proj,v_proj,down_proj for Llama, "
+                   "q_proj,v_proj,down_proj for Gemma)")
+    g.add_argument("--ia3-feedforward", help="comma-separated feed-forward targets (default: wo for T5, down_proj for Llama and Gemma)")
     g.add_argument("--adapter-kind", default="houlsby", choices=["houlsby", "pfeiffer"], help="bottleneck adapter placement")
     g.add_argument("--adapter-reduction", type=int, default=16, help="bottleneck adapter: d_model / bottleneck width")
     g.add_argument("--select-modules", help="selective: comma-separated module names to train")

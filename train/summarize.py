@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 import jpeft
 from jpeft import adapters, checkpoint, hf_io, ia3, lora, packing, prompt, quant, sharding, targets, training, tree
-from jpeft.models import llama, t5
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
 from train.errors import UsageError
@@ -32,6 +31,7 @@ from train.errors import UsageError
 DEFAULT_TARGETS = {
     "t5": {"lora": "q,v", "ia3": "k,v,wo", "ia3_ff": "wo"},
     "llama": {"lora": "q_proj,v_proj", "ia3": "k_proj,v_proj,down_proj", "ia3_ff": "down_proj"},
+    "gemma": {"lora": "q_proj,v_proj", "ia3": "q_proj,v_proj,down_proj", "ia3_ff": "down_proj"},  # HF PEFT's Gemma defaults
 }
 
 
@@ -65,7 +65,9 @@ def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: 
         elif args.method == "prompt":
             cfg = jpeft.PromptTuningConfig(args.num_virtual_tokens, init=args.prompt_init, text=args.prompt_init_text,
                                            tokenizer=tokenizer if args.prompt_init == "text" else None)
-            params = prompt.inject(params, cfg, key)
+            # Gemma scales its token embeddings by sqrt(d_model); a soft prompt starts on that scale (as in HF PEFT).
+            scale = prompt.embedding_table(params).shape[1] ** 0.5 if family == "gemma" else 1.0
+            params = prompt.inject(params, cfg, key, embed_scale=scale)
         elif args.method == "ia3":
             cfg = jpeft.IA3Config(target_modules=_names(args.ia3_targets, defaults["ia3"]),
                                   feedforward_modules=_names(args.ia3_feedforward, defaults["ia3_ff"]), modules_to_save=tuple(save))
@@ -85,7 +87,7 @@ def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: 
 def check_method_fits(args: argparse.Namespace, family: str, config: Any) -> None:
     """Apply the method to the model's parameter shapes alone (`jax.eval_shape`): targets, ranks and patterns are
     checked against the real module names before any weight is read; so is --quantize nf4 / int8."""
-    module = t5 if family == "t5" else llama
+    module = tasks.MODULES[family]
     tied = {"tie_word_embeddings": getattr(config, "tie_word_embeddings", True)} if family == "t5" else {}
     shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in module.param_shapes(config, **tied).items()}
     if args.quantize in quant.FORMATS:
@@ -168,7 +170,8 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, quantized=args.quantize == "gguf")
+    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
+                                 quantized=args.quantize == "gguf")
     if args.quantize in quant.FORMATS:
         base = quant.quantize(base, args.quantize)
     with warnings.catch_warnings(record=True) as caught:
@@ -204,7 +207,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
 
     lengths = [len(r["source"]) + len(r["target"]) for r in train_enc]
     # A soft prompt is prepended per row, and sharded rows need a fixed row count: neither packs.
-    pack = args.pack and task.family == "llama" and args.method != "prompt" and not args.mesh
+    pack = args.pack and task.decoder_only and args.method != "prompt" and not args.mesh
     # Packed batches come in random order into rows of one length, so they vary only in their row count
     # (few shapes compile); unpacked ones are grouped by length so that they pad little.
     batches = trainer.Batches(lengths, args.batch_size, args.seed, group=1 if pack else 32)

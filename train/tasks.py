@@ -11,9 +11,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jpeft import batches, training
+from jpeft import batches, gguf_io, training
 from jpeft.hf_io import CheckpointError
-from jpeft.models import llama, registry, t5
+from jpeft.models import gemma, llama, registry, t5
 from jpeft.tokenizer import load_tokenizer
 from train.errors import UsageError
 
@@ -21,42 +21,53 @@ PROMPT = "Summarize the following conversation.\n\n{input}\n\nSummary: "  # the 
 MARK = "\x00DIALOGUE\x00"
 BUCKET = 64  # padded lengths are multiples of this, so only a few shapes ever compile
 IGNORE = training.IGNORE
+MODULES = {"t5": t5, "llama": llama, "gemma": gemma}  # family -> the jpeft module implementing it
 
 
 @dataclasses.dataclass
 class Task:
     """A loaded model family with its tokenizer: everything model-specific the CLI needs."""
 
-    family: str  # "t5" (encoder-decoder) or "llama" (decoder-only)
+    family: str  # "t5" (encoder-decoder), or "llama" / "gemma" (decoder-only)
     config: Any
     tokenizer: Any
     source: str  # what an adapter records as its base: a hub id where one is known
+    chat: bool = False  # prompts go through the tokenizer's chat template (instruct models)
 
     @property
     def module(self):
-        return t5 if self.family == "t5" else llama
+        return MODULES[self.family]
+
+    @property
+    def decoder_only(self) -> bool:
+        return self.family != "t5"
 
     @property
     def eos_id(self) -> int:
-        return t5.arch(self.config).eos_token_id if self.family == "t5" else llama.arch(self.config).eos_token_ids[0]
+        a = self.module.arch(self.config)
+        return a.eos_token_ids[0] if self.decoder_only else a.eos_token_id
 
     @property
     def pad_id(self) -> int:
-        return t5.arch(self.config).pad_token_id if self.family == "t5" else llama.arch(self.config).pad_token_id
+        return self.module.arch(self.config).pad_token_id
 
 
 def _family(path: Path) -> str:
     if path.suffix == ".gguf":
-        return "llama"
+        return _family_of(gguf_io.load_config(path).model_type, path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UsageError(f"{path} has no config.json")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    return _family_of(json.loads(config_file.read_text()).get("model_type"), config_file)
+
+
+def _family_of(model_type: str | None, source: Path) -> str:
     if model_type in ("t5", "mt5", "umt5"):
         return "t5"
-    if model_type in ("llama", "mistral", "qwen2"):
-        return "llama"
-    raise UsageError(f"{config_file}: model_type {model_type!r} is not supported (T5 or a Llama-family decoder)")
+    for family in ("llama", "gemma"):
+        if model_type in MODULES[family].MODEL_TYPES:
+            return family
+    raise UsageError(f"{source}: model_type {model_type!r} is not supported (T5, a Llama-family decoder, or Gemma 2 / 3)")
 
 
 @contextlib.contextmanager
@@ -79,20 +90,28 @@ def find_model(model: str) -> tuple[str, Any, Path]:
         if path.suffix == ".gguf" and not path.is_file():
             raise UsageError(f"model file {path} does not exist")
         family = _family(path)
-        return family, (t5 if family == "t5" else llama).load_config(path), path
+        return family, MODULES[family].load_config(path), path
 
 
-def load_task(model: str, tokenizer: str | None, dtype: Any, quantized: bool = False) -> tuple[Task, dict]:
+def load_task(model: str, tokenizer: str | None, dtype: Any, chat: bool | None = None, quantized: bool = False) -> tuple[Task, dict]:
     """(task, params) for a model directory, hub id, .gguf file or packaged short name (the tokenizer loads first).
 
+    `chat` says whether prompts go through the chat template; None decides: a packaged model's registry entry
+    says whether it is an instruct model, and any other decoder-only model uses its tokenizer's template if it has one.
     `quantized` keeps a .gguf file's quantized Linear weights packed (`--quantize gguf`).
     """
     family, _, path = find_model(model)
     with _as_usage_errors(model):
         tok = load_tokenizer(registry.resolve(tokenizer) if tokenizer else path)
-        load = (t5 if family == "t5" else llama).load_pretrained
+        load = MODULES[family].load_pretrained
         config, params = load(path, dtype=dtype, quantized=True) if quantized else load(path, dtype=dtype)  # GGUF decoders only
-    return Task(family, config, tok, registry.hub_id(model)), params
+    has_template = bool(getattr(tok, "chat_template", None))
+    if chat and not has_template:
+        raise UsageError(f"the tokenizer of {tokenizer or model} has no chat template to apply")
+    if chat is None:
+        chat = registry.is_instruct(model)
+        chat = has_template if chat is None else chat
+    return Task(family, config, tok, registry.hub_id(model), chat=family != "t5" and chat), params
 
 
 def check_prompt(template: str) -> None:
@@ -102,16 +121,16 @@ def check_prompt(template: str) -> None:
 
 
 def _frame(task: Task, template: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the input in the prompt (chat template for instruct models)."""
+    """Token ids before and after the input in the prompt (through the chat template for instruct models)."""
     check_prompt(template)
     text = template.replace("{input}", MARK)
-    if task.family == "llama" and getattr(task.tokenizer, "chat_template", None):
+    if task.chat:
         text = task.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     before, after = text.split(MARK)
     tok = task.tokenizer
     # Decoder-only tokenizers add their BOS (if any) at the very start; T5 ends the source with EOS.
-    return (tok(before, add_special_tokens=task.family == "llama")["input_ids"],
-            tok(after, add_special_tokens=False)["input_ids"] + ([task.eos_id] if task.family == "t5" else []))
+    return (tok(before, add_special_tokens=task.decoder_only)["input_ids"],
+            tok(after, add_special_tokens=False)["input_ids"] + ([] if task.decoder_only else [task.eos_id]))
 
 
 def encode(task: Task, examples: list[dict], max_source: int, max_target: int, prompt: str = PROMPT) -> list[dict]:
@@ -153,7 +172,7 @@ def loss_fn(task: Task, dtype: Any, lora_dropout: float, remat: bool = True):
 def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dtype: Any) -> list[str]:
     """Greedy summaries for a batch of encoded rows, decoded to text."""
     sources = [r["source"] for r in rows]
-    left = task.family == "llama"
+    left = task.decoder_only
     ids = batches.pad(sources, task.pad_id, left=left, bucket=BUCKET)
     mask = batches.pad([[1] * len(s) for s in sources], 0, ids.shape[1], left=left)
     out = np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype))

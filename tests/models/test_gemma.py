@@ -235,6 +235,10 @@ def test_soft_prompt_matches_peft_prompt_tuning(gemma3, tmp_path):
     full = np.asarray(gemma.forward(config, soft, ids, mask, prompt_logits=True))
     assert np.abs(_peft_logits(path, tmp_path / "prompt", ids, mask) - full)[:, 3:][mask > 0].max() < 1e-4
     np.testing.assert_array_equal(jpeft.load_adapter(tmp_path / "prompt", base)["prompt_embeddings"], soft["prompt_embeddings"])
+    # A vocab-initialised prompt starts as embedded tokens, on Gemma's sqrt(D) scale, as PEFT's does.
+    init = prompt.inject(base, prompt.PromptTuningConfig(num_virtual_tokens=2, init="vocab"), jax.random.key(1), embed_scale=32**0.5)
+    table = np.asarray(base["model"]["embed_tokens"]["embedding"]) * np.float32(32**0.5)
+    assert all((np.abs(table - row).max(axis=1) < 1e-6).any() for row in np.asarray(init["prompt_embeddings"]))
     # Generation prepends it once, like a forward pass over the prompt and each new token.
     out = np.asarray(gemma.generate(config, soft, ids[:, :4], max_new_tokens=4, eos_token_id=-1))
     cur = np.zeros((3, 8), np.int32)  # prompt and tokens so far, right-padded to one shape

@@ -67,6 +67,22 @@ def test_lora_end_to_end(model_dir, data_dir, tmp_path):
     assert len(predictions) == 2 and {"reference", "base", "tuned"} <= set(predictions[0])
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_a_gemma_model_runs_end_to_end(data_dir, tmp_path, method):
+    """A tiny random Gemma 3 directory: its family comes from config.json, its PEFT defaults are HF PEFT's for Gemma,
+    packed training, generation and the adapter and merged exports all run."""
+    from tests.models.test_gemma import make_hf_gemma
+
+    make_hf_gemma(tmp_path / "gemma", vocab_size=32128, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, layer_types=["sliding_attention", "full_attention"])
+    out = tmp_path / method
+    assert _run(tmp_path / "gemma", data_dir, out, "--method", method, "--steps", "2", "--merge", "--skip-base-eval") == 0
+    assert set(json.loads((out / "results.json").read_text())["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == (["q_proj", "v_proj"] if method == "lora" else ["down_proj", "q_proj", "v_proj"])
+    assert json.loads((out / "merged" / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+
+
 @pytest.mark.parametrize("method", ["none", "full", "prompt", "ia3", "adapter", "selective"])
 def test_every_method_runs(model_dir, data_dir, tmp_path, method):
     extra = ["--select-layer-norms"] if method == "selective" else []
