@@ -37,12 +37,12 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def model_for(config: Any) -> ModuleType:
-    """The jpeft module (`llama` or `gemma`) that implements a decoder-only config, config dict or resolved Arch."""
+    """The jpeft module (`llama` or `gemma`) that implements a decoder-only transformers config or resolved Arch."""
     from jpeft.models import gemma, llama
 
     if isinstance(config, (llama.Arch, gemma.Arch)):
         return llama if isinstance(config, llama.Arch) else gemma
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    model_type = getattr(config, "model_type", "llama")  # as llama.arch reads a config without one
     for module in (llama, gemma):
         if model_type in module.MODEL_TYPES:
             return module
