@@ -1,7 +1,8 @@
-"""The real model: one LoRA train step on SmolLM2-135M-Instruct over DialogSum, jpeft vs HF PEFT.
+"""The real model: one LoRA train step on SmolLM2-135M-Instruct over DialogSum, jpeft vs HF PEFT, and QLoRA.
 
-Each side runs in its own subprocess (`python -m benchmarks.smollm2 jpeft|peft OUT.json`) so its
-peak resident memory (`peak_rss_bytes`) is its own; the parent reads the JSON each one writes.
+Each side runs in its own subprocess (`python -m benchmarks.smollm2 jpeft|peft|nf4|gguf OUT.json`) so its
+peak resident memory (`peak_rss_bytes`) is its own; the parent reads the JSON each one writes. `nf4` and
+`gguf` are jpeft's step on a base kept quantized (NF4 made by `jpeft.quant`, or the file's own Q4_1 blocks).
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 BATCH, MAX_SOURCE, MAX_TARGET = 8, 384, 64
 
 
-def dialogsum_batch(pack: bool = False):
+def dialogsum_batch(pack: bool = False, quantize: str | None = None):
     """(task, params, batch) for the first BATCH DialogSum training dialogues, formatted (and packed) as train.tasks does."""
     import jax.numpy as jnp
 
+    import jpeft
     from train import data, tasks
 
-    task, params = tasks.load_task(MODEL, None, jnp.float32)
+    task, params = tasks.load_task(MODEL, None, jnp.float32, quantized=quantize == "gguf")
+    if quantize == "nf4":
+        params = jpeft.quant.quantize(params, "nf4")
     with open(DATA) as f:
         examples = data.normalize([json.loads(next(f)) for _ in range(BATCH)], str(DATA))
     rows = tasks.encode(task, examples, MAX_SOURCE, MAX_TARGET)
@@ -41,14 +45,14 @@ def real_tokens(batch: dict) -> int:
     return tasks.token_count(batch)
 
 
-def jpeft_worker(warmup: int, repeats: int) -> dict:
+def jpeft_worker(warmup: int, repeats: int, quantize: str | None = None) -> dict:
     """jpeft LoRA (r=16, alpha 32, all seven projections) step: summary-only loss, remat when available."""
     import jax
 
     import jpeft
     from benchmarks import common, memory
 
-    task, params, batch = dialogsum_batch(pack=True)
+    task, params, batch = dialogsum_batch(pack=True, quantize=quantize)
     params = jpeft.lora.inject(params, jpeft.LoraConfig(r=16, alpha=32, target_modules=PROJ), jax.random.key(0))
     trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
     step = common.Step(memory.llama_loss(task.config), trainable, frozen, batch)
@@ -110,10 +114,17 @@ def run_side(side: str, out: Path, warmup: int, repeats: int) -> dict:
 
 
 def run(workdir: Path, warmup: int = 1, repeats: int = 2) -> dict[str, float]:
-    """Both sides, one after the other, and their ratios."""
+    """Every side, one after the other, and their ratios."""
     j = run_side("jpeft", workdir / "smollm2_jpeft.json", warmup, repeats)
     p = run_side("peft", workdir / "smollm2_peft.json", warmup, repeats)
-    return {
+    quantized = {side: run_side(side, workdir / f"smollm2_{side}.json", warmup, repeats) for side in ("nf4", "gguf")}
+    qlora = {}
+    for side, q in quantized.items():
+        qlora.update({f"smollm2_{side}_step_s": q["median"], f"smollm2_{side}_peak_rss_bytes": q["maxrss_bytes"],
+                      f"smollm2_{side}_xla_peak_bytes": q["xla_peak_bytes"],
+                      f"qlora_{side}_over_lora_step_time": q["median"] / j["median"],
+                      f"qlora_{side}_over_lora_peak_memory": q["maxrss_bytes"] / j["maxrss_bytes"]})
+    return {**qlora,
         "smollm2_tokens": j["tokens"], "smollm2_batch_len": j["shape"][1], "smollm2_remat": float(j["remat"]),
         "smollm2_jpeft_step_s": j["median"], "smollm2_jpeft_step_s_min": j["min"], "smollm2_jpeft_step_s_max": j["max"],
         "smollm2_peft_step_s": p["median"], "smollm2_peft_step_s_min": p["min"], "smollm2_peft_step_s_max": p["max"],
@@ -126,6 +137,6 @@ def run(workdir: Path, warmup: int = 1, repeats: int = 2) -> dict[str, float]:
 
 if __name__ == "__main__":
     side, path, warm, reps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    figures = (jpeft_worker if side == "jpeft" else peft_worker)(warm, reps)
+    figures = peft_worker(warm, reps) if side == "peft" else jpeft_worker(warm, reps, None if side == "jpeft" else side)
     figures["maxrss_bytes"] = peak_rss_bytes()
     path.write_text(json.dumps(figures))

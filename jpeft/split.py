@@ -3,6 +3,7 @@ trainable leaves, and swapping task adapters on one base."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -106,13 +107,15 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
 def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:
     """(trainable, all) parameter counts, printed in HF PEFT's `print_trainable_parameters` format.
 
-    lora_scale is a constant, not a parameter, and is not counted (as in HF PEFT).
+    lora_scale is a constant, not a parameter, and is not counted (as in HF PEFT). A quantized weight counts as
+    the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
+    change when the base is quantized).
     """
     mask = trainable_mask(params) if mask is None else mask
-    flat, flat_mask = tree.flatten(params), tree.flatten(mask)
-    counted = {p: int(v.size) for p, v in flat.items() if not p.endswith("/lora_scale")}
+    flat_mask = tree.flatten(mask)
+    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if not p.endswith("/lora_scale")}
     all_params = sum(counted.values())
-    trainable = sum(n for p, n in counted.items() if flat_mask[p])
+    trainable = sum(n for p, n in counted.items() if flat_mask.get(p, False))
     if verbose:
         print(f"trainable params: {trainable:,d} || all params: {all_params:,d} || trainable%: {100 * trainable / all_params:.4f}")
     return trainable, all_params

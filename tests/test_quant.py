@@ -228,6 +228,14 @@ def test_quantized_leaves_never_train():
     assert any(mask.values()) and not any(m for p, m in mask.items() if quant.is_quantized_leaf(p))
 
 
+def test_parameter_counts_do_not_change_when_the_base_is_quantized():
+    config, params = _tiny_llama()
+    cfg = jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    floating = lora.inject(params, cfg, jax.random.key(0))
+    quantized = lora.inject(quant.quantize(params, "nf4"), cfg, jax.random.key(0))
+    assert jpeft.count_params(quantized, verbose=False) == jpeft.count_params(floating, verbose=False)
+
+
 def test_generation_on_quantized_llama_matches_dequantized():
     from jpeft.models import llama
 
