@@ -325,3 +325,45 @@ def test_cli_quantize_end_to_end(tmp_path, capsys):
     assert test_summarize._run(model_dir, data_dir, out, "--quantize", "int8", "--steps", "1", "--eval-samples", "0", "--merge") == 0
     assert json.loads((out / "run.json").read_text())["settings"]["quantize"] == "int8"
     assert (out / "merged" / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+_SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np, optax, jpeft
+from jpeft import batches, lora, sharding, training, tree
+from tests.test_quant import _mixed_quantized, _tiny_llama
+
+config, params = _tiny_llama()
+params = lora.inject(_mixed_quantized(params), jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), jax.random.key(1))
+params = jax.tree.map(lambda x: x + 0.01 if x.dtype == jnp.float32 and x.ndim == 2 and x.shape[0] == 4 else x, params)  # B != 0
+trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
+rng = np.random.default_rng(0)  # 4 examples: data x fsdp = 4 ways divide the rows
+batch = batches.causal_lm_batch([list(rng.integers(2, 96, n)) for n in (5, 9, 3, 7)], [list(rng.integers(2, 96, n)) for n in (2, 4, 6, 3)],
+                                pad_id=0, eos_id=1, bucket=8)
+tx, loss_fn = optax.sgd(0.1), training.causal_lm_loss(config)
+ref = training.make_train_step(loss_fn, tx)(jax.tree.map(jnp.copy, trainable), tx.init(trainable), frozen, batch, None)
+run = sharding.setup("data=2,fsdp=2,model=2", loss_fn, tx, trainable, frozen, tx.init(trainable), batch)
+codes = [x for p, x in tree.flatten(run.frozen).items() if p.endswith("/kernel_nf4")]
+assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in codes), "NF4 codes were not sharded"
+out = run.step(run.trainable, run.opt_state, run.frozen, run.batch, None)
+assert abs(float(out[2]) - float(ref[2])) < 1e-5, (float(out[2]), float(ref[2]))
+updated = {p: v for p, v in tree.flatten(sharding.gather(out[0])).items() if v is not None}
+assert len(updated) == 12  # lora_a, lora_b on three modules of two layers
+for path, value in updated.items():
+    np.testing.assert_allclose(np.asarray(value), np.asarray(tree.flatten(ref[0])[path]), atol=1e-5, err_msg=path)
+print("OK")
+"""
+
+
+def test_sharded_step_on_a_quantized_base_matches_one_device():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-4000:]
