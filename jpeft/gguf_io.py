@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jpeft.hf_io import CheckpointError
+from jpeft.quant.layout import GGUF_TYPES
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2", "gemma3")
 GEMMA = ("gemma2", "gemma3")
@@ -255,7 +256,6 @@ def read(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
 # ----------------------------------------------------------------------------------------------
 # Packed weights (`jpeft.quant`): Linear weights kept as the file's GGML blocks
 
-PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K")  # the types jpeft.quant dequantizes in JAX
 
 
 def _packable(tensor, name: str | None) -> bool:
@@ -263,13 +263,13 @@ def _packable(tensor, name: str | None) -> bool:
     from gguf import GGMLQuantizationType as Q
 
     return (name is not None and name != GLOBAL_TENSORS["token_embd.weight"] and len(tensor.shape) == 2
-            and Q(tensor.tensor_type).name in PACKED_TYPES)
+            and Q(tensor.tensor_type).name.lower() in GGUF_TYPES)
 
 
 def read_packed(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, tuple[str, np.ndarray]]]:
     """(config, float32 state dict of the other tensors, {name: (GGML type "q4_k", rows (out, row_bytes) uint8)}).
 
-    Linear weights of `PACKED_TYPES` keep the file's blocks, one row of bytes per output feature. Blocks run along
+    Linear weights of the types in `jpeft.quant.GGUF_TYPES` keep the file's blocks, one row of bytes per output feature. Blocks run along
     the input dim, so llama's q/k row un-permutation moves whole byte rows and stays exact. Every other tensor
     (norms, F32/F16/BF16 weights, the embedding table, types without a JAX dequantizer) is read as `read` reads it.
     """

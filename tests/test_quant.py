@@ -228,6 +228,15 @@ def test_quantized_leaves_never_train():
     assert any(mask.values()) and not any(m for p, m in mask.items() if quant.is_quantized_leaf(p))
 
 
+def test_saving_a_quantized_base_as_a_checkpoint_names_dequantize(tmp_path):
+    from jpeft.models import llama
+
+    config, params = _tiny_llama()
+    with pytest.raises(ValueError, match=r"needs float weights.*q_proj.*jpeft\.quant\.dequantize"):
+        llama.save_pretrained(tmp_path / "out", config, quant.quantize(params, "int8", targets=["q_proj"]))
+    assert not (tmp_path / "out").exists()
+
+
 def test_parameter_counts_do_not_change_when_the_base_is_quantized():
     config, params = _tiny_llama()
     cfg = jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])

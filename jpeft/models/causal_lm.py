@@ -343,6 +343,7 @@ def _packed_leaves(packed: dict[str, tuple[str, np.ndarray]], expected: dict[str
 
 def state_dict_from_params(model: ModuleType, config: Any, params: Params) -> dict[str, np.ndarray]:
     """jpeft tree -> transformers state dict (PyTorch layout); refuses leaves the base model does not have."""
+    quant.require_float(params, "a transformers checkpoint")
     flat = tree.flatten(params)
     expected = model.param_shapes(config, tie_word_embeddings="lm_head" not in params)
     extra = sorted(p for p in flat if p not in expected)

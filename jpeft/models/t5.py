@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, hf_io, nn, tree
+from jpeft import generation, hf_io, nn, quant, tree
 from jpeft.hf_io import CheckpointError
 
 Params = dict[str, Any]
@@ -170,6 +170,7 @@ def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any
 
 def state_dict_from_params(params: Params) -> dict[str, np.ndarray]:
     """jpeft tree -> transformers state dict (PyTorch layout). Refuses trees that still hold PEFT leaves."""
+    quant.require_float(params, "a transformers checkpoint")
     out = {}
     for path, value in tree.flatten(params).items():
         leaf = path.rsplit("/", 1)[1]

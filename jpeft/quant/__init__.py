@@ -36,7 +36,7 @@ FORMATS = ("nf4", "int8")  # what `quantize` produces; GGUF blocks come from `ll
 
 __all__ = [
     "FORMATS", "GGUF_TYPES", "LEAVES", "ROW_LEAVES", "check_frozen", "dequantize", "float_shapes", "format_of", "gguf_leaves",
-    "has_weight", "is_quantized", "is_quantized_leaf", "leaves", "quantize", "quantized_modules", "select", "unpack", "weight",
+    "has_weight", "is_quantized", "is_quantized_leaf", "leaves", "quantize", "quantized_modules", "require_float", "select", "unpack", "weight",
     "weight_dtype", "weight_shape",
 ]
 
@@ -140,6 +140,14 @@ def float_shapes(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     for name in quantized_modules(params):
         shapes[f"{name.replace('.', '/')}/{KERNEL}"] = weight_shape(tg.get_module(params, name))
     return shapes
+
+
+def require_float(params: Mapping[str, Any], what: str) -> None:
+    """An error naming the quantized modules when `what` (e.g. writing a checkpoint) needs float weights."""
+    names = quantized_modules(params)
+    if names:
+        raise ValueError(f"{what} needs float weights, but {names[:4]}{' ...' if len(names) > 4 else ''} are quantized: "
+                         "pass jpeft.quant.dequantize(params) (after lora.merge, if you want the adapter folded in)")
 
 
 def check_frozen(mask: Mapping[str, Any]) -> None:
