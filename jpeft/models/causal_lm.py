@@ -185,6 +185,35 @@ def lm_head(params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
     return logits.astype(jnp.float32)
 
 
+def run_layers(layer: Callable, a: Any, params: Params, x: jax.Array, tables: list[tuple[jax.Array, jax.Array, jax.Array]],
+               kind_of: list[int], ctx: nn.Ctx, cache: list | None = None, index: jax.Array | int = 0):
+    """x through every decoder layer -> (x, updated cache or None).
+
+    `layer(p, x, cos, sin, visible, a, ctx, cache, index) -> (x, cache)` is the model's layer; layer i uses
+    `tables[kind_of[i]]` = (visible, cos, sin), one per distinct (window, rope) of the model. Without a cache the
+    layers go through `nn.run_layers`; when kinds differ, each layer's kind travels with its parameters, so layers of
+    different windows still scan as one stack under remat (the kind is then traced and picks its row of the tables).
+    """
+    layers = [params["model"]["layers"][str(i)] for i in range(a.num_layers)]
+    if cache is not None:
+        new_cache = []
+        for p, k, c in zip(layers, kind_of, cache):
+            visible, cos, sin = tables[k]
+            x, c = layer(p, x, cos, sin, visible, a, ctx, c, index)
+            new_cache.append(c)
+        return x, new_cache
+    if len(tables) == 1:
+        visible, cos, sin = tables[0]
+        return nn.run_layers(lambda p, x, c: layer(p, x, cos, sin, visible, a, c)[0], x, layers, ctx), None
+    stacked = jax.tree.map(lambda *t: jnp.stack(t), *tables)
+
+    def one(p, x, c):
+        visible, cos, sin = (t[p["kind"]] for t in stacked)
+        return layer(p["layer"], x, cos, sin, visible, a, c)[0]
+
+    return nn.run_layers(one, x, [{"layer": p, "kind": np.int32(k)} for p, k in zip(layers, kind_of)], ctx), None
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward pass and generation
 

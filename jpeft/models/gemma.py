@@ -257,26 +257,8 @@ def decoder(
     # Each distinct (window, rope) pair of layers gets one (visible, cos, sin); layer i uses the k-th.
     kinds = list(dict.fromkeys(zip(a.windows, a.ropes)))
     tables = [(visibility(key_mask, query_index, w, segment_ids), *causal_lm.rotary(dict(r), a.head_dim, positions)) for w, r in kinds]
-    kind_of = [kinds.index(k) for k in zip(a.windows, a.ropes)]
-    layers = [params["model"]["layers"][str(i)] for i in range(a.num_layers)]
-    new_cache = []
-    if cache is None:
-        # The layer's kind travels with its parameters, so layers of different windows still scan as one stack
-        # under remat (the kind is then traced, and picks its row of the stacked tables).
-        stacked = jax.tree.map(lambda *t: jnp.stack(t), *tables)
-
-        def layer(p, x, c):
-            visible, cos, sin = (t[p["kind"]] for t in stacked)
-            return _layer(p["layer"], x, cos, sin, visible, a, c)[0]
-
-        x = nn.run_layers(layer, x, [{"layer": p, "kind": np.int32(k)} for p, k in zip(layers, kind_of)], ctx)
-    else:
-        for i, p in enumerate(layers):
-            visible, cos, sin = tables[kind_of[i]]
-            x, layer_cache = _layer(p, x, cos, sin, visible, a, ctx, cache[i], index)
-            new_cache.append(layer_cache)
-    x = rms_norm(params["model"]["norm"]["weight"], x, a.eps)
-    return x, (new_cache if cache is not None else None)
+    x, cache = causal_lm.run_layers(_layer, a, params, x, tables, [kinds.index(k) for k in zip(a.windows, a.ropes)], ctx, cache, index)
+    return rms_norm(params["model"]["norm"]["weight"], x, a.eps), cache
 
 
 def lm_head(config: Any, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:

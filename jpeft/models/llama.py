@@ -241,18 +241,10 @@ def decoder(
     a, ctx = arch(config), ctx or nn.Ctx()
     cos, sin = causal_lm.rotary(dict(a.rope), a.head_dim, positions)
     query_index = index + jnp.arange(x.shape[1])
-    masks = {w: visibility(key_mask, query_index, w, segment_ids) for w in set(a.windows)}
-    layers = [params["model"]["layers"][str(i)] for i in range(a.num_layers)]
-    new_cache = []
-    if cache is None and len(masks) == 1:  # no cache and one mask for all layers: scan over stacked layers
-        visible = masks[a.windows[0]]
-        x = nn.run_layers(lambda p, x, c: _layer(p, x, cos, sin, visible, a, c)[0], x, layers, ctx)
-    else:
-        for i, p in enumerate(layers):
-            x, layer_cache = _layer(p, x, cos, sin, masks[a.windows[i]], a, ctx, None if cache is None else cache[i], index)
-            new_cache.append(layer_cache)
-    x = nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype)
-    return x, (new_cache if cache is not None else None)
+    windows = list(dict.fromkeys(a.windows))  # one (visible, cos, sin) per distinct window
+    tables = [(visibility(key_mask, query_index, w, segment_ids), cos, sin) for w in windows]
+    x, cache = causal_lm.run_layers(_layer, a, params, x, tables, [windows.index(w) for w in a.windows], ctx, cache, index)
+    return nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache
 
 
 def lm_head(config: Any, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
