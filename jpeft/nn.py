@@ -298,20 +298,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float, ctx: Ctx, chunk: int = 128,
                      softcap: float | None = None) -> jax.Array:
-    """`attention` for queries and keys of the same positions under a causal `visible` (no key after its query).
+    """`attention` for T queries at the last T of S key positions under a causal `visible` (no key after its query);
+    the S - T keys before them (a prefix, see `prefixed`) are visible to every query.
 
     Queries run in blocks of about `chunk` rows, each against only the keys up to its last row, which
     skips most of the score matrix's masked upper triangle (~40% less attention work at 448 tokens).
     """
-    T = q.shape[3]
+    T, past = q.shape[3], k.shape[2] - q.shape[3]
     n = max(1, round(T / chunk))
     if n == 1:
         return attention(q, k, v, visible, scale, ctx, softcap)
     bounds = [T * c // n for c in range(n + 1)]
     return jnp.concatenate([
-        attention(q[..., lo:hi, :], k[:, :, :hi], v[:, :, :hi], visible[..., lo:hi, :hi], scale, ctx, softcap)
+        attention(q[..., lo:hi, :], k[:, :, :past + hi], v[:, :, :past + hi], visible[..., lo:hi, :past + hi], scale, ctx, softcap)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ], axis=3)
+
+
+def prefixed(p: Params, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """An attention's keys and values (B, KV, S, E) with its prefix-tuning keys and values in front, (B, KV, N+S, E).
+
+    `p["prefix"]` holds `key` and `value` (KV, N, E), shared by all rows (`jpeft.prefix.layer_prefixes`); without
+    it k and v are returned as they are.
+    """
+    if "prefix" not in p:
+        return k, v
+    B = k.shape[0]
+    front = lambda x, like: jnp.broadcast_to(x[None], (B, *x.shape)).astype(like.dtype)  # noqa: E731
+    return (jnp.concatenate([front(p["prefix"]["key"], k), k], axis=2),
+            jnp.concatenate([front(p["prefix"]["value"], v), v], axis=2))
 
 
 def _attention_probs(q, k, mask, scale, softcap=None):

@@ -14,14 +14,22 @@ from jpeft import selective as sel
 from jpeft import targets as tg
 from jpeft import tree
 
-TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings"})
+TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings", "prefix_embeddings"})
 ADAPTER_LEAVES = TRAINABLE_LEAVES | {"lora_scale"}
+# Modules made entirely of PEFT weights (all trainable): bottleneck adapters, prefix tuning's projection MLP.
+ADAPTER_MODULES = frozenset({"adapter", "prefix_mlp"})
+# Top-level PEFT leaves and modules, which sit beside no base kernel.
+_UNATTACHED = ("prompt_embeddings", "prefix_embeddings", "prefix_mlp")
+
+
+def _in_adapter_module(parts: list[str]) -> bool:
+    return any(part in ADAPTER_MODULES for part in parts[:-1])
 
 
 def is_adapter_path(path: str) -> bool:
     """Whether a leaf belongs to a PEFT method rather than to the base model."""
     parts = path.split("/")
-    return parts[-1] in ADAPTER_LEAVES or "adapter" in parts[:-1]
+    return parts[-1] in ADAPTER_LEAVES or _in_adapter_module(parts)
 
 
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
@@ -35,7 +43,7 @@ def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (
     for path in flat:
         parts = path.split("/")
         mask[path] = (
-            (parts[-1] in TRAINABLE_LEAVES or "adapter" in parts[:-1])
+            (parts[-1] in TRAINABLE_LEAVES or _in_adapter_module(parts))
             or (bool(modules_to_save) and tg.within(modules_to_save, ".".join(parts[:-1])))
             or path in chosen
         )
@@ -84,7 +92,7 @@ def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
         module = path.split("/adapter/")[0] if "/adapter/" in path else path.rsplit("/", 1)[0]
         kernel = shapes.get(f"{module}/kernel")
         leaf = path.rsplit("/", 1)[-1]
-        if leaf == "prompt_embeddings":
+        if path.split("/", 1)[0] in _UNATTACHED:
             continue
         if kernel is None and "/adapter/" not in path:
             raise ValueError(f"attach: adapter leaf {path} has no base kernel at {module}/kernel")

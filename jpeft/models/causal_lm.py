@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, gguf_io, hf_io, nn, quant, tree
+from jpeft import generation, gguf_io, hf_io, nn, prefix, quant, tree
 from jpeft.hf_io import CheckpointError
 from jpeft.models import registry
 
@@ -147,11 +147,13 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
     v = nn.dense(p["v_proj"], h, ctx).reshape(B, T, KV, E)
     # Under remat, q, k and v are kept: recomputing their projections cost ~8% of a SmolLM2 step, keeping them 0.27 GB.
     q, k, v = nn.keep(q.transpose(0, 2, 3, 1, 4)), nn.keep(k.transpose(0, 2, 1, 3)), nn.keep(v.transpose(0, 2, 1, 3))  # heads first
-    if cache is not None:
+    if cache is not None:  # generation wrote any prefix into the cache's first slots
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
         cache = (k, v)
-    attend = nn.attention if cache is not None else nn.causal_attention  # without a cache, keys are the queries' positions
+    else:
+        k, v = nn.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
+    attend = nn.attention if cache is not None else nn.causal_attention  # without a cache, keys end at the queries' positions
     out = attend(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)  # (B, KV, G, T, E)
     return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
 
@@ -193,8 +195,11 @@ def run_layers(layer: Callable, a: Any, params: Params, x: jax.Array, tables: li
     `tables[kind_of[i]]` = (visible, cos, sin), one per distinct (window, rope) of the model. Without a cache the
     layers go through `nn.run_layers`; when kinds differ, each layer's kind travels with its parameters, so layers of
     different windows still scan as one stack under remat (the kind is then traced and picks its row of the tables).
+    Under prefix tuning without a cache, each layer's prefix keys and values travel with its attention's parameters.
     """
     layers = [params["model"]["layers"][str(i)] for i in range(a.num_layers)]
+    if cache is None and prefix.LEAF in params:
+        layers = [{**p, "self_attn": {**p["self_attn"], "prefix": kv}} for p, kv in zip(layers, prefix.layer_prefixes(params, a))]
     if cache is not None:
         new_cache = []
         for p, k, c in zip(layers, kind_of, cache):
@@ -224,7 +229,9 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
     """Causal-LM logits (B, T, V) of `model` (see the models' `forward`); (B, N+T, V) with `prompt_logits`."""
     ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)
-    h, _ = model.decoder(a, params, x, positions_from_mask(mask), mask, ctx)
+    n = prefix.num_tokens(params)
+    key_mask = jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)  # the N prefix slots precede the tokens
+    h, _ = model.decoder(a, params, x, positions_from_mask(key_mask)[:, n:], key_mask, ctx, index=n)
     if not prompt_logits:
         h = h[:, h.shape[1] - input_ids.shape[1]:]
     return model.lm_head(a, params, h, ctx)
@@ -242,19 +249,23 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         order = jnp.argsort(mask, axis=1, stable=True)
         x, mask = jnp.take_along_axis(x, order[..., None], axis=1), jnp.take_along_axis(mask, order, axis=1)
     R, P = mask.shape
-    positions = positions_from_mask(mask)
+    n = prefix.num_tokens(params)  # prefix tuning: N slots before the prompt's, as PEFT's DynamicCache holds them
+    mask = jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)
+    positions = positions_from_mask(mask)[:, n:]
     # Slots past the prompt hold generated tokens (all but the last, which is never fed back); causality
     # hides the ones not yet written.
-    key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - P)), constant_values=1)
+    key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - n - P)), constant_values=1)
     shape = (R, a.num_kv_heads, cache_len, a.head_dim)
     cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
-    h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, 0)
+    if n:
+        cache = prefix.write_cache(params, a, cache)
+    h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
     logits = model.lm_head(a, params, h[:, -1], ctx)
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
 
-    def step(tokens, i, cache):  # the i-th generated token sits at slot P + i, position last + 1 + i
+    def step(tokens, i, cache):  # the i-th generated token sits at slot N + P + i, position last + 1 + i
         x, _ = model.embed(a, {"model": params["model"]}, tokens[:, None], jnp.ones((R, 1), jnp.int32), dtype)  # no soft prompt again
-        h, cache = model.decoder(a, params, x, (last + 1 + i)[:, None], key_mask, ctx, cache, P + i)
+        h, cache = model.decoder(a, params, x, (last + 1 + i)[:, None], key_mask, ctx, cache, n + P + i)
         return model.lm_head(a, params, h[:, 0], ctx), cache
 
     if num_beams == 1:
@@ -291,12 +302,12 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     extra = generation.bucket(S) - S
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-    n_prompt = params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0
+    n_virtual = (params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0) + prefix.num_tokens(params)
     out = _generate(
         model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens
         None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
-        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_prompt + input_ids.shape[1] + max_new_tokens - 1),
+        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + max_new_tokens - 1),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
     )[:, :max_new_tokens]
     return pad_after_eos(out, eos, a.pad_token_id) if len(eos) > 1 else out

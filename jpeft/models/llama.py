@@ -17,6 +17,9 @@ Soft prompts: a top-level `prompt_embeddings` (N, D) leaf is prepended to every 
 the mask extended by N ones, as PEFT's `PeftModelForCausalLM` does for prompt tuning (before any left
 padding). PEFT drops `position_ids` and numbers all N + T slots, which agrees with the cumulative-sum rule on
 right-padded batches (training) but not on left-padded ones, where jpeft keeps positions padding-independent.
+
+Prefix tuning (`jpeft.prefix`): every layer's attention sees its N prefix keys/values before the tokens' own, and the
+tokens' positions start at N, as when PEFT passes the prefix as a `DynamicCache` with the mask extended by N ones.
 """
 
 from __future__ import annotations
@@ -234,8 +237,9 @@ def decoder(
     """Decoder stack -> (final-normed hidden states (B, T, D), updated cache).
 
     `x` (B, T, D) holds the inputs at sequence indices index..index+T-1 with rotary `positions` (B, T);
-    `key_mask` (B, S) says which key slots hold real tokens. Without `cache`, S = T and the keys are the
-    inputs themselves; with `cache` (per layer (k, v) of (B, KV, S, E)) this call's keys are written at `index`.
+    `key_mask` (B, S) says which key slots hold real tokens. Without `cache`, S = index + T: the keys are the
+    inputs themselves after `index` prefix-tuning slots (0 without a prefix); with `cache` (per layer (k, v) of
+    (B, KV, S, E)) this call's keys are written at `index`.
     `segment_ids` (B, T) of a packed batch (no cache) keep attention inside each segment.
     """
     a, ctx = arch(config), ctx or nn.Ctx()

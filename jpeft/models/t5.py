@@ -7,6 +7,11 @@ The tree: `shared/embedding` (V, D), `lm_head/kernel` (D, V) when untied,
 each with its `layer_norm/weight`, and `{encoder,decoder}/final_layer_norm/weight`. Block 0 of each
 stack holds `SelfAttention/relative_attention_bias/embedding` (buckets, H), shared by all blocks.
 A top-level `prompt_embeddings` (N, D) leaf, when present, is prepended to the encoder input.
+
+Prefix tuning (`jpeft.prefix`), as PEFT does it for SEQ_2_SEQ_LM: only the decoder's self-attention gets prefix keys
+and values (PEFT builds cross-attention ones too but replaces that cache by an empty one; the encoder gets none).
+The decoder's N prefix slots come before its tokens, so the relative position bias sees them as past positions
+0..N-1 and the target tokens at N, N+1, ...
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, hf_io, nn, quant, tree
+from jpeft import generation, hf_io, nn, prefix, quant, tree
 from jpeft.hf_io import CheckpointError
 
 Params = dict[str, Any]
@@ -289,10 +294,12 @@ def _self_attention_layer(p, x, bias, a, ctx, cache=None, pos=None):
     """Pre-norm self-attention; with `cache` (k, v of (B, H, Tmax, K)) writes this step's keys at `pos`."""
     h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
     q, k, v = (_heads(nn.dense(p["SelfAttention"][n], h, ctx), a) for n in ("q", "k", "v"))
-    if cache is not None:
+    if cache is not None:  # generation wrote any prefix into the cache's first slots
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=2)
         cache = (k, v)
+    else:
+        k, v = nn.prefixed(p["SelfAttention"], k, v)  # (B, H, N+T, K) under prefix tuning
     return _residual(p["SelfAttention"], x, _attend(p["SelfAttention"], q, k, v, bias, ctx), ctx), cache
 
 
@@ -345,6 +352,12 @@ def _blocks(stack: Params, n: int) -> list[Params]:
     return [tree.unflatten(first)] + blocks[1:]
 
 
+def _with_prefix(block: Params, kv: dict[str, jax.Array]) -> Params:
+    """A decoder block whose self-attention carries its prefix keys and values (read by `nn.prefixed`)."""
+    layers = block["layer"]
+    return {**block, "layer": {**layers, "0": {**layers["0"], "SelfAttention": {**layers["0"]["SelfAttention"], "prefix": kv}}}}
+
+
 def cross_kv(config: Any, params: Params, encoded: jax.Array, ctx: nn.Ctx | None = None) -> list[tuple[jax.Array, jax.Array]]:
     """Each decoder block's cross-attention keys and values, computed once per source."""
     a, ctx = arch(config), ctx or nn.Ctx()
@@ -376,21 +389,22 @@ def decode(
     """Decoder stack + LM head -> (logits (B, T, V) float32, updated cache).
 
     Without `cache`, `encoder` is the encoder output (B, S, D) and the whole target is processed with a
-    causal mask. With `cache` (per block a (k, v) pair of (B, H, Tmax, K)), `encoder` is `cross_kv`'s
-    per-block keys and values, `decoder_input_ids` holds the tokens at positions pos..pos+T-1, and keys
-    past the last written position are masked.
+    causal mask, after the N slots of any prefix. With `cache` (per block a (k, v) pair of (B, H, Tmax, K)),
+    `encoder` is `cross_kv`'s per-block keys and values, `decoder_input_ids` holds the tokens at positions
+    pos..pos+T-1 (a prefix fills the cache's first N slots), and keys past the last written position are masked.
     """
     a, ctx = arch(config), ctx or nn.Ctx()
     p = params["decoder"]
     x = params["shared"]["embedding"][decoder_input_ids].astype(ctx.dtype)
     B, T = decoder_input_ids.shape
-    query_pos = pos + jnp.arange(T)
-    key_len = T if cache is None else cache[0][0].shape[2]
+    n = prefix.num_tokens(params) if cache is None else 0
+    query_pos = pos + n + jnp.arange(T)
+    key_len = n + T if cache is None else cache[0][0].shape[2]
     key_pos = jnp.arange(key_len)
     table = p["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"]["embedding"]
     self_mask = (key_pos[None, :] <= query_pos[:, None])[None]  # (1, T, Tk)
     if decoder_attention_mask is not None and cache is None:
-        self_mask = self_mask & decoder_attention_mask[:, None, :].astype(bool)
+        self_mask = self_mask & jnp.pad(decoder_attention_mask, ((0, 0), (n, 0)), constant_values=1)[:, None, :].astype(bool)
     self_bias = position_bias(a, table, query_pos, key_len, bidirectional=False) + nn.attention_bias_from_mask(self_mask)[:, None]
     cross_bias = nn.attention_bias_from_mask(encoder_mask)[:, None, None, :]
     x = nn.dropout(ctx, x)
@@ -404,7 +418,10 @@ def decode(
 
     new_cache = None
     if cache is None:
-        x = nn.run_layers(lambda p, x, c: block(p, x, c)[0], x, _blocks(p, a.num_decoder_layers), ctx)
+        blocks = _blocks(p, a.num_decoder_layers)
+        if n:
+            blocks = [_with_prefix(b, kv) for b, kv in zip(blocks, prefix.layer_prefixes(params, a))]
+        x = nn.run_layers(lambda p, x, c: block(p, x, c)[0], x, blocks, ctx)
     else:
         new_cache = []
         for i in range(a.num_decoder_layers):
@@ -456,12 +473,14 @@ def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id
             ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
     encoded, mask = encode(a, params, input_ids, attention_mask, ctx)
     kv = cross_kv(a, params, encoded, ctx)
-    rows = input_ids.shape[0]
-    cache_shape = (rows, a.num_heads, max_len, a.d_kv)
+    rows, n = input_ids.shape[0], prefix.num_tokens(params)
+    cache_shape = (rows, a.num_heads, n + max_len, a.d_kv)  # a prefix takes the first N slots
     cache = [(jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(a.num_decoder_layers)]
+    if n:
+        cache = prefix.write_cache(params, a, cache)
 
-    def step(tokens, i, cache):  # the i-th generated token sits at decoder position i + 1
-        logits, cache = decode(a, params, tokens[:, None], kv, mask, ctx=ctx, cache=cache, pos=i + 1)
+    def step(tokens, i, cache):  # the i-th generated token sits at decoder position N + i + 1
+        logits, cache = decode(a, params, tokens[:, None], kv, mask, ctx=ctx, cache=cache, pos=n + i + 1)
         return logits[:, 0], cache
 
     start = jnp.full((rows,), a.decoder_start_token_id, jnp.int32)
