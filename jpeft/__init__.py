@@ -1,15 +1,16 @@
 """jpeft: parameter-efficient fine-tuning for JAX, numerically matched to Hugging Face PEFT.
 
-Every method is a pure transform of a plain parameter tree (`lora.inject`, `prompt.inject`, ...);
+Every method is a pure transform of a plain parameter tree (`lora.inject`, `prompt.inject`, `prefix.inject`, ...);
 the models use the added leaves when present, and a mask says what trains. `jpeft.linen` and `jpeft.nnx`
 do the same for unmodified Flax models.
 """
 
-from jpeft import adapters, batches, ia3, lora, prompt, selective
+from jpeft import adapters, batches, ia3, lora, prefix, prompt, selective
 from jpeft.adapters import AdapterConfig
 from jpeft.ia3 import IA3Config
 from jpeft.lora import LoraConfig
 from jpeft.peft_format import load_adapter, save_adapter
+from jpeft.prefix import PrefixTuningConfig
 from jpeft.prompt import PromptTuningConfig
 from jpeft.selective import SelectiveConfig
 from jpeft.split import attach, combine, count_params, optimizer, partition, split_adapter, trainable_mask
@@ -17,7 +18,7 @@ from jpeft.split import attach, combine, count_params, optimizer, partition, spl
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "SelectiveConfig",
+    "AdapterConfig", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig", "SelectiveConfig",
     "adapters", "attach", "batches", "combine", "count_params", "ia3", "load_adapter", "lora", "optimizer", "partition",
-    "prompt", "save_adapter", "selective", "split_adapter", "trainable_mask",
+    "prefix", "prompt", "save_adapter", "selective", "split_adapter", "trainable_mask",
 ]

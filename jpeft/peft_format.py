@@ -1,7 +1,7 @@
 """Adapters on disk in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 A directory written here loads with `peft.PeftModel.from_pretrained`, and one written by PEFT's
-`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3 and prompt tuning.
+`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3, prompt tuning and prefix tuning.
 Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, PyTorch layout: lora_A (r, in),
 lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`), and the
 module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works.
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import hf_io, ia3, lora, prompt, quant, split, tree
+from jpeft import hf_io, ia3, lora, prefix, prompt, quant, split, tree
 from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 
@@ -34,7 +34,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "jpeft_base_fingerprint"
 BASE_NAME_KEY = "jpeft_base_model"
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
 TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
@@ -88,6 +88,8 @@ def save_adapter(
         cfg_json, tensors = _lora_out(params, flat, config)
     elif method == "IA3":
         cfg_json, tensors = _ia3_out(params, flat, config)
+    elif method == "PREFIX_TUNING":
+        cfg_json, tensors = _prefix_out(params, config)
     else:
         cfg_json, tensors = _prompt_out(flat, config, task)
     cfg_json.update(peft_type=method, task_type=task, base_model_name_or_path=base_model_name_or_path,
@@ -99,13 +101,14 @@ def save_adapter(
 
 
 def _method(flat: Mapping[str, Any]) -> str:
-    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p)}
+    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p) and p.split("/", 1)[0] not in (prefix.LEAF, prefix.MLP)}
     found = sorted({"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
-                    else "PROMPT_TUNING" if leaf == prompt.LEAF else "bottleneck adapter" for leaf in leaves})
+                    else "PROMPT_TUNING" if leaf == prompt.LEAF else "bottleneck adapter" for leaf in leaves}
+                   | ({"PREFIX_TUNING"} if prefix.LEAF in flat else set()))
     if not found:
-        raise ValueError("save_adapter: the tree holds no adapter (no lora_a, ia3_* or prompt_embeddings leaves)")
+        raise ValueError("save_adapter: the tree holds no adapter (no lora_a, ia3_*, prompt_embeddings or prefix_embeddings leaves)")
     if len(found) > 1 or found[0] not in PEFT_TYPES:
-        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3 or prompt tuning")
+        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3, prompt or prefix tuning")
     return found[0]
 
 
@@ -270,6 +273,34 @@ def _prompt_out(flat, config, task):
     return cfg_json, {prompt.LEAF: rows}
 
 
+def _prefix_dims(params: Mapping[str, Any]) -> tuple[int, int, int | None]:
+    """(layers, token_dim, heads or None) of the attentions a prefix feeds, read off a jpeft T5/Llama/Gemma tree."""
+    shapes = quant.float_shapes(params)
+    try:
+        if task_type(params) == "SEQ_2_SEQ_LM":
+            attn = "decoder/block/0/layer/0/SelfAttention"
+            return len(params["decoder"]["block"]), shapes[f"{attn}/k/kernel"][1], shapes[f"{attn}/relative_attention_bias/embedding"][1]
+        # Decoder-only: PEFT derives its heads from the model config (key/value heads), so none is recorded.
+        return len(params["model"]["layers"]), shapes["model/layers/0/self_attn/k_proj/kernel"][1], None
+    except KeyError as e:
+        raise ValueError(f"prefix-tuning files are read and written for jpeft's T5, Llama and Gemma trees; this one lacks {e}") from None
+
+
+def _prefix_out(params, config):
+    layers, token_dim, heads = _prefix_dims(params)
+    rows = np.asarray(prefix.flat(params)).astype(params[prefix.LEAF].dtype)  # PEFT saves the projected prefix
+    n, projected = rows.shape[0], prefix.MLP in params
+    if rows.shape[1] != layers * 2 * token_dim:
+        raise ValueError(f"save_adapter: the prefix has {rows.shape[1]} columns, but this base needs {layers} layers x 2 x {token_dim}")
+    if config is not None and (not isinstance(config, prefix.PrefixTuningConfig) or config.num_virtual_tokens != n
+                               or config.prefix_projection != projected):
+        raise ValueError(f"save_adapter: a prefix of {n} tokens{' with' if projected else ' without'} projection disagrees with config {config}")
+    cfg_json = dict(num_virtual_tokens=n, token_dim=token_dim, num_transformer_submodules=2 if heads is not None else 1,
+                    num_layers=layers, num_attention_heads=heads, prefix_projection=projected, init_weights=None,
+                    encoder_hidden_size=params[prefix.MLP]["0"]["kernel"].shape[1] if projected else token_dim, modules_to_save=None)
+    return cfg_json, {prompt.LEAF: rows}
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 
@@ -320,6 +351,8 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
         leaves = _lora_in(params, who, cfg, tensors)
     elif kind == "IA3":
         leaves = _ia3_in(params, who, cfg, tensors)
+    elif kind == "PREFIX_TUNING":
+        leaves = _prefix_in(params, who, cfg, tensors)
     else:
         leaves = _prompt_in(params, who, cfg, tensors)
     try:
@@ -427,3 +460,18 @@ def _prompt_in(params, who, cfg, tensors) -> dict[str, Any]:
         raise CheckpointError(f"{who}: prompt_embeddings has shape {tuple(rows.shape)}, but num_virtual_tokens={n}, "
                               f"num_transformer_submodules={submodules} and the base's d_model={d} need ({n} * {submodules}, {d})")
     return {prompt.LEAF: rows[:n].astype(prompt.embedding_table(params).dtype)}
+
+
+def _prefix_in(params, who, cfg, tensors) -> dict[str, Any]:
+    if set(tensors) != {prompt.LEAF}:
+        raise CheckpointError(f"{who}: a prefix-tuning adapter holds only prompt_embeddings, found {sorted(tensors)[:5]}")
+    try:
+        layers, token_dim, _ = _prefix_dims(params)
+    except ValueError as e:
+        raise CheckpointError(f"{who}: {e}") from None
+    rows, n = tensors[prompt.LEAF], cfg.get("num_virtual_tokens")
+    if not isinstance(n, int) or tuple(rows.shape) != (n, layers * 2 * token_dim):
+        raise CheckpointError(f"{who}: prompt_embeddings has shape {tuple(rows.shape)}, but num_virtual_tokens={n} and the base's "
+                              f"{layers} layers of {token_dim}-wide keys and values need ({n}, {layers} * 2 * {token_dim})")
+    # The file holds the prefix itself (projected, when trained with prefix_projection), as PEFT loads it for inference.
+    return {prefix.LEAF: rows.astype(prompt.embedding_table(params).dtype)}

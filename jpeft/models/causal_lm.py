@@ -80,12 +80,16 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None) -> jax.Array:
     """(B, 1, 1, T, S) bool: key j is visible to the query at sequence index i iff real, j <= i and i - j < window.
 
-    With `segment_ids` (B, T = S) of a packed batch, a key must also lie in the query's segment.
+    The window counts real slots only (padding between a prefix-tuning prefix and a left-padded prompt takes no
+    room in it), so a row's attention never depends on its padding. With `segment_ids` (B, T = S) of a packed
+    batch, a key must also lie in the query's segment.
     """
     key_index = jnp.arange(key_mask.shape[-1])
     visible = key_mask.astype(bool)[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])
     if window is not None:
-        visible = visible & (key_index[None, None, :] > query_index[None, :, None] - window)
+        key_pos = positions_from_mask(key_mask)  # (B, S): real slots before each slot
+        query_pos = key_pos[:, query_index]  # (B, T)
+        visible = visible & (key_pos[:, None, :] > query_pos[:, :, None] - window)
     if segment_ids is not None:
         visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return visible[:, None, None]
