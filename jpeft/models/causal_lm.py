@@ -87,7 +87,7 @@ def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, 
     key_index = jnp.arange(key_mask.shape[-1])
     visible = key_mask.astype(bool)[:, None, :] & (key_index[None, None, :] <= query_index[None, :, None])
     if window is not None:
-        key_pos = positions_from_mask(key_mask)  # (B, S): real slots before each slot
+        key_pos = positions_from_mask(key_mask > 0)  # (B, S): real slots before each slot (segment ids are > 0)
         query_pos = key_pos[:, query_index]  # (B, T)
         visible = visible & (key_pos[:, None, :] > query_pos[:, :, None] - window)
     if segment_ids is not None:
