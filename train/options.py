@@ -10,7 +10,9 @@ from train.data import INPUT_FIELD, TARGET_FIELD
 from train.errors import UsageError
 
 METHODS = ("none", "full", "lora", "prompt", "ia3", "adapter", "selective")
-LAB_METHODS = ("none", "full", "lora", "prompt", "ia3")
+LAB_METHODS = ("none", "full", "lora", "qlora", "prompt", "ia3", "adapter")
+# Lab entries that are another method with settings of their own.
+LAB_VARIANTS = {"qlora": {"method": "lora", "quantize": "nf4"}}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -42,7 +44,10 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--max-target-len", type=int, default=64, help="target tokens, for training and generation")
     g = p.add_argument_group("method")
     if lab:
-        g.add_argument("--methods", default=",".join(LAB_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+        g.add_argument("--methods", default=",".join(LAB_METHODS),
+                       help=f"comma-separated, from {', '.join((*METHODS, *LAB_VARIANTS))} (qlora: lora on an NF4 base)")
+        g.add_argument("--ranks", default="", help="LoRA rank study: comma-separated ranks, each a LoRA run at the same alpha/r "
+                       "(e.g. 4,8,16,32,64)")
     else:
         g.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
@@ -68,7 +73,10 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optax optimizer")
-    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    if lab:
+        g.add_argument("--lr", type=float, help="peak learning rate for every method (default: each method's own, see the table)")
+    else:
+        g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     g.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="decay after warmup")
@@ -103,7 +111,8 @@ def method_list(text: str) -> list[str]:
     if not methods:
         raise UsageError("--methods names no method")
     for m in methods:
-        check_method(m)
+        if m not in LAB_VARIANTS:
+            check_method(m)
     if len(set(methods)) < len(methods):
         raise UsageError(f"--methods {text!r} names a method twice")
     return methods

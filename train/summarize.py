@@ -152,7 +152,8 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
                                                args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)
     out = Path(args.out)
-    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite)
+    defaults = vars(parser().parse_args([]))
+    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
 
 
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None)
 def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
+    run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
                                  quantized=args.quantize == "gguf")
@@ -238,7 +240,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     finally:
         ckpt.close()
     results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
-    history = _all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
+    history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
     results["final_loss"] = history[-1]["loss"] if history else None
     if history:
         trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
@@ -251,7 +253,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
 
 
-def _all_history(out: Path) -> list[dict]:
+def all_history(out: Path) -> list[dict]:
     """Every logged step, across restarts (the last record per step wins)."""
     records = {}
     log = out / "metrics.jsonl"
