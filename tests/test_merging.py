@@ -162,6 +162,8 @@ def _check_deltas(peft_model, merged, new_name):
 
 CASES = [  # (combination, adapters, kwargs)
     ("linear", SAME_RANK, {}),
+    ("linear", {"s3": SAME_RANK["s3"], "s2": SAME_RANK["s2"]}, {}),  # rsLoRA first: PEFT's merged scale is sqrt(r)
+    ("svd", {"m2": MIXED_RANK["m2"]}, {}),  # one adapter: PEFT combines it linear
     ("cat", MIXED_RANK | {"s1": SAME_RANK["s1"]}, {}),
     ("svd", MIXED_RANK | {"s2": SAME_RANK["s2"]}, {}),
     ("svd", MIXED_RANK, dict(svd_rank=2, svd_clamp=0.9, svd_full_matrices=False)),
@@ -192,7 +194,8 @@ def test_matches_peft_add_weighted_adapter(tiny_llama, monkeypatch, case):
     names = list(chosen)
     new_name = f"merged_{case}"
     _peft_merge(m, monkeypatch, names, combination, new_name, **kwargs)
-    merged = merging.merge_adapters([m.adapters[n] for n in names], [WEIGHTS[n] for n in names], combination, key=KEY, **kwargs)
+    merged = merging.merge_adapters([m.adapters[n] for n in names], [WEIGHTS[n] for n in names], combination, key=KEY,
+                                    use_rslora=chosen[names[0]].get("use_rslora", False), **kwargs)
     _check_deltas(m.peft, merged, new_name)
     ours, ref = _llama_logits(m, merged), _peft_llama_logits(m, new_name)
     keep = m.mask.astype(bool)
