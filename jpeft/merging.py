@@ -102,7 +102,7 @@ def _lora_modules(adapter: Mapping[str, Any], index: int) -> dict[str, dict[str,
         module, _, leaf = path.rpartition("/")
         name = module.replace("/", ".")
         if leaf not in lora.LEAVES:
-            raise ValueError(f"merge_adapters combines LoRA adapters only; adapter {index} holds {leaf!r} at {name} "
+            raise ValueError(f"merge_adapters combines LoRA adapters only; adapter {index} holds {leaf!r} at {name or 'the top level'} "
                              "(IA3, prompt tuning and bottleneck adapters have no weighted combination in PEFT)")
         modules.setdefault(name, {})[leaf] = value
     for name, leaves in modules.items():

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import jpeft
 from jpeft import lora, merging, multi, tree
-from jpeft.models import llama, t5
+from jpeft.models import llama
 from tests.conftest import jpeft_logits, torch_logits
 from tests.models.test_llama import batch, make_hf_llama
 
@@ -107,6 +107,7 @@ def _jpeft_masks(monkeypatch, peft_model, names, density):
         def run(self, combination_type, adapters, weights, *args, **kwargs):
             target = next(a for a in args if hasattr(a, "lora_A"))
             present = [i for i, n in enumerate(names) if n in target.lora_A]
+            assert not state.get("queue"), f"PEFT drew fewer masks than expected in {state['module']}"
             state.update(module=module_names[id(target)], queue=[(p, i) for p in parts for i in present])
             return original(self, combination_type, adapters, weights, *args, **kwargs)
         return run
