@@ -5,10 +5,11 @@ the models use the added leaves when present, and a mask says what trains. `jpef
 do the same for unmodified Flax models.
 """
 
-from jpeft import adapters, batches, ia3, lora, prompt, selective
+from jpeft import adapters, batches, ia3, lora, merging, prompt, selective
 from jpeft.adapters import AdapterConfig
 from jpeft.ia3 import IA3Config
 from jpeft.lora import LoraConfig
+from jpeft.merging import merge_adapters
 from jpeft.peft_format import load_adapter, save_adapter
 from jpeft.prompt import PromptTuningConfig
 from jpeft.selective import SelectiveConfig
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "IA3Config", "LoraConfig", "PromptTuningConfig", "SelectiveConfig",
-    "adapters", "attach", "batches", "combine", "count_params", "ia3", "load_adapter", "lora", "optimizer", "partition",
+    "adapters", "attach", "batches", "combine", "count_params", "ia3", "load_adapter", "lora", "merge_adapters", "merging", "optimizer", "partition",
     "prompt", "save_adapter", "selective", "split_adapter", "trainable_mask",
 ]
