@@ -70,14 +70,14 @@ def task_type(params: Mapping[str, Any]) -> str:
 def save_adapter(
     path: str | os.PathLike,
     params: Mapping[str, Any],
-    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | None = None,
+    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | loha.LoHaConfig | lokr.LoKrConfig | None = None,
     base_model_name_or_path: str | None = None,
     *,
     task: str | None = None,
 ) -> None:
     """Write the adapter in `params` (a full tree: base + one PEFT method) as a PEFT adapter directory, atomically.
 
-    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from lora_scale).
+    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from the scale); LoKr needs it.
     """
     flat = tree.flatten(params)
     params = tree.unflatten(flat)  # string keys throughout (an NNX state's list indices are ints)
