@@ -18,7 +18,6 @@ from jpeft import lycoris, nn
 
 LEAVES = ("loha_w1_a", "loha_w1_b", "loha_w2_a", "loha_w2_b", "loha_scale")
 TRAINABLE = LEAVES[:-1]
-PEFT_NAMES = {leaf: leaf.replace("loha_", "hada_") for leaf in TRAINABLE}  # jpeft leaf -> PEFT tensor (transposed)
 
 
 @dataclasses.dataclass(frozen=True)
