@@ -1,10 +1,13 @@
 """Adapters on disk in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 A directory written here loads with `peft.PeftModel.from_pretrained`, and one written by PEFT's
-`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3 and prompt tuning.
+`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3, prompt tuning, LoHa and LoKr.
 Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, PyTorch layout: lora_A (r, in),
-lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`), and the
-module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works.
+lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`; LoHa's `hada_w1_a`
+(out, r), `hada_w1_b` (r, in), ...; LoKr's `lokr_w1`, `lokr_w2_a`, ..., each jpeft's leaf transposed), and the
+module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works. LoHa's and
+LoKr's rank_dropout / module_dropout act in PEFT's training only; a file naming them loads for what it computes
+in eval mode.
 LoRA on layers PEFT's layout cannot hold (Flax Conv, Embed, Einsum and DenseGeneral weights, layers stacked
 by scan) is stored by tree path instead, with `"jpeft_layout": "tree"` and the module paths in the config.
 
@@ -25,7 +28,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import hf_io, ia3, lora, prompt, quant, split, tree
+from jpeft import hf_io, ia3, loha, lokr, lora, prompt, quant, split, tree
 from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 
@@ -34,7 +37,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "jpeft_base_fingerprint"
 BASE_NAME_KEY = "jpeft_base_model"
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING")
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "LOHA", "LOKR")
 TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
@@ -67,14 +70,14 @@ def task_type(params: Mapping[str, Any]) -> str:
 def save_adapter(
     path: str | os.PathLike,
     params: Mapping[str, Any],
-    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | None = None,
+    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | loha.LoHaConfig | lokr.LoKrConfig | None = None,
     base_model_name_or_path: str | None = None,
     *,
     task: str | None = None,
 ) -> None:
     """Write the adapter in `params` (a full tree: base + one PEFT method) as a PEFT adapter directory, atomically.
 
-    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from lora_scale).
+    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from the scale); LoKr needs it.
     """
     flat = tree.flatten(params)
     params = tree.unflatten(flat)  # string keys throughout (an NNX state's list indices are ints)
@@ -88,6 +91,8 @@ def save_adapter(
         cfg_json, tensors = _lora_out(params, flat, config)
     elif method == "IA3":
         cfg_json, tensors = _ia3_out(params, flat, config)
+    elif method in _LYCORIS:
+        cfg_json, tensors = _lycoris_out(method, params, flat, config)
     else:
         cfg_json, tensors = _prompt_out(flat, config, task)
     cfg_json.update(peft_type=method, task_type=task, base_model_name_or_path=base_model_name_or_path,
@@ -101,11 +106,12 @@ def save_adapter(
 def _method(flat: Mapping[str, Any]) -> str:
     leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p)}
     found = sorted({"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
-                    else "PROMPT_TUNING" if leaf == prompt.LEAF else "bottleneck adapter" for leaf in leaves})
+                    else "PROMPT_TUNING" if leaf == prompt.LEAF else _LYCORIS_PREFIX.get(leaf[:5], "bottleneck adapter")
+                    for leaf in leaves})
     if not found:
         raise ValueError("save_adapter: the tree holds no adapter (no lora_a, ia3_* or prompt_embeddings leaves)")
     if len(found) > 1 or found[0] not in PEFT_TYPES:
-        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3 or prompt tuning")
+        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3, prompt tuning, LoHa or LoKr")
     return found[0]
 
 
@@ -270,6 +276,63 @@ def _prompt_out(flat, config, task):
     return cfg_json, {prompt.LEAF: rows}
 
 
+_LYCORIS = {"LOHA": (loha, loha.LoHaConfig), "LOKR": (lokr, lokr.LoKrConfig)}
+_LYCORIS_PREFIX = {"loha_": "LOHA", "lokr_": "LOKR"}
+_UNSUPPORTED_LYCORIS = (("layers_to_transform", None), ("layers_pattern", None), ("modules_to_save", None))
+
+
+def _lycoris_shapes(kind: str, d_in: int, d_out: int, r: int, config: Any) -> dict[str, tuple[int, int]]:
+    """jpeft's trainable leaves of one module and their (in-first) shapes."""
+    return loha.shapes(d_in, d_out, r) if kind == "LOHA" else lokr.shapes(d_in, d_out, r, config)
+
+
+def _peft_name(leaf: str) -> str:
+    """PEFT's tensor name for a LoHa / LoKr leaf (LoHa's are `hada_*`)."""
+    return leaf.replace("loha_", "hada_")
+
+
+def _lycoris_out(kind, params, flat, config):
+    module_of, config_cls = _LYCORIS[kind]
+    scale_leaf = f"{kind.lower()}_scale"
+    modules = _modules_with(flat, scale_leaf)
+    scales = {m: float(flat[f"{m.replace('.', '/')}/{scale_leaf}"]) for m in modules}
+    if config is None and kind == "LOKR":
+        raise ValueError("save_adapter: a LoKr adapter needs its LoKrConfig (config=...): whole Kronecker factors do not "
+                         "record the rank that PEFT's scale alpha / r uses")
+    if config is None:
+        ranks = {m: int(np.shape(flat[f"{m.replace('.', '/')}/loha_w1_b"])[1]) for m in modules}
+        alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        config = loha.LoHaConfig(r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
+                                 rank_pattern={m: v for m, v in ranks.items() if v != r},
+                                 alpha_pattern={m: v for m, v in alphas.items() if v != alpha})
+    elif not isinstance(config, config_cls):
+        raise ValueError(f"save_adapter: the tree holds {kind} weights but config is a {type(config).__name__}")
+    expected = sorted(module_of.target_names(params, config))
+    if expected != modules:
+        extra, missing = sorted(set(modules) - set(expected)), sorted(set(expected) - set(modules))
+        raise ValueError(f"save_adapter: the {kind} modules disagree with the config's target_modules: adapted but not targeted "
+                         f"{extra[:3]}, targeted but not adapted {missing[:3]}")
+    tensors = {}
+    for m in modules:
+        module = tg.get_module(params, m)
+        r, scale = config.rank_and_scale(m)
+        want = _lycoris_shapes(kind, *quant.weight_shape(module), r, config)
+        have = {leaf: tuple(np.shape(module[leaf])) for leaf in module_of.TRAINABLE if leaf in module}
+        if have != want or not np.isclose(scale, scales[m], rtol=1e-6, atol=0):
+            raise ValueError(f"save_adapter: {m} has leaves {have} and scale {scales[m]:.6g}, but the config (rank {r}) gives "
+                             f"{want} and scale {scale:.6g}")
+        tensors.update({f"{PREFIX}{m}.{_peft_name(leaf)}": np.asarray(module[leaf]).T for leaf in want})
+    cfg_json = dict(r=config.r, alpha=config.alpha, rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
+                    target_modules=config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules),
+                    rank_dropout=0.0, module_dropout=0.0, init_weights=config.init_weights, use_effective_conv2d=config.use_effective_conv2d,
+                    exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+    if kind == "LOKR":
+        cfg_json.update(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
+                        rank_dropout_scale=config.rank_dropout_scale)
+    return cfg_json, tensors
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 
@@ -320,6 +383,8 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
         leaves = _lora_in(params, who, cfg, tensors)
     elif kind == "IA3":
         leaves = _ia3_in(params, who, cfg, tensors)
+    elif kind in _LYCORIS:
+        leaves = _lycoris_in(kind, params, who, cfg, tensors)
     else:
         leaves = _prompt_in(params, who, cfg, tensors)
     try:
@@ -427,3 +492,32 @@ def _prompt_in(params, who, cfg, tensors) -> dict[str, Any]:
         raise CheckpointError(f"{who}: prompt_embeddings has shape {tuple(rows.shape)}, but num_virtual_tokens={n}, "
                               f"num_transformer_submodules={submodules} and the base's d_model={d} need ({n} * {submodules}, {d})")
     return {prompt.LEAF: rows[:n].astype(prompt.embedding_table(params).dtype)}
+
+
+def _lycoris_in(kind, params, who, cfg, tensors) -> dict[str, Any]:
+    module_of, config_cls = _LYCORIS[kind]
+    for key, default in _UNSUPPORTED_LYCORIS:
+        if cfg.get(key, default) not in (default, [], {}):
+            raise CheckpointError(f"{who}: {kind} option {key}={cfg[key]!r} is not supported by jpeft")
+    fields = dict(target_modules=cfg.get("target_modules") or (), rank_pattern=cfg.get("rank_pattern") or {},
+                  alpha_pattern=cfg.get("alpha_pattern") or {}, init_weights=cfg.get("init_weights", True))
+    if kind == "LOKR":
+        fields.update(decompose_both=bool(cfg.get("decompose_both", False)), decompose_factor=cfg.get("decompose_factor", -1))
+    try:
+        config = config_cls(r=cfg["r"], alpha=cfg["alpha"], **fields)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid {kind} config: {e!r}") from None
+    scale_leaf = f"{kind.lower()}_scale"
+    leaves = {}
+    for module, found in _split_names(who, tensors, tuple(_peft_name(leaf) for leaf in module_of.TRAINABLE)).items():
+        (d_in, d_out), dtype = _weight(params, who, module)
+        r, scale = config.rank_and_scale(module)
+        want = _lycoris_shapes(kind, d_in, d_out, r, config)
+        have, need = {name: tuple(v.shape) for name, v in found.items()}, {_peft_name(leaf): shape[::-1] for leaf, shape in want.items()}
+        if have != need:
+            raise CheckpointError(f"{who}: {module} has {have}, but its config (rank {r}) and the base weight (in={d_in}, "
+                                  f"out={d_out}) need {need}")
+        prefix = module.replace(".", "/")
+        leaves.update({f"{prefix}/{leaf}": found[_peft_name(leaf)].T.astype(dtype) for leaf in want})
+        leaves[f"{prefix}/{scale_leaf}"] = jnp.asarray(scale, jnp.float32)
+    return leaves

@@ -14,8 +14,11 @@ from jpeft import selective as sel
 from jpeft import targets as tg
 from jpeft import tree
 
-TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings"})
-ADAPTER_LEAVES = TRAINABLE_LEAVES | {"lora_scale"}
+TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings",
+                              "loha_w1_a", "loha_w1_b", "loha_w2_a", "loha_w2_b",
+                              "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
+SCALE_LEAVES = frozenset({"lora_scale", "loha_scale", "lokr_scale"})  # adapter constants: neither trained nor counted
+ADAPTER_LEAVES = TRAINABLE_LEAVES | SCALE_LEAVES
 
 
 def is_adapter_path(path: str) -> bool:
@@ -25,7 +28,7 @@ def is_adapter_path(path: str) -> bool:
 
 
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
-    """A tree of bools: True on PEFT leaves (not lora_scale), inside `modules_to_save`, and on `selective`'s choice.
+    """A tree of bools: True on PEFT leaves (not their scales), inside `modules_to_save`, and on `selective`'s choice.
 
     Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it.
     """
@@ -99,6 +102,10 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
         return len(shape) >= 2 and shape[-2] == d_in
     if leaf == "lora_b":
         return len(shape) >= 2 and shape[-1] == d_out
+    if leaf in ("loha_w1_b", "loha_w2_b"):
+        return len(shape) == 2 and shape[0] == d_in
+    if leaf in ("loha_w1_a", "loha_w2_a"):
+        return len(shape) == 2 and shape[1] == d_out
     if leaf in ("ia3_in", "ia3_out"):
         return shape == ((d_in,) if leaf == "ia3_in" else (d_out,))
     return True
@@ -107,13 +114,13 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
 def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:
     """(trainable, all) parameter counts, printed in HF PEFT's `print_trainable_parameters` format.
 
-    lora_scale is a constant, not a parameter, and is not counted (as in HF PEFT). A quantized weight counts as
-    the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
+    The scales (lora_scale, loha_scale, lokr_scale) are constants, not parameters, and are not counted (as in HF
+    PEFT). A quantized weight counts as the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
     change when the base is quantized).
     """
     mask = trainable_mask(params) if mask is None else mask
     flat_mask = tree.flatten(mask)
-    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if not p.endswith("/lora_scale")}
+    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if p.rsplit("/", 1)[-1] not in SCALE_LEAVES}
     all_params = sum(counted.values())
     trainable = sum(n for p, n in counted.items() if flat_mask.get(p, False))
     if verbose:

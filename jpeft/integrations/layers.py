@@ -215,6 +215,15 @@ def adapted_call(kind: Kind, site: Site, module: Any, leaves: Leaves, call: Call
 LEAVES = ("lora_a", "lora_b", "lora_scale", "ia3_in", "ia3_out")
 
 
+def check_method(config: Any) -> None:
+    """Flax models take LoRA and (IA)^3; other methods (LoHa, LoKr) are refused by name."""
+    from jpeft import ia3, lora
+
+    if not isinstance(config, (lora.LoraConfig, ia3.IA3Config)):
+        raise ValueError(f"{type(config).__name__} is not supported on Flax models (jpeft.linen / jpeft.nnx take LoraConfig or "
+                         "IA3Config); use it on jpeft's own models (T5, Llama, Gemma), whose dense layers apply it")
+
+
 def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array) -> tuple[Leaves, jax.Array | None]:
     """A method's leaves for one weight w (*lead, *shape), stacked axes first, and PiSSA's residual weight (else None)."""
     from jpeft import ia3, lora
