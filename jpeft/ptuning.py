@@ -122,6 +122,7 @@ def _dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+@jax.jit  # eager, the LSTM's scans and small ops would dispatch one by one (seconds); inside a model's jit it inlines
 def prompt_embeddings(encoder: Mapping[str, Any], rng: jax.Array | None = None) -> jax.Array:
     """The encoder's output (N * submodules, D), float32; `rng` turns on the LSTM's between-layer dropout (training)."""
     x = encoder["embedding"].astype(jnp.float32)
