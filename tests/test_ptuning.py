@@ -217,3 +217,16 @@ def test_errors(flan, tmp_path):
     with pytest.raises(ValueError, match="disagrees with config"):
         jpeft.save_adapter(tmp_path / "x", params, ptuning.PromptEncoderConfig(N, "MLP", HIDDEN + 1))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_models_draw_encoder_dropout_from_the_forward_rng():
+    """Llama without attention dropout: only the LSTM encoder's dropout can make a keyed forward pass differ."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    base = llama.init_params(config, jax.random.key(0))
+    ids, mask = batch(np.random.default_rng(0), 2, 5, vocab=64)
+    for kind, differs in (("LSTM", True), ("MLP", False)):
+        params = ptuning.inject(base, ptuning.PromptEncoderConfig(2, kind, 8, encoder_dropout=0.5), jax.random.key(1))
+        plain, keyed = (np.asarray(llama.forward(config, params, ids, mask, dropout_rng=r)) for r in (None, jax.random.key(2)))
+        assert (np.abs(plain - keyed).max() > 1e-4) == differs, kind
