@@ -277,6 +277,13 @@ def _prompt_out(flat, config, task):
     return cfg_json, {prompt.LEAF: rows}
 
 
+def _encoder_key(config, token_dim):
+    """What of a PromptEncoderConfig the encoder's leaves determine (an MLP ignores the LSTM's layers and dropout)."""
+    lstm = config.encoder_reparameterization_type == "LSTM"
+    return (config.num_virtual_tokens, config.encoder_reparameterization_type, config.encoder_hidden_size or token_dim,
+            config.encoder_num_layers if lstm else None, config.encoder_dropout if lstm else None)
+
+
 def _ptuning_out(params, config):
     """P_TUNING as PEFT's save_pretrained writes it: the encoder's output, every submodule's block, and the encoder's config."""
     n, submodules, d = prompt.num_virtual_tokens(params), prompt.transformer_submodules(params), prompt.embedding_table(params).shape[1]
@@ -287,9 +294,8 @@ def _ptuning_out(params, config):
         table = np.asarray(params[prompt.LEAF], np.float32)
         rows, built = np.concatenate([table] + [np.zeros_like(table)] * (submodules - 1)), None
     config = config or built
-    agree = lambda c: (c.num_virtual_tokens, c.encoder_reparameterization_type, c.encoder_hidden_size or d) + (  # noqa: E731
-        (c.encoder_num_layers, c.encoder_dropout) if c.encoder_reparameterization_type == "LSTM" else ())
-    if not isinstance(config, ptuning.PromptEncoderConfig) or config.num_virtual_tokens != n or (built and agree(built) != agree(config)):
+    fits = isinstance(config, ptuning.PromptEncoderConfig) and config.num_virtual_tokens == n
+    if not fits or (built is not None and _encoder_key(built, d) != _encoder_key(config, d)):
         raise ValueError(f"save_adapter: the tree's prompt encoder ({built or f'{n} folded rows'}) disagrees with config {config}")
     cfg_json = dict(num_virtual_tokens=n, token_dim=d, num_transformer_submodules=submodules, num_layers=None, num_attention_heads=None,
                     encoder_reparameterization_type=config.encoder_reparameterization_type, encoder_hidden_size=config.encoder_hidden_size or d,

@@ -19,7 +19,7 @@ Llama and Gemma trees share these names (Gemma's extra norms and `q_norm` / `k_n
 PEFT leaves follow the kernel they sit beside: `lora_a` (in, r) takes the kernel's input-dim spec,
 `lora_b` (r, out) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
 kernel's input / output spec, which matches how the activations they scale are laid out under
-tensor parallelism. `lora_scale`, `prompt_embeddings` and bottleneck adapters are replicated
+tensor parallelism. `lora_scale`, `prompt_embeddings`, P-tuning's `prompt_encoder` and bottleneck adapters are replicated
 (they are small and touch the residual stream). `replicate_adapters=True` replicates every PEFT leaf.
 
 A quantized weight (`jpeft.quant`, rows in PyTorch's (out, in) layout) is split along its output rows as its

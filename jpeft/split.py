@@ -32,7 +32,7 @@ def _trains(parts: list[str]) -> bool:
 
 
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
-    """A tree of bools: True on PEFT leaves (not lora_scale or other constants), inside `modules_to_save`, and on `selective`'s choice.
+    """A tree of bools: True on PEFT leaves (not constants like lora_scale), inside `modules_to_save`, and on `selective`'s choice.
 
     Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it.
     """
@@ -114,8 +114,8 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
 def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:
     """(trainable, all) parameter counts, printed in HF PEFT's `print_trainable_parameters` format.
 
-    lora_scale and P-tuning's encoder_dropout are constants, not parameters, and are not counted (as in HF PEFT). A quantized weight counts as
-    the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
+    lora_scale and P-tuning's encoder_dropout are constants, not parameters, and are not counted (as in HF PEFT). A
+    quantized weight counts as the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
     change when the base is quantized).
     """
     mask = trainable_mask(params) if mask is None else mask

@@ -97,7 +97,8 @@ def test_nearest_tokens_of_a_text_init_are_its_own_tokens(t5_tokenizer):
     encoder = ptuning.init_encoder(jax.random.key(2), ptuning.PromptEncoderConfig(5, "MLP", 8), 16)
     unfolded = {"shared": {"embedding": table}, ptuning.ENCODER: encoder}
     assert prompt.nearest_tokens(unfolded, t5_tokenizer) == prompt.nearest_tokens(ptuning.fold(unfolded), t5_tokenizer)
-    assert prompt.nearest_tokens(unfolded, t5_tokenizer) != prompt.nearest_tokens({"shared": {"embedding": table}, "prompt_embeddings": soft}, t5_tokenizer)
+    text_init = {"shared": {"embedding": table}, "prompt_embeddings": soft}
+    assert prompt.nearest_tokens(unfolded, t5_tokenizer) != prompt.nearest_tokens(text_init, t5_tokenizer)
 
 
 def test_nearest_tokens_order_matches_numpy(flan, t5_tokenizer):

@@ -120,6 +120,14 @@ def _causal_pair(family: str, kind: str, path):
     return module, config, base, ref, _with_torch_encoder(base, _ours(kind), ref)
 
 
+def _torch_causal(family: str, path) -> torch.nn.Module:
+    """The saved tiny causal LM, reloaded fresh for PEFT to wrap."""
+    import transformers
+
+    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Gemma3ForCausalLM
+    return cls.from_pretrained(path, attn_implementation="eager").eval()
+
+
 def _peft_causal_logits(ref, ids, mask):
     with torch.no_grad():
         return ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -140,15 +148,8 @@ def test_causal_lm_logits_and_files_match_peft(family, kind, tmp_path):
     loaded = jpeft.load_adapter(tmp_path / "peft", base)
     assert np.abs(np.asarray(module.forward(config, loaded, ids, mask)) - expected)[mask > 0].max() < 1e-4
     jpeft.save_adapter(tmp_path / "ours", params, _ours(kind))
-    back = peft.PeftModel.from_pretrained(module_torch(family, tmp_path / "model"), str(tmp_path / "ours")).eval()
+    back = peft.PeftModel.from_pretrained(_torch_causal(family, tmp_path / "model"), str(tmp_path / "ours")).eval()
     assert np.abs(_peft_causal_logits(back, ids, mask)[:, N:] - expected)[mask > 0].max() < 1e-4
-
-
-def module_torch(family: str, path):
-    import transformers
-
-    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Gemma3ForCausalLM
-    return cls.from_pretrained(path, attn_implementation="eager").eval()
 
 
 def test_gradients_reach_only_the_encoder_and_match_torch(flan):
@@ -216,6 +217,8 @@ def test_errors(flan, tmp_path):
         jpeft.save_adapter(tmp_path / "x", params, _ours("LSTM"))
     with pytest.raises(ValueError, match="disagrees with config"):
         jpeft.save_adapter(tmp_path / "x", params, ptuning.PromptEncoderConfig(N, "MLP", HIDDEN + 1))
+    with pytest.raises(ValueError, match="disagrees with config"):
+        jpeft.save_adapter(tmp_path / "x", params, jpeft.PromptTuningConfig(num_virtual_tokens=N))
     assert not (tmp_path / "x").exists()
 
 

@@ -13,7 +13,8 @@ Positions: rotary positions come from the attention mask's cumulative sum (0 on 
 `generate` computes them, so a left-padded row gives the same logits as the unpadded sequence. For
 right-padded batches this equals transformers' `forward` (which numbers slots 0..T-1 whatever the mask).
 
-Soft prompts: a top-level `prompt_embeddings` (N, D) leaf is prepended to every row's input embeddings with
+Soft prompts: a top-level `prompt_embeddings` (N, D) leaf, or a P-tuning `prompt_encoder`'s output
+(`prompt.soft_prompt`), is prepended to every row's input embeddings with
 the mask extended by N ones, as PEFT's `PeftModelForCausalLM` does for prompt tuning (before any left
 padding). PEFT drops `position_ids` and numbers all N + T slots, which agrees with the cumulative-sum rule on
 right-padded batches (training) but not on left-padded ones, where jpeft keeps positions padding-independent.

@@ -6,7 +6,8 @@ The tree: `shared/embedding` (V, D), `lm_head/kernel` (D, V) when untied,
 `decoder/block/{i}/layer/{0: SelfAttention, 1: EncDecAttention, 2: DenseReluDense}`,
 each with its `layer_norm/weight`, and `{encoder,decoder}/final_layer_norm/weight`. Block 0 of each
 stack holds `SelfAttention/relative_attention_bias/embedding` (buckets, H), shared by all blocks.
-A top-level `prompt_embeddings` (N, D) leaf, when present, is prepended to the encoder input.
+A soft prompt, when present, is prepended to the encoder input: a top-level `prompt_embeddings` (N, D) leaf, or the
+output of a P-tuning `prompt_encoder` computed in the same pass (`prompt.soft_prompt`).
 """
 
 from __future__ import annotations
