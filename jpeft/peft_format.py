@@ -1,7 +1,9 @@
 """Adapters on disk in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 A directory written here loads with `peft.PeftModel.from_pretrained`, and one written by PEFT's
-`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3, prompt tuning, LoHa and LoKr.
+`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3, prompt tuning, P-tuning (whose
+files hold the encoder's output, not its weights, so they load as a folded prompt, as PEFT's inference mode does),
+LoHa and LoKr.
 Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, PyTorch layout: lora_A (r, in),
 lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`; LoHa's `hada_w1_a`
 (out, r), `hada_w1_b` (r, in), ...; LoKr's `lokr_w1`, `lokr_w2_a`, ..., each jpeft's leaf transposed), and the
@@ -28,7 +30,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import hf_io, ia3, loha, lokr, lora, prompt, quant, split, tree
+from jpeft import hf_io, ia3, loha, lokr, lora, prompt, ptuning, quant, split, tree
 from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 
@@ -37,7 +39,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "jpeft_base_fingerprint"
 BASE_NAME_KEY = "jpeft_base_model"
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "LOHA", "LOKR")
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "LOHA", "LOKR")
 TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
@@ -70,7 +72,7 @@ def task_type(params: Mapping[str, Any]) -> str:
 def save_adapter(
     path: str | os.PathLike,
     params: Mapping[str, Any],
-    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | loha.LoHaConfig | lokr.LoKrConfig | None = None,
+    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | ptuning.PromptEncoderConfig | loha.LoHaConfig | lokr.LoKrConfig | None = None,
     base_model_name_or_path: str | None = None,
     *,
     task: str | None = None,
@@ -78,12 +80,15 @@ def save_adapter(
     """Write the adapter in `params` (a full tree: base + one PEFT method) as a PEFT adapter directory, atomically.
 
     Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from the scale); LoKr needs it.
+    A folded soft prompt is written as prompt tuning, or as P-tuning when `config` is a PromptEncoderConfig.
     """
     flat = tree.flatten(params)
     params = tree.unflatten(flat)  # string keys throughout (an NNX state's list indices are ints)
     if not any(not split.is_adapter_path(p) for p in flat):
         raise ValueError("save_adapter needs the full tree (base + adapter), e.g. jpeft.attach(base, adapter), to fingerprint the base")
     method = _method(flat)
+    if method == "PROMPT_TUNING" and isinstance(config, ptuning.PromptEncoderConfig):
+        method = "P_TUNING"
     task = task or task_type(params)
     if method == "LORA" and not _peft_layout(flat):
         cfg_json, tensors = _tree_lora_out(flat, config)
@@ -93,6 +98,8 @@ def save_adapter(
         cfg_json, tensors = _ia3_out(params, flat, config)
     elif method in _LYCORIS:
         cfg_json, tensors = _lycoris_out(method, params, flat, config)
+    elif method == "P_TUNING":
+        cfg_json, tensors = _ptuning_out(params, config)
     else:
         cfg_json, tensors = _prompt_out(flat, config, task)
     cfg_json.update(peft_type=method, task_type=task, base_model_name_or_path=base_model_name_or_path,
@@ -104,14 +111,16 @@ def save_adapter(
 
 
 def _method(flat: Mapping[str, Any]) -> str:
-    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p)}
-    found = sorted({"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
-                    else "PROMPT_TUNING" if leaf == prompt.LEAF else _LYCORIS_PREFIX.get(leaf[:5], "bottleneck adapter")
-                    for leaf in leaves})
+    encoder = {"P_TUNING"} if any(p.startswith(f"{ptuning.ENCODER}/") for p in flat) else set()
+    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p) and not p.startswith(f"{ptuning.ENCODER}/")}
+    found = sorted(encoder | {"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
+                              else "PROMPT_TUNING" if leaf == prompt.LEAF else _LYCORIS_PREFIX.get(leaf[:5], "bottleneck adapter")
+                              for leaf in leaves})
     if not found:
         raise ValueError("save_adapter: the tree holds no adapter (no lora_a, ia3_* or prompt_embeddings leaves)")
     if len(found) > 1 or found[0] not in PEFT_TYPES:
-        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3, prompt tuning, LoHa or LoKr")
+        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3, prompt tuning, "
+                         "P-tuning, LoHa or LoKr")
     return found[0]
 
 
@@ -331,6 +340,32 @@ def _lycoris_out(kind, params, flat, config):
         cfg_json.update(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
                         rank_dropout_scale=config.rank_dropout_scale)
     return cfg_json, tensors
+
+
+def _encoder_key(config, token_dim):
+    """What of a PromptEncoderConfig the encoder's leaves determine (an MLP ignores the LSTM's layers and dropout)."""
+    lstm = config.encoder_reparameterization_type == "LSTM"
+    return (config.num_virtual_tokens, config.encoder_reparameterization_type, config.encoder_hidden_size or token_dim,
+            config.encoder_num_layers if lstm else None, config.encoder_dropout if lstm else None)
+
+
+def _ptuning_out(params, config):
+    """P_TUNING as PEFT's save_pretrained writes it: the encoder's output, every submodule's block, and the encoder's config."""
+    n, submodules, d = prompt.num_virtual_tokens(params), prompt.transformer_submodules(params), prompt.embedding_table(params).shape[1]
+    if ptuning.ENCODER in params:
+        rows = np.asarray(ptuning.prompt_embeddings(params[ptuning.ENCODER]))
+        built = ptuning.encoder_config(params[ptuning.ENCODER], n)
+    else:  # folded: only the fed block is left; the others are never read, so they are written as zeros
+        table = np.asarray(params[prompt.LEAF], np.float32)
+        rows, built = np.concatenate([table] + [np.zeros_like(table)] * (submodules - 1)), None
+    config = config or built
+    fits = isinstance(config, ptuning.PromptEncoderConfig) and config.num_virtual_tokens == n
+    if not fits or (built is not None and _encoder_key(built, d) != _encoder_key(config, d)):
+        raise ValueError(f"save_adapter: the tree's prompt encoder ({built or f'{n} folded rows'}) disagrees with config {config}")
+    cfg_json = dict(num_virtual_tokens=n, token_dim=d, num_transformer_submodules=submodules, num_layers=None, num_attention_heads=None,
+                    encoder_reparameterization_type=config.encoder_reparameterization_type, encoder_hidden_size=config.encoder_hidden_size or d,
+                    encoder_num_layers=config.encoder_num_layers, encoder_dropout=config.encoder_dropout, modules_to_save=None)
+    return cfg_json, {prompt.LEAF: rows}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ PEFT leaves follow the kernel they sit beside: `lora_a` (in, r) takes the kernel
 `lora_b` (r, out) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
 kernel's input / output spec, which matches how the activations they scale are laid out under
 tensor parallelism. LoHa's `loha_w*_b` (in, r) and `loha_w*_a` (r, out) follow the kernel as LoRA's A and
-B do; LoKr's factors, about the square root of the kernel's dims, are replicated. The scales, `prompt_embeddings`
-and bottleneck adapters are replicated (they are small and touch the residual stream). `replicate_adapters=True` replicates every PEFT leaf.
+B do; LoKr's factors, about the square root of the kernel's dims, are replicated. The scales, `prompt_embeddings`,
+P-tuning's `prompt_encoder` and bottleneck adapters are replicated (they are small and touch the residual stream).
+`replicate_adapters=True` replicates every PEFT leaf.
 
 A quantized weight (`jpeft.quant`, rows in PyTorch's (out, in) layout) is split along its output rows as its
 kernel's output dim would be; its packed input dim stays whole (a split could cut a block), and NF4's

@@ -17,18 +17,25 @@ from jpeft import tree
 TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings",
                               "loha_w1_a", "loha_w1_b", "loha_w2_a", "loha_w2_b",
                               "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
-SCALE_LEAVES = frozenset({"lora_scale", "loha_scale", "lokr_scale"})  # adapter constants: neither trained nor counted
-ADAPTER_LEAVES = TRAINABLE_LEAVES | SCALE_LEAVES
+# A method's settings carried in the tree (scales, P-tuning's encoder dropout): neither trained nor counted.
+CONSTANT_LEAVES = frozenset({"lora_scale", "loha_scale", "lokr_scale", "encoder_dropout"})
+ADAPTER_LEAVES = TRAINABLE_LEAVES | CONSTANT_LEAVES
+ADAPTER_MODULES = frozenset({"adapter", "prompt_encoder"})  # subtrees whose every leaf belongs to a PEFT method
 
 
 def is_adapter_path(path: str) -> bool:
     """Whether a leaf belongs to a PEFT method rather than to the base model."""
     parts = path.split("/")
-    return parts[-1] in ADAPTER_LEAVES or "adapter" in parts[:-1]
+    return parts[-1] in ADAPTER_LEAVES or not ADAPTER_MODULES.isdisjoint(parts[:-1])
+
+
+def _trains(parts: list[str]) -> bool:
+    """Whether a PEFT leaf trains: the named leaves, and everything in an adapter subtree but its constants."""
+    return parts[-1] in TRAINABLE_LEAVES or (not ADAPTER_MODULES.isdisjoint(parts[:-1]) and parts[-1] not in CONSTANT_LEAVES)
 
 
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
-    """A tree of bools: True on PEFT leaves (not their scales), inside `modules_to_save`, and on `selective`'s choice.
+    """A tree of bools: True on PEFT leaves (not constants like lora_scale), inside `modules_to_save`, and on `selective`'s choice.
 
     Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it.
     """
@@ -38,7 +45,7 @@ def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (
     for path in flat:
         parts = path.split("/")
         mask[path] = (
-            (parts[-1] in TRAINABLE_LEAVES or "adapter" in parts[:-1])
+            _trains(parts)
             or (bool(modules_to_save) and tg.within(modules_to_save, ".".join(parts[:-1])))
             or path in chosen
         )
@@ -87,7 +94,7 @@ def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
         module = path.split("/adapter/")[0] if "/adapter/" in path else path.rsplit("/", 1)[0]
         kernel = shapes.get(f"{module}/kernel")
         leaf = path.rsplit("/", 1)[-1]
-        if leaf == "prompt_embeddings":
+        if leaf == "prompt_embeddings" or path.startswith("prompt_encoder/"):
             continue
         if kernel is None and "/adapter/" not in path:
             raise ValueError(f"attach: adapter leaf {path} has no base kernel at {module}/kernel")
@@ -114,13 +121,13 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
 def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:
     """(trainable, all) parameter counts, printed in HF PEFT's `print_trainable_parameters` format.
 
-    The scales (lora_scale, loha_scale, lokr_scale) are constants, not parameters, and are not counted (as in HF
-    PEFT). A quantized weight counts as the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
+    The scales (lora_scale, loha_scale, lokr_scale) and P-tuning's encoder_dropout are constants, not parameters, and
+    are not counted (as in HF PEFT). A quantized weight counts as the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
     change when the base is quantized).
     """
     mask = trainable_mask(params) if mask is None else mask
     flat_mask = tree.flatten(mask)
-    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if p.rsplit("/", 1)[-1] not in SCALE_LEAVES}
+    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if p.rsplit("/", 1)[-1] not in CONSTANT_LEAVES}
     all_params = sum(counted.values())
     trainable = sum(n for p, n in counted.items() if flat_mask.get(p, False))
     if verbose:
