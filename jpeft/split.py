@@ -14,7 +14,7 @@ from jpeft import selective as sel
 from jpeft import targets as tg
 from jpeft import tree
 
-TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings"})
+TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out", "prompt_embeddings"})
 ADAPTER_LEAVES = TRAINABLE_LEAVES | {"lora_scale"}
 
 
@@ -99,7 +99,7 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
         return len(shape) >= 2 and shape[-2] == d_in
     if leaf == "lora_b":
         return len(shape) >= 2 and shape[-1] == d_out
-    if leaf in ("ia3_in", "ia3_out"):
+    if leaf in ("ia3_in", "ia3_out", "lora_magnitude"):
         return shape == ((d_in,) if leaf == "ia3_in" else (d_out,))
     return True
 
