@@ -331,3 +331,50 @@ def test_stacking_sharding_and_flax_refusals(flan):
 
     with pytest.raises(ValueError, match="DoRA .* not supported on Flax"):
         jpeft.nnx.inject(NnxNet(), lora.LoraConfig(r=2, target_modules=["proj"], use_dora=True), jax.random.key(0))
+
+
+# ---- Llama and Gemma 3
+
+
+def _causal(name, tmp_path):
+    """(torch model, jpeft module, config, params) of a tiny Llama with q/k/v and MLP biases, or a tiny Gemma 3."""
+    from jpeft.models import gemma, llama
+    from tests.models import test_gemma, test_llama
+
+    if name == "llama":
+        model_type, overrides = test_llama.CONFIGS["mha_untied_biased"]
+        model = test_llama.make_hf_llama(tmp_path, model_type, **overrides)
+        return model, llama, *llama.load_pretrained(tmp_path)
+    model_type, overrides = test_gemma.CONFIGS["gemma3_local_rope"]
+    model = test_gemma.make_hf_gemma(tmp_path, model_type, **overrides)
+    return model, gemma, *gemma.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_causal_lm_logits_gradients_and_files_match_peft(name, tmp_path):
+    from tests.models.test_llama import batch
+
+    model, module, config, base = _causal(name, tmp_path / "base")
+    ref = _randomize_peft(peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=CAUSAL_TARGETS, use_dora=True)))
+    params = _peft_into_tree(ref, lora.inject(base, lora.LoraConfig(r=4, alpha=8, target_modules=CAUSAL_TARGETS, use_dora=True), jax.random.key(0)))
+    ids, mask = batch(np.random.default_rng(3), 2, 9)
+    real = mask.astype(bool)
+    ours = np.asarray(module.forward(config, params, ids, mask))
+    out = ref.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    assert np.abs(ours - out.logits.detach().numpy())[real].max() < 1e-4
+
+    weights = np.random.default_rng(5).normal(size=ours.shape).astype(np.float32) * real[..., None]
+    (out.logits * torch.tensor(weights)).sum().backward()
+    trainable, frozen = split.partition(params, split.trainable_mask(params))
+    grads = jax.grad(lambda t: jnp.sum(module.forward(config, split.combine(t, frozen), ids, mask) * weights))(trainable)
+    _check_grads(grads, _torch_grads(ref))
+
+    ref.save_pretrained(tmp_path / "peft")  # PEFT -> jpeft
+    loaded = jpeft.load_adapter(tmp_path / "peft", base)
+    assert np.abs(np.asarray(module.forward(config, loaded, ids, mask)) - ours)[real].max() < 1e-5
+    jpeft.save_adapter(tmp_path / "ours", params)  # jpeft -> PEFT
+    again = peft.PeftModel.from_pretrained(_causal(name, tmp_path / "fresh")[0], str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert np.abs(again(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy() - ours)[real].max() < 1e-4
+    merged = lora.merge(params)
+    assert np.abs(np.asarray(module.forward(config, merged, ids, mask)) - ours)[real].max() < 1e-5
