@@ -159,7 +159,7 @@ def _undropped_delta(p: Params, h: jax.Array, ctx: Ctx) -> jax.Array:
         if ids is None:
             raise ValueError(f"stacked LoRA leaves ({a.shape[0]} adapters) need adapter_ids (batch,) choosing each row's adapter")
         a, b, scale = a[ids], b[ids], scale[ids]
-        lead = (slice(None),) + (None,) * (x.ndim - 2)
+        lead = (slice(None),) + (None,) * (h.ndim - 2)
         # (h A) B in two contractions, the order of the single-adapter path, so a row's result matches it.
         hr = _einsum("b...i,bir->b...r", h, a)
         return _einsum("b...r,bro->b...o", hr, b) * scale[lead + (None,)].astype(ctx.dtype)
