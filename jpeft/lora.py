@@ -82,7 +82,8 @@ def _pissa(kernel, r, scale):
 
 
 def inject(params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict:
-    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel."""
+    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel, and with
+    `use_dora` DoRA's lora_magnitude (out,) = ||W + scale A B|| per output (HF PEFT's init)."""
     updates = {}
     for i, name in enumerate(target_names(params, cfg)):
         module = tg.get_module(params, name)
