@@ -43,7 +43,7 @@ def test_sections_run_in_order_less_the_skipped(tmp_path):
 
     assert list(sections(False, tmp_path)) == list(SECTIONS)
     assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling", "flax", "methods"]  # --quick has no SmolLM2
-    assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling", "flax"}))) == ["memory", "speed", "inference"]
+    assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling", "flax", "methods"}))) == ["memory", "speed", "inference"]
 
 
 def test_analytic_flops_are_the_products_xla_compiles():
