@@ -4,6 +4,7 @@ A layer's parameters are a plain dict. A dense layer is `{"kernel": (in, out)}`,
 add leaves beside the kernel that `dense` picks up when present:
 
 - `lora_a` (in, r), `lora_b` (r, out), `lora_scale` ()  ->  x W + (dropout(x) A) B * scale
+- `lora_magnitude` (out,) beside them (DoRA)             ->  m / ||W + scale A B|| * (x W + (x A) B * scale)
 - `ia3_in` (in,)                                        ->  (x * l) W          (feed-forward modules)
 - `ia3_out` (out,)                                      ->  (x W) * l
 - `bias` (out,)                                         ->  x W + b
@@ -17,7 +18,9 @@ orientation, so `*_b` meets the input first, as PEFT's `x @ (w_a @ w_b).T` does.
 
 so the low-rank path is fused into the same jitted computation as the frozen matmul and
 `W + BA` is never materialised during training; nor is LoKr's Kronecker product, nor LoHa's update while its
-rank-r^2 factors are the smaller form (see `loha_delta`).
+rank-r^2 factors are the smaller form (see `loha_delta`). DoRA's per-output norm ||W + sAB|| (treated as a constant,
+as HF PEFT and the DoRA paper do) is expanded as ||W_j||^2 + 2s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j, which
+costs O(in out r) and no (in, out) temporary beyond W itself; PEFT forms W + sBA every step.
 
 The frozen weight may instead be a quantized leaf group in PyTorch's (out, in) row layout (`jpeft.quant`):
 `kernel_nf4` + `kernel_absmax` (NF4, or `kernel_absmax_q/_scale/_offset` when double-quantized), `kernel_int8`
@@ -151,16 +154,20 @@ def _einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 def lora_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     """The low-rank update (dropout(x) A) B * scale of a LoRA module (stacked adapters chosen by ctx.adapter_ids)."""
+    return _undropped_delta(p, dropout(ctx, x, ctx.lora_dropout), ctx)
+
+
+def _undropped_delta(p: Params, h: jax.Array, ctx: Ctx) -> jax.Array:
+    """(h A) B * scale for an input h that LoRA dropout has already been applied to."""
     a, b = p["lora_a"].astype(ctx.dtype), p["lora_b"].astype(ctx.dtype)
     scale = p["lora_scale"]
-    h = dropout(ctx, x, ctx.lora_dropout)
     if a.ndim == 3:
         # Stacked adapters (n, in, r): each batch row gathers its own A, B and scale.
         ids = ctx.adapter_ids
         if ids is None:
             raise ValueError(f"stacked LoRA leaves ({a.shape[0]} adapters) need adapter_ids (batch,) choosing each row's adapter")
         a, b, scale = a[ids], b[ids], scale[ids]
-        lead = (slice(None),) + (None,) * (x.ndim - 2)
+        lead = (slice(None),) + (None,) * (h.ndim - 2)
         # (h A) B in two contractions, the order of the single-adapter path, so a row's result matches it.
         hr = _einsum("b...i,bir->b...r", h, a)
         return _einsum("b...r,bro->b...o", hr, b) * scale[lead + (None,)].astype(ctx.dtype)
@@ -280,17 +287,27 @@ def _quantized_matmul_bwd(fmt, group, g):
 quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
+def _frozen_matmul(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
+    """x @ W for the module's kernel or quantized group, no bias."""
+    fmt = quant.format_of(p)
+    return matmul(x, p["kernel"].astype(ctx.dtype)) if fmt is None else quantized_matmul(fmt, x, quant.leaves(p))
+
+
 def dense(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     """x @ kernel (or its quantized group, dequantized), plus whichever PEFT leaves sit beside it (see module docstring)."""
     x = x.astype(ctx.dtype)
     if "ia3_in" in p:
         x = x * p["ia3_in"].astype(ctx.dtype)
-    fmt = quant.format_of(p)
-    y = matmul(x, p["kernel"].astype(ctx.dtype)) if fmt is None else quantized_matmul(fmt, x, quant.leaves(p))
-    if "bias" in p:
-        y = y + p["bias"].astype(ctx.dtype)
-    if "lora_a" in p:
-        y = y + lora_delta(p, x, ctx)
+    y = _frozen_matmul(p, x, ctx)
+    if "lora_magnitude" in p:
+        y = dora(p, x, y, ctx)
+        if "bias" in p:
+            y = y + p["bias"].astype(ctx.dtype)
+    else:
+        if "bias" in p:
+            y = y + p["bias"].astype(ctx.dtype)
+        if "lora_a" in p:
+            y = y + lora_delta(p, x, ctx)
     if "loha_scale" in p:
         y = y + loha_delta(p, x, ctx)
     if "lokr_scale" in p:
@@ -298,6 +315,40 @@ def dense(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     if "ia3_out" in p:
         y = y * p["ia3_out"].astype(ctx.dtype)
     return y
+
+
+def dora(p: Params, x: jax.Array, y: jax.Array, ctx: Ctx) -> jax.Array:
+    """HF PEFT's DoRA output (bias excluded) given the frozen product y = x W: (m / ||W + sAB||) (x W + (x A) B s).
+
+    With LoRA dropout active PEFT feeds the dropped input to the whole DoRA term, so the frozen product is
+    recomputed on it: x W + (m/n - 1) (x' W) + (m/n) (x' A) B s, x' = dropout(x), as here.
+    """
+    if p["lora_a"].ndim == 3:
+        raise ValueError("DoRA (lora_magnitude) cannot run stacked adapters: each row would need its own weight norm; attach one adapter at a time")
+    norm = jax.lax.stop_gradient(dora_weight_norm(p))  # a constant to autodiff, as in PEFT (DoRA paper, section 4.3)
+    mag_norm_scale = (p["lora_magnitude"].astype(jnp.float32) / norm).astype(ctx.dtype)
+    h = dropout(ctx, x, ctx.lora_dropout)
+    delta = _undropped_delta(p, h, ctx)
+    if h is x:  # no dropout: PEFT's y + (m/n - 1) y + (m/n) delta, in one product
+        return mag_norm_scale * (y + delta)
+    return y + (mag_norm_scale - 1) * _frozen_matmul(p, h, ctx) + mag_norm_scale * delta
+
+
+def dora_weight_norm(p: Params) -> jax.Array:
+    """||W + s A B|| over the input dim, per output (out,), float32, without forming W + sAB (see module docstring)."""
+    hi = jax.lax.Precision.HIGHEST
+    a, b = p["lora_a"].astype(jnp.float32), p["lora_b"].astype(jnp.float32)
+    s = p["lora_scale"].astype(jnp.float32)
+    fmt = quant.format_of(p)
+    if fmt is None:
+        w = p["kernel"].astype(jnp.float32)  # (in, out)
+        squares, wa = jnp.sum(w * w, axis=0), jnp.matmul(a.T, w, precision=hi)  # (out,), (r, out)
+    else:
+        w = quant.unpack(fmt, quant.leaves(p))  # (out, in), dequantized here as in the matmul
+        squares, wa = jnp.sum(w * w, axis=1), jnp.matmul(w, a, precision=hi).T
+    gram_b = jnp.matmul(jnp.matmul(a.T, a, precision=hi), b, precision=hi)  # (r, out)
+    total = squares + 2 * s * jnp.sum(wa * b, axis=0) + s * s * jnp.sum(gram_b * b, axis=0)
+    return jnp.sqrt(jnp.maximum(total, 0.0))
 
 
 def rms_norm(weight: jax.Array, x: jax.Array, eps: float, dtype: Any) -> jax.Array:

@@ -15,6 +15,9 @@ by scan) is stored by tree path instead, with `"jpeft_layout": "tree"` and the m
 
 The safetensors metadata also records the base the adapter was trained on (its name and a
 fingerprint of its parameter names and shapes); PEFT ignores it, `load_adapter` checks it first.
+
+DoRA (`use_dora: true`) adds each module's magnitude as PEFT's `get_peft_model_state_dict` writes it:
+`base_model.model.<module>.lora_magnitude_vector`, shape (out,), no `.weight` suffix.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ PREFIX = "base_model.model."
 FINGERPRINT_KEY = "jpeft_base_fingerprint"
 BASE_NAME_KEY = "jpeft_base_model"
 PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "LOHA", "LOKR")
+MAGNITUDE_SUFFIX = "lora_magnitude_vector"  # DoRA's magnitude in PEFT's state dict (no ".weight")
 TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
 _UNSUPPORTED_LORA = (
-    ("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
+    ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
     ("layers_to_transform", None), ("layer_replication", None), ("target_parameters", None),
     ("trainable_token_indices", None), ("modules_to_save", None), ("use_qalora", False),
 )
@@ -150,26 +154,35 @@ def _lora_out(params, flat, config):
         raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one PEFT adapter; save each adapter")
     ranks = {m: int(flat[f"{m.replace('.', '/')}/lora_a"].shape[1]) for m in modules}
     scales = {m: float(flat[f"{m.replace('.', '/')}/lora_scale"]) for m in modules}
+    dora = _modules_with(flat, lora.MAGNITUDE)
+    if dora and dora != modules:
+        raise ValueError(f"save_adapter: DoRA magnitudes sit on {len(dora)} of the {len(modules)} LoRA modules (none at "
+                         f"{sorted(set(modules) - set(dora))[:3]}); a PEFT adapter is DoRA on every module or on none")
     if config is None:
         alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
         r, alpha = _most_common(ranks), _most_common(alphas)
         config = lora.LoraConfig(
             r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
             rank_pattern={m: v for m, v in ranks.items() if v != r}, alpha_pattern={m: v for m, v in alphas.items() if v != alpha},
+            use_dora=bool(dora),
         )
     elif not isinstance(config, lora.LoraConfig):
         raise ValueError(f"save_adapter: the tree holds LoRA weights but config is a {type(config).__name__}")
     _check_lora_config(params, config, modules, ranks, scales)
+    if config.use_dora != bool(dora):
+        raise ValueError(f"save_adapter: config.use_dora={config.use_dora}, but the tree {'has' if dora else 'has no'} DoRA magnitudes (lora_magnitude)")
     tensors = {}
     for m in modules:
         module = tg.get_module(params, m)
         tensors[f"{PREFIX}{m}.lora_A.weight"] = np.asarray(module["lora_a"]).T
         tensors[f"{PREFIX}{m}.lora_B.weight"] = np.asarray(module["lora_b"]).T
+        if config.use_dora:
+            tensors[f"{PREFIX}{m}.{MAGNITUDE_SUFFIX}"] = np.asarray(module[lora.MAGNITUDE])
     target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     cfg_json = dict(
         r=config.r, lora_alpha=config.alpha, target_modules=target, rank_pattern=dict(config.rank_pattern),
         alpha_pattern=dict(config.alpha_pattern), use_rslora=config.use_rslora, lora_dropout=config.dropout,
-        bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=False,
+        bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=config.use_dora,
     )
     return cfg_json, tensors
 
@@ -196,6 +209,8 @@ def _tree_lora_out(flat, config):
     """Adapters PEFT's layout cannot hold (Flax layers: Conv, Embed, Einsum and DenseGeneral weights, layers stacked by
     scan): the LoRA leaves by tree path, each module's scale included, and the module paths in the config."""
     paths = sorted(p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a"))
+    if any(p.endswith(f"/{lora.MAGNITUDE}") for p in flat):
+        raise ValueError("save_adapter: DoRA (lora_magnitude) is only saved in PEFT's layout, on 2-D dense kernels")
     if any(_spanned_weight(flat, p, *(flat[f"{p}/{leaf}"] for leaf in lora.LEAVES)) is None for p in paths):
         raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one adapter; save each adapter")
     tensors = {f"{p}/{leaf}": np.asarray(flat[f"{p}/{leaf}"]) for p in paths for leaf in lora.LEAVES}
@@ -480,13 +495,16 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
     try:
         config = lora.LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], target_modules=cfg.get("target_modules") or (),
                                  use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or {},
-                                 alpha_pattern=cfg.get("alpha_pattern") or {}, dropout=cfg.get("lora_dropout", 0.0) or 0.0)
+                                 alpha_pattern=cfg.get("alpha_pattern") or {}, dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                                 use_dora=bool(cfg.get("use_dora", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid LoRA config: {e!r}") from None
+    needed = {"lora_A.weight", "lora_B.weight"} | ({MAGNITUDE_SUFFIX} if config.use_dora else set())
     leaves = {}
-    for module, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight")).items():
-        if len(pair) != 2:
-            raise CheckpointError(f"{who}: {module} has only {list(pair)}; LoRA needs lora_A and lora_B")
+    for module, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight", MAGNITUDE_SUFFIX)).items():
+        if set(pair) != needed:
+            raise CheckpointError(f"{who}: {module} has {sorted(pair)}, but {'DoRA' if config.use_dora else 'LoRA'} "
+                                  f"(use_dora={config.use_dora} in {CONFIG_FILE}) needs {sorted(needed)}")
         a, b = pair["lora_A.weight"], pair["lora_B.weight"]
         (d_in, d_out), dtype = _weight(params, who, module)
         r, scale = config.rank_and_scale(module)
@@ -499,6 +517,12 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         leaves[f"{prefix}/lora_a"] = a.T.astype(dtype)
         leaves[f"{prefix}/lora_b"] = b.T.astype(dtype)
         leaves[f"{prefix}/lora_scale"] = jnp.asarray(scale, jnp.float32)
+        if config.use_dora:
+            magnitude = pair[MAGNITUDE_SUFFIX]
+            if magnitude.shape != (d_out,):
+                raise CheckpointError(f"{who}: {module}.{MAGNITUDE_SUFFIX} has shape {tuple(magnitude.shape)}, but the base kernel "
+                                      f"(in={d_in}, out={d_out}) needs ({d_out},)")
+            leaves[f"{prefix}/{lora.MAGNITUDE}"] = magnitude.astype(dtype)
     return leaves
 
 

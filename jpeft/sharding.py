@@ -17,7 +17,7 @@ parallelism over heads / MLP hidden / vocabulary on `"model"`:
 Llama and Gemma trees share these names (Gemma's extra norms and `q_norm` / `k_norm` are replicated).
 
 PEFT leaves follow the kernel they sit beside: `lora_a` (in, r) takes the kernel's input-dim spec,
-`lora_b` (r, out) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
+`lora_b` (r, out) and DoRA's `lora_magnitude` (out,) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
 kernel's input / output spec, which matches how the activations they scale are laid out under
 tensor parallelism. LoHa's `loha_w*_b` (in, r) and `loha_w*_a` (r, out) follow the kernel as LoRA's A and
 B do; LoKr's factors, about the square root of the kernel's dims, are replicated. The scales, `prompt_embeddings`,
@@ -78,7 +78,7 @@ LLAMA_RULES: Rules = (
 DEFAULT_RULES: Rules = T5_RULES + LLAMA_RULES
 
 # PEFT leaf -> (which of its dims mirrors a kernel dim, counted from the end; which kernel dim).
-_FOLLOW_KERNEL = {"lora_a": (-2, 0), "lora_b": (-1, 1), "ia3_in": (-1, 0), "ia3_out": (-1, 1),
+_FOLLOW_KERNEL = {"lora_a": (-2, 0), "lora_b": (-1, 1), "lora_magnitude": (-1, 1), "ia3_in": (-1, 0), "ia3_out": (-1, 1),
                   "loha_w1_b": (-2, 0), "loha_w2_b": (-2, 0), "loha_w1_a": (-1, 1), "loha_w2_a": (-1, 1)}
 
 

@@ -14,7 +14,7 @@ from jpeft import selective as sel
 from jpeft import targets as tg
 from jpeft import tree
 
-TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings",
+TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out", "prompt_embeddings",
                               "loha_w1_a", "loha_w1_b", "loha_w2_a", "loha_w2_b",
                               "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
 # A method's settings carried in the tree (scales, P-tuning's encoder dropout): neither trained nor counted.
@@ -113,7 +113,7 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
         return len(shape) == 2 and shape[0] == d_in
     if leaf in ("loha_w1_a", "loha_w2_a"):
         return len(shape) == 2 and shape[1] == d_out
-    if leaf in ("ia3_in", "ia3_out"):
+    if leaf in ("ia3_in", "ia3_out", "lora_magnitude"):
         return shape == ((d_in,) if leaf == "ia3_in" else (d_out,))
     return True
 

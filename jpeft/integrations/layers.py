@@ -235,6 +235,11 @@ def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array)
         if tg.matches(config.feedforward_modules, name):
             return {"ia3_in": jnp.ones((*lead, *site.in_shape), w.dtype)}, None
         return {"ia3_out": jnp.ones((*lead, *site.out_shape), w.dtype)}, None
+    if config.use_dora:
+        # The weight norm could use as_matrix, but PEFT's DoRA result also needs each layer's output without its
+        # bias, which a Flax layer's own call does not expose; refused rather than guessed per layer kind.
+        raise ValueError(f"{name}: DoRA (use_dora=True) is not supported on Flax Linen / NNX layers; it works on jpeft's own "
+                         "T5, Llama and Gemma models. Use plain LoRA here (use_dora=False)")
     r, scale = config.rank_and_scale(name)
     matrix = site.as_matrix(w)
     residual = None
