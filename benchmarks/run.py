@@ -35,6 +35,9 @@ TARGETS = [
     ("jpeft_over_qwix_step_time", "<=", 0.85),
     ("jpeft_over_qwix_peak_memory", "<=", 1.0),
     ("flax_lora_over_full_step_time", "<=", 0.65),
+    # jpeft's DoRA overhead over LoRA below PEFT's: (jpeft DoRA / LoRA step time) / (PEFT DoRA / LoRA step time).
+    ("jpeft_over_peft_dora_over_lora_step_time", "<=", 1.0),
+    ("jpeft_over_peft_smollm2_dora_over_lora_step_time", "<=", 1.0),
 ]
 PNG = Path(__file__).resolve().parent / "scaling.png"
 
@@ -55,12 +58,12 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "smollm2")
+SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2")
 
 
 def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> dict[str, Callable[[], dict[str, float]]]:
     """Each benchmark, in the order it runs, less those in `skip`; SmolLM2 is left out of --quick."""
-    from benchmarks import flax_models, inference, memory, scaling, smollm2, speed
+    from benchmarks import flax_models, inference, memory, methods, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
     reps = dict(warmup=1, repeats=5)
@@ -71,6 +74,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> 
         # Sweeps have many points: two timed repeats each keep the default run inside its budget.
         "scaling": lambda: scaling.run(quick, workdir, None if quick else PNG, warmup=1, repeats=2),
         "flax": lambda: flax_models.run(quick, **reps),
+        "methods": lambda: methods.run(quick, warmup=1, repeats=3),
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)

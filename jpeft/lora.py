@@ -2,6 +2,8 @@
 
 The model's dense op (`jpeft.nn.dense`) computes x W + (dropout(x) A) B * scale whenever the
 leaves are present, so training never materialises W + BA; `merge` folds them in for export.
+DoRA (`use_dora=True`) adds `lora_magnitude` (out,), initialised to ||W + scale A B|| per output as HF PEFT's
+`lora_magnitude_vector`; merging it scales each output column of W + scale A B by magnitude / norm.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from jpeft import quant
+from jpeft import nn, quant
 from jpeft import targets as tg
 from jpeft import tree
 
 LEAVES = ("lora_a", "lora_b", "lora_scale")
+MAGNITUDE = "lora_magnitude"  # DoRA's trainable per-output magnitude (PEFT's lora_magnitude_vector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
+    use_dora: bool = False
 
     def __post_init__(self):
         if self.r <= 0 or any(r <= 0 for r in self.rank_pattern.values()):
@@ -78,7 +82,8 @@ def _pissa(kernel, r, scale):
 
 
 def inject(params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict:
-    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel."""
+    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel, and with
+    `use_dora` DoRA's lora_magnitude (out,) = ||W + scale A B|| per output (HF PEFT's init)."""
     updates = {}
     for i, name in enumerate(target_names(params, cfg)):
         module = tg.get_module(params, name)
@@ -95,6 +100,8 @@ def inject(params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict:
         else:  # the weight's logical (in, out) shape and float dtype, whether it is a kernel or quantized
             weight = jax.ShapeDtypeStruct(quant.weight_shape(module), quant.weight_dtype(module))
             leaves["lora_a"], leaves["lora_b"] = _init_pair(jax.random.fold_in(key, i), weight, r, cfg.init)
+        if cfg.use_dora:
+            leaves[MAGNITUDE] = nn.dora_weight_norm({**module, **leaves}).astype(quant.weight_dtype(module))
         updates[name] = leaves
     return tg.replace_modules(params, updates)
 
@@ -110,6 +117,19 @@ def _delta(module: Mapping[str, Any]) -> jax.Array:
     return module["lora_scale"] * (a @ b)
 
 
+def dora_norms(params: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """{module path: ||W + scale A B|| (out,)} of every DoRA module: what `unmerge` needs to undo a DoRA merge.
+
+    PEFT caches the same norms in the module when it merges; the merged weight alone does not determine them.
+    """
+    flat = tree.flatten(params)
+    modules = [p[: -len(f"/{MAGNITUDE}")] for p in flat if p.endswith(f"/{MAGNITUDE}")]
+    flat = tree.flatten(quant.dequantize(params, [m.replace("/", ".") for m in modules])) if modules else flat
+    # Formed, not expanded as nn.dora_weight_norm: PEFT's merge forms W + sBA too, and this runs once.
+    return {m: jnp.linalg.norm(flat[f"{m}/kernel"].astype(jnp.float32) + _delta({leaf: flat[f"{m}/{leaf}"] for leaf in LEAVES}), axis=0)
+            for m in modules}
+
+
 def merge(params: Mapping[str, Any]) -> dict:
     """W + scale * A @ B accumulated in float32, LoRA leaves removed: a plain tree of the base's structure.
 
@@ -121,20 +141,36 @@ def merge(params: Mapping[str, Any]) -> dict:
     flat = tree.flatten(quant.dequantize(params, [m.replace("/", ".") for m in modules]))
     for path in modules:
         module = {leaf: flat.pop(f"{path}/{leaf}") for leaf in LEAVES}
+        magnitude = flat.pop(f"{path}/{MAGNITUDE}", None)
         kernel = flat[f"{path}/kernel"]
-        flat[f"{path}/kernel"] = (kernel.astype(jnp.float32) + _delta(module)).astype(kernel.dtype)
+        merged = kernel.astype(jnp.float32) + _delta(module)
+        if magnitude is not None:  # DoRA: each output column rescaled to its magnitude
+            merged = merged * (magnitude.astype(jnp.float32) / jnp.linalg.norm(merged, axis=0))
+        flat[f"{path}/kernel"] = merged.astype(kernel.dtype)
     return tree.unflatten(flat)
 
 
-def unmerge(merged: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
-    """The inverse of `merge`: subtract scale * A @ B and put the adapter's LoRA leaves back."""
+def unmerge(merged: Mapping[str, Any], adapter: Mapping[str, Any], norms: Mapping[str, jax.Array] | None = None) -> dict:
+    """The inverse of `merge`: subtract scale * A @ B and put the adapter's LoRA leaves back.
+
+    A DoRA module's merged weight is (m / n) (W + scale A B) with n = ||W + scale A B||, which W' and the adapter do
+    not determine, so DoRA needs `norms`: `dora_norms(params)` taken before merging (PEFT caches them the same way).
+    """
     flat, extra = tree.flatten(merged), tree.flatten(adapter)
     modules = _lora_modules(adapter)
     if not modules:
         raise ValueError("unmerge: the adapter holds no LoRA weights")
     for path in modules:
         module = {leaf: extra[f"{path}/{leaf}"] for leaf in LEAVES}
+        magnitude = extra.get(f"{path}/{MAGNITUDE}")
         kernel = flat[f"{path}/kernel"]
-        flat[f"{path}/kernel"] = (kernel.astype(jnp.float32) - _delta(module)).astype(kernel.dtype)
+        w = kernel.astype(jnp.float32)
+        if magnitude is not None:
+            if norms is None or path not in norms:
+                raise ValueError(f"unmerge: {path} is a DoRA module, whose merge cannot be undone from the merged weight alone; "
+                                 "pass norms=jpeft.lora.dora_norms(params) computed before merging")
+            w = w * (norms[path].astype(jnp.float32) / magnitude.astype(jnp.float32))
+            module[MAGNITUDE] = magnitude
+        flat[f"{path}/kernel"] = (w - _delta(module)).astype(kernel.dtype)
         flat.update({f"{path}/{leaf}": v for leaf, v in module.items()})
     return tree.unflatten(flat)

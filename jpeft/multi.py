@@ -19,6 +19,10 @@ from jpeft import lora, tree
 
 def _modules(adapter: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     flat = tree.flatten(adapter)
+    dora = sorted(p for p in flat if p.endswith(f"/{lora.MAGNITUDE}"))
+    if dora:
+        raise ValueError(f"stack_lora cannot stack DoRA adapters ({dora[0]}, ...): each row would need its own weight norm "
+                         "||W + sBA|| and magnitude; run a DoRA adapter alone (jpeft.attach) or merge it (jpeft.lora.merge)")
     other = sorted(p for p in flat if p.rsplit("/", 1)[-1] not in lora.LEAVES)
     if other:
         raise ValueError(f"stack_lora stacks LoRA adapters only; this adapter also holds {other[:3]}")

@@ -4,12 +4,23 @@ A layer's parameters are a plain dict. A dense layer is `{"kernel": (in, out)}`,
 add leaves beside the kernel that `dense` picks up when present:
 
 - `lora_a` (in, r), `lora_b` (r, out), `lora_scale` ()  ->  x W + (dropout(x) A) B * scale
+- `lora_magnitude` (out,) beside them (DoRA)             ->  m / ||W + scale A B|| * (x W + (x A) B * scale)
 - `ia3_in` (in,)                                        ->  (x * l) W          (feed-forward modules)
 - `ia3_out` (out,)                                      ->  (x W) * l
 - `bias` (out,)                                         ->  x W + b
+- LoHa `loha_w1_b`, `loha_w2_b` (in, r), `loha_w1_a`, `loha_w2_a` (r, out), `loha_scale` ()
+                                  ->  x W + x ((B1 A1) * (B2 A2)) * scale   (elementwise product of two rank-r products)
+- LoKr `lokr_w1` (c, a) or `lokr_w1_b` (c, r) `lokr_w1_a` (r, a); `lokr_w2` (d, b) or `lokr_w2_b` (d, r) `lokr_w2_a`
+  (r, b); `lokr_scale` ()         ->  x W + x kron(W1, W2) * scale          (in = c d, out = a b)
+
+Each LoHa / LoKr leaf is HF PEFT's tensor of the same name (`hada_*`, `lokr_*`) transposed to jpeft's (in, out)
+orientation, so `*_b` meets the input first, as PEFT's `x @ (w_a @ w_b).T` does.
 
 so the low-rank path is fused into the same jitted computation as the frozen matmul and
-`W + BA` is never materialised during training.
+`W + BA` is never materialised during training; nor is LoKr's Kronecker product, nor LoHa's update while its
+rank-r^2 factors are the smaller form (see `loha_delta`). DoRA's per-output norm ||W + sAB|| (treated as a constant,
+as HF PEFT and the DoRA paper do) is expanded as ||W_j||^2 + 2s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j, which
+costs O(in out r) and no (in, out) temporary beyond W itself; PEFT forms W + sBA every step.
 
 The frozen weight may instead be a quantized leaf group in PyTorch's (out, in) row layout (`jpeft.quant`):
 `kernel_nf4` + `kernel_absmax` (NF4, or `kernel_absmax_q/_scale/_offset` when double-quantized), `kernel_int8`
@@ -143,16 +154,20 @@ def _einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 def lora_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     """The low-rank update (dropout(x) A) B * scale of a LoRA module (stacked adapters chosen by ctx.adapter_ids)."""
+    return _undropped_delta(p, dropout(ctx, x, ctx.lora_dropout), ctx)
+
+
+def _undropped_delta(p: Params, h: jax.Array, ctx: Ctx) -> jax.Array:
+    """(h A) B * scale for an input h that LoRA dropout has already been applied to."""
     a, b = p["lora_a"].astype(ctx.dtype), p["lora_b"].astype(ctx.dtype)
     scale = p["lora_scale"]
-    h = dropout(ctx, x, ctx.lora_dropout)
     if a.ndim == 3:
         # Stacked adapters (n, in, r): each batch row gathers its own A, B and scale.
         ids = ctx.adapter_ids
         if ids is None:
             raise ValueError(f"stacked LoRA leaves ({a.shape[0]} adapters) need adapter_ids (batch,) choosing each row's adapter")
         a, b, scale = a[ids], b[ids], scale[ids]
-        lead = (slice(None),) + (None,) * (x.ndim - 2)
+        lead = (slice(None),) + (None,) * (h.ndim - 2)
         # (h A) B in two contractions, the order of the single-adapter path, so a row's result matches it.
         hr = _einsum("b...i,bir->b...r", h, a)
         return _einsum("b...r,bro->b...o", hr, b) * scale[lead + (None,)].astype(ctx.dtype)
@@ -191,6 +206,63 @@ def _low_rank_bwd(res, g):
 low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+def _hadamard_factors(b1: jax.Array, a1: jax.Array, b2: jax.Array, a2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(in, r1 r2), (r1 r2, out) whose product is (b1 a1) * (b2 a2): the rows' and the columns' Khatri-Rao products."""
+    (d_in, r1), (r2, d_out) = b1.shape, a2.shape
+    left = (b1[:, :, None] * b2[:, None, :]).reshape(d_in, r1 * r2)
+    right = (a1[:, None, :] * a2[None, :, :]).reshape(r1 * r2, d_out)
+    return left, right
+
+
+def loha_weight(p: Params, dtype: Any = jnp.float32) -> jax.Array:
+    """LoHa's update as an (in, out) matrix: ((B1 A1) * (B2 A2)) * scale, HF PEFT's `make_weight` transposed."""
+    b1, a1, b2, a2 = (p[k].astype(dtype) for k in ("loha_w1_b", "loha_w1_a", "loha_w2_b", "loha_w2_a"))
+    return (matmul(b1, a1) * matmul(b2, a2)) * p["loha_scale"].astype(dtype)
+
+
+def loha_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
+    """x times LoHa's update, through its rank-r^2 factors when they are smaller than the (in, out) matrix.
+
+    (B1 A1) * (B2 A2) = KR(B1, B2) KR(A1, A2) exactly, so per token the factored form costs r^2 (in + out)
+    multiply-adds against in * out for the matrix PEFT builds (r = 8 on 576 x 576: 74k against 332k).
+    """
+    b1, a1, b2, a2 = (p[k].astype(ctx.dtype) for k in ("loha_w1_b", "loha_w1_a", "loha_w2_b", "loha_w2_a"))
+    scale = p["loha_scale"].astype(ctx.dtype)
+    (d_in, r1), (r2, d_out) = b1.shape, a2.shape
+    if r1 * r2 * (d_in + d_out) >= d_in * d_out:
+        return matmul(x, loha_weight(p, ctx.dtype))
+    left, right = _hadamard_factors(b1, a1, b2, a2)
+    return matmul(matmul(x, left), right) * scale
+
+
+def _lokr_factor(p: Params, name: str, dtype: Any) -> jax.Array:
+    """One Kronecker factor (rows from the input side): stored whole, or as its low-rank pair b @ a."""
+    if f"lokr_{name}" in p:
+        return p[f"lokr_{name}"].astype(dtype)
+    return matmul(p[f"lokr_{name}_b"].astype(dtype), p[f"lokr_{name}_a"].astype(dtype))
+
+
+def lokr_weight(p: Params, dtype: Any = jnp.float32) -> jax.Array:
+    """LoKr's update as an (in, out) matrix: kron(W1, W2) * scale, HF PEFT's `make_kron` transposed."""
+    return jnp.kron(_lokr_factor(p, "w1", dtype), _lokr_factor(p, "w2", dtype)) * p["lokr_scale"].astype(dtype)
+
+
+def lokr_delta(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
+    """x kron(W1, W2) * scale without the Kronecker product: x as (..., c, d) meets W1 (c, a) and W2 (d, b) in turn.
+
+    Per token that is in * b + c * out (or in * a + d * out, whichever order is cheaper) multiply-adds
+    instead of in * out: 576 x 576 factored 24 x 24 costs 28k against 332k.
+    """
+    w1, w2 = _lokr_factor(p, "w1", ctx.dtype), _lokr_factor(p, "w2", ctx.dtype)
+    (c, a), (d, b) = w1.shape, w2.shape
+    xs = x.reshape(*x.shape[:-1], c, d)
+    if c * d * b + c * b * a <= c * d * a + a * d * b:  # contract the input's fast axis (d) first
+        y = _einsum("...kj,ki->...ij", _einsum("...kl,lj->...kj", xs, w2), w1)
+    else:
+        y = _einsum("...il,lj->...ij", _einsum("...kl,ki->...il", xs, w1), w2)
+    return y.reshape(*x.shape[:-1], a * b) * p["lokr_scale"].astype(ctx.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def quantized_matmul(fmt: str, x: jax.Array, group: Params) -> jax.Array:
     """x (..., in) @ W for a quantized leaf group of format `fmt`, W dequantized here; codes get no gradient."""
@@ -215,20 +287,68 @@ def _quantized_matmul_bwd(fmt, group, g):
 quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
+def _frozen_matmul(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
+    """x @ W for the module's kernel or quantized group, no bias."""
+    fmt = quant.format_of(p)
+    return matmul(x, p["kernel"].astype(ctx.dtype)) if fmt is None else quantized_matmul(fmt, x, quant.leaves(p))
+
+
 def dense(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     """x @ kernel (or its quantized group, dequantized), plus whichever PEFT leaves sit beside it (see module docstring)."""
     x = x.astype(ctx.dtype)
     if "ia3_in" in p:
         x = x * p["ia3_in"].astype(ctx.dtype)
-    fmt = quant.format_of(p)
-    y = matmul(x, p["kernel"].astype(ctx.dtype)) if fmt is None else quantized_matmul(fmt, x, quant.leaves(p))
-    if "bias" in p:
-        y = y + p["bias"].astype(ctx.dtype)
-    if "lora_a" in p:
-        y = y + lora_delta(p, x, ctx)
+    y = _frozen_matmul(p, x, ctx)
+    if "lora_magnitude" in p:
+        y = dora(p, x, y, ctx)
+        if "bias" in p:
+            y = y + p["bias"].astype(ctx.dtype)
+    else:
+        if "bias" in p:
+            y = y + p["bias"].astype(ctx.dtype)
+        if "lora_a" in p:
+            y = y + lora_delta(p, x, ctx)
+    if "loha_scale" in p:
+        y = y + loha_delta(p, x, ctx)
+    if "lokr_scale" in p:
+        y = y + lokr_delta(p, x, ctx)
     if "ia3_out" in p:
         y = y * p["ia3_out"].astype(ctx.dtype)
     return y
+
+
+def dora(p: Params, x: jax.Array, y: jax.Array, ctx: Ctx) -> jax.Array:
+    """HF PEFT's DoRA output (bias excluded) given the frozen product y = x W: (m / ||W + sAB||) (x W + (x A) B s).
+
+    With LoRA dropout active PEFT feeds the dropped input to the whole DoRA term, so the frozen product is
+    recomputed on it: x W + (m/n - 1) (x' W) + (m/n) (x' A) B s, x' = dropout(x), as here.
+    """
+    if p["lora_a"].ndim == 3:
+        raise ValueError("DoRA (lora_magnitude) cannot run stacked adapters: each row would need its own weight norm; attach one adapter at a time")
+    norm = jax.lax.stop_gradient(dora_weight_norm(p))  # a constant to autodiff, as in PEFT (DoRA paper, section 4.3)
+    mag_norm_scale = (p["lora_magnitude"].astype(jnp.float32) / norm).astype(ctx.dtype)
+    h = dropout(ctx, x, ctx.lora_dropout)
+    delta = _undropped_delta(p, h, ctx)
+    if h is x:  # no dropout: PEFT's y + (m/n - 1) y + (m/n) delta, in one product
+        return mag_norm_scale * (y + delta)
+    return y + (mag_norm_scale - 1) * _frozen_matmul(p, h, ctx) + mag_norm_scale * delta
+
+
+def dora_weight_norm(p: Params) -> jax.Array:
+    """||W + s A B|| over the input dim, per output (out,), float32, without forming W + sAB (see module docstring)."""
+    hi = jax.lax.Precision.HIGHEST
+    a, b = p["lora_a"].astype(jnp.float32), p["lora_b"].astype(jnp.float32)
+    s = p["lora_scale"].astype(jnp.float32)
+    fmt = quant.format_of(p)
+    if fmt is None:
+        w = p["kernel"].astype(jnp.float32)  # (in, out)
+        squares, wa = jnp.sum(w * w, axis=0), jnp.matmul(a.T, w, precision=hi)  # (out,), (r, out)
+    else:
+        w = quant.unpack(fmt, quant.leaves(p))  # (out, in), dequantized here as in the matmul
+        squares, wa = jnp.sum(w * w, axis=1), jnp.matmul(w, a, precision=hi).T
+    gram_b = jnp.matmul(jnp.matmul(a.T, a, precision=hi), b, precision=hi)  # (r, out)
+    total = squares + 2 * s * jnp.sum(wa * b, axis=0) + s * s * jnp.sum(gram_b * b, axis=0)
+    return jnp.sqrt(jnp.maximum(total, 0.0))
 
 
 def rms_norm(weight: jax.Array, x: jax.Array, eps: float, dtype: Any) -> jax.Array:

@@ -1,15 +1,23 @@
 """Adapters on disk in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
 
 A directory written here loads with `peft.PeftModel.from_pretrained`, and one written by PEFT's
-`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3, prompt tuning and prefix tuning.
+`save_pretrained` loads here, for LoRA (rank/alpha patterns, rsLoRA), (IA)^3, prompt tuning, P-tuning (whose
+files hold the encoder's output, not its weights, so they load as a folded prompt, as PEFT's inference mode does),
+LoHa, LoKr and prefix tuning (whose files also hold the computed prefix).
 Tensor names are PEFT's (`base_model.model.<module>.lora_A.weight`, PyTorch layout: lora_A (r, in),
-lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`), and the
-module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works.
+lora_B (out, r); `ia3_l` (out, 1), or (1, in) on feed-forward modules; `prompt_embeddings`; LoHa's `hada_w1_a`
+(out, r), `hada_w1_b` (r, in), ...; LoKr's `lokr_w1`, `lokr_w2_a`, ..., each jpeft's leaf transposed), and the
+module names are the tree's paths with dots, so any model whose tree mirrors transformers' names works. LoHa's and
+LoKr's rank_dropout / module_dropout act in PEFT's training only; a file naming them loads for what it computes
+in eval mode.
 LoRA on layers PEFT's layout cannot hold (Flax Conv, Embed, Einsum and DenseGeneral weights, layers stacked
 by scan) is stored by tree path instead, with `"jpeft_layout": "tree"` and the module paths in the config.
 
 The safetensors metadata also records the base the adapter was trained on (its name and a
 fingerprint of its parameter names and shapes); PEFT ignores it, `load_adapter` checks it first.
+
+DoRA (`use_dora: true`) adds each module's magnitude as PEFT's `get_peft_model_state_dict` writes it:
+`base_model.model.<module>.lora_magnitude_vector`, shape (out,), no `.weight` suffix.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import hf_io, ia3, lora, prefix, prompt, quant, split, tree
+from jpeft import hf_io, ia3, loha, lokr, lora, prefix, prompt, ptuning, quant, split, tree
 from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 
@@ -34,12 +42,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "jpeft_base_fingerprint"
 BASE_NAME_KEY = "jpeft_base_model"
-PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
+PEFT_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "LOHA", "LOKR", "PREFIX_TUNING")
+MAGNITUDE_SUFFIX = "lora_magnitude_vector"  # DoRA's magnitude in PEFT's state dict (no ".weight")
 TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
 _UNSUPPORTED_LORA = (
-    ("use_dora", False), ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
+    ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
     ("layers_to_transform", None), ("layer_replication", None), ("target_parameters", None),
     ("trainable_token_indices", None), ("modules_to_save", None), ("use_qalora", False),
 )
@@ -67,20 +76,23 @@ def task_type(params: Mapping[str, Any]) -> str:
 def save_adapter(
     path: str | os.PathLike,
     params: Mapping[str, Any],
-    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | None = None,
+    config: lora.LoraConfig | ia3.IA3Config | prompt.PromptTuningConfig | ptuning.PromptEncoderConfig | loha.LoHaConfig | lokr.LoKrConfig | None = None,
     base_model_name_or_path: str | None = None,
     *,
     task: str | None = None,
 ) -> None:
     """Write the adapter in `params` (a full tree: base + one PEFT method) as a PEFT adapter directory, atomically.
 
-    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from lora_scale).
+    Without `config`, the config is rebuilt from the leaves (ranks from shapes, alpha from the scale); LoKr needs it.
+    A folded soft prompt is written as prompt tuning, or as P-tuning when `config` is a PromptEncoderConfig.
     """
     flat = tree.flatten(params)
     params = tree.unflatten(flat)  # string keys throughout (an NNX state's list indices are ints)
     if not any(not split.is_adapter_path(p) for p in flat):
         raise ValueError("save_adapter needs the full tree (base + adapter), e.g. jpeft.attach(base, adapter), to fingerprint the base")
     method = _method(flat)
+    if method == "PROMPT_TUNING" and isinstance(config, ptuning.PromptEncoderConfig):
+        method = "P_TUNING"
     task = task or task_type(params)
     if method == "LORA" and not _peft_layout(flat):
         cfg_json, tensors = _tree_lora_out(flat, config)
@@ -90,6 +102,10 @@ def save_adapter(
         cfg_json, tensors = _ia3_out(params, flat, config)
     elif method == "PREFIX_TUNING":
         cfg_json, tensors = _prefix_out(params, config)
+    elif method in _LYCORIS:
+        cfg_json, tensors = _lycoris_out(method, params, flat, config)
+    elif method == "P_TUNING":
+        cfg_json, tensors = _ptuning_out(params, config)
     else:
         cfg_json, tensors = _prompt_out(flat, config, task)
     cfg_json.update(peft_type=method, task_type=task, base_model_name_or_path=base_model_name_or_path,
@@ -101,14 +117,18 @@ def save_adapter(
 
 
 def _method(flat: Mapping[str, Any]) -> str:
-    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p) and p.split("/", 1)[0] not in (prefix.LEAF, prefix.MLP)}
-    found = sorted({"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
-                    else "PROMPT_TUNING" if leaf == prompt.LEAF else "bottleneck adapter" for leaf in leaves}
-                   | ({"PREFIX_TUNING"} if prefix.LEAF in flat else set()))
+    encoder = {"P_TUNING"} if any(p.startswith(f"{ptuning.ENCODER}/") for p in flat) else set()
+    encoder |= {"PREFIX_TUNING"} if prefix.LEAF in flat else set()
+    own_leaves = (f"{ptuning.ENCODER}/", f"{prefix.LEAF}", f"{prefix.MLP}/")  # whole-tree methods, found above
+    leaves = {p.rsplit("/", 1)[-1] for p in flat if split.is_adapter_path(p) and not p.startswith(own_leaves)}
+    found = sorted(encoder | {"LORA" if leaf.startswith("lora_") else "IA3" if leaf.startswith("ia3_")
+                              else "PROMPT_TUNING" if leaf == prompt.LEAF else _LYCORIS_PREFIX.get(leaf[:5], "bottleneck adapter")
+                              for leaf in leaves})
     if not found:
         raise ValueError("save_adapter: the tree holds no adapter (no lora_a, ia3_*, prompt_embeddings or prefix_embeddings leaves)")
     if len(found) > 1 or found[0] not in PEFT_TYPES:
-        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3, prompt or prefix tuning")
+        raise ValueError(f"save_adapter: the tree holds {found}; a PEFT adapter file holds exactly one of LoRA, IA3, prompt tuning, "
+                         "P-tuning, prefix tuning, LoHa or LoKr")
     return found[0]
 
 
@@ -138,26 +158,35 @@ def _lora_out(params, flat, config):
         raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one PEFT adapter; save each adapter")
     ranks = {m: int(flat[f"{m.replace('.', '/')}/lora_a"].shape[1]) for m in modules}
     scales = {m: float(flat[f"{m.replace('.', '/')}/lora_scale"]) for m in modules}
+    dora = _modules_with(flat, lora.MAGNITUDE)
+    if dora and dora != modules:
+        raise ValueError(f"save_adapter: DoRA magnitudes sit on {len(dora)} of the {len(modules)} LoRA modules (none at "
+                         f"{sorted(set(modules) - set(dora))[:3]}); a PEFT adapter is DoRA on every module or on none")
     if config is None:
         alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
         r, alpha = _most_common(ranks), _most_common(alphas)
         config = lora.LoraConfig(
             r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
             rank_pattern={m: v for m, v in ranks.items() if v != r}, alpha_pattern={m: v for m, v in alphas.items() if v != alpha},
+            use_dora=bool(dora),
         )
     elif not isinstance(config, lora.LoraConfig):
         raise ValueError(f"save_adapter: the tree holds LoRA weights but config is a {type(config).__name__}")
     _check_lora_config(params, config, modules, ranks, scales)
+    if config.use_dora != bool(dora):
+        raise ValueError(f"save_adapter: config.use_dora={config.use_dora}, but the tree {'has' if dora else 'has no'} DoRA magnitudes (lora_magnitude)")
     tensors = {}
     for m in modules:
         module = tg.get_module(params, m)
         tensors[f"{PREFIX}{m}.lora_A.weight"] = np.asarray(module["lora_a"]).T
         tensors[f"{PREFIX}{m}.lora_B.weight"] = np.asarray(module["lora_b"]).T
+        if config.use_dora:
+            tensors[f"{PREFIX}{m}.{MAGNITUDE_SUFFIX}"] = np.asarray(module[lora.MAGNITUDE])
     target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     cfg_json = dict(
         r=config.r, lora_alpha=config.alpha, target_modules=target, rank_pattern=dict(config.rank_pattern),
         alpha_pattern=dict(config.alpha_pattern), use_rslora=config.use_rslora, lora_dropout=config.dropout,
-        bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=False,
+        bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=config.use_dora,
     )
     return cfg_json, tensors
 
@@ -184,6 +213,8 @@ def _tree_lora_out(flat, config):
     """Adapters PEFT's layout cannot hold (Flax layers: Conv, Embed, Einsum and DenseGeneral weights, layers stacked by
     scan): the LoRA leaves by tree path, each module's scale included, and the module paths in the config."""
     paths = sorted(p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a"))
+    if any(p.endswith(f"/{lora.MAGNITUDE}") for p in flat):
+        raise ValueError("save_adapter: DoRA (lora_magnitude) is only saved in PEFT's layout, on 2-D dense kernels")
     if any(_spanned_weight(flat, p, *(flat[f"{p}/{leaf}"] for leaf in lora.LEAVES)) is None for p in paths):
         raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one adapter; save each adapter")
     tensors = {f"{p}/{leaf}": np.asarray(flat[f"{p}/{leaf}"]) for p in paths for leaf in lora.LEAVES}
@@ -301,6 +332,89 @@ def _prefix_out(params, config):
     return cfg_json, {prompt.LEAF: rows}
 
 
+_LYCORIS = {"LOHA": (loha, loha.LoHaConfig), "LOKR": (lokr, lokr.LoKrConfig)}
+_LYCORIS_PREFIX = {"loha_": "LOHA", "lokr_": "LOKR"}
+_UNSUPPORTED_LYCORIS = (("layers_to_transform", None), ("layers_pattern", None), ("modules_to_save", None))
+
+
+def _lycoris_shapes(kind: str, d_in: int, d_out: int, r: int, config: Any) -> dict[str, tuple[int, int]]:
+    """jpeft's trainable leaves of one module and their (in-first) shapes."""
+    return loha.shapes(d_in, d_out, r) if kind == "LOHA" else lokr.shapes(d_in, d_out, r, config)
+
+
+def _peft_name(leaf: str) -> str:
+    """PEFT's tensor name for a LoHa / LoKr leaf (LoHa's are `hada_*`)."""
+    return leaf.replace("loha_", "hada_")
+
+
+def _lycoris_out(kind, params, flat, config):
+    module_of, config_cls = _LYCORIS[kind]
+    scale_leaf = f"{kind.lower()}_scale"
+    modules = _modules_with(flat, scale_leaf)
+    scales = {m: float(flat[f"{m.replace('.', '/')}/{scale_leaf}"]) for m in modules}
+    if config is None and kind == "LOKR":
+        raise ValueError("save_adapter: a LoKr adapter needs its LoKrConfig (config=...): whole Kronecker factors do not "
+                         "record the rank that PEFT's scale alpha / r uses")
+    if config is None:
+        ranks = {m: int(np.shape(flat[f"{m.replace('.', '/')}/loha_w1_b"])[1]) for m in modules}
+        alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        config = loha.LoHaConfig(r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
+                                 rank_pattern={m: v for m, v in ranks.items() if v != r},
+                                 alpha_pattern={m: v for m, v in alphas.items() if v != alpha})
+    elif not isinstance(config, config_cls):
+        raise ValueError(f"save_adapter: the tree holds {kind} weights but config is a {type(config).__name__}")
+    expected = sorted(module_of.target_names(params, config))
+    if expected != modules:
+        extra, missing = sorted(set(modules) - set(expected)), sorted(set(expected) - set(modules))
+        raise ValueError(f"save_adapter: the {kind} modules disagree with the config's target_modules: adapted but not targeted "
+                         f"{extra[:3]}, targeted but not adapted {missing[:3]}")
+    tensors = {}
+    for m in modules:
+        module = tg.get_module(params, m)
+        r, scale = config.rank_and_scale(m)
+        want = _lycoris_shapes(kind, *quant.weight_shape(module), r, config)
+        have = {leaf: tuple(np.shape(module[leaf])) for leaf in module_of.TRAINABLE if leaf in module}
+        if have != want or not np.isclose(scale, scales[m], rtol=1e-6, atol=0):
+            raise ValueError(f"save_adapter: {m} has leaves {have} and scale {scales[m]:.6g}, but the config (rank {r}) gives "
+                             f"{want} and scale {scale:.6g}")
+        tensors.update({f"{PREFIX}{m}.{_peft_name(leaf)}": np.asarray(module[leaf]).T for leaf in want})
+    cfg_json = dict(r=config.r, alpha=config.alpha, rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
+                    target_modules=config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules),
+                    rank_dropout=0.0, module_dropout=0.0, init_weights=config.init_weights, use_effective_conv2d=config.use_effective_conv2d,
+                    exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+    if kind == "LOKR":
+        cfg_json.update(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
+                        rank_dropout_scale=config.rank_dropout_scale)
+    return cfg_json, tensors
+
+
+def _encoder_key(config, token_dim):
+    """What of a PromptEncoderConfig the encoder's leaves determine (an MLP ignores the LSTM's layers and dropout)."""
+    lstm = config.encoder_reparameterization_type == "LSTM"
+    return (config.num_virtual_tokens, config.encoder_reparameterization_type, config.encoder_hidden_size or token_dim,
+            config.encoder_num_layers if lstm else None, config.encoder_dropout if lstm else None)
+
+
+def _ptuning_out(params, config):
+    """P_TUNING as PEFT's save_pretrained writes it: the encoder's output, every submodule's block, and the encoder's config."""
+    n, submodules, d = prompt.num_virtual_tokens(params), prompt.transformer_submodules(params), prompt.embedding_table(params).shape[1]
+    if ptuning.ENCODER in params:
+        rows = np.asarray(ptuning.prompt_embeddings(params[ptuning.ENCODER]))
+        built = ptuning.encoder_config(params[ptuning.ENCODER], n)
+    else:  # folded: only the fed block is left; the others are never read, so they are written as zeros
+        table = np.asarray(params[prompt.LEAF], np.float32)
+        rows, built = np.concatenate([table] + [np.zeros_like(table)] * (submodules - 1)), None
+    config = config or built
+    fits = isinstance(config, ptuning.PromptEncoderConfig) and config.num_virtual_tokens == n
+    if not fits or (built is not None and _encoder_key(built, d) != _encoder_key(config, d)):
+        raise ValueError(f"save_adapter: the tree's prompt encoder ({built or f'{n} folded rows'}) disagrees with config {config}")
+    cfg_json = dict(num_virtual_tokens=n, token_dim=d, num_transformer_submodules=submodules, num_layers=None, num_attention_heads=None,
+                    encoder_reparameterization_type=config.encoder_reparameterization_type, encoder_hidden_size=config.encoder_hidden_size or d,
+                    encoder_num_layers=config.encoder_num_layers, encoder_dropout=config.encoder_dropout, modules_to_save=None)
+    return cfg_json, {prompt.LEAF: rows}
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 
@@ -353,6 +467,8 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
         leaves = _ia3_in(params, who, cfg, tensors)
     elif kind == "PREFIX_TUNING":
         leaves = _prefix_in(params, who, cfg, tensors)
+    elif kind in _LYCORIS:
+        leaves = _lycoris_in(kind, params, who, cfg, tensors)
     else:
         leaves = _prompt_in(params, who, cfg, tensors)
     try:
@@ -413,13 +529,16 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
     try:
         config = lora.LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], target_modules=cfg.get("target_modules") or (),
                                  use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or {},
-                                 alpha_pattern=cfg.get("alpha_pattern") or {}, dropout=cfg.get("lora_dropout", 0.0) or 0.0)
+                                 alpha_pattern=cfg.get("alpha_pattern") or {}, dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                                 use_dora=bool(cfg.get("use_dora", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid LoRA config: {e!r}") from None
+    needed = {"lora_A.weight", "lora_B.weight"} | ({MAGNITUDE_SUFFIX} if config.use_dora else set())
     leaves = {}
-    for module, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight")).items():
-        if len(pair) != 2:
-            raise CheckpointError(f"{who}: {module} has only {list(pair)}; LoRA needs lora_A and lora_B")
+    for module, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight", MAGNITUDE_SUFFIX)).items():
+        if set(pair) != needed:
+            raise CheckpointError(f"{who}: {module} has {sorted(pair)}, but {'DoRA' if config.use_dora else 'LoRA'} "
+                                  f"(use_dora={config.use_dora} in {CONFIG_FILE}) needs {sorted(needed)}")
         a, b = pair["lora_A.weight"], pair["lora_B.weight"]
         (d_in, d_out), dtype = _weight(params, who, module)
         r, scale = config.rank_and_scale(module)
@@ -432,6 +551,12 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         leaves[f"{prefix}/lora_a"] = a.T.astype(dtype)
         leaves[f"{prefix}/lora_b"] = b.T.astype(dtype)
         leaves[f"{prefix}/lora_scale"] = jnp.asarray(scale, jnp.float32)
+        if config.use_dora:
+            magnitude = pair[MAGNITUDE_SUFFIX]
+            if magnitude.shape != (d_out,):
+                raise CheckpointError(f"{who}: {module}.{MAGNITUDE_SUFFIX} has shape {tuple(magnitude.shape)}, but the base kernel "
+                                      f"(in={d_in}, out={d_out}) needs ({d_out},)")
+            leaves[f"{prefix}/{lora.MAGNITUDE}"] = magnitude.astype(dtype)
     return leaves
 
 
@@ -475,3 +600,32 @@ def _prefix_in(params, who, cfg, tensors) -> dict[str, Any]:
                               f"{layers} layers of {token_dim}-wide keys and values need ({n}, {layers} * 2 * {token_dim})")
     # The file holds the prefix itself (projected, when trained with prefix_projection), as PEFT loads it for inference.
     return {prefix.LEAF: rows.astype(prompt.embedding_table(params).dtype)}
+
+
+def _lycoris_in(kind, params, who, cfg, tensors) -> dict[str, Any]:
+    module_of, config_cls = _LYCORIS[kind]
+    for key, default in _UNSUPPORTED_LYCORIS:
+        if cfg.get(key, default) not in (default, [], {}):
+            raise CheckpointError(f"{who}: {kind} option {key}={cfg[key]!r} is not supported by jpeft")
+    fields = dict(target_modules=cfg.get("target_modules") or (), rank_pattern=cfg.get("rank_pattern") or {},
+                  alpha_pattern=cfg.get("alpha_pattern") or {}, init_weights=cfg.get("init_weights", True))
+    if kind == "LOKR":
+        fields.update(decompose_both=bool(cfg.get("decompose_both", False)), decompose_factor=cfg.get("decompose_factor", -1))
+    try:
+        config = config_cls(r=cfg["r"], alpha=cfg["alpha"], **fields)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid {kind} config: {e!r}") from None
+    scale_leaf = f"{kind.lower()}_scale"
+    leaves = {}
+    for module, found in _split_names(who, tensors, tuple(_peft_name(leaf) for leaf in module_of.TRAINABLE)).items():
+        (d_in, d_out), dtype = _weight(params, who, module)
+        r, scale = config.rank_and_scale(module)
+        want = _lycoris_shapes(kind, d_in, d_out, r, config)
+        have, need = {name: tuple(v.shape) for name, v in found.items()}, {_peft_name(leaf): shape[::-1] for leaf, shape in want.items()}
+        if have != need:
+            raise CheckpointError(f"{who}: {module} has {have}, but its config (rank {r}) and the base weight (in={d_in}, "
+                                  f"out={d_out}) need {need}")
+        prefix = module.replace(".", "/")
+        leaves.update({f"{prefix}/{leaf}": found[_peft_name(leaf)].T.astype(dtype) for leaf in want})
+        leaves[f"{prefix}/{scale_leaf}"] = jnp.asarray(scale, jnp.float32)
+    return leaves

@@ -17,10 +17,12 @@ parallelism over heads / MLP hidden / vocabulary on `"model"`:
 Llama and Gemma trees share these names (Gemma's extra norms and `q_norm` / `k_norm` are replicated).
 
 PEFT leaves follow the kernel they sit beside: `lora_a` (in, r) takes the kernel's input-dim spec,
-`lora_b` (r, out) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
+`lora_b` (r, out) and DoRA's `lora_magnitude` (out,) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
 kernel's input / output spec, which matches how the activations they scale are laid out under
-tensor parallelism. `lora_scale`, `prompt_embeddings` and bottleneck adapters are replicated
-(they are small and touch the residual stream). `replicate_adapters=True` replicates every PEFT leaf.
+tensor parallelism. LoHa's `loha_w*_b` (in, r) and `loha_w*_a` (r, out) follow the kernel as LoRA's A and
+B do; LoKr's factors, about the square root of the kernel's dims, are replicated. The scales, `prompt_embeddings`,
+P-tuning's `prompt_encoder` and bottleneck adapters are replicated (they are small and touch the residual stream).
+`replicate_adapters=True` replicates every PEFT leaf.
 
 A quantized weight (`jpeft.quant`, rows in PyTorch's (out, in) layout) is split along its output rows as its
 kernel's output dim would be; its packed input dim stays whole (a split could cut a block), and NF4's
@@ -76,7 +78,8 @@ LLAMA_RULES: Rules = (
 DEFAULT_RULES: Rules = T5_RULES + LLAMA_RULES
 
 # PEFT leaf -> (which of its dims mirrors a kernel dim, counted from the end; which kernel dim).
-_FOLLOW_KERNEL = {"lora_a": (-2, 0), "lora_b": (-1, 1), "ia3_in": (-1, 0), "ia3_out": (-1, 1)}
+_FOLLOW_KERNEL = {"lora_a": (-2, 0), "lora_b": (-1, 1), "lora_magnitude": (-1, 1), "ia3_in": (-1, 0), "ia3_out": (-1, 1),
+                  "loha_w1_b": (-2, 0), "loha_w2_b": (-2, 0), "loha_w1_a": (-1, 1), "loha_w2_a": (-1, 1)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,26 +14,29 @@ from jpeft import selective as sel
 from jpeft import targets as tg
 from jpeft import tree
 
-TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "ia3_in", "ia3_out", "prompt_embeddings", "prefix_embeddings"})
-ADAPTER_LEAVES = TRAINABLE_LEAVES | {"lora_scale"}
-# Modules made entirely of PEFT weights (all trainable): bottleneck adapters, prefix tuning's projection MLP.
-ADAPTER_MODULES = frozenset({"adapter", "prefix_mlp"})
-# Top-level PEFT leaves and modules, which sit beside no base kernel.
-_UNATTACHED = ("prompt_embeddings", "prefix_embeddings", "prefix_mlp")
-
-
-def _in_adapter_module(parts: list[str]) -> bool:
-    return any(part in ADAPTER_MODULES for part in parts[:-1])
+TRAINABLE_LEAVES = frozenset({"lora_a", "lora_b", "lora_magnitude", "ia3_in", "ia3_out", "prompt_embeddings", "prefix_embeddings",
+                              "loha_w1_a", "loha_w1_b", "loha_w2_a", "loha_w2_b",
+                              "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"})
+# A method's settings carried in the tree (scales, P-tuning's encoder dropout): neither trained nor counted.
+CONSTANT_LEAVES = frozenset({"lora_scale", "loha_scale", "lokr_scale", "encoder_dropout"})
+ADAPTER_LEAVES = TRAINABLE_LEAVES | CONSTANT_LEAVES
+# Subtrees whose every leaf belongs to a PEFT method: bottleneck adapters, P-tuning's encoder, prefix tuning's MLP.
+ADAPTER_MODULES = frozenset({"adapter", "prompt_encoder", "prefix_mlp"})
 
 
 def is_adapter_path(path: str) -> bool:
     """Whether a leaf belongs to a PEFT method rather than to the base model."""
     parts = path.split("/")
-    return parts[-1] in ADAPTER_LEAVES or _in_adapter_module(parts)
+    return parts[-1] in ADAPTER_LEAVES or not ADAPTER_MODULES.isdisjoint(parts[:-1])
+
+
+def _trains(parts: list[str]) -> bool:
+    """Whether a PEFT leaf trains: the named leaves, and everything in an adapter subtree but its constants."""
+    return parts[-1] in TRAINABLE_LEAVES or (not ADAPTER_MODULES.isdisjoint(parts[:-1]) and parts[-1] not in CONSTANT_LEAVES)
 
 
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
-    """A tree of bools: True on PEFT leaves (not lora_scale), inside `modules_to_save`, and on `selective`'s choice.
+    """A tree of bools: True on PEFT leaves (not constants like lora_scale), inside `modules_to_save`, and on `selective`'s choice.
 
     Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it.
     """
@@ -43,7 +46,7 @@ def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (
     for path in flat:
         parts = path.split("/")
         mask[path] = (
-            (parts[-1] in TRAINABLE_LEAVES or _in_adapter_module(parts))
+            _trains(parts)
             or (bool(modules_to_save) and tg.within(modules_to_save, ".".join(parts[:-1])))
             or path in chosen
         )
@@ -92,7 +95,7 @@ def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
         module = path.split("/adapter/")[0] if "/adapter/" in path else path.rsplit("/", 1)[0]
         kernel = shapes.get(f"{module}/kernel")
         leaf = path.rsplit("/", 1)[-1]
-        if path.split("/", 1)[0] in _UNATTACHED:
+        if path.split("/", 1)[0] in ("prompt_embeddings", "prompt_encoder", "prefix_embeddings", "prefix_mlp"):  # top level, beside no kernel
             continue
         if kernel is None and "/adapter/" not in path:
             raise ValueError(f"attach: adapter leaf {path} has no base kernel at {module}/kernel")
@@ -107,7 +110,11 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
         return len(shape) >= 2 and shape[-2] == d_in
     if leaf == "lora_b":
         return len(shape) >= 2 and shape[-1] == d_out
-    if leaf in ("ia3_in", "ia3_out"):
+    if leaf in ("loha_w1_b", "loha_w2_b"):
+        return len(shape) == 2 and shape[0] == d_in
+    if leaf in ("loha_w1_a", "loha_w2_a"):
+        return len(shape) == 2 and shape[1] == d_out
+    if leaf in ("ia3_in", "ia3_out", "lora_magnitude"):
         return shape == ((d_in,) if leaf == "ia3_in" else (d_out,))
     return True
 
@@ -115,13 +122,13 @@ def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
 def count_params(params: Mapping[str, Any], mask: Mapping[str, Any] | None = None, verbose: bool = True) -> tuple[int, int]:
     """(trainable, all) parameter counts, printed in HF PEFT's `print_trainable_parameters` format.
 
-    lora_scale is a constant, not a parameter, and is not counted (as in HF PEFT). A quantized weight counts as
-    the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
+    The scales (lora_scale, loha_scale, lokr_scale) and P-tuning's encoder_dropout are constants, not parameters, and
+    are not counted (as in HF PEFT). A quantized weight counts as the float weight it stands for (bitsandbytes' Params4bit counts its packed bytes instead; jpeft's counts do not
     change when the base is quantized).
     """
     mask = trainable_mask(params) if mask is None else mask
     flat_mask = tree.flatten(mask)
-    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if not p.endswith("/lora_scale")}
+    counted = {p: math.prod(s) for p, s in quant.float_shapes(params).items() if p.rsplit("/", 1)[-1] not in CONSTANT_LEAVES}
     all_params = sum(counted.values())
     trainable = sum(n for p, n in counted.items() if flat_mask.get(p, False))
     if verbose:

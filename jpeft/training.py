@@ -133,7 +133,7 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     first target token sits in the flattened (R * L) batch. Only the E * T positions that predict
     targets go through the LM head, so the (R, L, vocab) logits of the prompts are never formed.
     """
-    from jpeft import nn, prefix
+    from jpeft import nn, prefix, prompt
     from jpeft.models import causal_lm
 
     _check_family(config, "causal_lm_loss", encoder_decoder=False)
@@ -143,14 +143,14 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     def loss(params, batch, rng):
         _check_batch(batch, ("input_ids", "targets", "target_index"), "causal_lm_loss", "causal_lm_batch")
         packed = "segment_ids" in batch
-        if packed and "prompt_embeddings" in params:
+        if packed and prompt.has_soft_prompt(params):
             raise ValueError("a soft prompt is prepended per row, so it cannot train on packed rows: use attention_mask batches")
         if packed and prefix.LEAF in params:
             raise ValueError("a prefix sits before each row's first token, so prefix tuning cannot train on packed rows "
                              "(later sequences would see it from further away): use attention_mask batches")
         ctx = nn.Ctx(dtype=dtype, rng=rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, remat=remat)
         R, L = batch["input_ids"].shape
-        x, segments = model.embed(a, params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], dtype)
+        x, segments = model.embed(a, params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], dtype, ctx)
         # A 0/1 mask is a packing of one segment per row, so one code path serves both layouts; a prefix (N slots
         # before each unpacked row) shifts the positions by N and needs no segments beside the mask.
         n = prefix.num_tokens(params)

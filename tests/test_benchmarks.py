@@ -28,7 +28,9 @@ def test_quick_run_writes_finite_figures(tmp_path):
     for key in ("machine_cpu_count", "machine_jax", "machine_torch", "machine_platform", "total_s",
                 "mem_t5_full_step_peak_bytes", "mem_t5_lora8_gradient_bytes", "scale_source_time_exponent", "devices_8_step_s",
                 "generate_speedup_vs_transformers_bf16", "peft_mfu", "full_mfu", "matmul_peak_s", "t5_lora8_step_gflop_xla_dots",
-                "flax_linen_qwix_step_s", "flax_nnx_jpeft_peak_bytes", "jpeft_over_qwix_nnx_step_time"):
+                "flax_linen_qwix_step_s", "flax_nnx_jpeft_peak_bytes", "jpeft_over_qwix_nnx_step_time",
+                "dora_over_lora_step_time", "peft_dora_over_lora_step_time", "smollm2_dora_over_lora_step_time",
+                "smollm2_peft_dora_over_lora_step_time", "smollm2_jpeft_dora_step_s"):
         assert key in figures, key
     numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     assert all(math.isfinite(v) for v in numbers.values()), [k for k, v in numbers.items() if not math.isfinite(v)]
@@ -40,8 +42,8 @@ def test_sections_run_in_order_less_the_skipped(tmp_path):
     from benchmarks.run import SECTIONS, sections
 
     assert list(sections(False, tmp_path)) == list(SECTIONS)
-    assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling", "flax"]  # --quick has no SmolLM2
-    assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling", "flax"}))) == ["memory", "speed", "inference"]
+    assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling", "flax", "methods"]  # --quick has no SmolLM2
+    assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling", "flax", "methods"}))) == ["memory", "speed", "inference"]
 
 
 def test_analytic_flops_are_the_products_xla_compiles():

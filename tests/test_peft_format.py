@@ -273,8 +273,8 @@ def test_unknown_peft_type(flan, saved):
     (saved / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "BOFT"}))
     with pytest.raises(CheckpointError, match="peft_type 'BOFT'"):
         jpeft.load_adapter(saved, flan.params)
-    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(CheckpointError, match="use_dora"):
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(CheckpointError, match="lora_bias"):
         jpeft.load_adapter(saved, flan.params)
 
 

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 
-from jpeft import prompt
+from jpeft import prompt, ptuning
 from jpeft.models import t5
 from tests.conftest import SHARED, jpeft_logits, torch_logits
 
@@ -71,3 +71,46 @@ def test_errors(flan):
     once = prompt.inject(flan.params, prompt.PromptTuningConfig(num_virtual_tokens=2), jax.random.key(0))
     with pytest.raises(ValueError, match="already has prompt_embeddings"):
         prompt.inject(once, prompt.PromptTuningConfig(num_virtual_tokens=2), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    if not (SHARED / "tokenizers" / "t5").is_dir():
+        pytest.skip("../shared/tokenizers/t5 not present")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "t5")
+
+
+def test_nearest_tokens_of_a_text_init_are_its_own_tokens(t5_tokenizer):
+    """Each virtual token starts as a token's embedding, so that token is its nearest, at cosine 1; a Gemma-style tree
+    (its prompt on the sqrt(D) scale) and a P-tuning encoder's output read back the same way."""
+    table = jax.random.normal(jax.random.key(0), (32128, 16))
+    cfg = prompt.PromptTuningConfig(num_virtual_tokens=5, init="text", text="Summarize the dialogue", tokenizer=t5_tokenizer)
+    expected = ["Sum", "mar", "ize", "the", "dialogue"]  # "▁Sum" etc.: SentencePiece's word marker stripped
+    for tree_, scale in (({"shared": {"embedding": table}}, 1.0), ({"model": {"embed_tokens": {"embedding": table}}}, 4.0)):
+        out = prompt.nearest_tokens(prompt.inject(tree_, cfg, jax.random.key(1), embed_scale=scale), t5_tokenizer, k=3)
+        assert [row[0][0] for row in out] == expected
+        assert all(abs(row[0][1] - 1.0) < 1e-6 and row[1][1] < 0.99 for row in out)
+        assert all(len(row) == 3 and row[0][1] >= row[1][1] >= row[2][1] for row in out)
+    soft = prompt.inject({"shared": {"embedding": table}}, cfg, jax.random.key(1))["prompt_embeddings"]
+    encoder = ptuning.init_encoder(jax.random.key(2), ptuning.PromptEncoderConfig(5, "MLP", 8), 16)
+    unfolded = {"shared": {"embedding": table}, ptuning.ENCODER: encoder}
+    assert prompt.nearest_tokens(unfolded, t5_tokenizer) == prompt.nearest_tokens(ptuning.fold(unfolded), t5_tokenizer)
+    text_init = {"shared": {"embedding": table}, "prompt_embeddings": soft}
+    assert prompt.nearest_tokens(unfolded, t5_tokenizer) != prompt.nearest_tokens(text_init, t5_tokenizer)
+
+
+def test_nearest_tokens_order_matches_numpy(flan, t5_tokenizer):
+    params = prompt.inject(flan.params, prompt.PromptTuningConfig(num_virtual_tokens=4), jax.random.key(5))
+    rows, table = np.asarray(params["prompt_embeddings"], np.float64), np.asarray(flan.params["shared"]["embedding"], np.float64)
+    cosine = (rows @ table.T) / np.linalg.norm(rows, axis=1)[:, None] / np.linalg.norm(table, axis=1)[None, :]
+    out = prompt.nearest_tokens(params, t5_tokenizer, k=6)
+    for row, c in zip(out, cosine):
+        top = np.argsort(-c)[:6]
+        assert [text for text, _ in row] == [t5_tokenizer.decode([i]).strip() or t5_tokenizer.convert_ids_to_tokens(int(i)) for i in top]
+        np.testing.assert_allclose([score for _, score in row], c[top], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="k must be in 1..96"):
+        prompt.nearest_tokens(params, t5_tokenizer, k=97)
+    with pytest.raises(ValueError, match="no soft prompt"):
+        prompt.nearest_tokens(flan.params, t5_tokenizer)

@@ -83,7 +83,7 @@ def test_cli_commands_parse_and_pass_the_checks(module, argv):
     from train import lab, options, summarize
 
     if module == "train.lab":
-        for args in lab.plan(lab.parser().parse_args(argv)):
+        for _, args in lab.plan(lab.parser().parse_args(argv)):
             options.check(args)
     else:
         options.check(summarize.parser().parse_args(argv))

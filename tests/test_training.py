@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jpeft
-from jpeft import adapters, ia3, lora, prompt, selective, training
+from jpeft import adapters, ia3, lora, prompt, ptuning, selective, training
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_token_cross_entropy_value_and_gradient_match_torch():
 METHODS = {
     "lora": lambda p, k: (lora.inject(p, lora.LoraConfig(r=4, alpha=8, target_modules=["q", "v"]), k), {}),
     "prompt": lambda p, k: (prompt.inject(p, prompt.PromptTuningConfig(num_virtual_tokens=4), k), {}),
+    "ptuning": lambda p, k: (ptuning.inject(p, ptuning.PromptEncoderConfig(4, "LSTM", 16, encoder_dropout=0.1), k), {}),
     "ia3": lambda p, k: (ia3.inject(p, ia3.IA3Config()), {}),
     "adapter": lambda p, k: (adapters.inject(p, adapters.AdapterConfig(reduction_factor=8), k), {}),
     "selective": lambda p, k: (p, {"selective": selective.SelectiveConfig(layer_norms=True)}),

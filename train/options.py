@@ -9,8 +9,10 @@ from train import tasks
 from train.data import INPUT_FIELD, TARGET_FIELD
 from train.errors import UsageError
 
-METHODS = ("none", "full", "lora", "prompt", "ia3", "adapter", "selective")
-LAB_METHODS = ("none", "full", "lora", "prompt", "ia3")
+METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "prompt", "ptuning", "ia3", "adapter", "selective")
+LAB_METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "qlora", "prompt", "ptuning", "ia3", "adapter")
+# Lab entries that are another method with settings of their own.
+LAB_VARIANTS = {"qlora": {"method": "lora", "quantize": "nf4"}}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -42,16 +44,22 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--max-target-len", type=int, default=64, help="target tokens, for training and generation")
     g = p.add_argument_group("method")
     if lab:
-        g.add_argument("--methods", default=",".join(LAB_METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+        g.add_argument("--methods", default=",".join(LAB_METHODS),
+                       help=f"comma-separated, from {', '.join((*METHODS, *LAB_VARIANTS))} (qlora: lora on an NF4 base)")
+        g.add_argument("--ranks", default="", help="LoRA rank study: comma-separated ranks, each a LoRA run at the same alpha/r "
+                       "(e.g. 4,8,16,32,64)")
     else:
         g.add_argument("--method", default="lora", help=f"one of {', '.join(METHODS)}")
-    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora)")
-    g.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: q,v for T5, q_proj,v_proj for Llama and Gemma)")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on LoRA's input")
+    g.add_argument("--lora-r", type=int, default=16, help="rank of LoRA, DoRA, LoHa and LoKr")
+    g.add_argument("--lora-alpha", type=float, default=32, help="alpha of LoRA, DoRA, LoHa and LoKr (scale alpha/r, or alpha/sqrt(r) with --rslora)")
+    g.add_argument("--lora-targets", help="LoRA, DoRA, LoHa, LoKr: comma-separated module names, or all-linear (default: q,v for T5, "
+                   "q_proj,v_proj for Llama and Gemma)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on LoRA's and DoRA's input")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
     g.add_argument("--lora-init", default="default", choices=["default", "gaussian", "pissa"], help="initialisation of A and B")
-    g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: soft prompt length")
+    g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning, P-tuning: soft prompt length")
+    g.add_argument("--encoder-type", default="mlp", choices=["mlp", "lstm"], help="P-tuning: the prompt encoder")
+    g.add_argument("--encoder-hidden-size", type=int, help="P-tuning: the prompt encoder's width (default: the model's)")
     g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"], help="prompt tuning: initialisation")
     g.add_argument("--prompt-init-text", default="Summarize the following conversation.", help="prompt tuning: text for --prompt-init text")
     g.add_argument("--ia3-targets", help="comma-separated (default: k,v,wo for T5, k_proj,v_proj,down_proj for Llama, "
@@ -68,7 +76,10 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optax optimizer")
-    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    if lab:
+        g.add_argument("--lr", type=float, help="peak learning rate for every method (default: each method's own, see the table)")
+    else:
+        g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     g.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"], help="decay after warmup")
@@ -93,7 +104,7 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--log-every", type=int, default=1, help="log the loss every N micro-steps")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N micro-steps (0: about 4 per run)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk")
-    g.add_argument("--merge", action="store_true", help="also save the merged model (LoRA / IA3)")
+    g.add_argument("--merge", action="store_true", help="also save the merged model (LoRA, DoRA, IA3, LoHa, LoKr)")
     return p
 
 
@@ -103,7 +114,8 @@ def method_list(text: str) -> list[str]:
     if not methods:
         raise UsageError("--methods names no method")
     for m in methods:
-        check_method(m)
+        if m not in LAB_VARIANTS:
+            check_method(m)
     if len(set(methods)) < len(methods):
         raise UsageError(f"--methods {text!r} names a method twice")
     return methods
@@ -125,7 +137,7 @@ def check(args: argparse.Namespace) -> None:
     """Every mistake visible in the options alone: budgets, ranges, the prompt template and the mesh."""
     check_method(args.method)
     _at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
-              "num_virtual_tokens", "adapter_reduction", "select_last_blocks", "log_every", "keep_checkpoints")
+              "num_virtual_tokens", "encoder_hidden_size", "adapter_reduction", "select_last_blocks", "log_every", "keep_checkpoints")
     _at_least(args, 0, "eval_samples", "warmup_steps", "save_every", "weight_decay", "clip_norm")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")

@@ -53,9 +53,11 @@ def _option(key: str) -> str:
     return "training data" if key == "train_examples" else f"--{key.replace('_', '-')}"
 
 
-def prepare(out: Path, current: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+def prepare(out: Path, current: dict[str, Any], overwrite: bool, defaults: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Make `out` ready for the run `current` describes; returns the finished run's results if it already ran to the end.
 
+    An option that a run directory does not record (one added to jpeft after the run) counts as its value in
+    `defaults`, so upgrading jpeft does not orphan earlier runs.
     Budgets may grow between restarts only under a constant learning rate, where the earlier steps are the same.
     """
     if overwrite:
@@ -72,7 +74,7 @@ def prepare(out: Path, current: dict[str, Any], overwrite: bool) -> dict[str, An
         write_json(file, {"settings": current, "complete": False, "train_seconds": 0.0})
         return None
     record = _read(file)
-    before = record.get("settings", {})
+    before = {**{k: v for k, v in (defaults or {}).items() if k in current}, **record.get("settings", {})}
     differ = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
     extendable = current.get("schedule") == "constant" and set(differ) <= set(BUDGET)
     if differ and not extendable:
@@ -90,6 +92,14 @@ def _show(value: Any) -> str:
     if isinstance(value, dict) and "sha256" in value:
         return f"({value['count']} examples, sha256 {value['sha256'][:12]})"
     return json.dumps(value)
+
+
+def reset_peak_memory() -> None:
+    """Restart the process's peak resident memory count (Linux; elsewhere the peak stays the process's own)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def add_train_seconds(out: Path, seconds: float) -> float:

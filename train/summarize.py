@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, lora, packing, prompt, quant, sharding, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prompt, ptuning, quant, sharding, targets, training, tree
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
 from train.errors import UsageError
@@ -33,6 +33,12 @@ DEFAULT_TARGETS = {
     "llama": {"lora": "q_proj,v_proj", "ia3": "k_proj,v_proj,down_proj", "ia3_ff": "down_proj"},
     "gemma": {"lora": "q_proj,v_proj", "ia3": "q_proj,v_proj,down_proj", "ia3_ff": "down_proj"},  # HF PEFT's Gemma defaults
 }
+
+
+LOW_RANK = {"lora": lora, "dora": lora, "loha": loha, "lokr": lokr}  # methods configured by the --lora-* options
+MERGEABLE = {"lora": lora.merge, "dora": lora.merge, "ia3": ia3.merge, "loha": loha.merge, "lokr": lokr.merge}
+SOFT_PROMPTS = ("prompt", "ptuning")  # virtual tokens prepended to each row: rows do not pack
+NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +55,18 @@ def _all_linear(params: dict) -> list[str]:
     return sorted({m.rsplit(".", 1)[-1] for m in targets.dense_modules(params) if not m.startswith("lm_head")})
 
 
+def _low_rank_config(args: argparse.Namespace, family: str, params: dict, save: list[str]) -> Any:
+    """The config of a low-rank method (LoRA, DoRA, LoHa, LoKr) from the shared --lora-* options."""
+    targets = _names(args.lora_targets, DEFAULT_TARGETS[family]["lora"])
+    targets = _all_linear(params) if targets == "all-linear" else targets
+    if args.method in ("lora", "dora"):
+        return jpeft.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, use_rslora=args.rslora,
+                                init=args.lora_init, target_modules=targets, modules_to_save=tuple(save),
+                                **({"use_dora": True} if args.method == "dora" else {}))
+    make = jpeft.LoHaConfig if args.method == "loha" else jpeft.LoKrConfig
+    return make(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets)
+
+
 def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: dict) -> tuple[dict, dict, Any]:
     """(params with the method's leaves, trainable mask, the method's config or None)."""
     key = jax.random.key(args.seed)
@@ -57,17 +75,19 @@ def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: 
     try:
         if args.method == "full":
             return params, jax.tree.map(lambda _: True, params), None
-        if args.method == "lora":
-            targets = _names(args.lora_targets, defaults["lora"])
-            cfg = jpeft.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, use_rslora=args.rslora, init=args.lora_init,
-                                   target_modules=_all_linear(params) if targets == "all-linear" else targets, modules_to_save=tuple(save))
-            params = lora.inject(params, cfg, key)
+        if args.method in LOW_RANK:
+            cfg = _low_rank_config(args, family, params, save)
+            params = LOW_RANK[args.method].inject(params, cfg, key)
         elif args.method == "prompt":
             cfg = jpeft.PromptTuningConfig(args.num_virtual_tokens, init=args.prompt_init, text=args.prompt_init_text,
                                            tokenizer=tokenizer if args.prompt_init == "text" else None)
             # Gemma scales its token embeddings by sqrt(d_model); a soft prompt starts on that scale (as in HF PEFT).
             scale = prompt.embedding_table(params).shape[1] ** 0.5 if family == "gemma" else 1.0
             params = prompt.inject(params, cfg, key, embed_scale=scale)
+        elif args.method == "ptuning":
+            cfg = jpeft.PromptEncoderConfig(args.num_virtual_tokens, encoder_reparameterization_type=args.encoder_type.upper(),
+                                            encoder_hidden_size=args.encoder_hidden_size)
+            params = ptuning.inject(params, cfg, key)
         elif args.method == "ia3":
             cfg = jpeft.IA3Config(target_modules=_names(args.ia3_targets, defaults["ia3"]),
                                   feedforward_modules=_names(args.ia3_feedforward, defaults["ia3_ff"]), modules_to_save=tuple(save))
@@ -122,8 +142,8 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
             hf_io.write_safetensors(tmp / "jpeft_adapter.safetensors", trained, {"format": "jpeft", "method": args.method})
         return _dir_bytes(out / "adapter")
     jpeft.save_adapter(out / "adapter", params, config=method_cfg, base_model_name_or_path=task.source)
-    if args.merge and args.method in ("lora", "ia3"):
-        merged = quant.dequantize((lora.merge if args.method == "lora" else ia3.merge)(params))  # exported in float
+    if args.merge and args.method in MERGEABLE:
+        merged = quant.dequantize(MERGEABLE[args.method](params))  # exported in float
         task.module.save_pretrained(out / "merged", task.config, merged)
     return _dir_bytes(out / "adapter")
 
@@ -152,7 +172,8 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
                                                args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)
     out = Path(args.out)
-    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite)
+    defaults = vars(parser().parse_args([]))
+    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
 
 
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
@@ -169,6 +190,7 @@ def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None)
 def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
+    run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
                                  quantized=args.quantize == "gguf")
@@ -195,7 +217,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
     optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
     tx = trainer.make_optimizer(optim, steps)
-    loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method == "lora" else 0.0, args.remat)
+    loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method in ("lora", "dora") else 0.0, args.remat)
 
     trainable, frozen = jpeft.partition(params, mask)
     if args.mesh:
@@ -207,7 +229,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
 
     lengths = [len(r["source"]) + len(r["target"]) for r in train_enc]
     # A soft prompt is prepended per row, and sharded rows need a fixed row count: neither packs.
-    pack = args.pack and task.decoder_only and args.method != "prompt" and not args.mesh
+    pack = args.pack and task.decoder_only and args.method not in SOFT_PROMPTS and not args.mesh
     # Packed batches come in random order into rows of one length, so they vary only in their row count
     # (few shapes compile); unpacked ones are grouped by length so that they pad little.
     batches = trainer.Batches(lengths, args.batch_size, args.seed, group=1 if pack else 32)
@@ -238,12 +260,17 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     finally:
         ckpt.close()
     results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
-    history = _all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
+    history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
     results["final_loss"] = history[-1]["loss"] if history else None
     if history:
         trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
     params = sharding.gather(jpeft.combine(trainable, frozen)) if args.mesh else jpeft.combine(trainable, frozen)
     results["adapter_bytes"] = save_outputs(args, task, params, mask, method_cfg, out)
+    if prompt.has_soft_prompt(params):
+        results["nearest_tokens"] = prompt.nearest_tokens(params, task.tokenizer, NEAREST)
+        print("nearest vocabulary tokens of the first learned virtual tokens (cosine):")
+        for i, near in enumerate(results["nearest_tokens"][:5]):
+            print(f"  {i}: " + ", ".join(f"{t!r} {c:.3f}" for t, c in near))
     tuned_preds = None
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = _score(task, params, eval_enc, args, dtype, "eval tuned")
@@ -251,7 +278,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
 
 
-def _all_history(out: Path) -> list[dict]:
+def all_history(out: Path) -> list[dict]:
     """Every logged step, across restarts (the last record per step wins)."""
     records = {}
     log = out / "metrics.jsonl"

@@ -215,6 +215,15 @@ def adapted_call(kind: Kind, site: Site, module: Any, leaves: Leaves, call: Call
 LEAVES = ("lora_a", "lora_b", "lora_scale", "ia3_in", "ia3_out")
 
 
+def check_method(config: Any) -> None:
+    """Flax models take LoRA and (IA)^3; other methods (LoHa, LoKr) are refused by name."""
+    from jpeft import ia3, lora
+
+    if not isinstance(config, (lora.LoraConfig, ia3.IA3Config)):
+        raise ValueError(f"{type(config).__name__} is not supported on Flax models (jpeft.linen / jpeft.nnx take LoraConfig or "
+                         "IA3Config); use it on jpeft's own models (T5, Llama, Gemma), whose dense layers apply it")
+
+
 def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array) -> tuple[Leaves, jax.Array | None]:
     """A method's leaves for one weight w (*lead, *shape), stacked axes first, and PiSSA's residual weight (else None)."""
     from jpeft import ia3, lora
@@ -226,6 +235,11 @@ def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array)
         if tg.matches(config.feedforward_modules, name):
             return {"ia3_in": jnp.ones((*lead, *site.in_shape), w.dtype)}, None
         return {"ia3_out": jnp.ones((*lead, *site.out_shape), w.dtype)}, None
+    if config.use_dora:
+        # The weight norm could use as_matrix, but PEFT's DoRA result also needs each layer's output without its
+        # bias, which a Flax layer's own call does not expose; refused rather than guessed per layer kind.
+        raise ValueError(f"{name}: DoRA (use_dora=True) is not supported on Flax Linen / NNX layers; it works on jpeft's own "
+                         "T5, Llama and Gemma models. Use plain LoRA here (use_dora=False)")
     r, scale = config.rank_and_scale(name)
     matrix = site.as_matrix(w)
     residual = None

@@ -126,6 +126,7 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     `params` is the params collection or the whole variables dict (returned in the same form); `*lead` are the
     leading axes `nn.scan` stacks layers on. `target_modules` matches dotted module paths as HF PEFT does.
     """
+    layers.check_method(config)
     variables, bare = _split(params)
     adaptable, opaque = _survey(model, variables, example_args, example_kwargs)
     layers.refuse_opaque(config.target_modules, opaque, "jpeft.linen.register")

@@ -113,6 +113,7 @@ def sites(model: nnx.Module) -> Iterator[tuple[Site, nnx.Module]]:
 def inject(model: nnx.Module, config: lora.LoraConfig | ia3.IA3Config, key: jax.Array) -> nnx.Module:
     """Add the method to the targeted layers of `model`, in place (and return it): LoRA's A (Kaiming-uniform) and B
     (zero) as `nnx.LoRAParam` with a `LoRAScale`, or (IA)^3's ones-initialised vectors as `nnx.LoRAParam`."""
+    layers.check_method(config)
     opaque = {".".join(map(str, path)): (type(node).__name__, params) for path, node in nnx.iter_graph(model)
               if isinstance(node, nnx.Module) and layers.kind_of(KINDS, node) is None
               and (params := [n for n, v in vars(node).items() if isinstance(v, nnx.Param)])}

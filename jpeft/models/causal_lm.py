@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, gguf_io, hf_io, nn, prefix, quant, tree
+from jpeft import generation, gguf_io, hf_io, nn, prefix, prompt, quant, tree
 from jpeft.hf_io import CheckpointError
 from jpeft.models import registry
 
@@ -169,16 +169,18 @@ def gated_mlp(p: Params, h: jax.Array, act: str, ctx: nn.Ctx) -> jax.Array:
     return nn.dense(p["down_proj"], gate * nn.keep(nn.dense(p["up_proj"], h, ctx)), ctx)
 
 
-def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None) -> tuple[jax.Array, jax.Array]:
-    """Token embeddings (times `scale`, in `dtype`) with any soft prompt prepended: (B, N+T, D) and the (B, N+T) mask."""
+def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None,
+          ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
+    """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`prompt.soft_prompt`) prepended: (B, N+T, D) and the (B, N+T) mask."""
     x = params["model"]["embed_tokens"]["embedding"][input_ids].astype(dtype)
     if scale is not None:  # a float32 scale rounded to the compute dtype, as transformers rounds it to the weights' dtype
         x = x * jnp.asarray(np.float32(scale)).astype(dtype)
-    if "prompt_embeddings" in params:  # prepended as given: PEFT feeds its soft prompt unscaled, past the embedding layer
-        prompt = params["prompt_embeddings"].astype(dtype)
+    soft = prompt.soft_prompt(params, ctx)
+    if soft is not None:  # prepended as given: PEFT feeds its soft prompt unscaled, past the embedding layer
+        soft = soft.astype(dtype)
         B = input_ids.shape[0]
-        x = jnp.concatenate([jnp.broadcast_to(prompt[None], (B, *prompt.shape)), x], axis=1)
-        attention_mask = jnp.concatenate([jnp.ones((B, prompt.shape[0]), jnp.int32), jnp.asarray(attention_mask, jnp.int32)], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(soft[None], (B, *soft.shape)), x], axis=1)
+        attention_mask = jnp.concatenate([jnp.ones((B, soft.shape[0]), jnp.int32), jnp.asarray(attention_mask, jnp.int32)], axis=1)
     return x, attention_mask
 
 
@@ -232,7 +234,7 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
             remat: bool = False, prompt_logits: bool = False) -> jax.Array:
     """Causal-LM logits (B, T, V) of `model` (see the models' `forward`); (B, N+T, V) with `prompt_logits`."""
     ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
-    x, mask = model.embed(a, params, input_ids, attention_mask, dtype)
+    x, mask = model.embed(a, params, input_ids, attention_mask, dtype, ctx)
     n = prefix.num_tokens(params)
     key_mask = jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)  # the N prefix slots precede the tokens
     h, _ = model.decoder(a, params, x, positions_from_mask(key_mask)[:, n:], key_mask, ctx, index=n)
@@ -249,7 +251,7 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         if adapter_ids is not None:
             ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
-    if "prompt_embeddings" in params:  # padding first, so a sliding window spans real slots only, as without padding
+    if prompt.has_soft_prompt(params):  # padding first, so a sliding window spans real slots only, as without padding
         order = jnp.argsort(mask, axis=1, stable=True)
         x, mask = jnp.take_along_axis(x, order[..., None], axis=1), jnp.take_along_axis(mask, order, axis=1)
     R, P = mask.shape
@@ -306,7 +308,7 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     extra = generation.bucket(S) - S
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-    n_virtual = (params["prompt_embeddings"].shape[0] if "prompt_embeddings" in params else 0) + prefix.num_tokens(params)
+    n_virtual = prompt.num_virtual_tokens(params) + prefix.num_tokens(params)
     out = _generate(
         model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens

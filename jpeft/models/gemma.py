@@ -235,9 +235,10 @@ def _layer(p: Params, x, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, in
     return x + nn.adapter(p["mlp"].get("adapter"), h, ctx), cache
 
 
-def embed(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def embed(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any,
+          ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings times sqrt(D) with any soft prompt prepended: (B, N+T, D) and the widened (B, N+T) mask."""
-    return causal_lm.embed(params, input_ids, attention_mask, dtype, scale=arch(config).hidden_size**0.5)
+    return causal_lm.embed(params, input_ids, attention_mask, dtype, scale=arch(config).hidden_size**0.5, ctx=ctx)
 
 
 def decoder(

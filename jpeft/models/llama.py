@@ -13,7 +13,8 @@ Positions: rotary positions come from the attention mask's cumulative sum (0 on 
 `generate` computes them, so a left-padded row gives the same logits as the unpadded sequence. For
 right-padded batches this equals transformers' `forward` (which numbers slots 0..T-1 whatever the mask).
 
-Soft prompts: a top-level `prompt_embeddings` (N, D) leaf is prepended to every row's input embeddings with
+Soft prompts: a top-level `prompt_embeddings` (N, D) leaf, or a P-tuning `prompt_encoder`'s output
+(`prompt.soft_prompt`), is prepended to every row's input embeddings with
 the mask extended by N ones, as PEFT's `PeftModelForCausalLM` does for prompt tuning (before any left
 padding). PEFT drops `position_ids` and numbers all N + T slots, which agrees with the cumulative-sum rule on
 right-padded batches (training) but not on left-padded ones, where jpeft keeps positions padding-independent.
@@ -218,9 +219,10 @@ def _layer(p: Params, x, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, in
     return x + nn.adapter(p["mlp"].get("adapter"), h, ctx), cache
 
 
-def embed(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def embed(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any,
+          ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings with any soft prompt prepended: (B, N+T, D) and the widened (B, N+T) mask."""
-    return causal_lm.embed(params, input_ids, attention_mask, dtype)
+    return causal_lm.embed(params, input_ids, attention_mask, dtype, ctx=ctx)
 
 
 def decoder(

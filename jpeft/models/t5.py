@@ -6,7 +6,8 @@ The tree: `shared/embedding` (V, D), `lm_head/kernel` (D, V) when untied,
 `decoder/block/{i}/layer/{0: SelfAttention, 1: EncDecAttention, 2: DenseReluDense}`,
 each with its `layer_norm/weight`, and `{encoder,decoder}/final_layer_norm/weight`. Block 0 of each
 stack holds `SelfAttention/relative_attention_bias/embedding` (buckets, H), shared by all blocks.
-A top-level `prompt_embeddings` (N, D) leaf, when present, is prepended to the encoder input.
+A soft prompt, when present, is prepended to the encoder input: a top-level `prompt_embeddings` (N, D) leaf, or the
+output of a P-tuning `prompt_encoder` computed in the same pass (`prompt.soft_prompt`).
 
 Prefix tuning (`jpeft.prefix`), as PEFT does it for SEQ_2_SEQ_LM: only the decoder's self-attention gets prefix keys
 and values (PEFT builds cross-attention ones too but replaces that cache by an empty one; the encoder gets none).
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, hf_io, nn, prefix, quant, tree
+from jpeft import generation, hf_io, nn, prefix, prompt, quant, tree
 from jpeft.hf_io import CheckpointError
 
 Params = dict[str, Any]
@@ -314,14 +315,15 @@ def _ff_layer(p, x, a, ctx):
     return _residual(p["DenseReluDense"], x, _feed_forward(p["DenseReluDense"], h, a, ctx), ctx)
 
 
-def embed_source(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """Token embeddings with any soft prompt prepended: (B, N+S, D) and the widened (B, N+S) mask."""
+def embed_source(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
+    """Token embeddings with any soft prompt (`prompt.soft_prompt`) prepended: (B, N+S, D) and the widened (B, N+S) mask."""
     x = params["shared"]["embedding"][input_ids].astype(dtype)
-    if "prompt_embeddings" in params:
-        prompt = params["prompt_embeddings"].astype(dtype)
+    soft = prompt.soft_prompt(params, ctx)
+    if soft is not None:
+        soft = soft.astype(dtype)
         B = input_ids.shape[0]
-        x = jnp.concatenate([jnp.broadcast_to(prompt[None], (B, *prompt.shape)), x], axis=1)
-        attention_mask = jnp.concatenate([jnp.ones((B, prompt.shape[0]), jnp.int32), jnp.asarray(attention_mask, jnp.int32)], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(soft[None], (B, *soft.shape)), x], axis=1)
+        attention_mask = jnp.concatenate([jnp.ones((B, soft.shape[0]), jnp.int32), jnp.asarray(attention_mask, jnp.int32)], axis=1)
     return x, attention_mask
 
 
@@ -329,7 +331,7 @@ def encode(config: Any, params: Params, input_ids: jax.Array, attention_mask: ja
     """Encoder stack -> hidden states (B, S', D) and the mask over them (S' includes soft-prompt tokens)."""
     a, ctx = arch(config), ctx or nn.Ctx()
     p = params["encoder"]
-    x, mask = embed_source(params, input_ids, attention_mask, ctx.dtype)
+    x, mask = embed_source(params, input_ids, attention_mask, ctx.dtype, ctx)
     S = x.shape[1]
     table = p["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"]["embedding"]
     bias = position_bias(a, table, jnp.arange(S), S, bidirectional=True) + nn.attention_bias_from_mask(mask)[:, None, None, :]

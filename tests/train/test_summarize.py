@@ -91,6 +91,31 @@ def test_every_method_runs(model_dir, data_dir, tmp_path, method):
     assert ("tuned" in results) == (method != "none")
 
 
+@pytest.mark.parametrize("family", ["t5", "gemma"])
+@pytest.mark.parametrize("method,peft_type", [("dora", "LORA"), ("loha", "LOHA"), ("lokr", "LOKR"), ("ptuning", "P_TUNING")])
+def test_the_newer_methods_train_save_and_merge(model_dir, data_dir, tmp_path, family, method, peft_type):
+    """Each method trains (packed rows on the decoder, except soft prompts), saves a PEFT adapter of its type, merges
+    where it can; a soft prompt reports its learned tokens' nearest vocabulary tokens."""
+    from tests.models.test_gemma import make_hf_gemma
+
+    model = model_dir
+    if family == "gemma":
+        model = tmp_path / "gemma"
+        make_hf_gemma(model, vocab_size=32128, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, layer_types=["sliding_attention", "full_attention"])
+    extra = ["--encoder-type", "lstm", "--num-virtual-tokens", "3"] if method == "ptuning" else ["--merge", "--lora-r", "4"]
+    out = tmp_path / method
+    assert _run(model, data_dir, out, "--method", method, "--steps", "2", "--skip-base-eval", *extra) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == peft_type
+    if method == "dora":
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    if method == "ptuning":
+        assert len(results["nearest_tokens"]) == 3 and all(len(near) == 5 for near in results["nearest_tokens"])
+    else:
+        assert (out / "merged" / "model.safetensors").is_file()
+
+
 def test_resume_continues_the_same_run(model_dir, data_dir, tmp_path):
     common = ("--method", "lora", "--eval-samples", "0", "--save-every", "1", "--seed", "3")
     assert _run(model_dir, data_dir, tmp_path / "whole", *common, "--steps", "4") == 0
@@ -145,16 +170,36 @@ def test_overlong_inputs_warn_once_with_a_count(model_dir, data_dir, tmp_path, c
     assert len(warning_lines) == 2 and "12 of 12 inputs" in warning_lines[0] and "1 of 1 inputs" in warning_lines[1]
 
 
-def test_lab_writes_table_and_chart(model_dir, data_dir, tmp_path):
+def test_lab_writes_table_charts_and_rank_study(model_dir, data_dir, tmp_path):
     from train import lab
 
-    code = lab.main(["--methods", "none,lora,ia3", "--out", str(tmp_path / "lab"), "--model", str(model_dir), "--tokenizer", TOKENIZER,
-                     "--data", str(data_dir), "--steps", "2", "--batch-size", "2", "--eval-samples", "2", "--eval-batch-size", "2",
-                     "--max-source-len", "48", "--max-target-len", "8"])
+    code = lab.main(["--methods", "none,lora,ia3", "--ranks", "2,4", "--lora-r", "4", "--lora-alpha", "8", "--out", str(tmp_path / "lab"),
+                     "--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--steps", "2", "--batch-size", "2",
+                     "--eval-samples", "2", "--eval-batch-size", "2", "--max-source-len", "48", "--max-target-len", "8"])
     assert code == 0
     table = (tmp_path / "lab" / "table.md").read_text()
-    assert "base (no training)" in table and "| lora |" in table and "| ia3 |" in table
-    assert (tmp_path / "lab" / "rouge.png").stat().st_size > 0
+    assert "base (no training)" in table and "| lora | 0.001 |" in table and "| ia3 | 0.003 |" in table and "| lora-r2 |" in table
+    ranks = (tmp_path / "lab" / "ranks.md").read_text().splitlines()
+    assert [line.split("|")[1:3] for line in ranks[2:]] == [[" 2 ", " 4 "], [" 4 ", " 8 "]]  # the lora run is rank 4; alpha/r kept
+    rows = {r["name"]: r for r in json.loads((tmp_path / "lab" / "lab.json").read_text())}
+    assert rows["lora-r2"]["trainable_params"] * 2 == rows["lora"]["trainable_params"]
+    assert json.loads((tmp_path / "lab" / "lora-r2" / "run.json").read_text())["settings"]["lora_alpha"] == 4
+    for chart in ("rouge.png", "ranks.png"):
+        assert (tmp_path / "lab" / chart).stat().st_size > 0
+    # Each run reports its own peak memory, not the process's peak so far.
+    assert rows["ia3"]["peak_memory_bytes"] < 4 * 2**30
+
+
+def test_lab_plan_learning_rates_and_variants():
+    from train import lab
+
+    runs = dict(lab.plan(lab.parser().parse_args(["--methods", "none,full,qlora,prompt", "--ranks", "8,16"])))
+    assert list(runs) == ["none", "full", "qlora", "prompt", "lora-r8", "lora-r16"]
+    assert (runs["full"].lr, runs["qlora"].lr, runs["prompt"].lr) == (5e-5, 1e-3, 3e-2)
+    assert (runs["qlora"].method, runs["qlora"].quantize, runs["prompt"].quantize) == ("lora", "nf4", None)
+    assert (runs["lora-r8"].lora_r, runs["lora-r8"].lora_alpha) == (8, 16)
+    runs = dict(lab.plan(lab.parser().parse_args(["--methods", "lora,ia3", "--lr", "1e-3", "--ranks", "16"])))
+    assert list(runs) == ["lora", "ia3"] and {r.lr for r in runs.values()} == {1e-3}  # rank 16 is the lora run itself
 
 
 def test_mesh_run_logs_the_same_losses(model_dir, data_dir, tmp_path):
@@ -229,6 +274,13 @@ def test_run_directory_resumes_only_the_same_run(model_dir, data_dir, tmp_path, 
     assert "already holds this run, complete" in capsys.readouterr().out
     assert _results(out) == first
 
+    # A run directory from before an option existed resumes: the option it does not record counts as its default.
+    record = json.loads((out / "run.json").read_text())
+    del record["settings"]["rslora"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert _run(model_dir, data_dir, out, *common) == 0 and "already holds this run, complete" in capsys.readouterr().out
+    assert "--rslora false -> true" in _error(capsys, _run(model_dir, data_dir, out, *common, "--rslora"))
+
     # Other settings: one line naming each difference and the two ways out; the run is left as it was.
     for extra, change in ((["--lora-r", "8"], "--lora-r 4 -> 8"), (["--lr", "0.5"], "--lr 0.01 -> 0.5"),
                           (["--steps", "3", "--schedule", "linear"], '--schedule "constant" -> "linear"; --steps 2 -> 3')):
@@ -272,12 +324,14 @@ def test_lab_has_its_own_help_and_checks_every_run_first(model_dir, data_dir, tm
     with pytest.raises(SystemExit):
         lab.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "usage: jpeft-lab" in text and "--methods METHODS" in text and "(default: none,full,lora,prompt,ia3)" in text
+    assert "usage: jpeft-lab" in text and "--methods METHODS" in text
+    assert "(default:none,full,lora,dora,loha,lokr,qlora,prompt,ptuning,ia3,adapter)" in text.replace(" ", "")  # wrapped anywhere
     assert "(default: runs/lab)" in text and "[--method METHOD]" not in text
     common = ["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--out", str(tmp_path / "lab")]
     assert "unknown method 'lorra'" in _error(capsys, lab.main([*common, "--methods", "none,lorra"]))
     assert "matches no module" in _error(capsys, lab.main([*common, "--methods", "none,lora", "--lora-targets", "nope"]))
     assert "--steps must be at least 1" in _error(capsys, lab.main([*common, "--steps", "0"]))
+    assert "--ranks '4,x' must be comma-separated whole numbers" in _error(capsys, lab.main([*common, "--ranks", "4,x"]))
 
 
 def test_parquet_with_other_columns_and_a_prompt_template(model_dir, tmp_path):
