@@ -9,8 +9,8 @@ from train import tasks
 from train.data import INPUT_FIELD, TARGET_FIELD
 from train.errors import UsageError
 
-METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "prompt", "ptuning", "ia3", "adapter", "selective")
-LAB_METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "qlora", "prompt", "ptuning", "ia3", "adapter")
+METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "prompt", "ptuning", "prefix", "ia3", "adapter", "selective")
+LAB_METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "qlora", "prompt", "ptuning", "prefix", "ia3", "adapter")
 # Lab entries that are another method with settings of their own.
 LAB_VARIANTS = {"qlora": {"method": "lora", "quantize": "nf4"}}
 
@@ -57,9 +57,11 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on LoRA's and DoRA's input")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scale alpha/sqrt(r)")
     g.add_argument("--lora-init", default="default", choices=["default", "gaussian", "pissa"], help="initialisation of A and B")
-    g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning, P-tuning: soft prompt length")
+    g.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning, P-tuning, prefix tuning: virtual tokens")
     g.add_argument("--encoder-type", default="mlp", choices=["mlp", "lstm"], help="P-tuning: the prompt encoder")
-    g.add_argument("--encoder-hidden-size", type=int, help="P-tuning: the prompt encoder's width (default: the model's)")
+    g.add_argument("--prefix-projection", action="store_true", help="prefix tuning: reparameterise the prefix by an MLP (PEFT's prefix_projection)")
+    g.add_argument("--encoder-hidden-size", type=int, help="P-tuning's prompt encoder / prefix tuning's projection: hidden width "
+                   "(default: the model's)")
     g.add_argument("--prompt-init", default="vocab", choices=["random", "vocab", "text"], help="prompt tuning: initialisation")
     g.add_argument("--prompt-init-text", default="Summarize the following conversation.", help="prompt tuning: text for --prompt-init text")
     g.add_argument("--ia3-targets", help="comma-separated (default: k,v,wo for T5, k_proj,v_proj,down_proj for Llama, "

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prompt, ptuning, quant, sharding, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prefix, prompt, ptuning, quant, sharding, targets, training, tree
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
 from train.errors import UsageError
@@ -37,7 +37,7 @@ DEFAULT_TARGETS = {
 
 LOW_RANK = {"lora": lora, "dora": lora, "loha": loha, "lokr": lokr}  # methods configured by the --lora-* options
 MERGEABLE = {"lora": lora.merge, "dora": lora.merge, "ia3": ia3.merge, "loha": loha.merge, "lokr": lokr.merge}
-SOFT_PROMPTS = ("prompt", "ptuning")  # virtual tokens prepended to each row: rows do not pack
+SOFT_PROMPTS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of each row: rows do not pack
 NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
 
 
@@ -67,8 +67,8 @@ def _low_rank_config(args: argparse.Namespace, family: str, params: dict, save: 
     return make(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets)
 
 
-def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: dict) -> tuple[dict, dict, Any]:
-    """(params with the method's leaves, trainable mask, the method's config or None)."""
+def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: dict, config: Any) -> tuple[dict, dict, Any]:
+    """(params with the method's leaves, trainable mask, the method's config or None); `config` is the model's."""
     key = jax.random.key(args.seed)
     defaults = DEFAULT_TARGETS[family]
     save = [m for m in args.modules_to_save.split(",") if m]
@@ -88,6 +88,10 @@ def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: 
             cfg = jpeft.PromptEncoderConfig(args.num_virtual_tokens, encoder_reparameterization_type=args.encoder_type.upper(),
                                             encoder_hidden_size=args.encoder_hidden_size)
             params = ptuning.inject(params, cfg, key)
+        elif args.method == "prefix":
+            cfg = jpeft.PrefixTuningConfig(args.num_virtual_tokens, prefix_projection=args.prefix_projection,
+                                           encoder_hidden_size=args.encoder_hidden_size)
+            params = prefix.inject(params, cfg, key, config)
         elif args.method == "ia3":
             cfg = jpeft.IA3Config(target_modules=_names(args.ia3_targets, defaults["ia3"]),
                                   feedforward_modules=_names(args.ia3_feedforward, defaults["ia3_ff"]), modules_to_save=tuple(save))
@@ -119,7 +123,7 @@ def check_method_fits(args: argparse.Namespace, family: str, config: Any) -> Non
         return
     # A text-initialised prompt needs the tokenizer, not yet loaded; its shapes are those of any other init.
     check = argparse.Namespace(**{**vars(args), "prompt_init": "random" if args.prompt_init == "text" else args.prompt_init})
-    jax.eval_shape(lambda p: apply_method(check, family, None, p)[0], tree.unflatten(shapes))
+    jax.eval_shape(lambda p: apply_method(check, family, None, p, config)[0], tree.unflatten(shapes))
 
 
 def _score(task, params, rows, args, dtype, desc) -> tuple[dict, list[str]]:
@@ -211,7 +215,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
 
-    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base)
+    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base, task.config)
     n_train, n_total = jpeft.count_params(params, mask, verbose=False)
     results.update(trainable_params=n_train, total_params=n_total)
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
