@@ -14,8 +14,8 @@ weights and `SMOLLM2_LAYERS` of its 30 layers (a full 30-layer step per side and
 CPU), batch 8 x 448 tokens of which the last 64 are scored, LoRA r=16, alpha 32 on all seven projections, remat on.
 
 A method is one `Method` entry: how jpeft adds it to a parameter tree and which PEFT config adds it to a torch
-model. Prefix tuning, say, is `Method(lambda params, targets, r, key: jpeft.prefix.inject(params, ...),
-lambda targets, r, task: peft.PrefixTuningConfig(num_virtual_tokens=20, task_type=task))` added to `METHODS`.
+model. Prefix tuning (20 virtual tokens, no projection) runs on the SmolLM2 shape only: FLAN-T5-small's heads
+(6 x 64) do not span its d_model (512), which PEFT's prefix layout needs (PEFT fails on it; jpeft refuses it).
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_attention_head
 class Method:
     """One PEFT method as each side adds it: jpeft (params, targets, rank, key) -> params; PEFT (targets, rank, task) -> config."""
 
-    jpeft: Callable[[dict, tuple[str, ...], int, jax.Array], dict]
+    jpeft: Callable[[dict, tuple[str, ...], int, jax.Array, Any], dict]  # (params, targets, rank, key, model config)
     peft: Callable[[tuple[str, ...], int, str], Any]
+    t5: bool = True  # whether it runs on the T5 shape
 
 
 def _lora(dora: bool) -> Method:
     """LoRA (alpha = 2r, no dropout) on `targets`, as DoRA when `dora`."""
-    def ours(params, targets, r, key):
+    def ours(params, targets, r, key, config):
         return jpeft.lora.inject(params, jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=list(targets), use_dora=dora), key)
 
     def theirs(targets, r, task):
@@ -61,8 +62,19 @@ def _lora(dora: bool) -> Method:
     return Method(ours, theirs)
 
 
+def _prefix() -> Method:
+    """Prefix tuning, 20 virtual tokens, no projection (P-tuning v2)."""
+    def theirs(targets, r, task):
+        import peft
+
+        return peft.PrefixTuningConfig(num_virtual_tokens=20, task_type=task)
+
+    return Method(lambda params, targets, r, key, config: jpeft.prefix.inject(params, jpeft.PrefixTuningConfig(20), key, config),
+                  theirs, t5=False)
+
+
 BASELINE = "lora"
-METHODS: dict[str, Method] = {"lora": _lora(False), "dora": _lora(True)}
+METHODS: dict[str, Method] = {"lora": _lora(False), "dora": _lora(True), "prefix": _prefix()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +82,7 @@ class Shape:
     """A model and batch both sides train on: jpeft's (config, params, loss, batch), torch's model and inputs."""
 
     prefix: str  # figure prefix
+    config: Any  # the transformers config both sides build
     targets: tuple[str, ...]
     rank: int
     task: str  # PEFT task type
@@ -86,7 +99,7 @@ def t5_shape(quick: bool) -> Shape:
 
     config = common.t5_config(quick=quick)
     batch = common.t5_batch(config, *speed.shapes(quick))
-    return Shape("", ("q", "v"), 8, "SEQ_2_SEQ_LM", lambda k: t5.init_params(config, k), training.seq2seq_loss(config), batch,
+    return Shape("", config, ("q", "v"), 8, "SEQ_2_SEQ_LM", lambda k: t5.init_params(config, k), training.seq2seq_loss(config), batch,
                  lambda: T5ForConditionalGeneration(config), {k: np.asarray(v, np.int64) for k, v in batch.items()})
 
 
@@ -100,13 +113,13 @@ def smollm2_shape(quick: bool, layers: int = SMOLLM2_LAYERS) -> Shape:
     labels = np.full((rows, length), -100, np.int64)
     labels[:, length - targets:] = batch["targets"]
     inputs = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64), "labels": labels}
-    return Shape("smollm2_", tuple(memory.LLAMA_PROJ), 16, "CAUSAL_LM", lambda k: llama.init_params(config, k), memory.llama_loss(config),
+    return Shape("smollm2_", config, tuple(memory.LLAMA_PROJ), 16, "CAUSAL_LM", lambda k: llama.init_params(config, k), memory.llama_loss(config),
                  batch, lambda: transformers.LlamaForCausalLM(config), inputs)
 
 
 def jpeft_step(shape: Shape, method: Method) -> common.Step:
     """jpeft's compiled AdamW step of `method` on `shape` (its own copy of the weights)."""
-    params = method.jpeft(shape.init(jax.random.key(0)), shape.targets, shape.rank, jax.random.key(1))
+    params = method.jpeft(shape.init(jax.random.key(0)), shape.targets, shape.rank, jax.random.key(1), shape.config)
     trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
     return common.Step(shape.loss, trainable, frozen, shape.batch)
 
@@ -152,7 +165,7 @@ def compare(shape: Shape, methods: dict[str, Method], warmup: int, repeats: int)
 def run(quick: bool, warmup: int = 1, repeats: int = 3, smollm2_layers: int = SMOLLM2_LAYERS) -> dict[str, float]:
     """Both shapes, each method against LoRA on both sides."""
     methods = {BASELINE: METHODS[BASELINE], **METHODS}
-    out = compare(t5_shape(quick), methods, warmup, repeats)
+    out = compare(t5_shape(quick), {k: m for k, m in methods.items() if m.t5}, warmup, repeats)
     out.update(compare(smollm2_shape(quick, smollm2_layers), methods, warmup, repeats))
     out["smollm2_methods_layers"] = 1 if quick else smollm2_layers
     return out
