@@ -5,9 +5,9 @@
 Every option of `train.summarize` except --method is accepted and shared by all runs; each method writes its
 own run directory under --out (resumed like `train.summarize`'s), and the lab adds `table.md` (ROUGE, trainable
 parameters, adapter size, train time, peak memory), `rouge.png` (ROUGE-1 against trainable parameters),
-`lab.json`, and with --ranks the LoRA rank study (`ranks.md`, `ranks.png`). Each method trains at its own
-learning rate (the table's lr column) unless --lr sets one for all. Every run's options are checked before
-the first one starts.
+`lab.json`, `prompt_tokens.md` (each soft prompt's first virtual tokens and their nearest vocabulary tokens), and
+with --ranks the LoRA rank study (`ranks.md`, `ranks.png`). Each method trains at its own learning rate (the
+table's lr column) unless --lr sets one for all. Every run's options are checked before the first one starts.
 """
 
 from __future__ import annotations
@@ -52,6 +52,16 @@ def rank_table(rows: list[dict]) -> str:
     for r in rows:
         s = _scores(r)
         lines.append(f"| {r['rank']} | {r['alpha']:g} | {r['trainable_params']:,} | {r['end_loss']:.4f} | {s['rouge1']:.4f} | {s['rougeL']:.4f} |")
+    return "\n".join(lines)
+
+
+def token_table(rows: list[dict], shown: int = 5) -> str:
+    """The first learned virtual tokens of each soft-prompt run with their nearest vocabulary tokens (cosine)."""
+    lines = ["| method | virtual token | nearest vocabulary tokens (cosine) |", "| --- | ---: | --- |"]
+    for r in rows:
+        for i, near in enumerate(r.get("nearest_tokens", [])[:shown]):
+            words = ", ".join(f"`{t.strip() or repr(t)}` {c:.3f}" for t, c in near)
+            lines.append(f"| {r['name']} | {i} | {words} |")
     return "\n".join(lines)
 
 
@@ -183,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rouge_chart(rows, out / "rouge.png", f"ROUGE-1 against trainable parameters ({model})")
     print(markdown)
     written = ["table.md", "lab.json", "rouge.png"]
+    if any("nearest_tokens" in r for r in rows):
+        tokens = token_table(rows)
+        (out / "prompt_tokens.md").write_text(tokens + "\n")
+        print(tokens)
+        written.append("prompt_tokens.md")
     ranked = sorted((r for r in rows if "rank" in r), key=lambda r: r["rank"])
     if ranked:
         ranks = rank_table(ranked)

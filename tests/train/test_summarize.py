@@ -181,7 +181,7 @@ def test_overlong_inputs_warn_once_with_a_count(model_dir, data_dir, tmp_path, c
 def test_lab_writes_table_charts_and_rank_study(model_dir, data_dir, tmp_path):
     from train import lab
 
-    code = lab.main(["--methods", "none,lora,ia3", "--ranks", "2,4", "--lora-r", "4", "--lora-alpha", "8", "--out", str(tmp_path / "lab"),
+    code = lab.main(["--methods", "none,lora,ia3,prompt", "--ranks", "2,4", "--lora-r", "4", "--lora-alpha", "8", "--out", str(tmp_path / "lab"),
                      "--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--steps", "2", "--batch-size", "2",
                      "--eval-samples", "2", "--eval-batch-size", "2", "--max-source-len", "48", "--max-target-len", "8"])
     assert code == 0
@@ -192,6 +192,8 @@ def test_lab_writes_table_charts_and_rank_study(model_dir, data_dir, tmp_path):
     rows = {r["name"]: r for r in json.loads((tmp_path / "lab" / "lab.json").read_text())}
     assert rows["lora-r2"]["trainable_params"] * 2 == rows["lora"]["trainable_params"]
     assert json.loads((tmp_path / "lab" / "lora-r2" / "run.json").read_text())["settings"]["lora_alpha"] == 4
+    tokens = (tmp_path / "lab" / "prompt_tokens.md").read_text().splitlines()
+    assert len(tokens) == 2 + 5 and all(line.startswith("| prompt |") and line.count("`") == 2 * 5 for line in tokens[2:])
     for chart in ("rouge.png", "ranks.png"):
         assert (tmp_path / "lab" / chart).stat().st_size > 0
     # Each run reports its own peak memory, not the process's peak so far.
