@@ -66,15 +66,16 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> 
     from benchmarks import flax_models, inference, memory, methods, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
-    reps = dict(warmup=1, repeats=5)
+    # --quick is a smoke run whose timings nobody reads: one repeat each.
+    reps = dict(warmup=1, repeats=1 if quick else 5)
     out = {
         "memory": lambda: memory.run(quick),
         "speed": lambda: speed.run(quick, **reps),
         "inference": lambda: inference.run(quick, **reps),
         # Sweeps have many points: two timed repeats each keep the default run inside its budget.
-        "scaling": lambda: scaling.run(quick, workdir, None if quick else PNG, warmup=1, repeats=2),
+        "scaling": lambda: scaling.run(quick, workdir, None if quick else PNG, warmup=1, repeats=1 if quick else 2),
         "flax": lambda: flax_models.run(quick, **reps),
-        "methods": lambda: methods.run(quick, warmup=1, repeats=3),
+        "methods": lambda: methods.run(quick, warmup=1, repeats=1 if quick else 3),
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
