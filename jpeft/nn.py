@@ -56,15 +56,16 @@ KERNELS: str = os.environ.get("JPEFT_KERNELS", "auto")
 "cpu" (the CPU-tuned paths on any backend). Read when a function is traced: set it before the first call of a jitted
 function (or through the JPEFT_KERNELS environment variable)."""
 
-CUDNN_ATTENTION: bool = True
-"""On a CUDA GPU, let `jax.nn.dot_product_attention` use cuDNN's flash attention where it supports the call (False: XLA's)."""
+CUDNN_ATTENTION: bool = os.environ.get("JPEFT_CUDNN_ATTENTION", "1") != "0"
+"""On a CUDA GPU, let `jax.nn.dot_product_attention` use cuDNN's flash attention where it supports the call (False, or
+JPEFT_CUDNN_ATTENTION=0: XLA's implementation everywhere)."""
 
 _GPU_DTYPES = (jnp.bfloat16, jnp.float16)  # the dtypes cuDNN's flash attention takes
 
 
 def _platform() -> str:
     """The platform computations are traced for: a `jax.default_device` scope's, else the default backend's."""
-    device = jax.config.jax_default_device
+    device = getattr(jax.config, "jax_default_device", None)
     if isinstance(device, str):
         return device
     return device.platform if device is not None else jax.default_backend()
