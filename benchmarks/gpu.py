@@ -88,6 +88,23 @@ def run_on(side: str, fn: Callable, *args) -> Any:
         return jax.tree.map(np.asarray, out)
 
 
+def precision_for(dtype: Any):
+    """Full float32 matmuls for a float32 trace (XLA's GPU default rounds them to TF32, PyTorch's default does not);
+    the default for bf16, whose products accumulate in float32 anyway."""
+    return jax.default_matmul_precision("float32") if jnp.dtype(dtype) == jnp.float32 else contextlib.nullcontext()
+
+
+def with_precision(dtype: Any, call: Callable[[], Any]) -> Callable[[], Any]:
+    """`call` run under `precision_for(dtype)` every time: jit keys its cache on the precision, so a call outside the
+    scope would retrace at the default."""
+
+    def run():
+        with precision_for(dtype):
+            return call()
+
+    return run
+
+
 def torch_device() -> str:
     return "cuda" if on_gpu() else "cpu"
 
@@ -451,7 +468,8 @@ def _smollm2_jpeft_step(config, batch) -> Callable[[Any], Any]:
                                    jax.random.key(1))
         trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
         # No remat: at this size the activations fit easily on the GPU, as PEFT's do without gradient checkpointing.
-        return common.Step(training.causal_lm_loss(config, dtype=dtype), trainable, frozen, batch)
+        with precision_for(dtype):
+            return common.Step(training.causal_lm_loss(config, dtype=dtype), trainable, frozen, batch)
 
     return make
 
@@ -511,7 +529,8 @@ def part_t5_step(smoke: bool) -> dict:
     def jpeft_step(dtype):
         params = jpeft.lora.inject(t5.init_params(config, jax.random.key(0)), jpeft.LoraConfig(r=8, alpha=8, target_modules=["q", "v"]), jax.random.key(1))
         trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
-        return common.Step(training.seq2seq_loss(config, dtype=dtype), trainable, frozen, batch)
+        with precision_for(dtype):
+            return common.Step(training.seq2seq_loss(config, dtype=dtype), trainable, frozen, batch)
 
     def peft_step(bf16: bool):
         torch.manual_seed(0)
@@ -551,11 +570,11 @@ def part_generation(smoke: bool) -> dict:
         bf16 = dtype == "bf16"
         jdtype = jnp.bfloat16 if bf16 else jnp.float32
         cast = lambda t: jax.tree.map(lambda x: x.astype(jdtype), t)  # noqa: E731
-        calls[f"gen_t5_jpeft_{dtype}"] = inference.jpeft_generate(t5_config, cast(t5_base), ids, new, dtype=jdtype)
+        calls[f"gen_t5_jpeft_{dtype}"] = with_precision(jdtype, inference.jpeft_generate(t5_config, cast(t5_base), ids, new, dtype=jdtype))
         calls[f"gen_t5_transformers_{dtype}"] = inference.transformers_generate(t5_config, t5_base, ids, new, bf16=bf16)
         params = cast(base)
-        calls[f"gen_smollm2_jpeft_{dtype}"] = lambda p=params, d=jdtype: llama.generate(config, p, prompt, mask, max_new_tokens=new, eos_token_id=-1,
-                                                                                      dtype=d).block_until_ready()
+        calls[f"gen_smollm2_jpeft_{dtype}"] = with_precision(jdtype, lambda p=params, d=jdtype: llama.generate(
+            config, p, prompt, mask, max_new_tokens=new, eos_token_id=-1, dtype=d).block_until_ready())
         m = (copy.deepcopy(model) if bf16 else model).to(torch_device(), torch.bfloat16 if bf16 else torch.float32)
         tensors = (torch.from_numpy(prompt.astype(np.int64)).to(torch_device()), torch.from_numpy(mask.astype(np.int64)).to(torch_device()))
 
