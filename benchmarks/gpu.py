@@ -30,7 +30,6 @@ import copy
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks.speed import timed_together
 
 START = time.monotonic()
 H200_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on an H200 (the issue's figure); the run measures its own too
@@ -114,23 +115,6 @@ def torch_sync() -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def timed_together(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each blocking call, interleaved round-robin after `warmup` rounds (`{name}_s`, `_s_min`)."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    out = {}
-    for name, ts in times.items():
-        out.update({f"{name}_s": statistics.median(ts), f"{name}_s_min": min(ts)})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
