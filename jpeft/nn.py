@@ -456,11 +456,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     its gradient comes from autodiff rather than the hand-written backward pass. On the GPU path (`KERNELS`) a call
     without softcap or attention dropout goes through `jax.nn.dot_product_attention` (`dot_product_attention`).
     """
-    plain = softcap is None and (ctx.deterministic or ctx.dropout_rate == 0.0)
-    if plain and gpu_kernels():
-        return dot_product_attention(q, k, v, mask, scale)
-    if plain:
-        return _attention(q, k, v, mask, scale)
+    if _plain(ctx, softcap):
+        return dot_product_attention(q, k, v, mask, scale) if gpu_kernels() else _attention(q, k, v, mask, scale)
     return _values(dropout(ctx, _attention_probs(q, k, mask, scale, softcap)), v, q.dtype)
 
 
@@ -474,7 +471,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     the blocks are left to cuDNN's causal kernel, which skips the masked tiles itself (`dot_product_attention`).
     """
     T, past = q.shape[3], k.shape[2] - q.shape[3]
-    if gpu_kernels() and softcap is None and (ctx.deterministic or ctx.dropout_rate == 0.0):
+    if gpu_kernels() and _plain(ctx, softcap):
         return dot_product_attention(q, k, v, visible, scale, causal=past == 0)
     n = max(1, round(T / chunk))
     if n == 1:
@@ -484,6 +481,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
         attention(q[..., lo:hi, :], k[:, :, :past + hi], v[:, :, :past + hi], visible[..., lo:hi, :past + hi], scale, ctx, softcap)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ], axis=3)
+
+
+def _plain(ctx: Ctx, softcap: float | None) -> bool:
+    """Whether an attention call is plain softmax attention: no soft-cap, no attention dropout."""
+    return softcap is None and (ctx.deterministic or ctx.dropout_rate == 0.0)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, causal: bool = False) -> jax.Array:
