@@ -46,6 +46,22 @@ def t5_matmul_flops(config, B: int, S: int, T: int, lora_r: int = 8, full: bool 
     return 2 * (2 * dense - first_qkv + 3 * attention - first_keys + 3 * lora - first_lora)
 
 
+def llama_matmul_flops(config, B: int, L: int, T: int, lora_r: int) -> float:
+    """Analytic matmul FLOPs of one LoRA step (r on all seven projections) of a Llama-family model, B rows of L
+    tokens scoring the last T of each, as the GPU path computes it (whole L x L attention, LM head at targets only).
+
+    Backward as in `t5_matmul_flops`: frozen products need their input's gradient, attention's and LoRA's both
+    operands'; the first layer's q, k, v read the frozen embedding, so their inputs need no gradient."""
+    D, F, V, N = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    head = getattr(config, "head_dim", None) or D // config.num_attention_heads
+    Hq, Hkv, n = config.num_attention_heads * head, config.num_key_value_heads * head, B * L
+    dense = n * N * (2 * D * Hq + 2 * D * Hkv + 3 * D * F) + B * T * D * V
+    attention = n * N * 2 * L * Hq
+    lora = n * N * lora_r * (2 * (D + Hq) + 2 * (D + Hkv) + 3 * (D + F))
+    first_qkv, first_lora = n * (D * Hq + 2 * D * Hkv), n * lora_r * D * 3
+    return 2 * (2 * dense - first_qkv + 3 * attention + 3 * lora - first_lora)
+
+
 def timed_together(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
     """`common.timed` for several calls, interleaved round-robin, as flat `{name}_s`, `_s_min`, `_s_max` figures.
 

@@ -82,3 +82,25 @@ def test_the_command_benchmark_runs_the_readme_command_and_estimates_peft_from_r
     assert out["command_total_s"] == 440.0 and math.isclose(sum(v for k, v in out.items() if k.endswith("_share")), 1.0)
     assert out["command_peft_train_s"] == 32 * 20.0 and out["command_peft_base_eval_s"] == 120.0 and out["command_peft_load_s"] == 10.0
     assert math.isclose(out["jpeft_over_peft_command_time"], 440.0 / (10 + 120 + 5 + 640 + 1 + 128))
+
+
+def test_analytic_llama_flops_are_the_products_the_gpu_path_compiles(monkeypatch):
+    # The GPU check's SmolLM2 MFU numerator (on the GPU, cuBLAS custom calls hide the products from `dot_flops`):
+    # on the CPU the same GPU path compiles to plain dots, which must be exactly the analytic count.
+    import transformers
+
+    import jpeft
+    from benchmarks import memory
+    from jpeft import nn, training
+    from jpeft.models import llama
+
+    monkeypatch.setattr(nn, "KERNELS", "gpu")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True)
+    B, L, T, r = 2, 32, 8, 4
+    params = jpeft.lora.inject(llama.init_params(config, jax.random.key(0)),
+                               jpeft.LoraConfig(r=r, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                               jax.random.key(1))
+    trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
+    step = common.Step(training.causal_lm_loss(config), trainable, frozen, memory.smollm2_batch(config, B, L, T))
+    assert step.dot_flops() == speed.llama_matmul_flops(config, B, L, T, lora_r=r)
