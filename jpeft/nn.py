@@ -326,7 +326,8 @@ def dora(p: Params, x: jax.Array, ctx: Ctx) -> jax.Array:
     if p["lora_a"].ndim == 3:
         raise ValueError("DoRA (lora_magnitude) cannot run stacked adapters: each row would need its own weight norm; attach one adapter at a time")
     norm = jax.lax.stop_gradient(dora_weight_norm(p))  # a constant to autodiff, as in PEFT (DoRA paper, section 4.3)
-    mag_norm_scale = (p["lora_magnitude"].astype(jnp.float32) / norm).astype(ctx.dtype)
+    # (out,): stored under remat, so the backward pass does not recompute the norm's O(in out r) products.
+    mag_norm_scale = keep((p["lora_magnitude"].astype(jnp.float32) / norm).astype(ctx.dtype))
     h = dropout(ctx, x, ctx.lora_dropout)
     if h is not x:  # m/n's gradient needs x' W: stored under remat rather than recomputed (a frozen matmul)
         return (_frozen_matmul(p, x, ctx) + (mag_norm_scale - 1) * keep(_frozen_matmul(p, h, ctx))
