@@ -20,7 +20,10 @@ so the low-rank path is fused into the same jitted computation as the frozen mat
 `W + BA` is never materialised during training; nor is LoKr's Kronecker product, nor LoHa's update while its
 rank-r^2 factors are the smaller form (see `loha_delta`). DoRA's per-output norm ||W + sAB|| (treated as a constant,
 as HF PEFT and the DoRA paper do) is expanded as ||W_j||^2 + 2s (W^T A)_j . B_j + s^2 B_j^T (A^T A) B_j, which
-costs O(in out r) and no (in, out) temporary beyond W itself; PEFT forms W + sBA every step.
+costs O(in out r) and no (in, out) temporary beyond W itself; PEFT forms W + sBA every step. The DoRA product runs
+through `dora_product`, whose backward pass scales W and B by m/n instead of the (tokens, out) gradient; m's
+gradient needs z = x W + (x A) B s, which remat stores (one (tokens, out) array per DoRA module) rather than
+recompute x W for it (the recomputation was most of DoRA's 1.25x over LoRA on the SmolLM2 shape).
 
 The frozen weight may instead be a quantized leaf group in PyTorch's (out, in) row layout (`jpeft.quant`):
 `kernel_nf4` + `kernel_absmax` (NF4, or `kernel_absmax_q/_scale/_offset` when double-quantized), `kernel_int8`
