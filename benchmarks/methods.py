@@ -162,12 +162,19 @@ def compare(shape: Shape, methods: dict[str, Method], warmup: int, repeats: int)
     return out
 
 
-def run(quick: bool, warmup: int = 1, repeats: int = 3, smollm2_layers: int = SMOLLM2_LAYERS) -> dict[str, float]:
-    """Both shapes, each method against LoRA on both sides."""
+SHAPES = ("t5", "smollm2")
+
+
+def run(quick: bool, warmup: int = 1, repeats: int = 3, smollm2_layers: int = SMOLLM2_LAYERS,
+        shapes: tuple[str, ...] = SHAPES) -> dict[str, float]:
+    """The `shapes` (both by default), each method against LoRA on both sides."""
     methods = {BASELINE: METHODS[BASELINE], **METHODS}
-    out = compare(t5_shape(quick), {k: m for k, m in methods.items() if m.t5}, warmup, repeats)
-    out.update(compare(smollm2_shape(quick, smollm2_layers), methods, warmup, repeats))
-    out["smollm2_methods_layers"] = 1 if quick else smollm2_layers
+    out = {}
+    if "t5" in shapes:
+        out.update(compare(t5_shape(quick), {k: m for k, m in methods.items() if m.t5}, warmup, repeats))
+    if "smollm2" in shapes:
+        out.update(compare(smollm2_shape(quick, smollm2_layers), methods, warmup, repeats))
+        out["smollm2_methods_layers"] = 1 if quick else smollm2_layers
     return out
 
 
@@ -179,5 +186,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smollm2-layers", type=int, default=SMOLLM2_LAYERS)
+    parser.add_argument("--shape", action="append", choices=SHAPES, help="run only this shape (repeatable; default both)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, repeats=args.repeats, smollm2_layers=args.smollm2_layers), indent=1, sort_keys=True))
+    figures = run(args.quick, repeats=args.repeats, smollm2_layers=args.smollm2_layers, shapes=tuple(args.shape or SHAPES))
+    print(json.dumps(figures, indent=1, sort_keys=True))

@@ -166,6 +166,28 @@ def test_norm_is_a_constant_to_autodiff():
     assert np.abs(np.asarray(jax.grad(attached)(trainable)["lora_a"]) - expected["lora_a"]).max() > 1e-3
 
 
+def test_dora_product_gradients_equal_autodiff_of_the_plain_product():
+    """`nn.dora_product`'s hand-written backward (m/n folded into W and b) against autodiff of (m/n) (x W + (x a) b s),
+    every argument, W as a float kernel and as an int8 group (its gradient there: none, as `quantized_matmul`'s)."""
+    rng = np.random.default_rng(6)
+    p = _module(rng, 64, 32, 4, bias=False)
+    x, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((5, 64), (5, 32)))
+    args = (x, p["kernel"], p["lora_a"], p["lora_b"], p["lora_scale"], p["lora_magnitude"])
+    plain = lambda x, k, a, b, s, mns: mns * (x @ k + (x @ a) @ b * s)  # noqa: E731
+    expected = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=tuple(range(6)))(*args)
+    got = jax.grad(lambda *a: jnp.sum(nn.dora_product(None, *a) * w), argnums=tuple(range(6)))(*args)
+    for name, g, e in zip(("x", "kernel", "a", "b", "scale", "m/n"), got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+
+    group = quant.leaves(quant.quantize({"m": {"kernel": p["kernel"]}}, "int8")["m"])
+    dequantized = quant.unpack("int8", group).T
+    rest = (args[0],) + args[2:]
+    expected = jax.grad(lambda x, *a: jnp.sum(plain(x, dequantized, *a) * w), argnums=tuple(range(5)))(*rest)
+    got = jax.grad(lambda x, *a: jnp.sum(nn.dora_product("int8", x, group, *a) * w), argnums=tuple(range(5)))(*rest)
+    for name, g, e in zip(("x", "a", "b", "scale", "m/n"), got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=f"int8 {name}")
+
+
 def test_quantized_kernel_norm_uses_the_dequantized_weight():
     rng = np.random.default_rng(4)
     p = _module(rng, 64, 32, 4, bias=False)
@@ -366,8 +388,10 @@ def test_causal_lm_logits_gradients_and_files_match_peft(name, tmp_path):
     weights = np.random.default_rng(5).normal(size=ours.shape).astype(np.float32) * real[..., None]
     (out.logits * torch.tensor(weights)).sum().backward()
     trainable, frozen = split.partition(params, split.trainable_mask(params))
-    grads = jax.grad(lambda t: jnp.sum(module.forward(config, split.combine(t, frozen), ids, mask) * weights))(trainable)
-    _check_grads(grads, _torch_grads(ref))
+    expected = _torch_grads(ref)
+    for remat in (False, True):  # under remat DoRA's kept z = x W + (x A) B s and m/n stand in for the recomputation
+        grads = jax.grad(lambda t: jnp.sum(module.forward(config, split.combine(t, frozen), ids, mask, remat=remat) * weights))(trainable)
+        _check_grads(grads, expected)
 
     ref.save_pretrained(tmp_path / "peft")  # PEFT -> jpeft
     loaded = jpeft.load_adapter(tmp_path / "peft", base)
