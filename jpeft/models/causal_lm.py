@@ -252,10 +252,6 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
 def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype,
               length_penalty, early_stopping, prompt_lookup):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
-    if num_beams > 1:  # every row becomes num_beams rows, as transformers does
-        input_ids, attention_mask = (jnp.repeat(t, num_beams, axis=0) for t in (input_ids, attention_mask))
-        if adapter_ids is not None:
-            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
     if prompt.has_soft_prompt(params):  # padding first, so a sliding window spans real slots only, as without padding
         order = jnp.argsort(mask, axis=1, stable=True)
@@ -274,6 +270,10 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
     h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
     logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
+    if num_beams > 1:  # each row's prefill, computed once, becomes its num_beams beams' (transformers prefills every beam)
+        logits, cache, key_mask, last = jax.tree.map(lambda t: jnp.repeat(t, num_beams, axis=0), (logits, cache, key_mask, last))
+        if adapter_ids is not None:
+            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
 
     def run(tokens, positions, index, key_mask, cache):  # tokens (R, T) at cache slots index.., rotary positions (R, T)
         x, _ = model.embed(a, {"model": params["model"]}, tokens, jnp.ones(tokens.shape, jnp.int32), dtype)  # no soft prompt again
