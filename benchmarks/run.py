@@ -38,6 +38,9 @@ TARGETS = [
     # jpeft's DoRA overhead over LoRA below PEFT's: (jpeft DoRA / LoRA step time) / (PEFT DoRA / LoRA step time).
     ("jpeft_over_peft_dora_over_lora_step_time", "<=", 1.0),
     ("jpeft_over_peft_smollm2_dora_over_lora_step_time", "<=", 1.0),
+    # Real SmolLM2 generation (generate_real): 64 greedy tokens and the prefill alone, fp32 on both sides.
+    ("smollm2_generate_speedup_vs_transformers", ">=", 2.0),
+    ("smollm2_prefill_speedup_vs_transformers", ">=", 1.1),
 ]
 PNG = Path(__file__).resolve().parent / "scaling.png"
 
@@ -58,12 +61,12 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2")
+SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "generate_real")
 
 
 def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> dict[str, Callable[[], dict[str, float]]]:
-    """Each benchmark, in the order it runs, less those in `skip`; SmolLM2 is left out of --quick."""
-    from benchmarks import flax_models, inference, memory, methods, scaling, smollm2, speed
+    """Each benchmark, in the order it runs, less those in `skip`; the real SmolLM2 sections are left out of --quick."""
+    from benchmarks import flax_models, generate_real, inference, memory, methods, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
     reps = dict(warmup=1, repeats=5)
@@ -78,6 +81,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> 
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
+        out["generate_real"] = lambda: generate_real.run(False, repeats=3)
     return {name: fn for name, fn in out.items() if name not in skip}
 
 

@@ -127,7 +127,8 @@ def check_method_fits(args: argparse.Namespace, family: str, config: Any) -> Non
 
 
 def _score(task, params, rows, args, dtype, desc) -> tuple[dict, list[str]]:
-    predictions = evaluate.summarize_all(task, params, rows, args.max_target_len, args.eval_batch_size, dtype, desc)
+    predictions = evaluate.summarize_all(task, params, rows, args.max_target_len, args.eval_batch_size, dtype, desc,
+                                         prompt_lookup=args.prompt_lookup)
     return evaluate.rouge(predictions, [r["reference"] for r in rows]), predictions
 
 
