@@ -78,16 +78,16 @@ def jpeft_call(config, params, ids, mask, new: int, dtype=jnp.float32, **kw):
     return lambda: np.asarray(llama.generate(config, params, ids, mask, max_new_tokens=new, dtype=dtype, **kw))
 
 
-def transformers_call(model, ids, mask, new: int, num_beams: int = 1):
-    """A transformers `generate` call decoding exactly `new` tokens (EOS off: it neither stops nor is suppressed)."""
+def transformers_call(model, ids, mask, new: int, num_beams: int = 1, eos: int | None = None, **kw):
+    """A transformers `generate` call; without `eos` it decodes exactly `new` tokens (EOS neither stops nor is suppressed)."""
     import torch
 
     inputs = {"input_ids": torch.from_numpy(ids.astype(np.int64)), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
     def call():
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, num_beams=num_beams, eos_token_id=None,
-                                 pad_token_id=model.config.pad_token_id or 0)
+            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, num_beams=num_beams, eos_token_id=eos,
+                                 pad_token_id=model.config.pad_token_id or 0, **kw)
         return out[:, ids.shape[1]:].numpy()
 
     return call
@@ -127,6 +127,11 @@ def run(quick: bool, repeats: int = 3) -> dict[str, float]:
     calls["jpeft_greedy_eos"] = jpeft_call(config, params, ids, mask, summary_new, eos_token_id=eos)
     for k in LOOKUP:
         calls[f"jpeft_lookup_{k}"] = jpeft_call(config, params, ids, mask, summary_new, eos_token_id=eos, prompt_lookup=k)
+    # One dialogue, the latency case, where transformers' prompt lookup (batch 1 only) runs too.
+    one = np.asarray(ids[:1, mask[0] > 0]), np.asarray(mask[:1, mask[0] > 0])
+    calls["jpeft_greedy_eos_b1"] = jpeft_call(config, params, *one, summary_new, eos_token_id=eos)
+    calls["jpeft_lookup_b1"] = jpeft_call(config, params, *one, summary_new, eos_token_id=eos, prompt_lookup=LOOKUP[-1])
+    calls["transformers_lookup_b1"] = transformers_call(model, *one, summary_new, eos=eos, prompt_lookup_num_tokens=LOOKUP[-1])
 
     out: dict[str, float] = {}
     for n in new_tokens:  # identical tokens first: a timing of different work means nothing
@@ -136,6 +141,10 @@ def run(quick: bool, repeats: int = 3) -> dict[str, float]:
     greedy = calls["jpeft_greedy_eos"]()
     for k in LOOKUP:
         np.testing.assert_array_equal(calls[f"jpeft_lookup_{k}"](), greedy, err_msg=f"prompt lookup {k}")
+    greedy = calls["jpeft_greedy_eos_b1"]()
+    np.testing.assert_array_equal(calls["jpeft_lookup_b1"](), greedy, err_msg="prompt lookup, one dialogue")
+    theirs = calls["transformers_lookup_b1"]()  # stops at EOS; jpeft pads after it
+    np.testing.assert_array_equal(theirs, greedy[:, :theirs.shape[1]], err_msg="transformers' prompt lookup, one dialogue")
 
     t = speed.timed_together({f"gen_real_{name}": call for name, call in calls.items()}, warmup=0, repeats=repeats)
     out.update(t)
@@ -151,6 +160,8 @@ def run(quick: bool, repeats: int = 3) -> dict[str, float]:
     out["smollm2_beam4_speedup_vs_transformers"] = ratio("transformers_beam", "jpeft_beam")
     for k in LOOKUP:
         out[f"smollm2_prompt_lookup_{k}_speedup_over_greedy"] = ratio("jpeft_greedy_eos", f"jpeft_lookup_{k}")
+    out["smollm2_prompt_lookup_b1_speedup_over_greedy"] = ratio("jpeft_greedy_eos_b1", "jpeft_lookup_b1")
+    out["smollm2_prompt_lookup_b1_speedup_vs_transformers"] = ratio("transformers_lookup_b1", "jpeft_lookup_b1")
     out["gen_real_prompt_len"], out["gen_real_rows"] = ids.shape[1], ids.shape[0]
     return out
 

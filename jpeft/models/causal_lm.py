@@ -321,8 +321,8 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     input_ids, attention_mask = left_align(input_ids, attention_mask)
     S = input_ids.shape[1]
-    # Quarter-octave buckets: the prefill computes every padded column, so a power of two (284 -> 512) nearly doubled it.
-    extra = generation.bucket(S, steps=4) - S
+    # Eighth-octave buckets (284 -> 288): the prefill computes every padded column; a power of two (512) nearly doubled it.
+    extra = generation.bucket(S, steps=8) - S
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
     n_virtual = prompt.num_virtual_tokens(params) + prefix.num_tokens(params)
