@@ -123,7 +123,7 @@ def test_prompt_lookup_equals_greedy_with_rows_ending_at_different_steps(family)
     ends = {int(np.argmax(row == eos)) if eos in row else None for row in plain}
     assert len(ends) > 1
     want = np.asarray(model.generate(config, params, ids, mask, max_new_tokens=24, eos_token_id=eos))
-    for n in (1, 3, 10):
+    for n in (1, 4):  # one draft, and drafts that run past the rows' EOS and max_new_tokens
         np.testing.assert_array_equal(model.generate(config, params, ids, mask, max_new_tokens=24, eos_token_id=eos, prompt_lookup=n), want)
 
 
