@@ -81,7 +81,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> 
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
-        out["generate_real"] = lambda: generate_real.run(False, repeats=3)
+        out["generate_real"] = lambda: generate_real.run(False, repeats=2)
     return {name: fn for name, fn in out.items() if name not in skip}
 
 
