@@ -1,8 +1,9 @@
-"""Model-agnostic decoding loops (greedy and beam search) that run entirely on device.
+"""Model-agnostic decoding loops (greedy, beam search and prompt-lookup greedy) that run entirely on device.
 
 A model supplies `step(tokens (R,), i, cache) -> (logits (R, V), cache)`, where `tokens` are the
 i-th generated tokens (0-based) and the logits are for the next ones, plus the logits for the first
 generated token (from the decoder start token or the prompt). Cache leaves have the row dimension first so beams can be reordered.
+Prompt lookup (`lookup_search`) instead takes a `Verify` that runs the model on several tokens per row at once.
 """
 
 from __future__ import annotations

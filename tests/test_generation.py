@@ -150,3 +150,21 @@ def test_prompt_lookup_refuses_beams():
     model, config, params = tiny("llama")
     with pytest.raises(ValueError, match="prompt_lookup=4 with num_beams=2"):
         model.generate(config, params, np.ones((1, 4), np.int32), num_beams=2, prompt_lookup=4)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_lookup_equals_greedy_under_soft_prompts_and_prefixes(method):
+    """Virtual tokens shift the cache slots (prefix) or the embeddings (soft prompt); the drafts come from real tokens only."""
+    import jpeft
+    from jpeft import prefix, prompt
+
+    model, config, params = tiny("llama")
+    if method == "prompt":
+        params = prompt.inject(params, jpeft.PromptTuningConfig(num_virtual_tokens=3), jax.random.key(1))
+    else:
+        params = prefix.inject(params, jpeft.PrefixTuningConfig(num_virtual_tokens=3), jax.random.key(1), config)
+    ids = np.random.default_rng(2).integers(3, 16, (2, 13))
+    mask = np.ones_like(ids)
+    mask[1, :6] = 0
+    want = np.asarray(model.generate(config, params, ids, mask, max_new_tokens=20, eos_token_id=-1))
+    np.testing.assert_array_equal(model.generate(config, params, ids, mask, max_new_tokens=20, eos_token_id=-1, prompt_lookup=3), want)
