@@ -41,6 +41,8 @@ TARGETS = [
     # Real SmolLM2 generation (generate_real): 64 greedy tokens and the prefill alone, fp32 on both sides.
     ("smollm2_generate_speedup_vs_transformers", ">=", 2.0),
     ("smollm2_prefill_speedup_vs_transformers", ">=", 1.1),
+    # The README's DialogSum LoRA command end to end against PEFT's same phases (benchmarks/command.py).
+    ("jpeft_over_peft_command_time", "<=", 0.4),
 ]
 PNG = Path(__file__).resolve().parent / "scaling.png"
 
@@ -61,27 +63,32 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "generate_real")
+SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "generate_real", "command")
 
 
-def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset()) -> dict[str, Callable[[], dict[str, float]]]:
-    """Each benchmark, in the order it runs, less those in `skip`; the real SmolLM2 sections are left out of --quick."""
-    from benchmarks import flax_models, generate_real, inference, memory, methods, scaling, smollm2, speed
+def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
+             so_far: dict[str, float] | None = None) -> dict[str, Callable[[], dict[str, float]]]:
+    """Each benchmark, in the order it runs, less those in `skip`; the real models are left out of --quick.
+
+    `so_far` is the figures dict the run fills in: `command` reads the ratios measured before it."""
+    from benchmarks import command, flax_models, generate_real, inference, memory, methods, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
-    reps = dict(warmup=1, repeats=5)
+    # --quick is a smoke run whose timings nobody reads: one repeat each.
+    reps = dict(warmup=1, repeats=1 if quick else 5)
     out = {
         "memory": lambda: memory.run(quick),
         "speed": lambda: speed.run(quick, **reps),
         "inference": lambda: inference.run(quick, **reps),
         # Sweeps have many points: two timed repeats each keep the default run inside its budget.
-        "scaling": lambda: scaling.run(quick, workdir, None if quick else PNG, warmup=1, repeats=2),
+        "scaling": lambda: scaling.run(quick, workdir, None if quick else PNG, warmup=1, repeats=1 if quick else 2),
         "flax": lambda: flax_models.run(quick, **reps),
-        "methods": lambda: methods.run(quick, warmup=1, repeats=3),
+        "methods": lambda: methods.run(quick, warmup=1, repeats=1 if quick else 3),
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
         out["generate_real"] = lambda: generate_real.run(False, repeats=2)
+        out["command"] = lambda: command.run(workdir, {} if so_far is None else so_far)
     return {name: fn for name, fn in out.items() if name not in skip}
 
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures: dict[str, float] = dict(common.machine())
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in sections(args.quick, Path(tmp), frozenset(args.skip)).items():
+        for name, fn in sections(args.quick, Path(tmp), frozenset(args.skip), figures).items():
             t = time.perf_counter()
             part = fn()
             figures.update(part)

@@ -27,6 +27,11 @@ The frozen weight may instead be a quantized leaf group in PyTorch's (out, in) r
 + `kernel_absmax`, or GGUF blocks `kernel_q4_0`, `kernel_q4_1`, `kernel_q5_0`, `kernel_q8_0`, `kernel_q4_k`,
 `kernel_q6_k`. `dense` dequantizes it inside the matmul and again in the backward pass, so neither the
 forward-to-backward residuals nor remat ever hold a float copy of it; the PEFT leaves apply unchanged.
+
+Kernels by backend (`KERNELS`, read at trace time): the hand-tuned paths here (attention's custom backward and
+query blocks, `matmul`'s float32 accumulation, `low_rank`'s backward) answer XLA's CPU backend. On a GPU the
+attention goes through `jax.nn.dot_product_attention` instead (cuDNN flash attention where it applies), and the
+matmuls and the low-rank update are plain products left to XLA's GPU compiler and autodiff.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -43,6 +49,33 @@ from jax.ad_checkpoint import checkpoint_name
 from jpeft import quant, tree
 
 Params = dict[str, Any]
+
+KERNELS: str = os.environ.get("JPEFT_KERNELS", "auto")
+"""Which code paths the ops trace: "auto" (the GPU path when `jax.default_backend()`, or the device of a
+`jax.default_device` scope, is a GPU), "gpu" (the GPU path on any backend: how CPU tests check its numerics), or
+"cpu" (the CPU-tuned paths on any backend). Read when a function is traced: set it before the first call of a jitted
+function (or through the JPEFT_KERNELS environment variable)."""
+
+CUDNN_ATTENTION: bool = os.environ.get("JPEFT_CUDNN_ATTENTION", "1") != "0"
+"""On a CUDA GPU, let `jax.nn.dot_product_attention` use cuDNN's flash attention where it supports the call (False, or
+JPEFT_CUDNN_ATTENTION=0: XLA's implementation everywhere)."""
+
+_GPU_DTYPES = (jnp.bfloat16, jnp.float16)  # the dtypes cuDNN's flash attention takes
+
+
+def _platform() -> str:
+    """The platform computations are traced for: a `jax.default_device` scope's, else the default backend's."""
+    device = getattr(jax.config, "jax_default_device", None)
+    if isinstance(device, str):
+        return device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def gpu_kernels() -> bool:
+    """Whether the ops trace their GPU path (see `KERNELS`)."""
+    if KERNELS not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"jpeft.nn.KERNELS (or JPEFT_KERNELS) must be 'auto', 'gpu' or 'cpu', got {KERNELS!r}")
+    return KERNELS == "gpu" or (KERNELS == "auto" and _platform() in ("gpu", "cuda", "rocm"))
 
 
 @dataclasses.dataclass
@@ -142,13 +175,17 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
     XLA's CPU backend has bf16 dot kernels only for a float32 result (twice the float32 rate here): for
     bf16 x bf16 -> bf16 it converts both operands to float32 first, and bf16 ran no faster than float32.
-    For float32 operands this is plain x @ w.
+    For float32 operands, and on a GPU (whose bf16 kernels accumulate in float32 anyway), this is plain x @ w.
     """
+    if gpu_kernels():
+        return jnp.matmul(x, w)
     return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
 
 def _einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """`matmul`'s precision and dtype for an einsum of two operands."""
+    if gpu_kernels():
+        return jnp.einsum(spec, x, w)
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(jnp.result_type(x, w))
 
 
@@ -176,8 +213,15 @@ def _undropped_delta(p: Params, h: jax.Array, ctx: Ctx) -> jax.Array:
     return out.reshape(*lead, out.shape[-1])
 
 
-@jax.custom_vjp
 def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """(x a) b * scale for x (N, in): autodiff's backward on a GPU, `_low_rank`'s hand-written one for the CPU."""
+    if gpu_kernels():
+        return matmul(matmul(x, a), b) * scale
+    return _low_rank(x, a, b, scale)
+
+
+@jax.custom_vjp
+def _low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     """(x a) b * scale for x (N, in), with a backward pass that never transposes an (N, out) array.
 
     Autodiff contracts over the N rows for the gradients of `a` and `b`, and XLA's CPU layout choice
@@ -203,7 +247,7 @@ def _low_rank_bwd(res, g):
     return matmul(g_h, a.T), g_a, ht_g * scale, jnp.sum(ht_g * b).astype(scale.dtype)
 
 
-low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _hadamard_factors(b1: jax.Array, a1: jax.Array, b2: jax.Array, a2: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -409,10 +453,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: 
     (B, KV) with the G query heads of a key/value head stacked as rows, so GQA never copies K or V.
     Softmax runs in float32; the probabilities are cast back to q's dtype for the value product.
     `softcap` (Gemma 2) squashes the scaled scores to softcap * tanh(scores / softcap) before the mask;
-    its gradient comes from autodiff rather than the hand-written backward pass.
+    its gradient comes from autodiff rather than the hand-written backward pass. On the GPU path (`KERNELS`) a call
+    without softcap or attention dropout goes through `jax.nn.dot_product_attention` (`dot_product_attention`).
     """
-    if softcap is None and (ctx.deterministic or ctx.dropout_rate == 0.0):
-        return _attention(q, k, v, mask, scale)
+    if _plain(ctx, softcap):
+        return dot_product_attention(q, k, v, mask, scale) if gpu_kernels() else _attention(q, k, v, mask, scale)
     return _values(dropout(ctx, _attention_probs(q, k, mask, scale, softcap)), v, q.dtype)
 
 
@@ -422,9 +467,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     the S - T keys before them (a prefix, see `prefixed`) are visible to every query.
 
     Queries run in blocks of about `chunk` rows, each against only the keys up to its last row, which
-    skips most of the score matrix's masked upper triangle (~40% less attention work at 448 tokens).
+    skips most of the score matrix's masked upper triangle (~40% less attention work at 448 tokens). On the GPU path
+    the blocks are left to cuDNN's causal kernel, which skips the masked tiles itself (`dot_product_attention`).
     """
     T, past = q.shape[3], k.shape[2] - q.shape[3]
+    if gpu_kernels() and _plain(ctx, softcap):
+        return dot_product_attention(q, k, v, visible, scale, causal=past == 0)
     n = max(1, round(T / chunk))
     if n == 1:
         return attention(q, k, v, visible, scale, ctx, softcap)
@@ -433,6 +481,44 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
         attention(q[..., lo:hi, :], k[:, :, :past + hi], v[:, :, :past + hi], visible[..., lo:hi, :past + hi], scale, ctx, softcap)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ], axis=3)
+
+
+def _plain(ctx: Ctx, softcap: float | None) -> bool:
+    """Whether an attention call is plain softmax attention: no soft-cap, no attention dropout."""
+    return softcap is None and (ctx.deterministic or ctx.dropout_rate == 0.0)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, causal: bool = False) -> jax.Array:
+    """`attention` (no softcap, no dropout) through `jax.nn.dot_product_attention`: q (B, KV, G, T, E) -> (B, KV, G, T, E).
+
+    Query head kv * G + g shares key/value head kv, jax's grouped-query layout as well as jpeft's. cuDNN's flash
+    attention (`_cudnn_applies`) serves boolean masks; a float bias (T5's position bias, whose gradient must flow)
+    and everything else go to XLA's implementation. `causal` says that the mask also hides every key after its
+    query's index with S = T (no prefix keys), so cuDNN may skip those tiles.
+    """
+    B, KV, G, T, E = q.shape
+    S = k.shape[2]
+    heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  (B, KV, S, E) <-> (B, S, KV, E)
+    query = q.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G, E)
+    mb, mk, mg, mt, ms = mask.shape
+    m = mask[:, 0, 0, None] if mk == mg == 1 else jnp.broadcast_to(mask, (mb, KV, G, mt, ms)).reshape(mb, KV * G, mt, ms)
+    boolean = m.dtype == jnp.bool_
+    cudnn = boolean and _cudnn_applies(q.dtype, E, T, S)
+    out = jax.nn.dot_product_attention(query, heads(k), heads(v), bias=None if boolean else m.astype(jnp.float32),
+                                       mask=m if boolean else None, scale=scale, is_causal=causal and cudnn,
+                                       implementation="cudnn" if cudnn else "xla")
+    return out.reshape(B, T, KV, G, E).transpose(0, 2, 3, 1, 4)
+
+
+def _cudnn_applies(dtype: Any, head_dim: int, T: int, S: int) -> bool:
+    """Whether cuDNN's flash attention takes this call: a CUDA device, bf16/fp16, head dim a multiple of 8 up to
+    128 (256 from Hopper on), and even lengths (its backward with a bias needs them; a mask reaches it as a bias)."""
+    if not CUDNN_ATTENTION or _platform() != "gpu" or jnp.dtype(dtype) not in _GPU_DTYPES or head_dim % 8 or T % 2 or S % 2:
+        return False
+    capability = getattr(jax.devices("gpu")[0], "compute_capability", None)  # absent on non-CUDA GPUs
+    if capability is None:
+        return False
+    return head_dim <= (256 if tuple(int(c) for c in capability.split(".")) >= (9, 0) else 128)
 
 
 def prefixed(p: Params, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:

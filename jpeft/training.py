@@ -95,6 +95,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
 
     Only `trainable` is differentiated, so no gradient is formed for frozen weights. The buffers of
     `trainable` and `opt_state` are donated (updated in place): do not reuse the arrays passed in.
+
+    Mixed precision is the loss's `dtype` (the CLI's --bf16): with `dtype=jnp.bfloat16` every weight, frozen or
+    trainable, is cast to bf16 where the forward pass uses it, inside this jitted step, while `trainable`, its
+    gradients (the casts' transposes return float32) and the optimizer state stay float32 master copies.
     """
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))

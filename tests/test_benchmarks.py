@@ -16,8 +16,8 @@ from benchmarks import common, speed
 from benchmarks.run import TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK_SKIPS = {"jpeft_over_peft_smollm2_step_time", "jpeft_over_peft_smollm2_peak_memory", "smollm2_generate_speedup_vs_transformers",
-               "smollm2_prefill_speedup_vs_transformers"}
+QUICK_SKIPS = {"jpeft_over_peft_smollm2_step_time", "jpeft_over_peft_smollm2_peak_memory", "jpeft_over_peft_command_time",
+               "smollm2_generate_speedup_vs_transformers", "smollm2_prefill_speedup_vs_transformers"}
 
 
 def test_quick_run_writes_finite_figures(tmp_path):
@@ -44,7 +44,8 @@ def test_sections_run_in_order_less_the_skipped(tmp_path):
 
     assert list(sections(False, tmp_path)) == list(SECTIONS)
     assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling", "flax", "methods"]  # --quick has no SmolLM2
-    assert list(sections(False, tmp_path, frozenset({"smollm2", "scaling", "flax", "methods", "generate_real"}))) == ["memory", "speed", "inference"]
+    skipped = frozenset({"smollm2", "scaling", "flax", "methods", "generate_real", "command"})
+    assert list(sections(False, tmp_path, skipped)) == ["memory", "speed", "inference"]
 
 
 def test_analytic_flops_are_the_products_xla_compiles():
@@ -66,3 +67,20 @@ def test_hlo_dot_flops_counts_batched_and_fused_products():
     assert common.hlo_dot_flops(older) == 2 * 2 * 4 * 3
     with pytest.raises(ValueError, match="no dot"):
         common.hlo_dot_flops(jax.jit(jnp.tanh).lower(a).compile().as_text())
+
+
+def test_the_command_benchmark_runs_the_readme_command_and_estimates_peft_from_ratios():
+    from benchmarks import command
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### Results: LoRA on SmolLM2-135M-Instruct, DialogSum")[1].split("```bash")[1].split("```")[0]
+    words = block.replace("\\\n", " ").split()
+    assert words[:3] == ["python", "-m", "train.summarize"] and words[3:words.index("--out")] == command.ARGS
+
+    results = {"phase_seconds": {"load": 10.0, "base_eval": 60.0, "setup": 5.0, "train": 300.0, "save": 1.0, "tuned_eval": 64.0},
+               "tuned": {"rouge1": 0.37}}
+    assert "jpeft_over_peft_command_time" not in command.figures(results, {})  # no ratios measured: no estimate
+    out = command.figures(results, {"smollm2_peft_step_s": 20.0, "smollm2_generate_speedup_vs_transformers": 2.0})
+    assert out["command_total_s"] == 440.0 and math.isclose(sum(v for k, v in out.items() if k.endswith("_share")), 1.0)
+    assert out["command_peft_train_s"] == 32 * 20.0 and out["command_peft_base_eval_s"] == 120.0 and out["command_peft_load_s"] == 10.0
+    assert math.isclose(out["jpeft_over_peft_command_time"], 440.0 / (10 + 120 + 5 + 640 + 1 + 128))

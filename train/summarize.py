@@ -126,6 +126,20 @@ def check_method_fits(args: argparse.Namespace, family: str, config: Any) -> Non
     jax.eval_shape(lambda p: apply_method(check, family, None, p, config)[0], tree.unflatten(shapes))
 
 
+class Phases:
+    """Wall-clock seconds of the command's phases, in order (`lap(name)` closes the phase running since the last)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the previous lap as phase `name`."""
+        now = time.perf_counter()
+        self.seconds[name] = now - self._mark
+        self._mark = now
+
+
 def _score(task, params, rows, args, dtype, desc) -> tuple[dict, list[str]]:
     predictions = evaluate.summarize_all(task, params, rows, args.max_target_len, args.eval_batch_size, dtype, desc,
                                          prompt_lookup=args.prompt_lookup)
@@ -196,6 +210,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
+    clock = Phases()
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
                                  quantized=args.quantize == "gguf")
@@ -208,11 +223,14 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
 
-    results: dict[str, Any] = {"method": args.method, "model": args.model, "eval_examples": len(eval_enc)}
+    results: dict[str, Any] = {"method": args.method, "model": args.model, "eval_examples": len(eval_enc),
+                               "phase_seconds": clock.seconds}
+    clock.lap("load")
     base_preds = None
     if args.eval_samples > 0 and (not args.skip_base_eval or args.method == "none"):
         results["base"], base_preds = _score(task, base, eval_enc, args, dtype, "eval base")
         print(f"base ROUGE: {_fmt(results['base'])}")
+        clock.lap("base_eval")
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
 
@@ -255,6 +273,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     def save(step, trainable, opt_state):
         ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, {"seed": args.seed, "method": args.method, "model": args.model})
 
+    clock.lap("setup")
     t0 = time.perf_counter()
     try:
         trainable, opt_state, _ = trainer.fit(
@@ -265,12 +284,14 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     finally:
         ckpt.close()
     results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
+    clock.lap("train")
     history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
     results["final_loss"] = history[-1]["loss"] if history else None
     if history:
         trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
     params = sharding.gather(jpeft.combine(trainable, frozen)) if args.mesh else jpeft.combine(trainable, frozen)
     results["adapter_bytes"] = save_outputs(args, task, params, mask, method_cfg, out)
+    clock.lap("save")
     if prompt.has_soft_prompt(params):
         results["nearest_tokens"] = prompt.nearest_tokens(params, task.tokenizer, NEAREST)
         print("nearest vocabulary tokens of the first learned virtual tokens (cosine):")
@@ -280,6 +301,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = _score(task, params, eval_enc, args, dtype, "eval tuned")
         print(f"tuned ROUGE: {_fmt(results['tuned'])}")
+        clock.lap("tuned_eval")
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 KERNEL = "kernel"
 NF4 = "kernel_nf4"
@@ -19,8 +18,9 @@ ABSMAX_CODES = "kernel_absmax_q"  # NF4 double quantization: absmax as 8-bit dyn
 ABSMAX_SCALE = "kernel_absmax_scale"  # ... their per-256-block absmax (ceil(out*in/64/256),)
 ABSMAX_OFFSET = "kernel_absmax_offset"  # ... and the mean subtracted before quantizing them ()
 
-# GGML block types kept packed (those `jpeft.quant.ggml` dequantizes): key suffix -> (values, bytes) per block.
-GGUF_TYPES = {t: GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]] for t in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k")}
+# GGML block types kept packed (those `jpeft.quant.ggml` dequantizes): key suffix -> (values, bytes) per block, the
+# format's fixed sizes (gguf's GGML_QUANT_SIZES, spelled out so that importing jpeft does not need the gguf package).
+GGUF_TYPES = {"q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q8_0": (32, 34), "q4_k": (256, 144), "q6_k": (256, 210)}
 GGUF_KEYS = {f"kernel_{t}": t for t in GGUF_TYPES}
 
 CODES = (NF4, INT8, *GGUF_KEYS)  # exactly one of these marks a quantized weight; its key names the format

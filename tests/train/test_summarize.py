@@ -59,6 +59,9 @@ def test_lora_end_to_end(model_dir, data_dir, tmp_path):
         assert key in results, key
     assert set(results["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     assert 0 < results["trainable_params"] < results["total_params"]
+    phases = results["phase_seconds"]  # the whole command's time, phase by phase, in the order they ran
+    assert list(phases) == ["load", "base_eval", "setup", "train", "save", "tuned_eval"] and all(t >= 0 for t in phases.values())
+    assert phases["train"] >= results["train_seconds"] > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in metrics)
     assert (out / "loss.png").stat().st_size > 0
