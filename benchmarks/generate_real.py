@@ -5,8 +5,9 @@ DialogSum validation dialogues formatted by `train.tasks` and left-padded to the
 EOS disabled on both sides, so every call decodes exactly N tokens, for N = 1 (the prefill), 16 and 64, in fp32 and
 in bf16 (weights and compute) on both sides; 4-beam search the same way; then jpeft's prompt-lookup decoding against
 its plain greedy decoding with EOS on (real summaries). Identical tokens are asserted for every fp32 pair and for
-prompt lookup; bf16 reports the fraction of tokens the two sides agree on (rounding orders differ). --quick runs a
-tiny random Llama instead, for the smoke test.
+prompt lookup; bf16 reports the fraction of tokens the two sides agree on (rounding orders differ). Gemma 3 270M
+(packaged Q4_K_M GGUF), when installed, gets the fp32 prefill and 64 tokens the same way. --quick runs a tiny random
+Llama instead, for the smoke test.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from benchmarks import speed
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "validation.jsonl"
 MODEL = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
 ROWS, MAX_SOURCE = 8, 384
 NEW = (1, 16, 64)
 BEAMS, BEAM_NEW = 4, 16
 LOOKUP = (3, 10)  # prompt-lookup draft counts timed against plain greedy
 
 
-def real_model():
-    """(jpeft config, fp32 params, transformers model, ids, mask, EOS id) for SmolLM2 on DialogSum prompts."""
+def real_model(name: str = MODEL):
+    """(jpeft config, fp32 params, transformers model, ids, mask, EOS id) for a packaged model on DialogSum prompts."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -39,14 +41,14 @@ def real_model():
     from jpeft.models import registry
     from train import data, tasks
 
-    task, params = tasks.load_task(MODEL, None, jnp.float32)
+    task, params = tasks.load_task(name, None, jnp.float32)
     with open(DATA) as f:
         examples = data.normalize([json.loads(next(f)) for _ in range(ROWS)], str(DATA))
     sources = [r["source"] for r in tasks.encode(task, examples, MAX_SOURCE, 64)]
     length = max(map(len, sources))
     ids = batches.pad(sources, task.pad_id, length, left=True, bucket=1)
     mask = batches.pad([[1] * len(s) for s in sources], 0, length, left=True, bucket=1)
-    path = Path(registry.resolve(MODEL))
+    path = Path(registry.resolve(name))
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return task.config, params, model, ids, mask, task.eos_id
 
@@ -71,11 +73,12 @@ def tiny_model(workdir: Path):
 
 
 def jpeft_call(config, params, ids, mask, new: int, dtype=jnp.float32, **kw):
-    """A blocking jpeft `llama.generate` call returning numpy ids (EOS off unless `eos_token_id` is passed)."""
-    from jpeft.models import llama
+    """A blocking jpeft `generate` call (Llama or Gemma, from the config) returning numpy ids (EOS off unless passed)."""
+    from jpeft.models import causal_lm
 
     kw.setdefault("eos_token_id", -1)
-    return lambda: np.asarray(llama.generate(config, params, ids, mask, max_new_tokens=new, dtype=dtype, **kw))
+    module = causal_lm.model_for(config)
+    return lambda: np.asarray(module.generate(config, params, ids, mask, max_new_tokens=new, dtype=dtype, **kw))
 
 
 def transformers_call(model, ids, mask, new: int, num_beams: int = 1, eos: int | None = None, **kw):
@@ -163,7 +166,25 @@ def run(quick: bool, repeats: int = 3) -> dict[str, float]:
     out["smollm2_prompt_lookup_b1_speedup_over_greedy"] = ratio("jpeft_greedy_eos_b1", "jpeft_lookup_b1")
     out["smollm2_prompt_lookup_b1_speedup_vs_transformers"] = ratio("transformers_lookup_b1", "jpeft_lookup_b1")
     out["gen_real_prompt_len"], out["gen_real_rows"] = ids.shape[1], ids.shape[0]
+    if not quick and importlib.util.find_spec(registry.PACKAGED[GEMMA].package) is not None:
+        del model, bf16_model, calls
+        out.update(gemma(repeats))
     return out
+
+
+def gemma(repeats: int) -> dict[str, float]:
+    """Gemma 3 270M (packaged Q4_K_M GGUF, dequantized to fp32 by both sides): the prefill and 64 tokens, as SmolLM2's."""
+    config, params, model, ids, mask, _ = real_model(GEMMA)
+    model.generation_config.eos_token_id = None
+    calls = {}
+    for n in (1, NEW[-1]):
+        calls[f"jpeft_{n}"] = jpeft_call(config, params, ids, mask, n)
+        calls[f"transformers_{n}"] = transformers_call(model, ids, mask, n)
+        np.testing.assert_array_equal(calls[f"jpeft_{n}"](), calls[f"transformers_{n}"](), err_msg=f"Gemma 3, {n} new tokens")
+    t = speed.timed_together({f"gen_gemma3_{name}": call for name, call in calls.items()}, warmup=0, repeats=repeats)
+    return {**t, "gemma3_prefill_speedup_vs_transformers": t["gen_gemma3_transformers_1_s"] / t["gen_gemma3_jpeft_1_s"],
+            "gemma3_generate_speedup_vs_transformers": t[f"gen_gemma3_transformers_{NEW[-1]}_s"] / t[f"gen_gemma3_jpeft_{NEW[-1]}_s"],
+            "gen_gemma3_prompt_len": ids.shape[1]}
 
 
 if __name__ == "__main__":
