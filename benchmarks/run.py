@@ -38,6 +38,9 @@ TARGETS = [
     # jpeft's DoRA overhead over LoRA below PEFT's: (jpeft DoRA / LoRA step time) / (PEFT DoRA / LoRA step time).
     ("jpeft_over_peft_dora_over_lora_step_time", "<=", 1.0),
     ("jpeft_over_peft_smollm2_dora_over_lora_step_time", "<=", 1.0),
+    # Real SmolLM2 generation (generate_real): 64 greedy tokens and the prefill alone, fp32 on both sides.
+    ("smollm2_generate_speedup_vs_transformers", ">=", 2.0),
+    ("smollm2_prefill_speedup_vs_transformers", ">=", 1.1),
     # The README's DialogSum LoRA command end to end against PEFT's same phases (benchmarks/command.py).
     ("jpeft_over_peft_command_time", "<=", 0.4),
 ]
@@ -60,7 +63,7 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "command")
+SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "generate_real", "command")
 
 
 def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
@@ -68,7 +71,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
     """Each benchmark, in the order it runs, less those in `skip`; the real models are left out of --quick.
 
     `so_far` is the figures dict the run fills in: `command` reads the ratios measured before it."""
-    from benchmarks import command, flax_models, inference, memory, methods, scaling, smollm2, speed
+    from benchmarks import command, flax_models, generate_real, inference, memory, methods, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
     # --quick is a smoke run whose timings nobody reads: one repeat each.
@@ -84,6 +87,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
     }
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
+        out["generate_real"] = lambda: generate_real.run(False, repeats=2)
         out["command"] = lambda: command.run(workdir, {} if so_far is None else so_far)
     return {name: fn for name, fn in out.items() if name not in skip}
 

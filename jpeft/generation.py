@@ -1,8 +1,9 @@
-"""Model-agnostic decoding loops (greedy and beam search) that run entirely on device.
+"""Model-agnostic decoding loops (greedy, beam search and prompt-lookup greedy) that run entirely on device.
 
 A model supplies `step(tokens (R,), i, cache) -> (logits (R, V), cache)`, where `tokens` are the
 i-th generated tokens (0-based) and the logits are for the next ones, plus the logits for the first
 generated token (from the decoder start token or the prompt). Cache leaves have the row dimension first so beams can be reordered.
+Prompt lookup (`lookup_search`) instead takes a `Verify` that runs the model on several tokens per row at once.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ Step = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
 
 
-def bucket(n: int, minimum: int = 8, fine: bool = False) -> int:
+def bucket(n: int, minimum: int = 8, fine: bool = False, steps: int = 1) -> int:
     """Round a length up to a power of two so only a few shapes are ever compiled.
 
     `fine=True` also allows 1.5 x a power of two (8, 12, 16, 24, 32, 48, 64, 96, ...): twice the shapes,
     but a key/value cache that every decoding step reads whole is at most 1.5x, not 2x, what it needs.
+    `steps=k` instead splits each doubling into k equal steps (k=4: 256, 320, 384, 448, 512): a prompt that
+    a prefill computes whole pads by at most 1/k of a power of two.
     """
     size = minimum
     while size < n:
         if fine and size * 3 // 2 >= n:
             return size * 3 // 2
+        if steps > 1 and size * 2 >= n:
+            return size + -(-(n - size) // (size // steps)) * (size // steps) if size >= steps else size * 2
         size *= 2
     return size
 
@@ -151,3 +156,87 @@ def beam_search(
     # transformers pads a finished hypothesis after its EOS; make that padding explicit.
     after_eos = jnp.cumsum(jnp.cumsum(seqs == eos, axis=1), axis=1) > 1
     return jnp.where(after_eos, pad, seqs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt-lookup decoding
+
+Verify = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+MAX_NGRAM = 2  # transformers' PromptLookupCandidateGenerator default (max_matching_ngram_size)
+
+
+def draft(context: jax.Array, valid: jax.Array, end: jax.Array, num_draft: int, max_ngram: int = MAX_NGRAM) -> tuple[jax.Array, jax.Array]:
+    """Draft tokens copied from each row's own text -> (drafts (R, num_draft), whether a match was found (R,)).
+
+    `context` (R, L) holds each row's tokens, `valid` (R, L) which of them are real, `end` (R,) one past the
+    last. As transformers' prompt lookup: for n = max_ngram .. 1, the earliest n-gram equal to the row's
+    last n tokens and followed by at least one token gives the tokens after it. Drafts past `end` are filler:
+    acceptance compares every draft with the model's argmax, so a wrong draft costs time, never output.
+    """
+    R, L = context.shape
+    drafts, found = jnp.zeros((R, num_draft), context.dtype), jnp.zeros((R,), bool)
+    for n in range(max_ngram, 0, -1):  # longer n-grams first; a shorter one is used only where no longer one matched
+        tail = jnp.take_along_axis(context, jnp.clip(end[:, None] - n + jnp.arange(n), 0, L - 1), axis=1)  # (R, n)
+        starts = jnp.arange(L - n + 1)
+        match = (starts[None] + n < end[:, None]) & (end[:, None] >= n)
+        for t in range(n):
+            match = match & valid[:, t:t + L - n + 1] & (context[:, t:t + L - n + 1] == tail[:, t:t + 1])
+        hit = jnp.any(match, axis=1)
+        first = jnp.argmax(match, axis=1)  # the earliest match
+        take = jnp.clip(first[:, None] + n + jnp.arange(num_draft), 0, L - 1)
+        use = hit & ~found
+        drafts = jnp.where(use[:, None], jnp.take_along_axis(context, take, axis=1), drafts)
+        found = found | hit
+    return drafts, found
+
+
+def lookup_search(verify: Verify, logits: jax.Array, cache: Any, prompt: jax.Array, prompt_mask: jax.Array, key_mask: jax.Array,
+                  position: jax.Array, index: int, max_new_tokens: jax.Array, max_len: int, eos: jax.Array, pad: int, *,
+                  num_draft: int) -> jax.Array:
+    """Greedy decoding with prompt-lookup drafts -> (R, max_len) ids, identical to `greedy_search`'s.
+
+    `verify(tokens (R, T), positions (R, T), index, key_mask (R, S), cache) -> (logits (R, T, V), cache)` runs the
+    model on T tokens written at cache slots index..index+T-1. Each iteration feeds every row its last token and
+    `num_draft` drafts (`draft`), keeps the drafts that equal the argmax before them plus the argmax after the
+    last kept one, so a row gains 1..num_draft+1 tokens per forward pass. Rows advance at different rates but
+    share the write slots: a row's rejected slots leave its `key_mask` (and so its attention and sliding windows),
+    and its rotary positions count only kept tokens. The cache needs (max_new_tokens - 1) * (num_draft + 1) slots
+    past `index`. `prompt` (R, P) is left-aligned with `prompt_mask`; `position` (R,) is the first generated
+    token's rotary position.
+    """
+    R, P = prompt.shape
+    T = num_draft + 1
+    width = max_len + T  # room for a whole iteration's tokens past max_len
+    cols = jnp.arange(width)
+    first = argmax(logits)
+    out = jnp.full((R, width), pad, jnp.int32).at[:, 0].set(first)
+    done = (first == eos) | (max_new_tokens <= 1)
+
+    def cond(state):
+        return ~jnp.all(state[2])
+
+    def body(state):
+        c, count, done, out, position, key_mask, cache = state  # count (R,): tokens generated; out[:, count - 1] is unfed
+        last = jnp.take_along_axis(out, count[:, None] - 1, axis=1)
+        context = jnp.concatenate([prompt, out], axis=1)
+        valid = jnp.concatenate([prompt_mask > 0, cols[None] < count[:, None]], axis=1)
+        drafts, _ = draft(context, valid, P + count, num_draft)
+        tokens = jnp.concatenate([last, drafts], axis=1)
+        logits, cache = verify(tokens, position[:, None] + jnp.arange(T), c, key_mask, cache)
+        best = argmax(logits)  # (R, T): the greedy successor of each fed token
+        kept = jnp.cumprod((drafts == best[:, :-1]).astype(jnp.int32), axis=1).sum(axis=1)  # drafts that agree with the argmax before them
+        # The new tokens best[:, :kept + 1] go to out[:, count:], cut at EOS and at max_new_tokens.
+        offset = cols[None] - count[:, None]
+        new = jnp.take_along_axis(best, jnp.clip(offset, 0, T - 1), axis=1)
+        fresh = (offset >= 0) & (offset <= kept[:, None]) & (cols[None] < max_new_tokens) & ~done[:, None]
+        seen_eos = jnp.cumsum(fresh & (new == eos), axis=1) - (fresh & (new == eos))  # EOSes written before each column
+        fresh = fresh & (seen_eos == 0)
+        out = jnp.where(fresh, new, out)
+        gained = fresh.sum(axis=1)
+        slot = jnp.arange(key_mask.shape[1])[None] - c
+        key_mask = jnp.where((slot > kept[:, None]) & (slot < T), 0, key_mask)  # rejected drafts' slots
+        done = done | jnp.any(fresh & (new == eos), axis=1) | (count + gained >= max_new_tokens)
+        return c + T, count + gained, done, out, position + kept + 1, key_mask, cache
+
+    state = (jnp.int32(index), jnp.ones((R,), jnp.int32), done, out, position, key_mask, cache)
+    return jax.lax.while_loop(cond, body, state)[3][:, :max_len]

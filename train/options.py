@@ -11,6 +11,7 @@ from train.errors import UsageError
 
 METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "prompt", "ptuning", "prefix", "ia3", "adapter", "selective")
 LAB_METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "qlora", "prompt", "ptuning", "prefix", "ia3", "adapter")
+PROMPT_LOOKUP = 0  # evaluation's default draft count (see benchmarks/README.md, generate_real)
 # Lab entries that are another method with settings of their own.
 LAB_VARIANTS = {"qlora": {"method": "lora", "quantize": "nf4"}}
 
@@ -101,6 +102,9 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--eval-samples", type=int, default=50, help="validation examples scored before and after (0: no evaluation)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="examples per generation batch")
     g.add_argument("--skip-base-eval", action="store_true", help="score only the tuned model")
+    g.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP, metavar="N",
+                   help="decoder-only models: each decoding pass also checks up to N tokens copied from the prompt's own n-grams "
+                        "(the same summaries in fewer passes; 0: one token per pass) (default: %(default)s)")
     g.add_argument("--out", default="runs/lab" if lab else "runs/summarize", help="run directory (resumed when restarted with the same settings)")
     g.add_argument("--overwrite", action="store_true", help="start --out afresh, deleting its earlier run")
     g.add_argument("--log-every", type=int, default=1, help="log the loss every N micro-steps")
@@ -140,7 +144,7 @@ def check(args: argparse.Namespace) -> None:
     check_method(args.method)
     _at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
               "num_virtual_tokens", "encoder_hidden_size", "adapter_reduction", "select_last_blocks", "log_every", "keep_checkpoints")
-    _at_least(args, 0, "eval_samples", "warmup_steps", "save_every", "weight_decay", "clip_norm")
+    _at_least(args, 0, "eval_samples", "prompt_lookup", "warmup_steps", "save_every", "weight_decay", "clip_norm")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not (args.epochs > 0 and math.isfinite(args.epochs)):

@@ -22,7 +22,7 @@ RESULTS_FILE = "results.json"
 ARTIFACTS = (SETTINGS_FILE, RESULTS_FILE, "metrics.jsonl", "predictions.jsonl", "loss.png", "checkpoints", "adapter", "merged", "model")
 # Options that change only what is scored, logged or kept, or how much memory a step takes, never the trained
 # weights: a restart may change them.
-FREE = ("out", "overwrite", "eval_data", "eval_samples", "eval_batch_size", "skip_base_eval", "log_every", "save_every",
+FREE = ("out", "overwrite", "eval_data", "eval_samples", "eval_batch_size", "skip_base_eval", "prompt_lookup", "log_every", "save_every",
         "keep_checkpoints", "merge", "remat")
 BUDGET = ("steps", "epochs")
 

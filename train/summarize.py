@@ -141,7 +141,8 @@ class Phases:
 
 
 def _score(task, params, rows, args, dtype, desc) -> tuple[dict, list[str]]:
-    predictions = evaluate.summarize_all(task, params, rows, args.max_target_len, args.eval_batch_size, dtype, desc)
+    predictions = evaluate.summarize_all(task, params, rows, args.max_target_len, args.eval_batch_size, dtype, desc,
+                                         prompt_lookup=args.prompt_lookup)
     return evaluate.rouge(predictions, [r["reference"] for r in rows]), predictions
 
 

@@ -157,8 +157,12 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
         cache = (k, v)
     else:
         k, v = nn.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
-    attend = nn.attention if cache is not None else nn.causal_attention  # without a cache, keys end at the queries' positions
-    out = attend(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)  # (B, KV, G, T, E)
+    if cache is None or isinstance(index, int):  # no cache, or a prefill at a static slot: keys end at the queries' slots
+        end = index + T if cache is not None else k.shape[2]
+        out = nn.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), visible[..., :end], scale, ctx,
+                                  softcap=softcap)  # (B, KV, G, T, E)
+    else:  # a decoding step: the whole cache, causality hiding the slots not yet written
+        out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
     return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
 
 
@@ -243,13 +247,11 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
     return model.lm_head(a, params, h, ctx)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping"))
-def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype, length_penalty, early_stopping):
+@functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping",
+                                             "prompt_lookup"))
+def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype,
+              length_penalty, early_stopping, prompt_lookup):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
-    if num_beams > 1:  # every row becomes num_beams rows, as transformers does
-        input_ids, attention_mask = (jnp.repeat(t, num_beams, axis=0) for t in (input_ids, attention_mask))
-        if adapter_ids is not None:
-            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
     if prompt.has_soft_prompt(params):  # padding first, so a sliding window spans real slots only, as without padding
         order = jnp.argsort(mask, axis=1, stable=True)
@@ -266,14 +268,25 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
     if n:
         cache = prefix.write_cache(params, a, cache)
     h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
-    logits = model.lm_head(a, params, h[:, -1], ctx)
+    logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
+    if num_beams > 1:  # each row's prefill, computed once, becomes its num_beams beams' (transformers prefills every beam)
+        logits, cache, key_mask, last = jax.tree.map(lambda t: jnp.repeat(t, num_beams, axis=0), (logits, cache, key_mask, last))
+        if adapter_ids is not None:
+            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
+
+    def run(tokens, positions, index, key_mask, cache):  # tokens (R, T) at cache slots index.., rotary positions (R, T)
+        x, _ = model.embed(a, {"model": params["model"]}, tokens, jnp.ones(tokens.shape, jnp.int32), dtype)  # no soft prompt again
+        h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, index)
+        return model.lm_head(a, params, h, ctx), cache
 
     def step(tokens, i, cache):  # the i-th generated token sits at slot N + P + i, position last + 1 + i
-        x, _ = model.embed(a, {"model": params["model"]}, tokens[:, None], jnp.ones((R, 1), jnp.int32), dtype)  # no soft prompt again
-        h, cache = model.decoder(a, params, x, (last + 1 + i)[:, None], key_mask, ctx, cache, n + P + i)
-        return model.lm_head(a, params, h[:, 0], ctx), cache
+        logits, cache = run(tokens[:, None], (last + 1 + i)[:, None], n + P + i, key_mask, cache)
+        return logits[:, 0], cache
 
+    if prompt_lookup:
+        return generation.lookup_search(run, logits, cache, input_ids, attention_mask, key_mask, last + 1, n + P, max_new_tokens, max_len,
+                                        eos_token_id, a.pad_token_id, num_draft=prompt_lookup)
     if num_beams == 1:
         return generation.greedy_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id)
     return generation.beam_search(
@@ -296,25 +309,31 @@ def pad_after_eos(out: jax.Array, eos_ids: tuple[int, ...], pad: int) -> jax.Arr
 
 def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, *,
              length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | list[int] | None = None,
-             dtype: Any = jnp.float32, adapter_ids=None) -> jax.Array:
+             dtype: Any = jnp.float32, adapter_ids=None, prompt_lookup: int = 0) -> jax.Array:
     """Greedy or beam search with `model` (see the models' `generate`); (B, max_new_tokens) ids, pad after EOS."""
     eos = a.eos_token_ids if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
     if num_beams > 1 and len(eos) > 1:
         raise ValueError(f"beam search stops on one EOS id, but {list(eos)} were given: pass eos_token_id=<one id>")
+    if prompt_lookup < 0 or (prompt_lookup and num_beams > 1):
+        raise ValueError(f"prompt_lookup={prompt_lookup} with num_beams={num_beams}: prompt lookup drafts tokens for greedy decoding; "
+                         "pass a draft count >= 1 with num_beams=1, or prompt_lookup=0")
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     input_ids, attention_mask = left_align(input_ids, attention_mask)
     S = input_ids.shape[1]
-    extra = generation.bucket(S) - S
+    # Eighth-octave buckets (284 -> 288): the prefill computes every padded column; a power of two (512) nearly doubled it.
+    extra = generation.bucket(S, steps=8) - S
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
     n_virtual = prompt.num_virtual_tokens(params) + prefix.num_tokens(params)
+    generated_slots = (max_new_tokens - 1) * (prompt_lookup + 1)  # each lookup pass takes prompt_lookup + 1 slots, kept or not
     out = _generate(
         model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens
         None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
-        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + max_new_tokens - 1),
+        max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + generated_slots, fine=True),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
+        prompt_lookup=int(prompt_lookup),
     )[:, :max_new_tokens]
     return pad_after_eos(out, eos, a.pad_token_id) if len(eos) > 1 else out
 

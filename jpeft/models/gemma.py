@@ -299,11 +299,12 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     dtype: Any = jnp.float32,
     adapter_ids=None,
+    prompt_lookup: int = 0,
 ) -> jax.Array:
     """Greedy (num_beams=1) or beam search with a key/value cache, as `llama.generate`; (B, max_new_tokens) ids."""
     return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-                              dtype=dtype, adapter_ids=adapter_ids)
+                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup)
 
 
 _MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)

@@ -295,6 +295,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     dtype: Any = jnp.float32,
     adapter_ids=None,
+    prompt_lookup: int = 0,
 ) -> jax.Array:
     """Greedy (num_beams=1) or beam search; returns (B, max_new_tokens) generated ids, pad after EOS.
 
@@ -302,11 +303,13 @@ def generate(
     length are rounded up to buckets, so a run over many batches compiles only a few shapes; the loop runs
     on device with a key/value cache. `eos_token_id` defaults to the config's EOS id(s). With several EOS ids
     (Llama 3 Instruct) greedy rows stop at any of them, though the loop only ends early on the first; beam
-    search needs a single id.
+    search needs a single id. `prompt_lookup=N` drafts up to N tokens per step from each row's own prompt and
+    output (`jpeft.generation.lookup_search`) and verifies them in one pass: greedy's tokens exactly, in fewer
+    passes when the output copies the prompt (summaries); `dtype=jnp.bfloat16` computes in bfloat16.
     """
     return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-                              dtype=dtype, adapter_ids=adapter_ids)
+                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup)
 
 
 _MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)

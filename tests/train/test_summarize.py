@@ -79,7 +79,8 @@ def test_a_gemma_model_runs_end_to_end(data_dir, tmp_path, method):
     make_hf_gemma(tmp_path / "gemma", vocab_size=32128, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, layer_types=["sliding_attention", "full_attention"])
     out = tmp_path / method
-    assert _run(tmp_path / "gemma", data_dir, out, "--method", method, "--steps", "2", "--merge", "--skip-base-eval") == 0
+    lookup = ["--prompt-lookup", "3"] if method == "ia3" else ["--prompt-lookup", "0"]  # evaluation with and without drafts
+    assert _run(tmp_path / "gemma", data_dir, out, "--method", method, "--steps", "2", "--merge", "--skip-base-eval", *lookup) == 0
     assert set(json.loads((out / "results.json").read_text())["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert sorted(saved["target_modules"]) == (["q_proj", "v_proj"] if method == "lora" else ["down_proj", "q_proj", "v_proj"])
