@@ -1,5 +1,5 @@
 """GGUF export for llama.cpp: a LoRA adapter file (`save_lora`) and a merged full model (`save`), and reading the
-adapter back (`load_adapter`); the merged model loads through the model loaders (`llama.load_pretrained(x.gguf)`).
+adapter back (`load_adapter(path, params)`); the merged model loads through the model loaders (`llama.load_pretrained(x.gguf)`).
 
 The adapter is the file llama.cpp's `convert_lora_to_gguf.py` writes and `src/llama-adapter.cpp` reads:
 `general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha` (float32) and, per targeted weight
@@ -197,12 +197,14 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
             _add(writer, f"{name}.lora_b", b, dtype)
 
 
-def load_adapter(params: Mapping[str, Any], path: str | os.PathLike, config: Any = None) -> dict:
+def load_adapter(path: str | os.PathLike, params: Mapping[str, Any], config: Any = None) -> dict:
     """Put a llama.cpp LoRA adapter GGUF onto base `params`: lora_a (in, r), lora_b (r, out), lora_scale alpha / r.
 
-    `config` (the base's, or a path to it) is needed only for a `llama` adapter written without head counts (by
+    The file comes first, as in `jpeft.load_adapter(path, params)`. `config` (the base's, or a path to it) is needed only for a `llama` adapter written without head counts (by
     llama.cpp's converter), to undo the q/k rotary permutation.
     """
+    if isinstance(path, Mapping):
+        raise TypeError("jpeft.gguf.load_adapter(path, params): the adapter file comes first, then the base parameters")
     source = str(path)
     reader = gguf_io.open_reader(path)
     get = lambda key, default=None: gguf_io.metadata(reader, key, default, source)  # noqa: E731

@@ -89,7 +89,7 @@ def test_adapter_round_trips(tiny, tmp_path, dtype):
     jpeft.gguf.save_lora(file, params, config, dtype=dtype)
     types = {t.tensor_type for t in GGUFReader(str(file)).tensors}
     assert types == {"f32": {Q.F32}, "f16": {Q.F16}, "bf16": {Q.BF16}, "q8_0": {Q.Q8_0, Q.F16}}[dtype]  # r=4 rows: F16
-    loaded = tree.flatten(jpeft.gguf.load_adapter(base, file))
+    loaded = tree.flatten(jpeft.gguf.load_adapter(file, base))
     want = tree.flatten(params)
     assert sorted(loaded) == sorted(want)
     for path, value in want.items():
@@ -117,7 +117,7 @@ def test_scales_llama_cpp_cannot_name_are_folded(tiny, tmp_path, cfg):
         b = gguf_io.unpermute_rotary(b, heads) if heads else b
         want = np.asarray(flat[f"{path}/lora_scale"] * flat[f"{path}/lora_a"] @ flat[f"{path}/lora_b"])
         np.testing.assert_allclose(np.float32(fields["adapter.lora.alpha"]) / a.shape[0] * (b @ a).T, want, rtol=1e-5, atol=1e-7, err_msg=name)
-    merged_back = jpeft.lora.merge(jpeft.gguf.load_adapter(base, tmp_path / "a.gguf"))
+    merged_back = jpeft.lora.merge(jpeft.gguf.load_adapter(tmp_path / "a.gguf", base))
     for path, value in tree.flatten(jpeft.lora.merge(params)).items():
         np.testing.assert_allclose(np.asarray(tree.flatten(merged_back)[path]), np.asarray(value), atol=1e-6, err_msg=path)
 
@@ -188,7 +188,7 @@ def test_gemma3_merged_and_adapter_round_trip(tmp_path):
     _, back = gemma.load_pretrained(tmp_path / "g.gguf")
     for path, value in tree.flatten(jpeft.lora.merge(params)).items():
         np.testing.assert_allclose(np.asarray(tree.flatten(back)[path]), np.asarray(value), atol=1e-6, err_msg=path)
-    for path, value in tree.flatten(jpeft.gguf.load_adapter(base, tmp_path / "a.gguf")).items():
+    for path, value in tree.flatten(jpeft.gguf.load_adapter(tmp_path / "a.gguf", base)).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(tree.flatten(params)[path]), err_msg=path)
 
 
@@ -256,7 +256,7 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
     jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f32")
     with pytest.raises(CheckpointError, match="not a llama.cpp LoRA adapter"):
-        jpeft.gguf.load_adapter(base, tmp_path / "m.gguf")
+        jpeft.gguf.load_adapter(tmp_path / "m.gguf", base)
 
 
 @pytest.mark.llama_cpp
