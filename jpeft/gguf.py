@@ -200,22 +200,23 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
 def load_adapter(path: str | os.PathLike, params: Mapping[str, Any], config: Any = None) -> dict:
     """Put a llama.cpp LoRA adapter GGUF onto base `params`: lora_a (in, r), lora_b (r, out), lora_scale alpha / r.
 
-    The file comes first, as in `jpeft.load_adapter(path, params)`. `config` (the base's, or a path to it) is needed only for a `llama` adapter written without head counts (by
-    llama.cpp's converter), to undo the q/k rotary permutation.
+    The file comes first, as in `jpeft.load_adapter(path, params)`. `config` (the base's, or a path to it) is needed
+    only for a `llama` adapter written without head counts (by llama.cpp's converter), to undo q/k's rotary permutation.
     """
     if isinstance(path, Mapping):
         raise TypeError("jpeft.gguf.load_adapter(path, params): the adapter file comes first, then the base parameters")
     source = str(path)
     reader = gguf_io.open_reader(path)
-    get = lambda key, default=None: gguf_io.metadata(reader, key, default, source)  # noqa: E731
+
+    def get(key: str, default: Any = None) -> Any:
+        return gguf_io.metadata(reader, key, default, source)
+
     if get("general.type") != "adapter" or get("adapter.type") != "lora":
         raise CheckpointError(f"{source} is not a llama.cpp LoRA adapter (general.type={get('general.type')!r}, "
                               f"adapter.type={get('adapter.type')!r}; want 'adapter' and 'lora')")
     arch = get("general.architecture")
     alpha = float(get("adapter.lora.alpha", 0.0))
-    heads = [get(f"{arch}.{key}") for key in ADAPTER_HEADS]
-    if config is not None:
-        heads = list(_heads(_config(config)))
+    heads = _heads(_config(config)) if config is not None else tuple(get(f"{arch}.{key}") for key in ADAPTER_HEADS)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for tensor in reader.tensors:
         stem, _, leaf = tensor.name.rpartition(".")
@@ -227,14 +228,14 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any], config: Any
     for hf, pair in sorted(pairs.items()):
         if len(pair) != 2:
             raise CheckpointError(f"{source}: the LoRA pair of {hf} lacks one of lora_a / lora_b")
-        a, b = pair["lora_a"], pair["lora_b"]
-        n = gguf_io.rotary_heads(hf, arch, *heads) if arch == "llama" else None
-        if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf) and n is None:
-            raise CheckpointError(f"{source} records no {arch}.attention.head_count(_kv): pass the base's config to undo q/k's permutation")
-        if n:
-            b = gguf_io.unpermute_rotary(b, n)
+        b = pair["lora_b"]
+        if gguf_io.rotary_heads(hf, arch, 1, 1):  # a q/k pair of `llama`: lora_b's rows are permuted
+            if None in heads:
+                raise CheckpointError(f"{source} records no {arch}.attention.head_count(_kv): pass the base's config "
+                                      "(load_adapter(path, params, config)) to undo q/k's rotary permutation")
+            b = gguf_io.unpermute_rotary(b, gguf_io.rotary_heads(hf, arch, *heads))
         module = hf[: -len(".weight")]
-        updates[module] = _placed(params, module, a.T, b.T, alpha, source)
+        updates[module] = _placed(params, module, pair["lora_a"].T, b.T, alpha, source)
     return tg.replace_modules(params, updates)
 
 
@@ -375,6 +376,9 @@ def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype:
     state = merged_state(config, params)
     n_heads, n_kv = _heads(config)
     with _writer(path, arch) as writer:
+        writer.add_type("model")
+        if dtype == "q8_0":
+            writer.add_quantization_version(2)  # gguf.GGML_QUANT_VERSION, which llama.cpp's converter writes for quantized files
         _hyperparameters(writer, config, arch, dtype)
         if tokenizer_source is not None:
             _tokenizer(writer, tokenizer_source, _text(config).vocab_size)
