@@ -100,6 +100,26 @@ def test_adapter_round_trips(tiny, tmp_path, dtype):
                                atol={"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2}[dtype])
 
 
+def test_adapter_without_head_counts_needs_the_config(tiny, tmp_path):
+    """llama.cpp's converter records no head counts: `load_adapter` then needs the base's config to undo q/k's permutation."""
+    import gguf
+
+    config, base, params, _ = tiny
+    jpeft.gguf.save_lora(tmp_path / "a.gguf", params, config)
+    reader = GGUFReader(str(tmp_path / "a.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if not key.startswith(("GGUF.", "general.architecture", "llama.attention.")):
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(CheckpointError, match="records no llama.attention.head_count"):
+        jpeft.gguf.load_adapter(tmp_path / "bare.gguf", base)
+    for path, value in tree.flatten(jpeft.gguf.load_adapter(tmp_path / "bare.gguf", base, config)).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(tree.flatten(params)[path]), err_msg=path)
+
+
 @pytest.mark.parametrize("cfg", [dict(use_rslora=True), dict(rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3.0}),
                                  dict(use_rslora=True, rank_pattern={"down_proj": 8})], ids=["rslora", "patterns", "rslora-ranks"])
 def test_scales_llama_cpp_cannot_name_are_folded(tiny, tmp_path, cfg):
@@ -235,6 +255,8 @@ def test_tokenizer_from_an_hf_directory(tiny, tmp_path):
 
 
 def test_bad_inputs_are_named(tiny, tmp_path):
+    import transformers
+
     config, base, params, _ = tiny
     ia3 = jpeft.ia3.inject(base, jpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
     with pytest.raises(ValueError, match=r"ia3_in.*IA3"):
@@ -244,7 +266,9 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     with pytest.raises(ValueError, match="unknown GGUF dtype 'q4_0'"):
         jpeft.gguf.save_lora(tmp_path / "x.gguf", params, config, dtype="q4_0")
     with pytest.raises(ValueError, match="'t5'.*T5 is not a llama.cpp target"):
-        jpeft.gguf.save(tmp_path / "x.gguf", type("T5Config", (), {"model_type": "t5"})(), params)
+        jpeft.gguf.save_lora(tmp_path / "x.gguf", params, transformers.T5Config())
+    with pytest.raises(ValueError, match="'t5'.*T5 is not a llama.cpp target"):
+        jpeft.gguf.save(tmp_path / "x.gguf", transformers.T5Config(), params)
     tied_config, tied_state = tiny_hf("llama", tie=True)
     tied = _lora(llama.params_from_state_dict(tied_config, tied_state))
     tied["lm_head"] = {"lora_a": np.ones((64, 4), np.float32), "lora_b": np.ones((4, 96), np.float32), "lora_scale": np.float32(2.0)}
@@ -280,16 +304,17 @@ def test_llama_cpp_runs_the_files_as_jpeft(tiny, tmp_path):
 
 
 def _toy_tokenizer(tmp_path, vocab_size):
-    """A GGUF carrying only a toy gpt2 vocabulary of `vocab_size` tokens, for llama.cpp to load the model with."""
+    """A GGUF carrying only a toy byte-level vocabulary (one token per byte), for llama.cpp to load the model with."""
     import gguf
 
     path = tmp_path / "toy_tokenizer.gguf"
+    tokens = [gguf.vocab.bytes_to_unicode()[b] for b in range(vocab_size)]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list([chr(0x100 + i) for i in range(vocab_size)])
+    w.add_token_list(tokens)
     w.add_token_types([1] * vocab_size)
-    w.add_token_merges([])
+    w.add_token_merges([f"{tokens[40]} {tokens[41]}"])  # llama.cpp requires the key
     w.add_bos_token_id(2), w.add_eos_token_id(1), w.add_pad_token_id(0)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return path
