@@ -236,7 +236,7 @@ def test_tokenizer_from_an_hf_directory(tiny, tmp_path):
     """A byte-level BPE tokenizer.json becomes llama.cpp's gpt2 vocabulary, merges and special ids via the gguf package."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    config, _, params, _ = tiny
+    config = tiny[0]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator(["hello world, hello there"] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
@@ -245,8 +245,7 @@ def test_tokenizer_from_an_hf_directory(tiny, tmp_path):
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<eos>", "pad_token": "<pad>"}')
     wide = type(config).from_dict({**config.to_dict(), "vocab_size": tok.get_vocab_size() + 4})
-    wide_params = _lora(llama.init_params(wide, jax.random.key(3)))
-    jpeft.gguf.save(tmp_path / "m.gguf", wide, wide_params, dtype="f32", tokenizer_source=tmp_path / "tok")
+    jpeft.gguf.save(tmp_path / "m.gguf", wide, llama.init_params(wide, jax.random.key(3)), dtype="f32", tokenizer_source=tmp_path / "tok")
     fields, _ = _fields(tmp_path / "m.gguf")
     vocab = tok.get_vocab()
     assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == wide.vocab_size
