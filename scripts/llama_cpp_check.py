@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DATA), help="DialogSum directory (train/validation .jsonl)")
     p.add_argument("--out", default="runs/llama_cpp_check", help="run directory (train.summarize resumes it)")
     p.add_argument("--report", help="Markdown report file (default: OUT/llama_cpp_report.md)")
+    p.add_argument("--extra-buffers", action="store_true", help="keep llama.cpp's AMX / repacked CPU weight buffers "
+                   "(off by default: they crash with SIGILL where the CPU lists AMX but the kernel does not grant it)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     return p.parse_args(argv)
 
@@ -81,6 +83,22 @@ def jpeft_greedy(task, params, prompts: list[list[int]]) -> tuple[list[list[int]
     t0 = time.perf_counter()
     outs = run()
     return outs, sum(map(len, outs)) / (time.perf_counter() - t0)
+
+
+def without_extra_buffers() -> None:
+    """Load llama.cpp models without its CPU "extra" buffer types (AMX, repacked weights): on CPUs that list AMX but
+    whose kernel does not grant it, llama.cpp's AMX kernels die with SIGILL on the Q4_1 weights. Llama() takes no
+    option for it, so the default model parameters it starts from are wrapped."""
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    C.llama_model_default_params = params
 
 
 def llama_cpp_model(path: Path, threads: int, lora: Path | None = None):
@@ -161,7 +179,8 @@ def check(args) -> tuple[str, bool]:
         "",
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; llama-cpp-python {llama_cpp.__version__}; "
         f"SmolLM2-135M-Instruct ({base_file.name}); LoRA r=16 alpha=32 on q/k/v/o, {args.steps} steps on DialogSum "
-        f"(trained in {train_s:.0f} s, or resumed); {os.cpu_count()} CPUs, llama.cpp threads {args.threads}.",
+        f"(trained in {train_s:.0f} s, or resumed); {os.cpu_count()} CPUs, llama.cpp threads {args.threads}"
+        f"{'' if args.extra_buffers else ', without its AMX / repacked CPU buffers'}.",
         "",
         "```",
         "python -m train.summarize " + " ".join(train_command(args)),
@@ -195,6 +214,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("llama_cpp is not importable: `pip install llama-cpp-python` (builds llama.cpp from source, ~10 min)", file=sys.stderr)
         return 2
+    if not args.extra_buffers:
+        without_extra_buffers()
     report, ok = check(args)
     path = Path(args.report or Path(args.out) / "llama_cpp_report.md")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,14 +48,14 @@ GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter 
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
     p = options.parser("jpeft-summarize", __doc__)
-    p.add_argument("--export-gguf", type=_gguf_exports, default=(), metavar="{adapter,merged}",
+    p.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
                    help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
                         "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only")
     return p
 
 
-def _gguf_exports(text: str) -> tuple[str, ...]:
-    chosen = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+def _gguf_exports(text: str) -> list[str]:
+    chosen = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # a list: run.json records it as one
     bad = [t for t in chosen if t not in GGUF_EXPORTS]
     if bad or not chosen:
         raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GGUF_EXPORTS)} (comma-separated)")
@@ -64,7 +64,7 @@ def _gguf_exports(text: str) -> tuple[str, ...]:
 
 def check_gguf_export(args: argparse.Namespace, family: str) -> None:
     """--export-gguf needs a decoder-only model; the adapter file needs plain LoRA, the merged one a mergeable method."""
-    exports = getattr(args, "export_gguf", ())
+    exports = getattr(args, "export_gguf", [])
     if exports and family == "t5":
         raise UsageError("--export-gguf: llama.cpp GGUF export is for decoder-only models (Llama family, Gemma); T5 is not a llama.cpp target")
     if "adapter" in exports and args.method != "lora":
@@ -198,7 +198,7 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
 def export_gguf(args, task, params, out: Path) -> None:
     """The --export-gguf files: adapter.gguf (LoRA, f32) and merged.gguf (f16; the vocabulary is the model's own GGUF's,
     the one llama.cpp knows, else that of --tokenizer or the model directory)."""
-    exports = getattr(args, "export_gguf", ())
+    exports = getattr(args, "export_gguf", [])
     if "adapter" in exports:
         jpeft.gguf.save_lora(out / "adapter.gguf", params, task.config)
     if "merged" in exports:
