@@ -69,20 +69,22 @@ def jpeft_logits(task, params, prompt: list[int]) -> np.ndarray:
     return np.asarray(task.module.forward(task.config, params, ids, np.ones_like(ids)))[0]
 
 
-def jpeft_greedy(task, params, prompts: list[list[int]]) -> tuple[list[list[int]], float]:
-    """Greedy ids per prompt (batch 1, up to EOS) and tokens/s of a second, timed pass (the first compiles)."""
-    def run():
-        outs = []
+def jpeft_greedy(task, params, prompts: list[list[int]], timed: bool = True) -> tuple[list[list[int]], float, float]:
+    """Greedy ids per prompt (batch 1, up to EOS), and prompt / decoding tokens/s of timed passes after one that
+    compiles. jpeft's loop is one program, so the prompt's time is that of a run generating one token."""
+    def run(max_new: int) -> tuple[list[list[int]], float]:
+        outs, t0 = [], time.perf_counter()
         for prompt in prompts:
             ids = np.asarray([prompt])
-            row = np.asarray(task.module.generate(task.config, params, ids, np.ones_like(ids), max_new_tokens=MAX_NEW))[0].tolist()
+            row = np.asarray(task.module.generate(task.config, params, ids, np.ones_like(ids), max_new_tokens=max_new))[0].tolist()
             outs.append(row[: row.index(task.eos_id)] if task.eos_id in row else row)
-        return outs
+        return outs, time.perf_counter() - t0
 
-    run()
-    t0 = time.perf_counter()
-    outs = run()
-    return outs, sum(map(len, outs)) / (time.perf_counter() - t0)
+    if not timed:
+        return run(MAX_NEW)[0], float("nan"), float("nan")
+    run(MAX_NEW), run(1)
+    (outs, full), (_, prefill) = run(MAX_NEW), run(1)
+    return outs, sum(map(len, prompts)) / prefill, sum(map(len, outs)) / (full - prefill)
 
 
 def without_extra_buffers() -> None:
@@ -114,13 +116,19 @@ def llama_cpp_logits(model, prompt: list[int]) -> np.ndarray:
     return np.array(model.scores[: len(prompt)], dtype=np.float32)
 
 
-def llama_cpp_greedy(model, prompts: list[list[int]], eos: int) -> tuple[list[list[int]], float]:
-    """Greedy ids per prompt (argmax of llama.cpp's logits, up to EOS) and tokens/s, prompt evaluation included."""
-    outs, elapsed = [], 0.0
+def llama_cpp_greedy(model, prompts: list[list[int]], eos: int) -> tuple[list[list[int]], float, float]:
+    """Greedy ids per prompt (argmax of llama.cpp's logits, up to EOS), and prompt / decoding tokens/s after a warm-up
+    (a fresh context's first evaluations are several times slower)."""
+    model.reset()
+    model.eval(prompts[0])
+    for token in prompts[0][:8]:
+        model.eval([token])
+    outs, prefill, decode = [], 0.0, 0.0
     for prompt in prompts:
         t0 = time.perf_counter()
         model.reset()
         model.eval(prompt)
+        t1 = time.perf_counter()
         out = []
         while len(out) < MAX_NEW:
             token = int(np.argmax(model.scores[model.n_tokens - 1]))
@@ -128,9 +136,9 @@ def llama_cpp_greedy(model, prompts: list[list[int]], eos: int) -> tuple[list[li
                 break
             out.append(token)
             model.eval([token])
-        elapsed += time.perf_counter() - t0
+        prefill, decode = prefill + t1 - t0, decode + time.perf_counter() - t1
         outs.append(out)
-    return outs, sum(map(len, outs)) / elapsed
+    return outs, sum(map(len, prompts)) / prefill, sum(map(len, outs)) / decode
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -159,15 +167,17 @@ def check(args) -> tuple[str, bool]:
     plain, adapted = llama_cpp_model(base_file, args.threads), llama_cpp_model(base_file, args.threads, out / "adapter.gguf")
     corrs = [correlation(llama_cpp_logits(adapted, p) - llama_cpp_logits(plain, p), jpeft_logits(task, tuned, p) - jpeft_logits(task, base, p))
              for p in prompts[:N_LOGITS]]
-    ours, ours_tps = jpeft_greedy(task, tuned, prompts)
-    theirs, theirs_tps = llama_cpp_greedy(adapted, prompts, task.eos_id)
+    ours, *ours_tps = jpeft_greedy(task, tuned, prompts)
+    theirs, *theirs_tps = llama_cpp_greedy(adapted, prompts, task.eos_id)
     agree = sum(a == b for a, b in zip(ours, theirs))
+    # The control: the Q4_1 base alone, to tell llama.cpp's Q4_1 arithmetic (activations rounded to 8 bits) from the adapter.
+    agree_base = sum(a == b for a, b in zip(jpeft_greedy(task, base, prompts, timed=False)[0], llama_cpp_greedy(plain, prompts, task.eos_id)[0]))
 
     merged_cpp = llama_cpp_model(out / "merged.gguf", args.threads)
     config_m, merged = llama.load_pretrained(out / "merged.gguf")
     merged_task = type(task)(task.family, config_m, task.tokenizer, task.source, task.chat)
-    ours_m, ours_m_tps = jpeft_greedy(merged_task, merged, prompts)
-    theirs_m, theirs_m_tps = llama_cpp_greedy(merged_cpp, prompts, task.eos_id)
+    ours_m, *ours_m_tps = jpeft_greedy(merged_task, merged, prompts)
+    theirs_m, *theirs_m_tps = llama_cpp_greedy(merged_cpp, prompts, task.eos_id)
     agree_m = sum(a == b for a, b in zip(ours_m, theirs_m))
 
     ok = min(corrs) >= MIN_CORRELATION and agree >= MIN_AGREE and agree_m == N_DIALOGUES
@@ -192,11 +202,12 @@ def check(args) -> tuple[str, bool]:
         f"| logits with adapter minus without: correlation llama.cpp vs jpeft ({N_LOGITS} prompts, min) | {min(corrs):.4f} | >= {MIN_CORRELATION} |",
         f"| greedy summaries, Q4_1 base + adapter.gguf: same in llama.cpp and jpeft | {agree} / {N_DIALOGUES} | >= {MIN_AGREE} |",
         f"| greedy summaries, merged.gguf (f16): same in llama.cpp and jpeft | {agree_m} / {N_DIALOGUES} | {N_DIALOGUES} |",
+        f"| (control) greedy summaries, Q4_1 base alone: same in llama.cpp and jpeft | {agree_base} / {N_DIALOGUES} | |",
         "",
-        "| greedy decoding, batch 1, prompt included (tokens/s) | llama.cpp | jpeft (CPU, float32) |",
-        "| --- | --- | --- |",
-        f"| Q4_1 base + LoRA adapter | {theirs_tps:.1f} | {ours_tps:.1f} |",
-        f"| merged f16 | {theirs_m_tps:.1f} | {ours_m_tps:.1f} |",
+        "| greedy generation, batch 1 (tokens/s) | llama.cpp prompt | llama.cpp decoding | jpeft prompt | jpeft decoding |",
+        "| --- | --- | --- | --- | --- |",
+        f"| Q4_1 base + LoRA adapter (jpeft: float32, adapter unmerged) | {theirs_tps[0]:.0f} | {theirs_tps[1]:.1f} | {ours_tps[0]:.0f} | {ours_tps[1]:.1f} |",
+        f"| merged f16 (jpeft: float32) | {theirs_m_tps[0]:.0f} | {theirs_m_tps[1]:.1f} | {ours_m_tps[0]:.0f} | {ours_m_tps[1]:.1f} |",
         "",
         "| id | llama.cpp (base + adapter.gguf) | jpeft | same |",
         "| --- | --- | --- | --- |",
