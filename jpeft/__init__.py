@@ -5,7 +5,7 @@ the models use the added leaves when present, and a mask says what trains. `jpef
 do the same for unmodified Flax models.
 """
 
-from jpeft import adapters, batches, ia3, loha, lokr, lora, merging, prefix, prompt, ptuning, selective
+from jpeft import adapters, batches, gguf, ia3, loha, lokr, lora, merging, prefix, prompt, ptuning, selective
 from jpeft.adapters import AdapterConfig
 from jpeft.ia3 import IA3Config
 from jpeft.loha import LoHaConfig
@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig",
-    "adapters", "attach", "batches", "combine", "count_params", "ia3", "load_adapter", "loha", "lokr", "lora", "merge_adapters", "merging",
+    "adapters", "attach", "batches", "combine", "count_params", "gguf", "ia3", "load_adapter", "loha", "lokr", "lora", "merge_adapters", "merging",
     "optimizer", "partition", "prefix", "prompt", "ptuning", "save_adapter", "selective", "split_adapter", "trainable_mask",
 ]

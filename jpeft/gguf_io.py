@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's format) as a transformers config plus a dequantised float32 state dict, in numpy.
+"""GGUF files (llama.cpp's format) as a transformers config plus a dequantised float32 state dict, in numpy, and the
+format's names and rotary permutation both ways (`jpeft.gguf` writes with the same tables).
 
 Mirrors transformers' own GGUF loader (`modeling_gguf_pytorch_utils.load_gguf_checkpoint`): the same config
 keys, the same tensor renaming, and the same undoing of llama.cpp's q/k row permutation for the `llama`
@@ -25,6 +26,8 @@ from jpeft.quant.layout import GGUF_TYPES
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2", "gemma3")
 GEMMA = ("gemma2", "gemma3")
+# transformers model_type -> GGUF architecture, as llama.cpp's convert_hf_to_gguf.py maps them (Mistral is `llama`)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 GLOBAL_TENSORS = {  # GGUF name -> transformers name
     "token_embd.weight": "model.embed_tokens.weight",
@@ -183,6 +186,17 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     return None
 
 
+def gguf_name(hf: str, arch: str = "llama") -> str | None:
+    """transformers state-dict name -> GGUF tensor name (for GGUF architecture `arch`); None when it has none."""
+    for g, name in GLOBAL_TENSORS.items():
+        if name == hf:
+            return g
+    layer_tensors = GEMMA_LAYER_TENSORS if arch in GEMMA else LAYER_TENSORS
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
+    short = {v: k for k, v in layer_tensors.items()}.get(match[2]) if match else None
+    return None if short is None else f"blk.{match[1]}.{short}.{match[3]}"
+
+
 def dequantize(tensor, source: str = "GGUF file") -> np.ndarray:
     """A reader tensor as float32 in PyTorch layout (GGUF lists dims innermost first)."""
     from gguf import GGMLQuantizationType as Q
@@ -204,6 +218,20 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter `permute` of q/k rows (per head: two rotary halves -> interleaved pairs); inverse of `unpermute_rotary`."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rotary_heads(hf: str, arch: str, n_heads: int, n_kv_heads: int) -> int | None:
+    """How many heads llama.cpp permutes the rows of tensor `hf` over (q/k weights and biases of the `llama`
+    architecture), else None."""
+    if arch != "llama":
+        return None
+    return n_heads if ".self_attn.q_proj." in hf else n_kv_heads if ".self_attn.k_proj." in hf else None
+
+
 def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[str, np.ndarray]:
     """All tensors, dequantised to float32 and renamed to transformers' names."""
     arch = metadata(reader, "general.architecture", source=source)
@@ -214,10 +242,9 @@ def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[st
             unknown.append(tensor.name)
             continue
         value = dequantize(tensor, source)
-        if arch == "llama" and ".self_attn.q_proj." in name:
-            value = unpermute_rotary(value, config.num_attention_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in name:
-            value = unpermute_rotary(value, config.num_key_value_heads)
+        heads = rotary_heads(name, arch, config.num_attention_heads, config.num_key_value_heads)
+        if heads:
+            value = unpermute_rotary(value, heads)
         elif arch in GEMMA and name.endswith("norm.weight"):
             value = value - 1
         state[name] = value
@@ -286,10 +313,9 @@ def read_packed(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], di
             rest.append(tensor)
             continue
         rows = np.asarray(tensor.data)  # (out, row_bytes), PyTorch's row order
-        if arch == "llama" and ".self_attn.q_proj." in name:
-            rows = unpermute_rotary(rows, config.num_attention_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in name:
-            rows = unpermute_rotary(rows, config.num_key_value_heads)
+        heads = rotary_heads(name, arch, config.num_attention_heads, config.num_key_value_heads)
+        if heads:
+            rows = unpermute_rotary(rows, heads)
         packed[name] = (Q(tensor.tensor_type).name.lower(), rows)
     # The float tensors go through the float reader unchanged, on a view of the file without the packed ones.
     floats = state_dict_from_reader(types.SimpleNamespace(fields=reader.fields, tensors=rest), config, source=source)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 import jpeft
 from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prefix, prompt, ptuning, quant, sharding, targets, training, tree
+from jpeft.models import registry
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
 from train.errors import UsageError
@@ -41,9 +42,36 @@ SOFT_PROMPTS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of eac
 NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
 
 
+GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter (f32), the merged model (f16)
+
+
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
-    return options.parser("jpeft-summarize", __doc__)
+    p = options.parser("jpeft-summarize", __doc__)
+    p.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
+                   help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
+                        "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only")
+    return p
+
+
+def _gguf_exports(text: str) -> list[str]:
+    chosen = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # a list: run.json records it as one
+    bad = [t for t in chosen if t not in GGUF_EXPORTS]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GGUF_EXPORTS)} (comma-separated)")
+    return chosen
+
+
+def check_gguf_export(args: argparse.Namespace, family: str) -> None:
+    """--export-gguf needs a decoder-only model; the adapter file needs plain LoRA, the merged one a mergeable method."""
+    exports = getattr(args, "export_gguf", [])
+    if exports and family == "t5":
+        raise UsageError("--export-gguf: llama.cpp GGUF export is for decoder-only models (Llama family, Gemma); T5 is not a llama.cpp target")
+    if "adapter" in exports and args.method != "lora":
+        raise UsageError(f"--export-gguf adapter: llama.cpp adapters hold LoRA pairs only, not --method {args.method}; "
+                         "export the merged model instead (--export-gguf merged)")
+    if "merged" in exports and args.method not in (*MERGEABLE, "full"):
+        raise UsageError(f"--export-gguf merged: --method {args.method} does not merge into the weights")
 
 
 def _names(text: str | None, default: str) -> list[str] | str:
@@ -164,7 +192,23 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
     if args.merge and args.method in MERGEABLE:
         merged = quant.dequantize(MERGEABLE[args.method](params))  # exported in float
         task.module.save_pretrained(out / "merged", task.config, merged)
+    export_gguf(args, task, params, out)
     return _dir_bytes(out / "adapter")
+
+
+def export_gguf(args, task, params, out: Path) -> None:
+    """The --export-gguf files: adapter.gguf (LoRA, f32) and merged.gguf (f16; the vocabulary is the model's own GGUF's,
+    the one llama.cpp knows, else that of --tokenizer or the model directory)."""
+    exports = getattr(args, "export_gguf", [])
+    if "adapter" in exports:
+        jpeft.gguf.save_lora(out / "adapter.gguf", params, task.config)
+    if "merged" in exports:
+        merged = params if args.method in ("full", "lora") else MERGEABLE[args.method](params)  # gguf.save merges LoRA itself
+        model = registry.resolve(args.model)
+        source = model if str(model).endswith(".gguf") else args.tokenizer or model
+        jpeft.gguf.save(out / "merged.gguf", task.config, merged, dtype="f16", tokenizer_source=source)
+    for name in exports:
+        print(f"wrote {out / f'{name}.gguf'} (llama.cpp GGUF)")
 
 
 def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path, resume_from: int) -> str:
@@ -187,6 +231,7 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     """
     options.check(args)
     family, config, _ = tasks.find_model(args.model)
+    check_gguf_export(args, family)
     check_method_fits(args, family, config)
     train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
                                                args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)

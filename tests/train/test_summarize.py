@@ -403,3 +403,36 @@ def test_python_api_takes_rows_in_memory(model_dir, tmp_path, as_dataset):
         summarize.finetune(train, lora_rank=4)
     with pytest.raises(UsageError, match="example 1 has no 'gist' text"):
         summarize.finetune([rows[0], {"text": "x", "gist": ""}], model=str(model_dir), input_field="text", target_field="gist")
+
+
+def test_export_gguf_writes_llama_cpp_files(model_dir, data_dir, tmp_path):
+    """--export-gguf adapter,merged on a tiny Llama GGUF: adapter.gguf reads back as the HF PEFT adapter saved beside it,
+    merged.gguf as that adapter merged (f16); a T5 model is refused before anything loads."""
+    import numpy as np
+    import transformers
+
+    import jpeft
+    from jpeft import tree
+    from jpeft.models import llama
+    from tests.test_gguf_io import write_gguf
+
+    config = transformers.LlamaConfig(vocab_size=32128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    base = llama.init_params(config, __import__("jax").random.key(0))
+    write_gguf(tmp_path / "tiny.gguf", config, llama.state_dict_from_params(config, base), types={})
+    out = tmp_path / "run"
+    assert _run(tmp_path / "tiny.gguf", data_dir, out, "--method", "lora", "--steps", "2", "--eval-samples", "0",
+                "--export-gguf", "adapter,merged") == 0
+    _, base = llama.load_pretrained(tmp_path / "tiny.gguf")
+    want = jpeft.load_adapter(out / "adapter", base)
+    got = tree.flatten(jpeft.gguf.load_adapter(out / "adapter.gguf", base))
+    assert sorted(got) == sorted(tree.flatten(want))
+    for path, value in tree.flatten(want).items():
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
+    _, merged = llama.load_pretrained(out / "merged.gguf")
+    for path, value in tree.flatten(jpeft.lora.merge(want)).items():
+        np.testing.assert_allclose(np.asarray(tree.flatten(merged)[path]), np.asarray(value), atol=2e-3, err_msg=path)
+    with pytest.raises(SystemExit):
+        summarize.parser().parse_args(["--export-gguf", "lora"])
+    assert _run(model_dir, data_dir, tmp_path / "t5", "--export-gguf", "adapter") == 2

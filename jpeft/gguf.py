@@ -1,0 +1,400 @@
+"""GGUF export for llama.cpp: a LoRA adapter file (`save_lora`) and a merged full model (`save`), and reading the
+adapter back (`load_adapter(path, params)`); the merged model loads through the model loaders (`llama.load_pretrained(x.gguf)`).
+
+The adapter is the file llama.cpp's `convert_lora_to_gguf.py` writes and `src/llama-adapter.cpp` reads:
+`general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha` (float32) and, per targeted weight
+`<base tensor>` (e.g. `blk.0.attn_q.weight`), `<base tensor>.lora_a` of numpy shape (r, in) and `.lora_b` of
+(out, r), PEFT's lora_A / lora_B. llama.cpp scales each pair by alpha / r with r read from the pair, so one file-wide
+alpha expresses PEFT's alpha / r, rank patterns and rsLoRA (alpha sqrt(r) / r) whenever scale * r is the same for
+every module; where it is not (alpha patterns, rsLoRA with rank patterns), lora_b of the other modules is multiplied
+by their scale * r / alpha, which is exact up to one float32 rounding (`load_adapter` then reads back the same
+product with scale alpha / r). For the `llama` architecture the rows of q/k's lora_b take the rotary permutation
+the base weights get (`gguf_io.permute_rotary`). The file also records `<arch>.attention.head_count(_kv)` (llama.cpp
+ignores keys it does not know), so `load_adapter` can undo that permutation without the base's config.
+
+`base` (of `save_lora`) names the model the adapter was trained on: its transformers config, as
+`load_pretrained` returns it, or a path that holds one (a `.gguf` file, an HF directory, a hub id or a packaged
+name); the GGUF architecture, tensor names and head counts come from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from jpeft import gguf_io, hf_io, lora, quant, split, tree
+from jpeft import targets as tg
+from jpeft.hf_io import CheckpointError
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+ADAPTER_HEADS = ("attention.head_count", "attention.head_count_kv")  # recorded in adapters for `load_adapter`
+
+
+# ----------------------------------------------------------------------------------------------
+# What the file is of: the base's config and its GGUF architecture
+
+
+def _config(base: Any) -> Any:
+    """A transformers config from a config or a path / hub id / packaged name of the base model."""
+    if hasattr(base, "model_type"):
+        return base
+    from jpeft.models import causal_lm, registry
+
+    path = registry.resolve(base)
+    if str(path).endswith(".gguf"):
+        return gguf_io.load_config(path)
+    raw = hf_io.read_config_json(hf_io.resolve_model_dir(path))
+    return causal_lm.model_for(types.SimpleNamespace(model_type=raw.get("model_type", "llama"))).config_from_dict(raw, str(path))
+
+
+def _text(config: Any) -> Any:
+    return config.text_config if getattr(config, "model_type", None) == "gemma3" else config
+
+
+def architecture(config: Any) -> str:
+    """The GGUF architecture (`general.architecture`) llama.cpp gives a model of this config."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in gguf_io.ARCHITECTURES:
+        raise ValueError(f"a {model_type!r} model has no llama.cpp GGUF export in jpeft; it writes the decoder-only "
+                         f"families {sorted(gguf_io.ARCHITECTURES)} (T5 is not a llama.cpp target)")
+    return gguf_io.ARCHITECTURES[model_type]
+
+
+def _heads(config: Any) -> tuple[int, int]:
+    c = _text(config)
+    return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors: dtypes and atomic writing
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {list(DTYPES)}")
+    return dtype
+
+
+def encode(value: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(data, GGML type) of a float array stored as `dtype`; Q8_0 needs rows of a multiple of 32 and falls back to
+    F16 otherwise, as llama.cpp's converter does."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    if dtype == "f32" or value.ndim == 1:  # llama.cpp keeps 1-D tensors (norms, biases) in F32
+        return value, Q.F32
+    if dtype == "q8_0" and value.shape[-1] % 32 == 0:
+        return gguf.quants.quantize(value, Q.Q8_0), Q.Q8_0
+    if dtype == "bf16":
+        return gguf.quants.quantize(value, Q.BF16), Q.BF16
+    return value.astype(np.float16), Q.F16
+
+
+@contextlib.contextmanager
+def _writer(path: str | os.PathLike, arch: str) -> Iterator[Any]:
+    """A `gguf.GGUFWriter` onto a temporary file beside `path`, moved into place only when the block completes."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _add(writer, name: str, value: np.ndarray, dtype: str) -> None:
+    data, qtype = encode(value, dtype)
+    writer.add_tensor(name, data, raw_dtype=qtype)
+
+
+def _file_type(dtype: str) -> int:
+    import gguf
+
+    F = gguf.LlamaFileType
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# The LoRA adapter
+
+
+def _lora_modules(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{module path: its lora leaves}, after refusing every PEFT leaf llama.cpp's LoRA cannot hold."""
+    flat = tree.flatten(params)
+    others = sorted(p for p in flat if split.is_adapter_path(p) and p.rsplit("/", 1)[-1] not in lora.LEAVES)
+    if others:
+        raise ValueError(f"llama.cpp's LoRA adapters hold lora_a/lora_b pairs only, but the parameters also hold {others[:4]} "
+                         "(IA3, prompts, prefixes, DoRA magnitudes, LoHa/LoKr and bottleneck adapters have no llama.cpp form): "
+                         "export the merged model with jpeft.gguf.save instead")
+    modules = {p[: -len("/lora_a")]: {} for p in flat if p.endswith("/lora_a")}
+    if not modules:
+        raise ValueError("save_lora: the parameters hold no LoRA weights (no lora_a leaves)")
+    for m, leaves in modules.items():
+        leaves.update({leaf: np.asarray(jax.device_get(flat[f"{m}/{leaf}"]), np.float32) for leaf in lora.LEAVES})
+        if leaves["lora_a"].ndim != 2:
+            raise ValueError(f"{m} holds stacked (multi-adapter) LoRA leaves; select one adapter before exporting")
+    return modules
+
+
+def _tensor_name(module: str, arch: str) -> str:
+    hf = module.replace("/", ".") + ".weight"
+    name = gguf_io.gguf_name(hf, arch)
+    if name is None or name == "token_embd.weight":
+        raise ValueError(f"LoRA on {module.replace('/', '.')} has no llama.cpp adapter tensor ({arch} adapters target the "
+                         "attention and MLP projections and an untied lm_head); drop it from target_modules")
+    return name
+
+
+def _file_alpha(modules: Mapping[str, Mapping[str, np.ndarray]]) -> float:
+    """The alpha that makes alpha / r each module's scale for as many modules as possible (the most common scale * r)."""
+    alphas = [float(np.float32(m["lora_scale"]) * m["lora_a"].shape[1]) for m in modules.values()]
+    return max(set(alphas), key=alphas.count)
+
+
+def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dtype: str = "f32") -> None:
+    """Write the LoRA leaves of `params` as a llama.cpp adapter GGUF for the model `base` (config or path), atomically."""
+    _check_dtype(dtype)
+    config = _config(base)
+    arch = architecture(config)
+    n_heads, n_kv = _heads(config)
+    modules = _lora_modules(params)
+    if "lm_head" in modules and _text(config).tie_word_embeddings:
+        raise ValueError("LoRA on a tied lm_head: llama.cpp's output layer is then the token embedding, which an adapter "
+                         "cannot change apart from the embedding; drop lm_head from target_modules or export the merged model")
+    alpha = _file_alpha(modules)
+    with _writer(path, arch) as writer:
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        writer.add_file_type(_file_type(dtype))
+        writer.add_uint32(f"{arch}.{ADAPTER_HEADS[0]}", n_heads)
+        writer.add_uint32(f"{arch}.{ADAPTER_HEADS[1]}", n_kv)
+        for module, leaves in modules.items():
+            name = _tensor_name(module, arch)
+            r = leaves["lora_a"].shape[1]
+            fold = float(np.float32(leaves["lora_scale"])) * r / alpha  # 1 unless this module's scale * r differs
+            a, b = leaves["lora_a"].T, leaves["lora_b"].T * np.float32(fold)  # PEFT's (r, in) and (out, r)
+            heads = gguf_io.rotary_heads(module.replace("/", ".") + ".", arch, n_heads, n_kv)
+            if heads:
+                b = gguf_io.permute_rotary(b, heads)
+            _add(writer, f"{name}.lora_a", a, dtype)
+            _add(writer, f"{name}.lora_b", b, dtype)
+
+
+def load_adapter(path: str | os.PathLike, params: Mapping[str, Any], config: Any = None) -> dict:
+    """Put a llama.cpp LoRA adapter GGUF onto base `params`: lora_a (in, r), lora_b (r, out), lora_scale alpha / r.
+
+    The file comes first, as in `jpeft.load_adapter(path, params)`. `config` (the base's, or a path to it) is needed
+    only for a `llama` adapter written without head counts (by llama.cpp's converter), to undo q/k's rotary permutation.
+    """
+    if isinstance(path, Mapping):
+        raise TypeError("jpeft.gguf.load_adapter(path, params): the adapter file comes first, then the base parameters")
+    source = str(path)
+    reader = gguf_io.open_reader(path)
+
+    def get(key: str, default: Any = None) -> Any:
+        return gguf_io.metadata(reader, key, default, source)
+
+    if get("general.type") != "adapter" or get("adapter.type") != "lora":
+        raise CheckpointError(f"{source} is not a llama.cpp LoRA adapter (general.type={get('general.type')!r}, "
+                              f"adapter.type={get('adapter.type')!r}; want 'adapter' and 'lora')")
+    arch = get("general.architecture")
+    alpha = float(get("adapter.lora.alpha", 0.0))
+    heads = _heads(_config(config)) if config is not None else tuple(get(f"{arch}.{key}") for key in ADAPTER_HEADS)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for tensor in reader.tensors:
+        stem, _, leaf = tensor.name.rpartition(".")
+        hf = gguf_io.hf_name(stem, arch)
+        if leaf not in ("lora_a", "lora_b") or hf is None or not hf.endswith(".weight"):
+            raise CheckpointError(f"{source}: tensor {tensor.name} is not a LoRA pair jpeft can place on a {arch} model")
+        pairs.setdefault(hf, {})[leaf] = gguf_io.dequantize(tensor, source)
+    updates = {}
+    for hf, pair in sorted(pairs.items()):
+        if len(pair) != 2:
+            raise CheckpointError(f"{source}: the LoRA pair of {hf} lacks one of lora_a / lora_b")
+        b = pair["lora_b"]
+        if gguf_io.rotary_heads(hf, arch, 1, 1):  # a q/k pair of `llama`: lora_b's rows are permuted
+            if None in heads:
+                raise CheckpointError(f"{source} records no {arch}.attention.head_count(_kv): pass the base's config "
+                                      "(load_adapter(path, params, config)) to undo q/k's rotary permutation")
+            b = gguf_io.unpermute_rotary(b, gguf_io.rotary_heads(hf, arch, *heads))
+        module = hf[: -len(".weight")]
+        updates[module] = _placed(params, module, pair["lora_a"].T, b.T, alpha, source)
+    return tg.replace_modules(params, updates)
+
+
+def _placed(params, module: str, a: np.ndarray, b: np.ndarray, alpha: float, source: str) -> dict:
+    """The lora leaves of one module, checked against its weight's (in, out) and cast to its dtype."""
+    import jax.numpy as jnp
+
+    try:
+        target = tg.get_module(params, module)
+    except KeyError:
+        raise CheckpointError(f"{source} holds LoRA weights for {module}, which these parameters do not have") from None
+    shape, dtype = quant.weight_shape(target), quant.weight_dtype(target)
+    if (a.shape[0], b.shape[1]) != shape or a.shape[1] != b.shape[0]:
+        raise CheckpointError(f"{source}: LoRA pair of {module} has shapes {a.shape} / {b.shape}, not fitting its weight {shape}")
+    r = a.shape[1]
+    scale = alpha / r if alpha else 1.0  # llama.cpp: no alpha means scale 1
+    return {"lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype), "lora_scale": jnp.asarray(scale, jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The merged model
+
+
+def _hyperparameters(writer, config: Any, arch: str, dtype: str) -> None:
+    """The `<arch>.*` keys llama.cpp reads for this architecture (and jpeft's reader reads back)."""
+    import gguf
+
+    c = _text(config)
+    heads, kv = _heads(config)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(_file_type(dtype))
+    ropes = dict(c.rope_parameters or {})
+    rope = ropes.get("full_attention", ropes)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
+    if rope.get("rope_type", "default") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r} has no GGUF form jpeft writes (only default and linear)")
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if arch in gguf_io.GEMMA:
+        _gemma_hyperparameters(writer, c, arch, ropes)
+
+
+def _gemma_hyperparameters(writer, c: Any, arch: str, ropes: dict) -> None:
+    """Gemma's window and soft caps; what llama.cpp hard-codes instead of reading (Gemma 3's layer pattern and local
+    rotary base) must match the config, or the file would run as another model."""
+    import transformers
+
+    writer.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
+        return
+    default = transformers.Gemma3TextConfig(num_hidden_layers=c.num_hidden_layers).layer_types
+    local = ropes.get("sliding_attention", {}).get("rope_theta", 10000.0)
+    if list(c.layer_types) != list(default) or local != 10000.0:
+        raise ValueError(f"llama.cpp runs Gemma 3 with every 6th layer global and local rotary base 10000; this config has "
+                         f"layer_types={list(c.layer_types)} and local base {local}, which a GGUF cannot record")
+
+
+def _tokenizer(writer, source: Any, vocab_size: int) -> None:
+    """Tokenizer metadata: every `tokenizer.*` key of a GGUF file, or built from an HF tokenizer directory with the
+    gguf package's vocab readers."""
+    from jpeft.models import registry
+
+    path = Path(registry.resolve(source))
+    if path.suffix == ".gguf":
+        reader = gguf_io.open_reader(path)
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub = field.types[-1] if len(field.types) > 1 else None
+                writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+        return
+    _hf_tokenizer(writer, hf_io.resolve_model_dir(path), vocab_size)
+
+
+def _hf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
+    import gguf
+    from gguf import vocab as gv
+
+    for kind in (gv.BpeVocab, gv.LlamaHfVocab, gv.SentencePieceVocab):
+        try:
+            vocab = kind(directory)
+            break
+        except (FileNotFoundError, TypeError, ValueError, ImportError):
+            continue
+    else:
+        raise CheckpointError(f"{directory} holds no tokenizer the gguf package reads (tokenizer.json BPE, or tokenizer.model)")
+    tokens, scores, kinds = map(list, zip(*vocab.all_tokens()))
+    if len(tokens) > vocab_size:
+        raise CheckpointError(f"{directory}: the tokenizer has {len(tokens)} tokens but the model's vocabulary only {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # padded embedding rows, as llama.cpp's converter names them
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        kinds.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_tokenizer_pre("default")  # llama.cpp's per-model pre-tokenizer names come from its converter's hash table
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(kinds)
+    gv.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def merged_state(config: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The float32 transformers state dict of `params` with any LoRA merged in (the one merge rule, `jpeft.lora.merge`)."""
+    from jpeft.models import causal_lm
+
+    architecture(config)
+    model = causal_lm.model_for(config)
+    if any(p.endswith("/lora_a") for p in tree.flatten(params)):
+        params = lora.merge(params)
+    return model.state_dict_from_params(config, quant.dequantize(params))
+
+
+def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype: str = "f16", tokenizer_source: Any = None) -> None:
+    """Write a full-model GGUF that llama.cpp runs, with any LoRA merged in, atomically.
+
+    2-D weights are stored as `dtype` ("f16", "bf16", "f32" or "q8_0"; Q8_0 falls back to F16 for rows not a multiple
+    of 32), norms and biases in F32. Q/k rows are permuted for `llama` and Gemma norms stored as 1 + w, as llama.cpp's
+    converter does; a tied model has no output.weight. `tokenizer_source` (a GGUF file, whose `tokenizer.*` keys are
+    copied, or an HF tokenizer directory / hub id / packaged name) gives the vocabulary llama.cpp needs to run the
+    file; without one only the special-token ids are written (enough for jpeft, not for llama.cpp's tokenizer).
+    """
+    _check_dtype(dtype)
+    arch = architecture(config)
+    state = merged_state(config, params)
+    n_heads, n_kv = _heads(config)
+    with _writer(path, arch) as writer:
+        writer.add_type("model")
+        if dtype == "q8_0":
+            writer.add_quantization_version(2)  # gguf.GGML_QUANT_VERSION, which llama.cpp's converter writes for quantized files
+        _hyperparameters(writer, config, arch, dtype)
+        if tokenizer_source is not None:
+            _tokenizer(writer, tokenizer_source, _text(config).vocab_size)
+        else:
+            c = _text(config)
+            eos = c.eos_token_id[0] if isinstance(c.eos_token_id, (list, tuple)) else c.eos_token_id
+            for add, value in ((writer.add_bos_token_id, c.bos_token_id), (writer.add_eos_token_id, eos), (writer.add_pad_token_id, c.pad_token_id)):
+                if value is not None:
+                    add(value)
+        for hf, value in state.items():
+            name = gguf_io.gguf_name(hf, arch)
+            if name is None:
+                raise ValueError(f"{hf} has no llama.cpp tensor name in a {arch} GGUF")
+            heads = gguf_io.rotary_heads(hf, arch, n_heads, n_kv)
+            if heads:
+                value = gguf_io.permute_rotary(value, heads)
+            elif arch in gguf_io.GEMMA and hf.endswith("norm.weight"):
+                value = value + 1
+            _add(writer, name, value, dtype)
