@@ -190,10 +190,14 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
         return _dir_bytes(out / "adapter")
     jpeft.save_adapter(out / "adapter", params, config=method_cfg, base_model_name_or_path=task.source)
     if args.merge and args.method in MERGEABLE:
-        merged = quant.dequantize(MERGEABLE[args.method](params))  # exported in float
-        task.module.save_pretrained(out / "merged", task.config, merged)
+        task.module.save_pretrained(out / "merged", task.config, _merged(args, params))
     export_gguf(args, task, params, out)
     return _dir_bytes(out / "adapter")
+
+
+def _merged(args, params):
+    """The tuned weights with the method folded in, in float (a quantized base exported dequantized)."""
+    return quant.dequantize(MERGEABLE[args.method](params) if args.method in MERGEABLE else params)
 
 
 def export_gguf(args, task, params, out: Path) -> None:
@@ -203,10 +207,9 @@ def export_gguf(args, task, params, out: Path) -> None:
     if "adapter" in exports:
         jpeft.gguf.save_lora(out / "adapter.gguf", params, task.config)
     if "merged" in exports:
-        merged = params if args.method in ("full", "lora") else MERGEABLE[args.method](params)  # gguf.save merges LoRA itself
         model = registry.resolve(args.model)
         source = model if str(model).endswith(".gguf") else args.tokenizer or model
-        jpeft.gguf.save(out / "merged.gguf", task.config, merged, dtype="f16", tokenizer_source=source)
+        jpeft.gguf.save(out / "merged.gguf", task.config, _merged(args, params), dtype="f16", tokenizer_source=source)
     for name in exports:
         print(f"wrote {out / f'{name}.gguf'} (llama.cpp GGUF)")
 

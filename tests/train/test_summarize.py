@@ -433,6 +433,10 @@ def test_export_gguf_writes_llama_cpp_files(model_dir, data_dir, tmp_path):
     _, merged = llama.load_pretrained(out / "merged.gguf")
     for path, value in tree.flatten(jpeft.lora.merge(want)).items():
         np.testing.assert_allclose(np.asarray(tree.flatten(merged)[path]), np.asarray(value), atol=2e-3, err_msg=path)
+    # A base kept quantized exports its merged model dequantized, as --merge does.
+    assert _run(tmp_path / "tiny.gguf", data_dir, tmp_path / "int8", "--method", "lora", "--steps", "1", "--eval-samples", "0",
+                "--quantize", "int8", "--export-gguf", "merged") == 0
+    assert llama.load_pretrained(tmp_path / "int8" / "merged.gguf")[1]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].shape == (32, 32)
     with pytest.raises(SystemExit):
         summarize.parser().parse_args(["--export-gguf", "lora"])
     assert _run(model_dir, data_dir, tmp_path / "t5", "--export-gguf", "adapter") == 2
