@@ -153,11 +153,9 @@ _DRAWS = 2**16  # values of one 16-bit draw
 def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
     """Inverted dropout; identity when deterministic or the rate is zero.
 
-    Each element compares a 16-bit draw, two per threefry word, with the rate rounded to a multiple of
+    Each element compares a 16-bit draw, two per 32-bit word, with the rate rounded to a multiple of
     2^-16 (0.05 -> 3277/65536 = 0.0500031), and survivors are scaled by the inverse of the rounded keep
-    rate, so the expectation is exact. `jax.random.bernoulli` spends a whole word per element, and threefry
-    is the cost of dropout on CPU: with LoRA dropout 0.05 a SmolLM2 step took 14.3 s with it and 12.2 s
-    this way (about 11 s without dropout).
+    rate, so the expectation is exact. Drawing bits is the cost of dropout on CPU (`_random_words`).
     """
     rate = ctx.dropout_rate if rate is None else rate
     if not 0.0 <= rate < 1.0:
@@ -168,9 +166,21 @@ def dropout(ctx: Ctx, x: jax.Array, rate: float | None = None) -> jax.Array:
     if drop == _DRAWS:
         raise ValueError(f"dropout rate {rate} rounds to 1 at the 2^-16 resolution of the draws; use a rate below {1 - 1 / _DRAWS}")
     n = math.prod(x.shape)
-    words = jax.random.bits(ctx.next_key(), ((n + 1) // 2,), jnp.uint32)
+    words = _random_words(ctx.next_key(), (n + 1) // 2)
     draws = jnp.stack([words & (_DRAWS - 1), words >> 16], axis=-1).reshape(-1)[:n].reshape(x.shape)
     return jnp.where(draws >= drop, x * (_DRAWS / (_DRAWS - drop)), 0).astype(x.dtype)
+
+
+def _random_words(key: jax.Array, n: int) -> jax.Array:
+    """n uint32 words from XLA's own threefry (`RngBitGenerator`) keyed by `key`'s data.
+
+    `jax.random.bits` builds threefry out of HLO integer ops; XLA's generator computes the same kind of stream
+    5-6x faster on CPU (4M words: 9 vs 53 ms), and with LoRA dropout 0.05 on all seven projections a SmolLM2
+    step drew ~350M 16-bit values, so the draws cost ~20% of the step.
+    """
+    data = jax.random.key_data(key).reshape(-1)
+    seed = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])[:4]  # the generator takes a 4-word key
+    return jax.lax.rng_bit_generator(seed, (n,), jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)[1]
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
