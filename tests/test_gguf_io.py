@@ -255,3 +255,12 @@ def test_hub_id_comes_from_the_source_metadata(tiny, metadata, want):
 def test_packaged_model_records_its_hub_repo():
     assert registry.hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert registry.hub_id("some/other-model") == "some/other-model"
+
+
+def test_close_reader_drops_the_open_file(tiny):
+    tmp_path, config, state = tiny
+    write_gguf(tmp_path / "g.gguf", config, state)
+    first = gguf_io.open_reader(tmp_path / "g.gguf")
+    assert gguf_io.open_reader(tmp_path / "g.gguf") is first  # kept open between the reads of one load
+    gguf_io.close_reader()
+    assert gguf_io.open_reader(tmp_path / "g.gguf") is not first

@@ -111,7 +111,9 @@ def load_task(model: str, tokenizer: str | None, dtype: Any, chat: bool | None =
     if chat is None:
         chat = registry.is_instruct(model)
         chat = has_template if chat is None else chat
-    return Task(family, config, tok, registry.hub_id(model), chat=family != "t5" and chat), params
+    task = Task(family, config, tok, registry.hub_id(model), chat=family != "t5" and chat)
+    gguf_io.close_reader()  # everything is read: what stays open would add to the training step's peak memory
+    return task, params
 
 
 def check_prompt(template: str) -> None:
