@@ -105,6 +105,10 @@ class Ctx:
         self._count += 1
         return jax.random.fold_in(self.rng, self._count)
 
+    def part(self, i) -> "Ctx":
+        """The context for part i of a repeated computation (a chunk of rows): its own key stream, drawn from this one."""
+        return self if self.rng is None else dataclasses.replace(self, rng=jax.random.fold_in(self.next_key(), i), _count=0)
+
 
 def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Array, layers: list[Params], ctx: Ctx) -> jax.Array:
     """x through `layer(params_i, x, ctx_i)` for each layer in order.

@@ -22,6 +22,29 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return _nll_sum(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid), jnp.sum(valid)
 
 
+LOGITS_CHUNK_BYTES = 128 << 20  # float32 logits of one chunk in `head_cross_entropy`
+
+
+def head_cross_entropy(head: Callable[[jax.Array, int], jax.Array], hidden: jax.Array, labels: jax.Array,
+                       chunk_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`token_cross_entropy(head(hidden), labels)` for hidden (N, D) and labels (N,), a chunk of rows at a time.
+
+    `head(h, i)` maps chunk i's hidden states to logits. Each chunk's logits are recomputed in the backward
+    pass instead of stored, so at most one chunk of (rows, vocab) logits and their gradient exist at once, for
+    one more LM-head product. Logits that fit in `chunk_bytes` (default `LOGITS_CHUNK_BYTES`) are computed whole (SmolLM2's 512 target positions
+    of a batch of 8: 100 MB); Gemma 3's vocabulary is 5x larger, and a long packed row holds many targets.
+    """
+    N, D = hidden.shape
+    vocab = jax.eval_shape(lambda h: head(h, 0), hidden[:1]).shape[-1]
+    rows = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // (4 * vocab))
+    if N <= rows:
+        return token_cross_entropy(head(hidden, 0), labels)
+    # Unrolled, not a scan: in a scan XLA hoisted a transposed copy of a tied embedding out of the loop (113 MB).
+    chunk = jax.checkpoint(lambda h, y, i: token_cross_entropy(head(h, i), y), static_argnums=2)
+    parts = [chunk(hidden[lo:lo + rows], labels[lo:lo + rows], k) for k, lo in enumerate(range(0, N, rows))]
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
 @jax.custom_vjp
 def _nll_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
     """Sum over valid positions of logsumexp(logits) - logits[label], with a one-pass backward.
@@ -165,7 +188,8 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
         T = batch["targets"].shape[1]
         pos = batch["target_index"][:, None] - 1 + jnp.arange(T)[None, :]  # position t predicts token t + 1
         picked = hidden[jnp.clip(pos, 0, R * L - 1)]
-        total, count = token_cross_entropy(model.lm_head(a, params, picked, ctx), batch["targets"])
+        head = lambda h, i: model.lm_head(a, params, h, ctx.part(i))  # noqa: E731  (a LoRA'd head drops per chunk)
+        total, count = head_cross_entropy(head, picked.reshape(-1, picked.shape[-1]), batch["targets"].reshape(-1))
         return total / jnp.maximum(count, 1)
 
     return loss

@@ -11,6 +11,7 @@ import pytest
 
 import jpeft
 from jpeft import adapters, ia3, lora, prompt, ptuning, selective, training
+from jpeft.batches import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +119,14 @@ def test_remat_scan_gives_the_same_loss_and_gradients(flan, batch):
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_scanned))) < 1e-5
 
 
-def test_causal_lm_loss_scores_only_targets_and_matches_full_logits():
+def test_causal_lm_loss_scores_only_targets_and_matches_full_logits(monkeypatch):
     from transformers import LlamaConfig
 
     from jpeft.models import llama
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
-    params = lora.inject(llama.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]),
+    params = lora.inject(llama.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "down_proj", "lm_head"]),
                          jax.random.key(1))
     rng = np.random.default_rng(0)
     ids = rng.integers(2, 64, size=(2, 10)).astype(np.int32)
@@ -140,6 +141,16 @@ def test_causal_lm_loss_scores_only_targets_and_matches_full_logits():
     expected = -np.mean([logp[0, t - 1, ids[0, t]] for t in range(6, 10)] + [logp[1, t - 1, ids[1, t]] for t in range(5, 8)])
     for remat in (False, True):
         assert float(training.causal_lm_loss(config, remat=remat)(params, batch, None)) == pytest.approx(float(expected), abs=1e-5)
+    # The LM head and loss in chunks of 3 of the 8 target positions: the same loss and gradients.
+    trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
+    grad = lambda: jax.value_and_grad(lambda t: training.causal_lm_loss(config)(jpeft.combine(t, frozen), batch, None))(trainable)  # noqa: E731
+    whole = grad()
+    monkeypatch.setattr(training, "LOGITS_CHUNK_BYTES", 3 * 64 * 4)
+    chunked = grad()
+    assert float(chunked[0]) == pytest.approx(float(expected), abs=1e-5)
+    for a, b in zip(jax.tree.leaves(whole[1]), jax.tree.leaves(chunked[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert float(jnp.abs(chunked[1]["lm_head"]["lora_b"]).max()) > 0  # the head's LoRA learns through the chunks
 
 
 def test_compile_step_matches_the_jitted_step():
@@ -155,3 +166,29 @@ def test_compile_step_matches_the_jitted_step():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(TypeError):  # an executable is for the shapes it was compiled for
         compiled(fresh(), tx.init(params), frozen, {"x": batch["x"][:2], "y": batch["y"][:2]}, None)
+
+
+@pytest.mark.parametrize("rows", [7, 64])
+def test_head_cross_entropy_in_chunks_equals_the_whole(rows):
+    """Chunks of `rows` (ragged last chunk at 7; whole at 64) give the loss, the count and the gradients of
+    the hidden states and of the head's weight that the unchunked loss gives."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(30, 8)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(8, 11)), jnp.float32)
+    labels = jnp.asarray(np.where(rng.random(30) < 0.2, IGNORE, rng.integers(0, 11, 30)), jnp.int32)
+    chunks = []
+
+    def loss(h, w, chunk_bytes):
+        def head(x, i):
+            chunks.append(i)
+            return x @ w
+        total, count = training.head_cross_entropy(head, h, labels, chunk_bytes=chunk_bytes)
+        return total / count
+
+    whole = jax.value_and_grad(lambda h, w: training.token_cross_entropy(h @ w, labels)[0] / jnp.sum(labels != IGNORE), (0, 1))
+    chunked = jax.value_and_grad(loss, (0, 1))
+    want, got = whole(hidden, weight), chunked(hidden, weight, rows * 11 * 4)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert max(chunks) == (0 if rows >= 30 else 4)  # 30 rows: chunks 0..4 of 7, or one
