@@ -719,11 +719,11 @@ class Visibility:
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Visibility, scale: float, softcap: float | None = None,
-                    block_q: int = 512, block_k: int = 512) -> jax.Array:
+                    block_q: int = 256, block_k: int = 256) -> jax.Array:
     """`causal_attention` without ever holding more than one (block_q, block_k) block of scores per head group.
 
-    Queries run in blocks of `block_q` rows (G * block_q per key/value head), each against the key blocks of
-    `block_k` it can see: from the block of its rows' earliest visible key (`Visibility.first_visible`: segment and
+    Queries run in blocks of about `block_q` rows (G * block_q per key/value head; `_even_block`), each against the
+    key blocks of about `block_k` it can see: from the block of its rows' earliest visible key (`Visibility.first_visible`: segment and
     window starts, found at run time) to the block of its last row's slot, so the causal upper triangle, other
     segments of a packed row and keys out of every row's window are skipped. The softmax runs online in float32;
     the backward pass recomputes each block's probabilities from the saved output and per-row log-sum-exp.
@@ -731,7 +731,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Visibilit
     """
     B, KV, G, T, E = q.shape
     S = k.shape[2]
-    block_q, block_k = min(block_q, T), min(block_k, S)
+    block_q, block_k = _even_block(T, block_q), _even_block(S, block_k)
     Tp, Sp = -(-T // block_q) * block_q, -(-S // block_k) * block_k
     past = S - T
     vis = visible.padded(max(Sp, past + Tp))
@@ -739,6 +739,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Visibilit
     k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, Sp - S), (0, 0))) for x in (k, v))
     out = _flash(q, k, v, vis, _key_block_ranges(vis, past, T, block_q, block_k), (scale, softcap, past, block_q, block_k))
     return out[:, :, :, :T]
+
+
+def _even_block(n: int, size: int) -> int:
+    """The block length nearest `size` that splits n into equal blocks with less than one block's row of padding each
+    (576 rows in 4 blocks of 144, not 3 of 256 with 192 rows of padding)."""
+    blocks = max(1, round(n / size))
+    return -(-n // blocks)
 
 
 def _key_block_ranges(vis: Visibility, past: int, T: int, block_q: int, block_k: int) -> jax.Array:
