@@ -523,7 +523,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     T, past = q.shape[3], k.shape[2] - q.shape[3]
     if isinstance(visible, Visibility):
         if T >= FLASH_MIN_LEN and not gpu_kernels() and _plain(ctx, None):
-            return flash_attention(q, k, v, visible, scale, softcap)
+            return flash_attention(q, k, v, visible, scale, softcap, FLASH_BLOCK, FLASH_BLOCK)
         visible = visible.mask(T)
     if gpu_kernels() and _plain(ctx, softcap):
         return dot_product_attention(q, k, v, visible, scale, causal=past == 0)
@@ -664,7 +664,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 FLASH_MIN_LEN: int = 1024
 """`causal_attention` runs `flash_attention` (CPU path, no attention dropout) from this many queries on; shorter rows
-take the query-block path, faster at the benchmarks' 448-576 tokens (see benchmarks/README.md, "Long sequences")."""
+keep the query-block path, which the benchmarks' 448-576-token steps were tuned on (see benchmarks/README.md,
+"Long sequences"). Both are read at trace time."""
+FLASH_BLOCK: int = 256
+"""`flash_attention`'s query and key block length under `causal_attention`."""
 
 
 @jax.tree_util.register_dataclass
