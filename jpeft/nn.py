@@ -34,7 +34,8 @@ forward-to-backward residuals nor remat ever hold a float copy of it; the PEFT l
 Kernels by backend (`KERNELS`, read at trace time): the hand-tuned paths here (attention's custom backward and
 query blocks, `matmul`'s float32 accumulation, `low_rank`'s backward) answer XLA's CPU backend. On a GPU the
 attention goes through `jax.nn.dot_product_attention` instead (cuDNN flash attention where it applies), and the
-matmuls and the low-rank update are plain products left to XLA's GPU compiler and autodiff.
+matmuls and the low-rank update are plain products left to XLA's GPU compiler and autodiff. Long rows
+(`FLASH_MIN_LEN` tokens on) train on the CPU path through `flash_attention`, blockwise, which holds no (T, S) array.
 """
 
 from __future__ import annotations
@@ -728,9 +729,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Visibilit
     Queries run in blocks of about `block_q` rows (G * block_q per key/value head; `_even_block`), each against the
     key blocks of about `block_k` it can see: from the block of its rows' earliest visible key (`Visibility.first_visible`: segment and
     window starts, found at run time) to the block of its last row's slot, so the causal upper triangle, other
-    segments of a packed row and keys out of every row's window are skipped. The softmax runs online in float32;
-    the backward pass recomputes each block's probabilities from the saved output and per-row log-sum-exp.
-    Rows that see no key give 0 (the dense path averages all values there; such rows are padding).
+    segments of a packed row and keys out of every row's window are skipped. The softmax runs online in float32
+    (products in q's dtype, accumulated in float32); the backward pass recomputes each block's probabilities from the
+    saved output and per-row log-sum-exp, so it keeps O(T) besides q, k, v. Query heads share key/value heads as in
+    `attention` (no copies of K or V); the S - T keys before the queries (a prefix) are visible to all; `softcap` as in
+    `attention`. Rows that see no key give 0 (the dense path averages all values there; such rows are padding).
     """
     B, KV, G, T, E = q.shape
     S = k.shape[2]
@@ -818,10 +821,8 @@ def _flash_fwd(q, k, v, vis, ranges, opts):
 
 def _flash_bwd(opts, res, g):
     q, k, v, vis, ranges, out, lse = res
-    _, softcap, past, block_q, block_k = opts
-    scale = opts[0]
+    scale, softcap, past, block_q, block_k = opts
     B, KV, G, Tp, E = q.shape
-    # D_r = sum_e dO_re O_re, the softmax backward's row term, per query row
     row_dot = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, KV, G, Tp)
 
     def query_block(carry, a):
