@@ -98,10 +98,10 @@ def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, 
 
 def layer_visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None,
                      cache: list | None = None) -> jax.Array | nn.Visibility:
-    """What a decoder's attention layers see: `visibility`'s mask with a cache; without one (the queries are the last T
-    of the S key slots), the same visibility as an O(S) `nn.Visibility`, which `nn.causal_attention` expands to the
-    mask for short rows and runs blockwise for long ones, so training never holds a (T, S) mask."""
-    if cache is not None:
+    """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `nn.FLASH_MIN_LEN`
+    and on the GPU path; otherwise (no cache: the queries are the last T of the S key slots) the same visibility as an
+    O(S) `nn.Visibility`, which `nn.causal_attention` runs blockwise, so long rows never hold a (T, S) mask."""
+    if cache is not None or len(query_index) < nn.FLASH_MIN_LEN or nn.gpu_kernels():
         return visibility(key_mask, query_index, window, segment_ids)
     return nn.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
                          None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
