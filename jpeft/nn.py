@@ -727,9 +727,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Visibilit
     """`causal_attention` without ever holding more than one (block_q, block_k) block of scores per head group.
 
     Queries run in blocks of about `block_q` rows (G * block_q per key/value head; `_even_block`), each against the
-    key blocks of about `block_k` it can see: from the block of its rows' earliest visible key (`Visibility.first_visible`: segment and
-    window starts, found at run time) to the block of its last row's slot, so the causal upper triangle, other
-    segments of a packed row and keys out of every row's window are skipped. The softmax runs online in float32
+    key blocks of about `block_k` it can see: from the block of its rows' earliest visible key
+    (`Visibility.first_visible`: segment and window starts, found at run time) to the block of its last row's slot, so
+    the causal upper triangle, other segments of a packed row and keys out of every row's window are skipped. The softmax runs online in float32
     (products in q's dtype, accumulated in float32); the backward pass recomputes each block's probabilities from the
     saved output and per-row log-sum-exp, so it keeps O(T) besides q, k, v. Query heads share key/value heads as in
     `attention` (no copies of K or V); the S - T keys before the queries (a prefix) are visible to all; `softcap` as in
@@ -748,8 +748,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: Visibilit
 
 
 def _even_block(n: int, size: int) -> int:
-    """The block length nearest `size` that splits n into equal blocks with less than one block's row of padding each
-    (576 rows in 4 blocks of 144, not 3 of 256 with 192 rows of padding)."""
+    """The block length nearest `size` that splits n rows into equal blocks, padding fewer rows than there are blocks
+    (576 rows: 2 blocks of 288, not 3 of 256 and 192 rows of padding)."""
     blocks = max(1, round(n / size))
     return -(-n // blocks)
 
