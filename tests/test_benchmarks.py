@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import common, speed
@@ -31,7 +32,8 @@ def test_quick_run_writes_finite_figures(tmp_path):
                 "generate_speedup_vs_transformers_bf16", "peft_mfu", "full_mfu", "matmul_peak_s", "t5_lora8_step_gflop_xla_dots",
                 "flax_linen_qwix_step_s", "flax_nnx_jpeft_peak_bytes", "jpeft_over_qwix_nnx_step_time",
                 "dora_over_lora_step_time", "peft_dora_over_lora_step_time", "smollm2_dora_over_lora_step_time",
-                "smollm2_peft_dora_over_lora_step_time", "smollm2_jpeft_dora_step_s"):
+                "smollm2_peft_dora_over_lora_step_time", "smollm2_jpeft_dora_step_s", "long_jpeft_256_xla_peak_bytes",
+                "long_peft_256_peak_rss_bytes", "scale_long_jpeft_time_exponent", "scale_long_peft_time_exponent"):
         assert key in figures, key
     numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     assert all(math.isfinite(v) for v in numbers.values()), [k for k, v in numbers.items() if not math.isfinite(v)]
@@ -106,3 +108,15 @@ def test_analytic_llama_flops_are_the_products_the_gpu_path_compiles(monkeypatch
     trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
     step = common.Step(training.causal_lm_loss(config), trainable, frozen, memory.smollm2_batch(config, B, L, T))
     assert step.dot_flops() == speed.llama_matmul_flops(config, B, L, T, lora_r=r)
+
+
+def test_long_rows_pack_dialogsum_sized_sequences_each_scored_at_its_end():
+    from benchmarks import scaling
+
+    batch = scaling.long_batch(49152, 4096, quick=False)
+    segments = batch["segment_ids"][0]
+    assert batch["input_ids"].shape == (1, 4096) and segments.shape == (4096,) and segments[0] == 1
+    lengths = np.bincount(segments)[1:]
+    assert len(lengths) == len(batch["targets"]) and lengths[:-1].min() >= 150 and lengths.max() < 450 + 64
+    ends = np.cumsum(lengths)
+    np.testing.assert_array_equal(batch["target_index"] + scaling.LONG_TARGETS, ends)  # the last 64 tokens of each sequence

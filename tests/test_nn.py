@@ -54,3 +54,59 @@ def test_dropout_rejects_a_rate_outside_zero_to_one():
         nn.dropout(nn.Ctx(rng=jax.random.key(0)), jnp.ones(3), rate=1.0)
     with pytest.raises(ValueError, match="rounds to 1"):
         nn.dropout(nn.Ctx(rng=jax.random.key(0)), jnp.ones(3), rate=1 - 2**-18)
+
+
+def _visibility(B, past, T, segments=None, window=None, left_pad=0):
+    """A Visibility over past + T slots: `past` prefix slots, then `left_pad` padding slots in row 1, then tokens."""
+    real = np.ones((B, past + T), bool)
+    real[1, past:past + left_pad] = False
+    pos = np.where(real, np.cumsum(real, axis=1) - 1, 0)
+    seg = None if segments is None else jnp.asarray(np.broadcast_to(segments, (B, T)), jnp.int32)
+    if seg is not None:
+        real[:, past:] &= np.asarray(seg) > 0
+        pos = np.where(real, np.cumsum(real, axis=1) - 1, 0)
+    return nn.Visibility(jnp.asarray(real), jnp.asarray(pos, jnp.int32), seg, None if window is None else jnp.int32(window))
+
+
+FLASH_CASES = {  # B=2, T=37 queries (ragged against blocks of 8): packing, padding, windows, prefix keys, GQA, softcap
+    "packed_padded": dict(KV=2, G=3, past=0, segments=np.repeat([1, 2, 3, 0], [10, 15, 9, 3])),
+    "packed_window": dict(KV=1, G=4, past=0, segments=np.repeat([1, 2, 0], [20, 14, 3]), window=6),
+    "prefix_left_padded_window": dict(KV=2, G=1, past=5, left_pad=4, window=9),
+    "softcap": dict(KV=2, G=2, past=0, left_pad=3, softcap=2.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLASH_CASES))
+def test_flash_attention_equals_dense_attention_and_its_gradients(case):
+    spec = dict(FLASH_CASES[case])
+    KV, G, past, softcap = spec.pop("KV"), spec.pop("G"), spec.pop("past"), spec.pop("softcap", None)
+    B, T, E = 2, 37, 8
+    visible = _visibility(B, past, T, **spec)
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, w = jax.random.normal(ks[0], (B, KV, G, T, E)), jax.random.normal(ks[3], (B, KV, G, T, E))
+    k, v = jax.random.normal(ks[1], (B, KV, past + T, E)), jax.random.normal(ks[2], (B, KV, past + T, E))
+    mask = visible.mask(T)
+    # Rows that see no key (padding) are 0 blockwise and an average of every value densely: neither reaches a loss.
+    w = w * mask.any(axis=-1)[..., None]
+    dense = lambda q, k, v: jnp.sum(nn.attention(q, k, v, mask, 0.3, nn.Ctx(), softcap) * w)  # noqa: E731
+    flash = lambda q, k, v: jnp.sum(nn.flash_attention(q, k, v, visible, 0.3, softcap, 8, 8) * w)  # noqa: E731
+    (expected, expected_grads), (value, grads) = (jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v) for f in (dense, flash))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for a, b in zip(grads, expected_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), (q, k, v))  # bf16 products, float32 softmax
+    np.testing.assert_allclose(float(flash(*half)), float(expected), rtol=2e-2)
+
+
+def test_flash_attention_memory_grows_linearly_with_length():
+    # The gradient's XLA temporaries at 2048 and 4096 keys: a (T, S) float32 residual alone would take 64 MB at 4096.
+    def temp_bytes(T):
+        q = jax.ShapeDtypeStruct((1, 1, 2, T, 16), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, 1, T, 16), jnp.float32)
+        visible = nn.Visibility(jnp.ones((1, T), bool), jnp.arange(T, dtype=jnp.int32)[None], jnp.ones((1, T), jnp.int32))
+        grad = jax.grad(lambda q, k, v: jnp.sum(nn.flash_attention(q, k, v, visible, 0.25)), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(2048), temp_bytes(4096)
+    assert large < 4096**2 * 4 / 8
+    assert large / small < 2.6

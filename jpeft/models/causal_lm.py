@@ -17,6 +17,7 @@ and, for loading, `arch`, `config_from_dict`, `param_shapes` and `CAUSAL_LM` (mo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -95,6 +96,18 @@ def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, 
     return visible[:, None, None]
 
 
+def layer_visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None,
+                     cache: list | None = None) -> jax.Array | nn.Visibility:
+    """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `nn.FLASH_MIN_LEN`
+    and on the GPU path; otherwise (no cache: the queries are the last T of the S key slots) the same visibility as an
+    O(S) `nn.Visibility`, which `nn.causal_attention` runs blockwise, so long rows never hold a (T, S) mask."""
+    if cache is not None or len(query_index) < nn.FLASH_MIN_LEN or nn.gpu_kernels():
+        return visibility(key_mask, query_index, window, segment_ids)
+    return nn.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
+                         None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+                         None if window is None else jnp.int32(window))
+
+
 def inv_freq(rope: Mapping[str, Any], head_dim: int) -> np.ndarray:
     """(E/2,) float32 rotary inverse frequencies, with linear or Llama-3 scaling applied as transformers does."""
     E = head_dim
@@ -159,7 +172,8 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
         k, v = nn.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
     if cache is None or isinstance(index, int):  # no cache, or a prefill at a static slot: keys end at the queries' slots
         end = index + T if cache is not None else k.shape[2]
-        out = nn.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), visible[..., :end], scale, ctx,
+        seen = visible if isinstance(visible, nn.Visibility) else visible[..., :end]
+        out = nn.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), seen, scale, ctx,
                                   softcap=softcap)  # (B, KV, G, T, E)
     else:  # a decoding step: the whole cache, causality hiding the slots not yet written
         out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
@@ -220,13 +234,21 @@ def run_layers(layer: Callable, a: Any, params: Params, x: jax.Array, tables: li
     if len(tables) == 1:
         visible, cos, sin = tables[0]
         return nn.run_layers(lambda p, x, c: layer(p, x, cos, sin, visible, a, c)[0], x, layers, ctx), None
-    stacked = jax.tree.map(lambda *t: jnp.stack(t), *tables)
+    stacked = jax.tree.map(lambda *t: jnp.stack(t), *[(_windowed(visible), cos, sin) for visible, cos, sin in tables])
 
     def one(p, x, c):
-        visible, cos, sin = (t[p["kind"]] for t in stacked)
+        visible, cos, sin = jax.tree.map(lambda t: t[p["kind"]], stacked)
         return layer(p["layer"], x, cos, sin, visible, a, c)[0]
 
     return nn.run_layers(one, x, [{"layer": p, "kind": np.int32(k)} for p, k in zip(layers, kind_of)], ctx), None
+
+
+def _windowed(visible: jax.Array | nn.Visibility) -> jax.Array | nn.Visibility:
+    """A `nn.Visibility` without a window given one no row reaches past (> its S slots), so the kinds of a model's
+    layers, windowed or not, stack as one pytree."""
+    if not isinstance(visible, nn.Visibility) or visible.window is not None:
+        return visible
+    return dataclasses.replace(visible, window=jnp.int32(visible.real.shape[1] + 1))
 
 
 # ----------------------------------------------------------------------------------------------

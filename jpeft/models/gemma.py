@@ -257,7 +257,8 @@ def decoder(
     query_index = index + jnp.arange(x.shape[1])
     # Each distinct (window, rope) pair of layers gets one (visible, cos, sin); layer i uses the k-th.
     kinds = list(dict.fromkeys(zip(a.windows, a.ropes)))
-    tables = [(visibility(key_mask, query_index, w, segment_ids), *causal_lm.rotary(dict(r), a.head_dim, positions)) for w, r in kinds]
+    tables = [(causal_lm.layer_visibility(key_mask, query_index, w, segment_ids, cache), *causal_lm.rotary(dict(r), a.head_dim, positions))
+              for w, r in kinds]
     x, cache = causal_lm.run_layers(_layer, a, params, x, tables, [kinds.index(k) for k in zip(a.windows, a.ropes)], ctx, cache, index)
     return rms_norm(params["model"]["norm"]["weight"], x, a.eps), cache
 

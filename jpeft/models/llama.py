@@ -248,7 +248,7 @@ def decoder(
     cos, sin = causal_lm.rotary(dict(a.rope), a.head_dim, positions)
     query_index = index + jnp.arange(x.shape[1])
     windows = list(dict.fromkeys(a.windows))  # one (visible, cos, sin) per distinct window
-    tables = [(visibility(key_mask, query_index, w, segment_ids), cos, sin) for w in windows]
+    tables = [(causal_lm.layer_visibility(key_mask, query_index, w, segment_ids, cache), cos, sin) for w in windows]
     x, cache = causal_lm.run_layers(_layer, a, params, x, tables, [windows.index(w) for w in a.windows], ctx, cache, index)
     return nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache
 
