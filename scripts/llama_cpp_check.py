@@ -141,6 +141,35 @@ def llama_cpp_greedy(model, prompts: list[list[int]], eos: int) -> tuple[list[li
     return outs, sum(map(len, prompts)) / prefill, sum(map(len, outs)) / decode
 
 
+def divergences(task, params, model, prompts: list[list[int]], ours: list[list[int]], theirs: list[list[int]]) -> list[tuple]:
+    """Where each pair of differing greedy outputs parts: (index, position, jpeft's token, llama.cpp's token, jpeft's
+    logit margin of its token over llama.cpp's, llama.cpp's margin of its token over jpeft's), both sides scoring the
+    same prompt + common prefix. Margins below the engines' usual logit disagreement make the parting a near tie
+    that their arithmetic decides, not a difference in the exported weights."""
+    parted = []
+    for n, (prompt, a, b) in enumerate(zip(prompts, ours, theirs)):
+        if a == b:
+            continue
+        d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        mine, other = (a + [task.eos_id])[d], (b + [task.eos_id])[d]  # a shorter output parted by ending
+        j = jpeft_logits(task, params, prompt + a[:d])[-1]
+        c = llama_cpp_logits(model, prompt + a[:d])[-1]
+        parted.append((n, d, mine, other, float(j[mine] - j[other]), float(c[other] - c[mine])))
+    return parted
+
+
+def logit_gap(model, task, params, prompts: list[list[int]]) -> float:
+    """The engines' usual disagreement: the median over positions of |llama.cpp - jpeft| at jpeft's top token,
+    each side's logits centred on their own mean."""
+    gaps = []
+    for p in prompts:
+        j, c = jpeft_logits(task, params, p), llama_cpp_logits(model, p)
+        j, c = j - j.mean(axis=-1, keepdims=True), c - c.mean(axis=-1, keepdims=True)
+        top = j.argmax(axis=-1)
+        gaps.append(np.abs(np.take_along_axis(c - j, top[:, None], axis=-1)[:, 0]))
+    return float(np.median(np.concatenate(gaps)))
+
+
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
@@ -170,6 +199,7 @@ def check(args) -> tuple[str, bool]:
     ours, *ours_tps = jpeft_greedy(task, tuned, prompts)
     theirs, *theirs_tps = llama_cpp_greedy(adapted, prompts, task.eos_id)
     agree = sum(a == b for a, b in zip(ours, theirs))
+    parted, gap = divergences(task, tuned, adapted, prompts, ours, theirs), logit_gap(adapted, task, tuned, prompts[:N_LOGITS])
     # The control: the Q4_1 base alone, to tell llama.cpp's Q4_1 arithmetic (activations rounded to 8 bits) from the adapter.
     agree_base = sum(a == b for a, b in zip(jpeft_greedy(task, base, prompts, timed=False)[0], llama_cpp_greedy(plain, prompts, task.eos_id)[0]))
 
@@ -212,6 +242,13 @@ def check(args) -> tuple[str, bool]:
         "| id | llama.cpp (base + adapter.gguf) | jpeft | same |",
         "| --- | --- | --- | --- |",
         *(f"| {r['id']} | {decode(t)} | {decode(o)} | {'yes' if t == o else 'no'} |" for r, t, o in zip(rows, theirs, ours)),
+        "",
+        f"Where the differing Q4_1 + adapter summaries part (both sides scoring the same prefix; the engines' median "
+        f"|logit difference| at jpeft's top token over the first {N_LOGITS} prompts: {gap:.3f}):",
+        "",
+        "| id | token | jpeft's choice | llama.cpp's choice | jpeft's margin | llama.cpp's margin |",
+        "| --- | ---: | --- | --- | ---: | ---: |",
+        *(f"| {rows[n]['id']} | {d} | {decode([a])!r} | {decode([b])!r} | {ma:.3f} | {mb:.3f} |" for n, d, a, b, ma, mb in parted),
         "",
         f"All checks {'passed' if ok else 'FAILED'}.",
     ]
