@@ -31,8 +31,9 @@ def head_cross_entropy(head: Callable[[jax.Array, int], jax.Array], hidden: jax.
 
     `head(h, i)` maps chunk i's hidden states to logits. Each chunk's logits are recomputed in the backward
     pass instead of stored, so at most one chunk of (rows, vocab) logits and their gradient exist at once, for
-    one more LM-head product. Logits that fit in `chunk_bytes` (default `LOGITS_CHUNK_BYTES`) are computed whole (SmolLM2's 512 target positions
-    of a batch of 8: 100 MB); Gemma 3's vocabulary is 5x larger, and a long packed row holds many targets.
+    one more LM-head product. Logits that fit in `chunk_bytes` (default `LOGITS_CHUNK_BYTES`) are computed whole
+    (SmolLM2's 512 target positions of a batch of 8: 100 MB); Gemma 3's vocabulary is 5x larger, and a long packed
+    row holds many targets.
     """
     N, D = hidden.shape
     vocab = jax.eval_shape(lambda h: head(h, 0), hidden[:1]).shape[-1]
