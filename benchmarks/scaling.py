@@ -27,9 +27,9 @@ from jpeft.models import t5
 BASE = {"batch": 8, "source": 128, "rank": 8, "width": 256}
 SWEEPS = {"source": [64, 128, 256, 512], "batch": [2, 4, 8, 16], "rank": [4, 16, 64, 256], "width": [128, 256, 512, 1024]}
 QUICK_BASE = {"batch": 4, "source": 32, "rank": 4, "width": 64}
-QUICK_SWEEPS = {"source": [16, 32, 64], "batch": [2, 4, 8], "rank": [2, 4, 8], "width": [32, 64, 128]}
-DEVICES = (1, 2, 4, 8)
-LONG_LENGTHS, QUICK_LONG_LENGTHS = (1024, 2048, 4096, 8192), (64, 128, 256)
+QUICK_SWEEPS = {"source": [16, 32], "batch": [2, 4], "rank": [2, 4], "width": [32, 64]}  # two points fit an exponent
+DEVICES, QUICK_DEVICES = (1, 2, 4, 8), (1, 8)
+LONG_LENGTHS, QUICK_LONG_LENGTHS = (1024, 2048, 4096, 8192), (64, 128)
 LONG_LAYERS = 30  # SmolLM2-135M's full depth
 LONG_TARGETS = 64  # scored tokens per packed sequence, as the DialogSum summaries
 PEFT_MEMORY_LIMIT = 20 * 2**30  # a length whose predicted PEFT peak passes this is skipped (the machine has 24 GB)
@@ -84,7 +84,7 @@ def devices_worker(quick: bool, warmup: int, repeats: int) -> dict[str, float]:
     trainable, frozen = common.split_params(params, "lora")
     batch = common.t5_batch(config, 8, point["source"], 8 if quick else 16)  # 8 rows split evenly on every mesh
     out = {}
-    for n in DEVICES:
+    for n in QUICK_DEVICES if quick else DEVICES:
         tx = optax.adamw(1e-4)
         mesh = sharding.make_mesh(data=n, devices=jax.devices()[:n])
         run = sharding.setup(mesh, training.seq2seq_loss(config), tx, trainable, frozen, tx.init(trainable), batch)

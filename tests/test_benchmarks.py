@@ -32,8 +32,8 @@ def test_quick_run_writes_finite_figures(tmp_path):
                 "generate_speedup_vs_transformers_bf16", "peft_mfu", "full_mfu", "matmul_peak_s", "t5_lora8_step_gflop_xla_dots",
                 "flax_linen_qwix_step_s", "flax_nnx_jpeft_peak_bytes", "jpeft_over_qwix_nnx_step_time",
                 "dora_over_lora_step_time", "peft_dora_over_lora_step_time", "smollm2_dora_over_lora_step_time",
-                "smollm2_peft_dora_over_lora_step_time", "smollm2_jpeft_dora_step_s", "long_jpeft_256_xla_peak_bytes",
-                "long_peft_256_peak_rss_bytes", "scale_long_jpeft_time_exponent", "scale_long_peft_time_exponent"):
+                "smollm2_peft_dora_over_lora_step_time", "smollm2_jpeft_dora_step_s", "long_jpeft_128_xla_peak_bytes",
+                "long_peft_128_peak_rss_bytes", "scale_long_jpeft_time_exponent", "scale_long_peft_time_exponent"):
         assert key in figures, key
     numbers = {k: v for k, v in figures.items() if isinstance(v, (int, float))}
     assert all(math.isfinite(v) for v in numbers.values()), [k for k, v in numbers.items() if not math.isfinite(v)]
