@@ -99,9 +99,12 @@ def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, 
 def layer_visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None,
                      cache: list | None = None) -> jax.Array | nn.Visibility:
     """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `nn.FLASH_MIN_LEN`
-    and on the GPU path; otherwise (no cache: the queries are the last T of the S key slots) the same visibility as an
-    O(S) `nn.Visibility`, which `nn.causal_attention` runs blockwise, so long rows never hold a (T, S) mask."""
-    if cache is not None or len(query_index) < nn.FLASH_MIN_LEN or nn.gpu_kernels():
+    and on the GPU path; otherwise (no cache, or one the queries fill: they are the last T of the S key slots) the same
+    visibility as an O(S) `nn.Visibility`, which `nn.causal_attention` runs blockwise, so long rows never hold a (T, S)
+    mask."""
+    # With a cache the queries may sit anywhere among its slots; a packed prefill's fill every slot, as without one.
+    fills_cache = cache is not None and len(query_index) == key_mask.shape[-1]
+    if (cache is not None and not fills_cache) or len(query_index) < nn.FLASH_MIN_LEN or nn.gpu_kernels():
         return visibility(key_mask, query_index, window, segment_ids)
     return nn.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
                          None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
@@ -270,9 +273,9 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
 
 
 @functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping",
-                                             "prompt_lookup"))
+                                             "prompt_lookup", "packed_len"))
 def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype,
-              length_penalty, early_stopping, prompt_lookup):
+              length_penalty, early_stopping, prompt_lookup, packed_len):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
     if prompt.has_soft_prompt(params):  # padding first, so a sliding window spans real slots only, as without padding
@@ -285,12 +288,15 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
     # Slots past the prompt hold generated tokens (all but the last, which is never fed back); causality
     # hides the ones not yet written.
     key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - n - P)), constant_values=1)
-    shape = (R, a.num_kv_heads, cache_len, a.head_dim)
-    cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
-    if n:
-        cache = prefix.write_cache(params, a, cache)
-    h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
-    logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
+    if packed_len:
+        logits, cache = _packed_prefill(model, a, params, input_ids, attention_mask, ctx, packed_len, cache_len)
+    else:
+        shape = (R, a.num_kv_heads, cache_len, a.head_dim)
+        cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
+        if n:
+            cache = prefix.write_cache(params, a, cache)
+        h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
+        logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
     if num_beams > 1:  # each row's prefill, computed once, becomes its num_beams beams' (transformers prefills every beam)
         logits, cache, key_mask, last = jax.tree.map(lambda t: jnp.repeat(t, num_beams, axis=0), (logits, cache, key_mask, last))
@@ -315,6 +321,34 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id,
         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
     )
+
+
+def _packed_prefill(model, a, params, input_ids, attention_mask, ctx, packed_len, cache_len):
+    """The prefill of left-padded prompts (R, P) run as one packed row of `packed_len` slots -> (last logits (R, V),
+    per-row cache as the padded prefill writes it), so no product is spent on padding.
+
+    The rows' real tokens go back to back (a segment each, positions from 0), the decoder fills a one-row cache of
+    the packed keys and values, and each row's slots are then gathered into its own cache rows, left-padded as before
+    (the padding slots hold other rows' keys, which the key mask hides).
+    """
+    R, P = input_ids.shape
+    lengths = attention_mask.sum(axis=1)
+    ends = jnp.cumsum(lengths)  # (R,): one past each row's last packed slot
+    slot = jnp.arange(packed_len)
+    row = jnp.minimum(jnp.searchsorted(ends, slot, side="right"), R - 1)
+    offset = slot - (ends - lengths)[row]  # position within the row
+    real = slot < ends[-1]
+    ids = jnp.where(real, input_ids[row, P - lengths[row] + offset], a.pad_token_id)[None]
+    x, key_mask = model.embed(a, params, ids, real[None].astype(jnp.int32), ctx.dtype)
+    shape = (1, a.num_kv_heads, packed_len, a.head_dim)
+    cache = [(jnp.zeros(shape, ctx.dtype), jnp.zeros(shape, ctx.dtype)) for _ in range(a.num_layers)]
+    segments = jnp.where(real, row + 1, 0)[None].astype(jnp.int32)
+    h, cache = model.decoder(a, params, x, jnp.where(real, offset, 0)[None], key_mask, ctx, cache, 0, segments)
+    logits = model.lm_head(a, params, h[0, ends - 1], ctx)
+    # Row r's padded slot s holds packed slot ends[r] - P + s (clipped where s is padding).
+    source = jnp.clip(ends[:, None] - P + jnp.arange(P)[None, :], 0, packed_len - 1)  # (R, P)
+    rows = lambda c: jnp.pad(c[0][:, source].transpose(1, 0, 2, 3), ((0, 0), (0, 0), (0, cache_len - P), (0, 0)))  # noqa: E731
+    return logits, [(rows(k), rows(v)) for k, v in cache]
 
 
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -348,6 +382,11 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
     n_virtual = prompt.num_virtual_tokens(params) + prefix.num_tokens(params)
+    # Ragged prompts prefill as one packed row when that saves slots: soft prompts, prefixes and per-row adapters
+    # need the rows apart.
+    packed_len = generation.bucket(int(attention_mask.sum()), steps=8)
+    if n_virtual or adapter_ids is not None or packed_len >= input_ids.size:
+        packed_len = 0
     generated_slots = (max_new_tokens - 1) * (prompt_lookup + 1)  # each lookup pass takes prompt_lookup + 1 slots, kept or not
     out = _generate(
         model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
@@ -355,7 +394,7 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
         None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
         max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + generated_slots, fine=True),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
-        prompt_lookup=int(prompt_lookup),
+        prompt_lookup=int(prompt_lookup), packed_len=packed_len,
     )[:, :max_new_tokens]
     return pad_after_eos(out, eos, a.pad_token_id) if len(eos) > 1 else out
 

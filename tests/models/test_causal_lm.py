@@ -45,3 +45,59 @@ def test_blockwise_attention_gives_the_dense_loss_and_lora_gradients(name, monke
         np.testing.assert_allclose(flash, dense, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(flash_grads), jax.tree.leaves(dense_grads)):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_len", [10**9, 0], ids=["dense", "blockwise"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_packed_prefill_fills_the_cache_the_padded_prefill_does(name, min_len, monkeypatch):
+    import jax.numpy as jnp
+
+    from jpeft import generation
+
+    config = CONFIGS[name]()
+    model = causal_lm.model_for(config)
+    params = lora.inject(model.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), jax.random.key(1))
+    params = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 and x.shape[0] == 2 else x, params)  # nonzero lora_b
+    rng = np.random.default_rng(1)
+    lengths, P, cache_len = [37, 21, 30, 40], 40, 48  # windows of 24: the longer rows' early keys fall out of them
+    mask = np.array([[0] * (P - n) + [1] * n for n in lengths], np.int32)
+    ids = np.where(mask > 0, rng.integers(2, 64, mask.shape), 0).astype(np.int32)
+    monkeypatch.setattr(nn, "FLASH_MIN_LEN", min_len)
+    monkeypatch.setattr(nn, "FLASH_BLOCK", 16)
+    a, ctx = model.arch(config), nn.Ctx()
+    packed_len = generation.bucket(sum(lengths), steps=8)
+    assert packed_len < mask.size
+    logits, cache = jax.jit(lambda p, i, m: causal_lm._packed_prefill(model, a, p, i, m, ctx, packed_len, cache_len))(params, ids, mask)
+
+    def padded(params, ids, mask):
+        x, m = model.embed(a, params, ids, mask, jnp.float32)
+        shape = (len(lengths), a.num_kv_heads, cache_len, a.head_dim)
+        cache = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(a.num_layers)]
+        key_mask = jnp.pad(m, ((0, 0), (0, cache_len - P)), constant_values=1)
+        h, cache = model.decoder(a, params, x, causal_lm.positions_from_mask(m), key_mask, ctx, cache, 0)
+        return model.lm_head(a, params, h[:, -1], ctx), cache
+
+    want_logits, want_cache = jax.jit(padded)(params, ids, mask)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5)
+    real = np.pad(mask, ((0, 0), (0, cache_len - P))).astype(bool)  # the slots the key mask lets decoding see
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got).transpose(0, 2, 1, 3)[real], np.asarray(want).transpose(0, 2, 1, 3)[real], atol=1e-5)
+
+
+def test_generate_packs_ragged_prompts_only(monkeypatch):
+    config = CONFIGS["mistral_window"]()
+    model = causal_lm.model_for(config)
+    params = model.init_params(config, jax.random.key(0))
+    calls, packed = [], causal_lm._packed_prefill
+    monkeypatch.setattr(causal_lm, "_packed_prefill", lambda *args: calls.append(args[6]) or packed(*args))
+    ragged = np.array([[0, 0, 0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10]], np.int32)
+    ragged_out = model.generate(config, params, ragged, (ragged > 0).astype(np.int32), max_new_tokens=4)
+    assert calls == [13]  # 13 real tokens in 13 slots, not 2 x 8
+    model.generate(config, params, ragged[1:], np.ones((1, 8), np.int32), max_new_tokens=4)  # nothing to save
+    model.generate(config, params, ragged, (ragged > 0).astype(np.int32), max_new_tokens=4, adapter_ids=np.zeros(2, np.int32))
+    assert calls == [13]
+    # Row by row (no padding, nothing packed) the tokens are the same.
+    for row, out in zip(ragged, np.asarray(ragged_out)):
+        real = row[row > 0][None]
+        np.testing.assert_array_equal(model.generate(config, params, real, np.ones_like(real), max_new_tokens=4)[0], out)
