@@ -177,7 +177,7 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
         end = index + T if cache is not None else k.shape[2]
         seen = visible if isinstance(visible, nn.Visibility) else visible[..., :end]
         out = nn.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), seen, scale, ctx,
-                                  softcap=softcap)  # (B, KV, G, T, E)
+                                  softcap=softcap, block=None if cache is None else nn.PREFILL_BLOCK)  # (B, KV, G, T, E)
     else:  # a decoding step: the whole cache, causality hiding the slots not yet written
         out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
     return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache

@@ -63,7 +63,7 @@ def test_packed_prefill_fills_the_cache_the_padded_prefill_does(name, min_len, m
     mask = np.array([[0] * (P - n) + [1] * n for n in lengths], np.int32)
     ids = np.where(mask > 0, rng.integers(2, 64, mask.shape), 0).astype(np.int32)
     monkeypatch.setattr(nn, "FLASH_MIN_LEN", min_len)
-    monkeypatch.setattr(nn, "FLASH_BLOCK", 16)
+    monkeypatch.setattr(nn, "PREFILL_BLOCK", 16)
     a, ctx = model.arch(config), nn.Ctx()
     packed_len = generation.bucket(sum(lengths), steps=8)
     assert packed_len < mask.size
