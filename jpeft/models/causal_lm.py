@@ -288,7 +288,7 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
     # Slots past the prompt hold generated tokens (all but the last, which is never fed back); causality
     # hides the ones not yet written.
     key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - n - P)), constant_values=1)
-    if packed_len:
+    if packed_len:  # the padded x above is then unused (XLA drops it); only mask and positions carry on
         logits, cache = _packed_prefill(model, a, params, input_ids, attention_mask, ctx, packed_len, cache_len)
     else:
         shape = (R, a.num_kv_heads, cache_len, a.head_dim)

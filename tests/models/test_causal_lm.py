@@ -1,4 +1,5 @@
-"""What the decoder-only models share (jpeft/models/causal_lm.py): the attention's blockwise path for long rows."""
+"""What the decoder-only models share (jpeft/models/causal_lm.py): the attention's blockwise path for long rows, and
+generation's packed prefill."""
 
 from __future__ import annotations
 
