@@ -3,6 +3,8 @@
 Each side runs in its own subprocess (`python -m benchmarks.smollm2 jpeft|peft|nf4|gguf OUT.json`) so its
 peak resident memory (`peak_rss_bytes`) is its own; the parent reads the JSON each one writes. `nf4` and
 `gguf` are jpeft's step on a base kept quantized (NF4 made by `jpeft.quant`, or the file's own Q4_1 blocks).
+jpeft's workers run without torch, as jpeft installs (`benchmarks.torchless`); `jpeft+torch` is the same
+step where torch is importable, as in an environment that also holds PyTorch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import torchless
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "train.jsonl"
 MODEL = "smollm2-135m-instruct"
@@ -116,6 +120,7 @@ def run_side(side: str, out: Path, warmup: int, repeats: int) -> dict:
 def run(workdir: Path, warmup: int = 1, repeats: int = 2) -> dict[str, float]:
     """Every side, one after the other, and their ratios."""
     j = run_side("jpeft", workdir / "smollm2_jpeft.json", warmup, repeats)
+    with_torch = run_side("jpeft+torch", workdir / "smollm2_jpeft_torch.json", warmup, repeats)
     p = run_side("peft", workdir / "smollm2_peft.json", warmup, repeats)
     quantized = {side: run_side(side, workdir / f"smollm2_{side}.json", warmup, repeats) for side in ("nf4", "gguf")}
     qlora = {}
@@ -129,14 +134,19 @@ def run(workdir: Path, warmup: int = 1, repeats: int = 2) -> dict[str, float]:
         "smollm2_jpeft_step_s": j["median"], "smollm2_jpeft_step_s_min": j["min"], "smollm2_jpeft_step_s_max": j["max"],
         "smollm2_peft_step_s": p["median"], "smollm2_peft_step_s_min": p["min"], "smollm2_peft_step_s_max": p["max"],
         "smollm2_jpeft_peak_rss_bytes": j["maxrss_bytes"], "smollm2_peft_peak_rss_bytes": p["maxrss_bytes"],
+        "smollm2_jpeft_torch_importable_peak_rss_bytes": with_torch["maxrss_bytes"],
         "smollm2_jpeft_xla_peak_bytes": j["xla_peak_bytes"],
         "jpeft_over_peft_smollm2_step_time": j["median"] / p["median"],
         "jpeft_over_peft_smollm2_peak_memory": j["maxrss_bytes"] / p["maxrss_bytes"],
+        "jpeft_over_peft_smollm2_peak_memory_torch_importable": with_torch["maxrss_bytes"] / p["maxrss_bytes"],
     }
 
 
 if __name__ == "__main__":
     side, path, warm, reps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    figures = peft_worker(warm, reps) if side == "peft" else jpeft_worker(warm, reps, None if side == "jpeft" else side)
+    if side != "peft" and not side.endswith("+torch"):
+        torchless.hide()
+    quantize = side.removesuffix("+torch")
+    figures = peft_worker(warm, reps) if side == "peft" else jpeft_worker(warm, reps, None if quantize == "jpeft" else quantize)
     figures["maxrss_bytes"] = peak_rss_bytes()
     path.write_text(json.dumps(figures))
