@@ -7,18 +7,11 @@ worker measuring jpeft's memory calls `hide()` first, so that figure is jpeft's,
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 
 def hide() -> None:
     """Make torch unimportable in this process; call before anything imports transformers."""
-    if "torch" in sys.modules and sys.modules["torch"] is not None:
+    if sys.modules.get("torch") is not None:
         raise RuntimeError("torch is already imported: hide() must run before transformers is imported")
-    find_spec = importlib.util.find_spec
-
-    def torchless_find_spec(name: str, package: str | None = None):
-        return None if name.partition(".")[0] == "torch" else find_spec(name, package)
-
-    importlib.util.find_spec = torchless_find_spec  # how transformers asks whether torch is installed
-    sys.modules["torch"] = None  # and `import torch` raises ImportError
+    sys.modules["torch"] = None  # `import torch` raises ImportError and importlib.util.find_spec("torch") gives None
