@@ -53,4 +53,5 @@ def gguf_tokenizer(path: str | os.PathLike):
     backend, extra = convert_gguf_tokenizer(gguf_io.metadata(reader, "general.architecture", source=source), tokenizer)
     model_type = gguf_io.config_from_reader(reader, source).model_type
     cls = tokenizer_class_from_name(TOKENIZER_MAPPING_NAMES.get(model_type) or "TokenizersBackend")
-    return cls(tokenizer_object=backend, name_or_path=source, **tokenizer_config, **extra)
+    # name_or_path as AutoTokenizer sets it: the file's directory, where transformers looks for a config.json
+    return cls(tokenizer_object=backend, name_or_path=str(Path(path).parent), **tokenizer_config, **extra)

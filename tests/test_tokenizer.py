@@ -51,7 +51,7 @@ def toy_gguf(path: Path, arch: str, model: str) -> Path:
 def assert_same_tokenizer(ours, theirs) -> None:
     assert type(ours) is type(theirs)
     assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
-    for name in ["bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "add_bos_token", "add_eos_token"]:
+    for name in ["bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "add_bos_token", "add_eos_token", "name_or_path"]:
         assert getattr(ours, name) == getattr(theirs, name), name
     for text in TEXTS:
         assert ours(text).input_ids == theirs(text).input_ids, text
