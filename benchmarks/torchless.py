@@ -7,11 +7,30 @@ worker measuring jpeft's memory calls `hide()` first, so that figure is jpeft's,
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
 
 
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by benchmarks.torchless)", name=name)
+        return None
+
+
 def hide() -> None:
-    """Make torch unimportable in this process; call before anything imports transformers."""
-    if sys.modules.get("torch") is not None:
+    """Make torch look uninstalled in this process; call before anything imports transformers.
+
+    `import torch` raises ModuleNotFoundError and `importlib.util.find_spec("torch")` (how transformers asks) gives
+    None, while `"torch" in sys.modules` stays False (a None there breaks libraries that probe it, e.g. scipy).
+    """
+    if "torch" in sys.modules:
         raise RuntimeError("torch is already imported: hide() must run before transformers is imported")
-    sys.modules["torch"] = None  # `import torch` raises ImportError and importlib.util.find_spec("torch") gives None
+    sys.meta_path.insert(0, _NoTorch())
+    find_spec = importlib.util.find_spec
+
+    def torchless_find_spec(name: str, package: str | None = None):
+        return None if name.partition(".")[0] == "torch" else find_spec(name, package)
+
+    importlib.util.find_spec = torchless_find_spec
