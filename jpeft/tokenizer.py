@@ -18,7 +18,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
     path = registry.resolve(name_or_path)
     if str(path).endswith(".gguf"):
-        return gguf_tokenizer(path)
+        return _gguf_tokenizer(path)
     model_dir = hf_io.resolve_model_dir(path)
     try:
         return AutoTokenizer.from_pretrained(model_dir)
@@ -26,7 +26,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         raise CheckpointError(f"{model_dir} holds no tokenizer transformers can load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def gguf_tokenizer(path: str | os.PathLike):
+def _gguf_tokenizer(path: str | os.PathLike):
     """The tokenizer `AutoTokenizer.from_pretrained(dir, gguf_file=...)` builds, read through jpeft's GGUF reader.
 
     transformers' own GGUF reader imports torch, which jpeft does not need at run time; the metadata read here

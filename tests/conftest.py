@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# One persistent XLA compilation cache for the suite's workers and the subprocesses they start (README blocks, CLI
-# runs, benchmarks): many tests compile the same tiny programs, and on the 2-core CI machine compiling is most of
-# the suite's time. Set through the environment, so jax in every process reads it when it starts.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jpeft-tests-xla-cache-{os.getuid()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -1,5 +1,5 @@
-"""Tokenizers from GGUF files (`jpeft.tokenizer.gguf_tokenizer`) equal transformers' `AutoTokenizer(gguf_file=...)`, and
-load, with the model, in a process where torch cannot be imported (jpeft's own install has none)."""
+"""`load_tokenizer` on a GGUF file equals transformers' `AutoTokenizer(gguf_file=...)`, and loads, with the model,
+in a process where torch cannot be imported (jpeft's own install has none)."""
 
 from __future__ import annotations
 
