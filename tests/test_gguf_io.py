@@ -264,3 +264,20 @@ def test_close_reader_drops_the_open_file(tiny):
     assert gguf_io.open_reader(tmp_path / "g.gguf") is first  # kept open between the reads of one load
     gguf_io.close_reader()
     assert gguf_io.open_reader(tmp_path / "g.gguf") is not first
+
+
+def test_reader_parses_the_real_file_as_gguf_does():
+    """`open_reader` parses on a plain view of the memory map (faster): the same fields and tensors as gguf's reader,
+    and the JAX dequantizer gives gguf's float32 values for the file's Q4_1 and Q8_0 weights."""
+    from gguf import GGUFReader, quants
+
+    path = registry.resolve("smollm2-135m-instruct")
+    ours, theirs = gguf_io.open_reader(path), GGUFReader(path, "r")
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == [(t.name, t.tensor_type, list(t.shape)) for t in theirs.tensors]
+    for name in ("blk.0.attn_q.weight", "token_embd.weight"):
+        tensor = next(t for t in theirs.tensors if t.name == name)
+        np.testing.assert_array_equal(gguf_io.dequantize(tensor), quants.dequantize(tensor.data, tensor.tensor_type))
+    gguf_io.close_reader()
