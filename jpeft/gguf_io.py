@@ -224,11 +224,11 @@ def dequantize(tensor, source: str = "GGUF file") -> np.ndarray:
         raise CheckpointError(f"{source}: tensor {tensor.name} has integer type {qtype.name}, not a weight type jpeft can load")
     if qtype.name.lower() in GGUF_TYPES and len(tensor.shape) == 2:  # rows (out, row_bytes): jpeft's JAX dequantizer
         values = _dequantizer(qtype.name.lower())(np.asarray(tensor.data))
-        return np.asarray(values).reshape(tuple(int(d) for d in reversed(tensor.shape)))
-    try:
-        values = tensor.data.astype(np.float32) if qtype == Q.F64 else quants.dequantize(tensor.data, qtype)
-    except NotImplementedError:
-        raise CheckpointError(f"{source}: tensor {tensor.name} uses GGML type {qtype.name}, which jpeft cannot dequantise") from None
+    else:
+        try:
+            values = tensor.data.astype(np.float32) if qtype == Q.F64 else quants.dequantize(tensor.data, qtype)
+        except NotImplementedError:
+            raise CheckpointError(f"{source}: tensor {tensor.name} uses GGML type {qtype.name}, which jpeft cannot dequantise") from None
     return np.asarray(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
