@@ -16,9 +16,8 @@ import tempfile
 import warnings
 
 MODE = sys.argv[1]
-# Cheap LLVM optimisation: compiling dominates these tiny steps, and reference and sharded runs share the flags.
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={8 if MODE == 'multidevice' else 2}"
-                           " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# The suite's cheap-compile flags (conftest.FAST_COMPILE, inherited) plus this mode's device count.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={8 if MODE == 'multidevice' else 2}"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax  # noqa: E402

@@ -338,7 +338,7 @@ def test_cli_quantize_end_to_end(tmp_path, capsys):
 
 _SHARDED = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np, optax, jpeft
 from jpeft import batches, lora, sharding, training, tree
 from tests.test_quant import _mixed_quantized, _tiny_llama
@@ -371,8 +371,9 @@ def test_sharded_step_on_a_quantized_base_matches_one_device():
     import sys
     from pathlib import Path
 
+    from tests.conftest import FAST_COMPILE
+
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])), "XLA_FLAGS": FAST_COMPILE}
     done = subprocess.run([sys.executable, "-c", _SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-4000:]

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import jpeft
 from jpeft import adapters, ia3, lora, prompt, sharding, tree
 from jpeft.models import t5
+from tests.conftest import FAST_COMPILE
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 ROOT = WORKER.parents[1]
@@ -233,8 +234,8 @@ def test_optimizer_state_follows_its_parameter():
 
 
 def _run_worker(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.pop("XLA_FLAGS", None)
+    # The worker chooses its device count; of the caller's flags it keeps only the suite's cheap compile.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "XLA_FLAGS": FAST_COMPILE}
     return subprocess.Popen([sys.executable, str(WORKER), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

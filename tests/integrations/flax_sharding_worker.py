@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # beside the suite's flags
 
 import flax.linen as fnn  # noqa: E402
 import jax  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED, make_hf_t5
+from tests.conftest import FAST_COMPILE, SHARED, make_hf_t5
 from train import summarize
 from train.errors import UsageError
 
@@ -239,7 +239,7 @@ def test_mesh_run_logs_the_same_losses(model_dir, data_dir, tmp_path):
 
     args = ["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--batch-size", "4", "--steps", "3",
             "--method", "lora", "--eval-samples", "0", "--max-source-len", "48", "--max-target-len", "8", "--lr", "1e-2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"}
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "train.summarize", *args, "--out", str(tmp_path / "mesh"), "--mesh", "data=2,fsdp=2,model=2"],
                           env=env, cwd=root, capture_output=True, text=True, timeout=600)
