@@ -28,7 +28,7 @@ def test_adapter_output_is_h_plus_bottleneck(flan):
     p = {**p, "up": {"kernel": jnp.ones_like(p["up"]["kernel"]), "bias": jnp.full_like(p["up"]["bias"], 0.5)}}
     h = jax.random.normal(jax.random.key(1), (2, 3, 32))
     down = jax.nn.relu(h @ p["down"]["kernel"] + p["down"]["bias"])
-    np.testing.assert_allclose(nn.adapter(p, h, nn.Ctx()), h + down @ p["up"]["kernel"] + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(nn.adapter(p, h, nn.Ctx()), h + down @ p["up"]["kernel"] + 0.5, rtol=1e-6, atol=1e-6)
 
 
 def test_errors(flan):
