@@ -101,7 +101,8 @@ def devices_worker(quick: bool, warmup: int, repeats: int) -> dict[str, float]:
 def devices(quick: bool, workdir: Path, warmup: int, repeats: int) -> dict[str, float]:
     """Run `devices_worker` in a subprocess, since the fake device count is fixed when jax starts."""
     out = workdir / "devices.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()  # keeps the caller's flags
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-m", "benchmarks.scaling", str(int(quick)), str(out), str(warmup), str(repeats)],
                    check=True, env=env, cwd=Path(__file__).resolve().parents[1])
     figures = json.loads(out.read_text())
