@@ -9,7 +9,9 @@
    (dequantized) with the trained HF PEFT adapter. Both see the same prompt token ids.
 3. Checks: llama.cpp's logits with the adapter minus without correlate >= 0.98 with jpeft's; greedy summaries of 10
    validation dialogues agree on >= 8; the merged f16 GGUF gives the same greedy summaries in llama.cpp as in jpeft.
-   Decoding speed (greedy, batch 1, prompt included) of both is timed side by side.
+   Decoding speed (greedy, batch 1, prompt included) of both is timed side by side. Controls, to tell the engines'
+   arithmetic from the export: the Q4_1 base alone in both, and each engine against itself (llama.cpp fed the prompt
+   in one batch vs token by token; jpeft one prompt at a time vs all ten in one batch).
 A Markdown report is printed and written to --report; the exit status is 1 when a check fails.
 """
 
@@ -116,9 +118,21 @@ def llama_cpp_logits(model, prompt: list[int]) -> np.ndarray:
     return np.array(model.scores[: len(prompt)], dtype=np.float32)
 
 
-def llama_cpp_greedy(model, prompts: list[list[int]], eos: int) -> tuple[list[list[int]], float, float]:
+def jpeft_batched(task, params, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy ids per prompt, all prompts in one left-padded batch (as `train.summarize` evaluates)."""
+    from jpeft import batches
+    from train import tasks
+
+    ids = batches.pad(prompts, task.pad_id, left=True, bucket=tasks.BUCKET)
+    mask = batches.pad([[1] * len(p) for p in prompts], 0, ids.shape[1], left=True)
+    rows = np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=MAX_NEW)).tolist()
+    return [row[: row.index(task.eos_id)] if task.eos_id in row else row for row in rows]
+
+
+def llama_cpp_greedy(model, prompts: list[list[int]], eos: int, stepwise: bool = False) -> tuple[list[list[int]], float, float]:
     """Greedy ids per prompt (argmax of llama.cpp's logits, up to EOS), and prompt / decoding tokens/s after a warm-up
-    (a fresh context's first evaluations are several times slower)."""
+    (a fresh context's first evaluations are several times slower). `stepwise` feeds the prompt one token at a
+    time instead of in one batch: the same model and tokens, only llama.cpp's own order of arithmetic differs."""
     model.reset()
     model.eval(prompts[0])
     for token in prompts[0][:8]:
@@ -127,7 +141,8 @@ def llama_cpp_greedy(model, prompts: list[list[int]], eos: int) -> tuple[list[li
     for prompt in prompts:
         t0 = time.perf_counter()
         model.reset()
-        model.eval(prompt)
+        for part in ([[t] for t in prompt] if stepwise else [prompt]):
+            model.eval(part)
         t1 = time.perf_counter()
         out = []
         while len(out) < MAX_NEW:
@@ -202,6 +217,9 @@ def check(args) -> tuple[str, bool]:
     parted, gap = divergences(task, tuned, adapted, prompts, ours, theirs), logit_gap(adapted, task, tuned, prompts[:N_LOGITS])
     # The control: the Q4_1 base alone, to tell llama.cpp's Q4_1 arithmetic (activations rounded to 8 bits) from the adapter.
     agree_base = sum(a == b for a, b in zip(jpeft_greedy(task, base, prompts, timed=False)[0], llama_cpp_greedy(plain, prompts, task.eos_id)[0]))
+    # Each engine against itself: how often a near tie goes another way when only the order of arithmetic changes.
+    self_cpp = sum(a == b for a, b in zip(theirs, llama_cpp_greedy(adapted, prompts, task.eos_id, stepwise=True)[0]))
+    self_jpeft = sum(a == b for a, b in zip(ours, jpeft_batched(task, tuned, prompts)))
 
     merged_cpp = llama_cpp_model(out / "merged.gguf", args.threads)
     config_m, merged = llama.load_pretrained(out / "merged.gguf")
@@ -209,6 +227,8 @@ def check(args) -> tuple[str, bool]:
     ours_m, *ours_m_tps = jpeft_greedy(merged_task, merged, prompts)
     theirs_m, *theirs_m_tps = llama_cpp_greedy(merged_cpp, prompts, task.eos_id)
     agree_m = sum(a == b for a, b in zip(ours_m, theirs_m))
+    self_cpp_m = sum(a == b for a, b in zip(theirs_m, llama_cpp_greedy(merged_cpp, prompts, task.eos_id, stepwise=True)[0]))
+    parted = [("adapter", *p) for p in parted] + [("merged", *p) for p in divergences(merged_task, merged, merged_cpp, prompts, ours_m, theirs_m)]
 
     ok = min(corrs) >= MIN_CORRELATION and agree >= MIN_AGREE and agree_m == N_DIALOGUES
     decode = lambda ids: task.tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ").replace("|", "\\|")  # noqa: E731
@@ -233,6 +253,9 @@ def check(args) -> tuple[str, bool]:
         f"| greedy summaries, Q4_1 base + adapter.gguf: same in llama.cpp and jpeft | {agree} / {N_DIALOGUES} | >= {MIN_AGREE} |",
         f"| greedy summaries, merged.gguf (f16): same in llama.cpp and jpeft | {agree_m} / {N_DIALOGUES} | {N_DIALOGUES} |",
         f"| (control) greedy summaries, Q4_1 base alone: same in llama.cpp and jpeft | {agree_base} / {N_DIALOGUES} | |",
+        f"| (control) llama.cpp against itself, Q4_1 base + adapter.gguf: prompt in one batch vs token by token | {self_cpp} / {N_DIALOGUES} | |",
+        f"| (control) jpeft against itself, Q4_1 base + adapter: one prompt at a time vs all {N_DIALOGUES} in one batch | {self_jpeft} / {N_DIALOGUES} | |",
+        f"| (control) llama.cpp against itself, merged.gguf: prompt in one batch vs token by token | {self_cpp_m} / {N_DIALOGUES} | |",
         "",
         "| greedy generation, batch 1 (tokens/s) | llama.cpp prompt | llama.cpp decoding | jpeft prompt | jpeft decoding |",
         "| --- | --- | --- | --- | --- |",
@@ -243,12 +266,12 @@ def check(args) -> tuple[str, bool]:
         "| --- | --- | --- | --- |",
         *(f"| {r['id']} | {decode(t)} | {decode(o)} | {'yes' if t == o else 'no'} |" for r, t, o in zip(rows, theirs, ours)),
         "",
-        f"Where the differing Q4_1 + adapter summaries part (both sides scoring the same prefix; the engines' median "
-        f"|logit difference| at jpeft's top token over the first {N_LOGITS} prompts: {gap:.3f}):",
+        f"Where the differing summaries part (both sides scoring the same prefix; the engines' median |logit difference| "
+        f"at jpeft's top token over the first {N_LOGITS} prompts, Q4_1 base + adapter: {gap:.3f}):",
         "",
-        "| id | token | jpeft's choice | llama.cpp's choice | jpeft's margin | llama.cpp's margin |",
-        "| --- | ---: | --- | --- | ---: | ---: |",
-        *(f"| {rows[n]['id']} | {d} | {decode([a])!r} | {decode([b])!r} | {ma:.3f} | {mb:.3f} |" for n, d, a, b, ma, mb in parted),
+        "| file | id | token | jpeft's choice | llama.cpp's choice | jpeft's margin | llama.cpp's margin |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: |",
+        *(f"| {f} | {rows[n]['id']} | {d} | {decode([a])!r} | {decode([b])!r} | {ma:.3f} | {mb:.3f} |" for f, n, d, a, b, ma, mb in parted),
         "",
         f"All checks {'passed' if ok else 'FAILED'}.",
     ]
