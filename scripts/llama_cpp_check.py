@@ -11,7 +11,7 @@
    validation dialogues agree on >= 8; the merged f16 GGUF gives the same greedy summaries in llama.cpp as in jpeft.
    Decoding speed (greedy, batch 1, prompt included) of both is timed side by side. Controls, to tell the engines'
    arithmetic from the export: the Q4_1 base alone in both, and each engine against itself (llama.cpp fed the prompt
-   in one batch vs token by token; jpeft one prompt at a time vs all ten in one batch).
+   in one batch vs token by token; jpeft one prompt at a time vs all ten in one batch), and the merged model in f32.
 A Markdown report is printed and written to --report; the exit status is 1 when a check fails.
 """
 
@@ -228,6 +228,11 @@ def check(args) -> tuple[str, bool]:
     theirs_m, *theirs_m_tps = llama_cpp_greedy(merged_cpp, prompts, task.eos_id)
     agree_m = sum(a == b for a, b in zip(ours_m, theirs_m))
     self_cpp_m = sum(a == b for a, b in zip(theirs_m, llama_cpp_greedy(merged_cpp, prompts, task.eos_id, stepwise=True)[0]))
+    # The same merged model stored in f32, where llama.cpp multiplies float32 activations as jpeft does.
+    jpeft.gguf.save(out / "merged-f32.gguf", task.config, tuned, dtype="f32", tokenizer_source=base_file)
+    merged32 = llama.load_pretrained(out / "merged-f32.gguf")[1]
+    agree_m32 = sum(a == b for a, b in zip(jpeft_greedy(merged_task, merged32, prompts, timed=False)[0],
+                                           llama_cpp_greedy(llama_cpp_model(out / "merged-f32.gguf", args.threads), prompts, task.eos_id)[0]))
     parted = [("adapter", *p) for p in parted] + [("merged", *p) for p in divergences(merged_task, merged, merged_cpp, prompts, ours_m, theirs_m)]
 
     ok = min(corrs) >= MIN_CORRELATION and agree >= MIN_AGREE and agree_m == N_DIALOGUES
@@ -256,6 +261,7 @@ def check(args) -> tuple[str, bool]:
         f"| (control) llama.cpp against itself, Q4_1 base + adapter.gguf: prompt in one batch vs token by token | {self_cpp} / {N_DIALOGUES} | |",
         f"| (control) jpeft against itself, Q4_1 base + adapter: one prompt at a time vs all {N_DIALOGUES} in one batch | {self_jpeft} / {N_DIALOGUES} | |",
         f"| (control) llama.cpp against itself, merged.gguf: prompt in one batch vs token by token | {self_cpp_m} / {N_DIALOGUES} | |",
+        f"| (control) greedy summaries, the merged model saved in f32 (`jpeft.gguf.save(dtype=\"f32\")`): same in llama.cpp and jpeft | {agree_m32} / {N_DIALOGUES} | |",
         "",
         "| greedy generation, batch 1 (tokens/s) | llama.cpp prompt | llama.cpp decoding | jpeft prompt | jpeft decoding |",
         "| --- | --- | --- | --- | --- |",
