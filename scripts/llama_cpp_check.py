@@ -185,6 +185,11 @@ def logit_gap(model, task, params, prompts: list[list[int]]) -> float:
     return float(np.median(np.concatenate(gaps)))
 
 
+def same(ours: list[list[int]], theirs: list[list[int]]) -> int:
+    """How many outputs are the same token for token."""
+    return sum(a == b for a, b in zip(ours, theirs))
+
+
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
@@ -213,26 +218,26 @@ def check(args) -> tuple[str, bool]:
              for p in prompts[:N_LOGITS]]
     ours, *ours_tps = jpeft_greedy(task, tuned, prompts)
     theirs, *theirs_tps = llama_cpp_greedy(adapted, prompts, task.eos_id)
-    agree = sum(a == b for a, b in zip(ours, theirs))
+    agree = same(ours, theirs)
     parted, gap = divergences(task, tuned, adapted, prompts, ours, theirs), logit_gap(adapted, task, tuned, prompts[:N_LOGITS])
     # The control: the Q4_1 base alone, to tell llama.cpp's Q4_1 arithmetic (activations rounded to 8 bits) from the adapter.
-    agree_base = sum(a == b for a, b in zip(jpeft_greedy(task, base, prompts, timed=False)[0], llama_cpp_greedy(plain, prompts, task.eos_id)[0]))
+    agree_base = same(jpeft_greedy(task, base, prompts, timed=False)[0], llama_cpp_greedy(plain, prompts, task.eos_id)[0])
     # Each engine against itself: how often a near tie goes another way when only the order of arithmetic changes.
-    self_cpp = sum(a == b for a, b in zip(theirs, llama_cpp_greedy(adapted, prompts, task.eos_id, stepwise=True)[0]))
-    self_jpeft = sum(a == b for a, b in zip(ours, jpeft_batched(task, tuned, prompts)))
+    self_cpp = same(theirs, llama_cpp_greedy(adapted, prompts, task.eos_id, stepwise=True)[0])
+    self_jpeft = same(ours, jpeft_batched(task, tuned, prompts))
 
     merged_cpp = llama_cpp_model(out / "merged.gguf", args.threads)
     config_m, merged = llama.load_pretrained(out / "merged.gguf")
     merged_task = type(task)(task.family, config_m, task.tokenizer, task.source, task.chat)
     ours_m, *ours_m_tps = jpeft_greedy(merged_task, merged, prompts)
     theirs_m, *theirs_m_tps = llama_cpp_greedy(merged_cpp, prompts, task.eos_id)
-    agree_m = sum(a == b for a, b in zip(ours_m, theirs_m))
-    self_cpp_m = sum(a == b for a, b in zip(theirs_m, llama_cpp_greedy(merged_cpp, prompts, task.eos_id, stepwise=True)[0]))
+    agree_m = same(ours_m, theirs_m)
+    self_cpp_m = same(theirs_m, llama_cpp_greedy(merged_cpp, prompts, task.eos_id, stepwise=True)[0])
     # The same merged model stored in f32, where llama.cpp multiplies float32 activations as jpeft does.
     jpeft.gguf.save(out / "merged-f32.gguf", task.config, tuned, dtype="f32", tokenizer_source=base_file)
     merged32 = llama.load_pretrained(out / "merged-f32.gguf")[1]
-    agree_m32 = sum(a == b for a, b in zip(jpeft_greedy(merged_task, merged32, prompts, timed=False)[0],
-                                           llama_cpp_greedy(llama_cpp_model(out / "merged-f32.gguf", args.threads), prompts, task.eos_id)[0]))
+    agree_m32 = same(jpeft_greedy(merged_task, merged32, prompts, timed=False)[0],
+                     llama_cpp_greedy(llama_cpp_model(out / "merged-f32.gguf", args.threads), prompts, task.eos_id)[0])
     parted = [("adapter", *p) for p in parted] + [("merged", *p) for p in divergences(merged_task, merged, merged_cpp, prompts, ours_m, theirs_m)]
 
     ok = min(corrs) >= MIN_CORRELATION and agree >= MIN_AGREE and agree_m == N_DIALOGUES
