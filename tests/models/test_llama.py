@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jpeft.hf_io import CheckpointError
-from jpeft.models import llama, registry
+from jpeft.models import llama
 from tests.conftest import SMOLLM, damage_file, needs_smollm, rewrite_safetensors
 
 # Tiny configurations: grouped-query and multi-head attention, tied and untied heads, several rope_theta
