@@ -47,11 +47,14 @@ MAGNITUDE_SUFFIX = "lora_magnitude_vector"  # DoRA's magnitude in PEFT's state d
 TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves stored by tree path (Flax models)
 
 # LoRA options that change the computation in ways jpeft does not implement: (key, PEFT's default).
+# (`layers_to_transform` / `layers_pattern` only choose which modules get tensors; the file's names say that already.)
 _UNSUPPORTED_LORA = (
     ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
-    ("layers_to_transform", None), ("layer_replication", None), ("target_parameters", None),
-    ("trainable_token_indices", None), ("modules_to_save", None), ("use_qalora", False),
+    ("layer_replication", None), ("target_parameters", None), ("trainable_token_indices", None),
+    ("modules_to_save", None), ("use_qalora", False), ("alora_invocation_tokens", None), ("use_bdlora", None),
+    ("arrow_config", None), ("monteclora_config", None), ("kasa_config", None),
 )
+BASE_LAYER_SUFFIX = "base_layer.weight"  # a frozen weight PEFT saves beside an adapted lm_head / embedding
 
 
 def base_fingerprint(params: Mapping[str, Any]) -> str:
@@ -334,7 +337,7 @@ def _prefix_out(params, config):
 
 _LYCORIS = {"LOHA": (loha, loha.LoHaConfig), "LOKR": (lokr, lokr.LoKrConfig)}
 _LYCORIS_PREFIX = {"loha_": "LOHA", "lokr_": "LOKR"}
-_UNSUPPORTED_LYCORIS = (("layers_to_transform", None), ("layers_pattern", None), ("modules_to_save", None))
+_UNSUPPORTED_LYCORIS = (("modules_to_save", None),)
 
 
 def _lycoris_shapes(kind: str, d_in: int, d_out: int, r: int, config: Any) -> dict[str, tuple[int, int]]:
@@ -458,6 +461,7 @@ def load_adapter(path: str | os.PathLike, params: Mapping[str, Any]) -> dict:
     cfg, tensors, metadata = read_adapter(path)
     _check_base(params, path, cfg, metadata)
     who = f"{path} (adapter for {_base_name(cfg, metadata)!r})"
+    tensors = _without_saved_base_layers(params, who, tensors)
     kind = cfg["peft_type"]
     if kind == "LORA" and cfg.get("jpeft_layout") == TREE_LAYOUT:  # shapes checked against the weights there
         return tree.unflatten({**tree.flatten(params), **_tree_lora_in(params, who, cfg, tensors)})
@@ -492,6 +496,44 @@ def _check_base(params, path, cfg, metadata) -> None:
             f"{path} was trained on base {_base_name(cfg, metadata)!r} (fingerprint {recorded[:12]}), but the given base "
             f"has fingerprint {ours[:12]} ({n} tensors): its parameter names or shapes differ, so the adapter does not fit it"
         )
+
+
+def _without_saved_base_layers(params, who, tensors: dict[str, Any]) -> dict[str, Any]:
+    """`tensors` less the frozen weights PEFT saves beside an adapted lm_head or embedding (`save_embedding_layers`),
+    each checked equal to the given base's, since jpeft attaches adapters and never replaces base weights."""
+    kept = {}
+    for name, value in tensors.items():
+        if not (name.startswith(PREFIX) and name.endswith(f".{BASE_LAYER_SUFFIX}")):
+            kept[name] = value
+            continue
+        module = name[len(PREFIX): -len(BASE_LAYER_SUFFIX) - 1]
+        ours = _base_weight(params, module)
+        if ours is None:
+            raise CheckpointError(f"{who}: holds a base weight for {module}, which the given base does not have")
+        theirs = np.asarray(value, np.float32)
+        tol = float(np.finfo(np.asarray(value).dtype).eps)
+        if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=tol, atol=tol):
+            raise CheckpointError(
+                f"{who}: its copy of {module}'s frozen weight ({name}, shape {tuple(theirs.shape)}) differs from the given "
+                f"base's (shape {tuple(ours.shape)}): the adapter was trained on a resized or changed {module}. Load that "
+                "base, or merge the adapter in PEFT and load the merged model")
+    return kept
+
+
+def _base_weight(params, module: str) -> np.ndarray | None:
+    """A module's float weight as PyTorch lays it out ((out, in), or an embedding's (vocab, d)); the input embedding
+    for a tied `lm_head`; None if the base has no such weight."""
+    try:
+        found = tg.get_module(params, module)
+    except (KeyError, TypeError):
+        found = None
+    if module.split(".")[-1] == "lm_head" and found is None:
+        return np.asarray(prompt.embedding_table(params), np.float32)
+    if not isinstance(found, Mapping):
+        return None
+    if "embedding" in found:
+        return np.asarray(found["embedding"], np.float32)
+    return np.asarray(quant.weight(found), np.float32).T if quant.has_weight(found) else None
 
 
 def _split_names(who, tensors, suffixes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -595,6 +637,11 @@ def _prefix_in(params, who, cfg, tensors) -> dict[str, Any]:
     except ValueError as e:
         raise CheckpointError(f"{who}: {e}") from None
     rows, n = tensors[prompt.LEAF], cfg.get("num_virtual_tokens")
+    # The flat width alone can match a base of other layers and widths (4 x 16 = 2 x 32): the config says which it was.
+    theirs = {key: cfg.get(key) for key in ("num_layers", "token_dim") if cfg.get(key) is not None}
+    if theirs and theirs != {"num_layers": layers, "token_dim": token_dim}:
+        raise CheckpointError(f"{who}: the prefix was trained for {theirs}, but the given base has {layers} layers of "
+                              f"{token_dim}-wide keys and values")
     if not isinstance(n, int) or tuple(rows.shape) != (n, layers * 2 * token_dim):
         raise CheckpointError(f"{who}: prompt_embeddings has shape {tuple(rows.shape)}, but num_virtual_tokens={n} and the base's "
                               f"{layers} layers of {token_dim}-wide keys and values need ({n}, {layers} * 2 * {token_dim})")

@@ -21,7 +21,8 @@ LEAF = "prompt_embeddings"
 
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig:
-    """HF PEFT's PromptTuningConfig: "random", "vocab" (rows of the first 5000 tokens) or "text" init."""
+    """HF PEFT's PromptTuningConfig: "random", "vocab" (rows of tokens drawn from the whole vocabulary,
+    as PEFT 0.21 draws them) or "text" init (the text's token ids, special tokens included, as PEFT tokenizes it)."""
 
     num_virtual_tokens: int = 20
     init: str = "random"
@@ -59,10 +60,10 @@ def inject(params: Mapping[str, Any], cfg: PromptTuningConfig, key: jax.Array, e
     if cfg.init == "random":  # torch.nn.Embedding's default init, as HF PEFT's RANDOM init uses
         prompt = jax.random.normal(key, (n, table.shape[1]), jnp.float32).astype(table.dtype)
     elif cfg.init == "vocab":
-        rows = jax.random.randint(key, (n,), 0, min(5000, table.shape[0]))
+        rows = jax.random.randint(key, (n,), 0, table.shape[0])
         prompt = table[rows]
     else:
-        ids = cfg.tokenizer(cfg.text, add_special_tokens=False)["input_ids"]
+        ids = cfg.tokenizer(cfg.text)["input_ids"]  # with the tokenizer's special tokens (T5's </s>), as PEFT's
         if not ids:
             raise ValueError(f"prompt text {cfg.text!r} tokenizes to nothing")
         ids = (ids * (n // len(ids) + 1))[:n]  # HF PEFT repeats or truncates the phrase to length

@@ -224,6 +224,44 @@ def test_llama_round_trips_with_peft(tmp_path):
     np.testing.assert_array_equal(jpeft.load_adapter(tmp_path / "prompt", base)["prompt_embeddings"], soft["prompt_embeddings"])
 
 
+def test_peft_lora_files_with_saved_base_layers_and_layer_choices(tmp_path):
+    """PEFT saves an adapted lm_head's frozen weight beside its LoRA (checked against the base, then skipped), and
+    `layers_to_transform` files name only the layers they adapt; options that change inference are refused."""
+    from safetensors.numpy import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    from jpeft.models import llama
+    from tests.models.test_llama import make_hf_llama
+
+    make_hf_llama(tmp_path / "base", num_hidden_layers=3, tie_word_embeddings=False)
+    config, base = llama.load_pretrained(tmp_path / "base")
+    ids, mask = np.random.default_rng(3).integers(3, 96, size=(2, 7)), np.ones((2, 7), np.int64)
+    cases = {"lm_head": dict(target_modules=["q_proj", "lm_head"]),
+             "layers": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2], layers_pattern="layers")}
+    for name, kwargs in cases.items():
+        ref = _randomize_torch(peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+                                                   peft.LoraConfig(r=2, lora_alpha=4, **kwargs))).eval()
+        ref.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        loaded = jpeft.load_adapter(tmp_path / name, base)
+        assert np.abs(np.asarray(llama.forward(config, loaded, ids, mask)) - expected).max() < 1e-4
+    assert "lora_a" not in loaded["model"]["layers"]["1"]["self_attn"]["q_proj"]
+
+    weights = tmp_path / "lm_head" / "adapter_model.safetensors"
+    state = load_file(weights)
+    assert "base_model.model.lm_head.base_layer.weight" in state
+    state["base_model.model.lm_head.base_layer.weight"][0, 0] += 1.0  # trained on a changed head: not this base
+    save_file(state, weights)
+    with pytest.raises(CheckpointError, match="its copy of lm_head's frozen weight .* differs from the given base's"):
+        jpeft.load_adapter(tmp_path / "lm_head", base)
+
+    cfg_file = tmp_path / "layers" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "alora_invocation_tokens": [5, 6]}))
+    with pytest.raises(CheckpointError, match=r"LoRA option alora_invocation_tokens=\[5, 6\] is not supported"):
+        jpeft.load_adapter(tmp_path / "layers", base)
+
+
 # ----------------------------------------------------------------------------------------------
 # Merged export
 

@@ -9,6 +9,8 @@ base model's ids, see `test_peft_generate_drops_the_prefix_under_transformers_5`
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,6 +264,13 @@ def test_bad_files_and_configs_are_refused(seq2seq, tmp_path):
     with pytest.raises(ValueError, match="disagrees with config"):
         jpeft.save_adapter(tmp_path / "x", ours, jpeft.PrefixTuningConfig(num_virtual_tokens=N + 1))
     jpeft.save_adapter(tmp_path / "ok", ours)
+    # A prefix of twice the layers at half the width has the same flat shape: the config's dims tell them apart.
+    cfg_file = tmp_path / "ok" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "num_layers": cfg["num_layers"] * 2, "token_dim": cfg["token_dim"] // 2}))
+    with pytest.raises(CheckpointError, match=r"trained for \{'num_layers': \d+, 'token_dim': \d+\}, but the given base has"):
+        jpeft.load_adapter(tmp_path / "ok", params)
+    cfg_file.write_text(json.dumps(cfg))
     from safetensors.numpy import load_file, save_file
 
     state = load_file(tmp_path / "ok" / "adapter_model.safetensors")
