@@ -66,6 +66,11 @@ def _flat(leaves: Leaves, site: Site) -> Leaves:
     return {**leaves, "lora_a": leaves["lora_a"].reshape(-1, r), "lora_b": leaves["lora_b"].reshape(r, -1)}
 
 
+def sorted_axes(axes: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The input axes a DenseGeneral / LinearGeneral contracts, in its kernel's order: Flax sorts them."""
+    return tuple(sorted(a % ndim for a in (axes if isinstance(axes, tuple) else (axes,))))
+
+
 def contract_delta(site: Site, leaves: Leaves, x: jax.Array, x_axes: tuple[int, ...], ctx: nn.Ctx) -> jax.Array:
     """LoRA's update for an input whose `x_axes` (in order) meet the weight's `in_axes`: (..., *out), the
     input's other axes first, in order."""

@@ -25,16 +25,13 @@ from jpeft.integrations.layers import LEAVES, Kind, Site
 def _dense_general_axes(m, shape, args, kwargs):
     if m.batch_dims:
         raise ValueError(f"{m.name}: DenseGeneral with batch_dims={m.batch_dims} shares weight axes with the input; not adaptable by LoRA")
-    n_in = len(_axis(m))
+    n_in = len(m.axis) if isinstance(m.axis, tuple) else 1
     return tuple(range(n_in)), tuple(range(n_in, len(shape)))
 
 
 def _dense_general_delta(site, m, leaves, args, kwargs, ctx):
-    return layers.contract_delta(site, leaves, layers.first_input(args, kwargs), _axis(m), ctx)
-
-
-def _axis(m) -> tuple[int, ...]:
-    return m.axis if isinstance(m.axis, tuple) else (m.axis,)
+    x = layers.first_input(args, kwargs)
+    return layers.contract_delta(site, leaves, x, layers.sorted_axes(m.axis, x.ndim), ctx)
 
 
 def _einsum_io(m, a, k, x_ndim, y_ndim):
@@ -62,7 +59,7 @@ KINDS: dict[type, Kind] = {
                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx),
                     io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
     fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta,
-                           io_axes=lambda m, a, k, xn, yn: (_axis(m), tuple(range(-len(_features(m)), 0)))),
+                           io_axes=lambda m, a, k, xn, yn: (layers.sorted_axes(m.axis, xn), tuple(range(-len(_features(m)), 0)))),
     fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(_einsum_equation(m, k), len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx),
                      io_axes=_einsum_io),

@@ -49,9 +49,10 @@ KINDS: dict[type, Kind] = {
                      lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), (-1,), ctx),
                      call_ndim=lambda m, n: 2, io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
     nnx.LinearGeneral: Kind("kernel", _linear_general_axes,
-                            lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), m.axis, ctx),
+                            lambda site, m, leaves, a, k, ctx: layers.contract_delta(
+                                site, leaves, _x(a, k), layers.sorted_axes(m.axis, _x(a, k).ndim), ctx),
                             call_ndim=lambda m, n: len(m.batch_axis) + len(m.in_features) + len(m.out_features),
-                            io_axes=lambda m, a, k, xn, yn: (tuple(m.axis), tuple(range(-len(m.out_features), 0)))),
+                            io_axes=lambda m, a, k, xn, yn: (layers.sorted_axes(m.axis, xn), tuple(range(-len(m.out_features), 0)))),
     nnx.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(m.einsum_str, len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, k.get("einsum_str") or m.einsum_str, leaves, _x(a, k), ctx),
                      call_ndim=lambda m, n: len(m.kernel_shape),
