@@ -32,6 +32,9 @@ class Site:
     in_axes: tuple[int, ...]
     out_axes: tuple[int, ...]
     rule: Kind | None = dataclasses.field(default=None, compare=False, repr=False)  # the layer kind's rule
+    # Where out_axes sit in the layer's output, in out_axes' order (the layout of its bias, too); None where the
+    # kind has no (IA)^3.
+    out_positions: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -128,6 +131,13 @@ def embed_delta(leaves: Leaves, ids: jax.Array) -> jax.Array:
     return nn.matmul(leaves["lora_a"][ids], leaves["lora_b"]) * leaves["lora_scale"]
 
 
+def attend_delta(leaves: Leaves, query: jax.Array) -> jax.Array:
+    """query (s AB)^T = s (query B^T) A^T: LoRA's update to an embedding read as a tied output head (`attend`), so
+    the head sees the table merge gives, E + s·AB."""
+    h = nn.matmul(query, leaves["lora_b"].astype(query.dtype).T)
+    return nn.matmul(h, leaves["lora_a"].astype(h.dtype).T) * leaves["lora_scale"].astype(h.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """How one layer class meets its weight: its axes for a call, and LoRA's update for that call."""
@@ -135,13 +145,28 @@ class Kind:
     weight: str
     axes: Callable[[Any, tuple[int, ...], tuple, dict], tuple[tuple[int, ...], tuple[int, ...]]]  # (module, shape, args, kwargs)
     delta: Callable[[Site, Any, Leaves, tuple, dict, nn.Ctx], jax.Array]  # (site, module, leaves, args, kwargs, ctx)
-    methods: tuple[str, ...] = ("__call__",)
+    # Methods other than __call__ that read the weight (an embedding's `attend`), each with its LoRA update as `delta`.
+    readers: dict[str, Callable[[Site, Any, Leaves, tuple, dict, nn.Ctx], jax.Array]] = dataclasses.field(default_factory=dict)
     # The weight's rank in one call, from the module and the stored rank: what is left over are stacked layer
     # axes (NNX layers built by nnx.vmap, whose stored weight is all Flax NNX shows before a call).
     call_ndim: Callable[[Any, int], int] = lambda module, stored: stored
-    # (input axes meeting in_axes, output axes holding out_axes), in those orders, for (IA)^3's scaling vectors;
-    # None where HF PEFT has no IA3 for the layer (convolutions' spatial axes, embeddings).
-    io_axes: Callable[[Any, tuple, dict, int, int], tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+    # For (IA)^3's vectors: the input axes meeting in_axes (module, args, kwargs, input ndim), and the output axes
+    # holding out_axes (module, args, kwargs), in those orders; None where HF PEFT has no IA3 for the layer
+    # (convolutions' spatial axes, embeddings).
+    in_positions: Callable[[Any, tuple, dict, int], tuple[int, ...]] | None = None
+    out_positions: Callable[[Any, tuple, dict], tuple[int, ...]] | None = None
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The layer's methods that read its weight, and so get the PEFT leaves."""
+        return ("__call__", *self.readers)
+
+
+def make_site(kind: Kind, module: Any, path: tuple[str, ...], kind_name: str, shape: tuple[int, ...], args: tuple, kwargs: dict) -> Site:
+    """The site of one call of a layer of this kind, whose weight has the per-call `shape`."""
+    in_axes, out_axes = kind.axes(module, shape, args, kwargs)
+    out_positions = kind.out_positions(module, args, kwargs) if kind.out_positions else None
+    return Site(path, kind_name, kind.weight, shape, in_axes, out_axes, kind, out_positions)
 
 
 def first_input(args: tuple, kwargs: dict) -> jax.Array:
@@ -158,7 +183,8 @@ def registered(weight: str, equation_or_axes: str | tuple[int, ...]) -> Kind:
         return Kind(weight, lambda m, shape, a, k: einsum_axes(eq, len(shape)),
                     lambda site, m, leaves, a, k, ctx: einsum_delta(site, eq, leaves, first_input(a, k), ctx),
                     call_ndim=lambda m, stored: weight_ndim,
-                    io_axes=lambda m, a, k, xn, yn: einsum_io_axes(eq, weight_ndim, *einsum_axes(eq, weight_ndim)))
+                    in_positions=lambda m, a, k, xn: einsum_positions(eq, weight_ndim)[0],
+                    out_positions=lambda m, a, k: einsum_positions(eq, weight_ndim)[1])
     given = tuple(equation_or_axes)
 
     def axes(m, shape, a, k):
@@ -185,9 +211,10 @@ def refuse_opaque(targets: tg.Targets, opaque: dict[str, tuple[str, list[str]]],
             "'<input>,<weight>-><output>') covers it; otherwise target the Flax layers inside it, or wrap its weights in them")
 
 
-def einsum_io_axes(equation: str, weight_ndim: int, in_axes: tuple[int, ...], out_axes: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def einsum_positions(equation: str, weight_ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Where an einsum's contracted weight axes sit in its input, and its output weight axes in its output."""
     x, w, out = parse_einsum(equation, weight_ndim)
+    in_axes, out_axes = einsum_axes(equation, weight_ndim)
     return tuple(x.index(w[a]) for a in in_axes), tuple(out.index(w[a]) for a in out_axes)
 
 
@@ -201,19 +228,21 @@ def _along(vector: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
     return vector.transpose(order).reshape(shape)
 
 
-def adapted_call(kind: Kind, site: Site, module: Any, leaves: Leaves, call: Callable, args: tuple, kwargs: dict, ctx: nn.Ctx) -> jax.Array:
-    """One call of an adapted layer: (IA)^3 scales its input or output, LoRA adds (x A) B s to its own output."""
+def adapted_call(site: Site, module: Any, leaves: Leaves, method: str, call: Callable, args: tuple, kwargs: dict, ctx: nn.Ctx) -> jax.Array:
+    """One call of an adapted layer's `method`: (IA)^3 scales its input or output, LoRA adds (x A) B s to its own output."""
+    kind = site.rule
+    if method != "__call__":  # another reader of the weight (an embedding's attend): LoRA only, as no IA3 covers it
+        y = call(*args, **kwargs)
+        return y + kind.readers[method](site, module, leaves, args, kwargs, ctx).astype(y.dtype)
     x = first_input(args, kwargs)
     if "ia3_in" in leaves:
-        x_axes, _ = kind.io_axes(module, args, kwargs, x.ndim, 0)
-        x = x * _along(leaves["ia3_in"], x_axes, x.ndim).astype(x.dtype)
+        x = x * _along(leaves["ia3_in"], kind.in_positions(module, args, kwargs, x.ndim), x.ndim).astype(x.dtype)
         args, kwargs = ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
     y = call(*args, **kwargs)
     if "lora_a" in leaves:
         y = y + kind.delta(site, module, leaves, args, kwargs, ctx).astype(y.dtype)
     if "ia3_out" in leaves:
-        _, y_axes = kind.io_axes(module, args, kwargs, x.ndim, y.ndim)
-        y = y * _along(leaves["ia3_out"], y_axes, y.ndim).astype(y.dtype)
+        y = y * _along(leaves["ia3_out"], site.out_positions, y.ndim).astype(y.dtype)
     return y
 
 
@@ -235,7 +264,7 @@ def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array)
 
     lead = w.shape[: w.ndim - len(site.shape)]
     if isinstance(config, ia3.IA3Config):
-        if site.rule is None or site.rule.io_axes is None:
+        if site.out_positions is None:
             raise ValueError(f"{name}: HF PEFT has no (IA)^3 for a {site.kind} layer; target its dense or einsum layers")
         if tg.matches(config.feedforward_modules, name):
             return {"ia3_in": jnp.ones((*lead, *site.in_shape), w.dtype)}, None
@@ -288,3 +317,21 @@ def fold(site: Site, w: jax.Array, leaves: Leaves, sign: float = 1.0) -> jax.Arr
             v = leaves[leaf].astype(jnp.float32).reshape(*lead, -1)[where]
             m = m * v if sign > 0 else m / v
     return site.from_matrix(m).astype(w.dtype)
+
+
+def fold_bias(site: Site, bias: jax.Array, leaves: Leaves, sign: float = 1.0) -> jax.Array:
+    """The bias (*lead, *out in output order) as HF PEFT's (IA)^3 merge leaves it: scaled by ia3_out (its unmerge
+    divides), untouched by ia3_in and LoRA, since the adapted call scales the layer's whole output by ia3_out."""
+    if "ia3_out" not in leaves:
+        return bias
+    v = leaves["ia3_out"].astype(jnp.float32)
+    lead = v.ndim - len(site.out_positions)
+    order = sorted(range(len(site.out_positions)), key=lambda i: site.out_positions[i])  # out axes in output order
+    v = v.transpose(*range(lead), *(lead + i for i in order)).reshape(bias.shape)
+    b = bias.astype(jnp.float32)
+    return (b * v if sign > 0 else b / v).astype(bias.dtype)
+
+
+def folds(site: Site) -> tuple[tuple[str, Callable[..., jax.Array]], ...]:
+    """(param name, fold) for each param of the layer that merging changes: its weight, and a param named "bias"."""
+    return (site.weight, fold), ("bias", fold_bias)

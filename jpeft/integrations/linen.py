@@ -34,12 +34,6 @@ def _dense_general_delta(site, m, leaves, args, kwargs, ctx):
     return layers.contract_delta(site, leaves, x, layers.sorted_axes(m.axis, x.ndim), ctx)
 
 
-def _einsum_io(m, a, k, x_ndim, y_ndim):
-    eq = _einsum_equation(m, k)
-    shape = m.shape
-    return layers.einsum_io_axes(eq, len(shape), *layers.einsum_axes(eq, len(shape)))
-
-
 def _features(m) -> tuple[int, ...]:
     return m.features if isinstance(m.features, tuple) else (m.features,)
 
@@ -57,16 +51,19 @@ def _conv_axes(m, shape, args, kwargs):
 KINDS: dict[type, Kind] = {
     fnn.Dense: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx),
-                    io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
+                    in_positions=lambda m, a, k, xn: (-1,), out_positions=lambda m, a, k: (-1,)),
     fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta,
-                           io_axes=lambda m, a, k, xn, yn: (layers.sorted_axes(m.axis, xn), tuple(range(-len(_features(m)), 0)))),
+                           in_positions=lambda m, a, k, xn: layers.sorted_axes(m.axis, xn),
+                           out_positions=lambda m, a, k: tuple(range(-len(_features(m)), 0))),
     fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(_einsum_equation(m, k), len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx),
-                     io_axes=_einsum_io),
+                     in_positions=lambda m, a, k, xn: layers.einsum_positions(_einsum_equation(m, k), len(m.shape))[0],
+                     out_positions=lambda m, a, k: layers.einsum_positions(_einsum_equation(m, k), len(m.shape))[1]),
     fnn.Conv: Kind("kernel", _conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
         leaves, layers.first_input(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx)),
     fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
-                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, layers.first_input(a, k))),
+                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, layers.first_input(a, k)),
+                    readers={"attend": lambda site, m, leaves, a, k, ctx: layers.attend_delta(leaves, layers.first_input(a, k))}),
 }
 
 
@@ -101,8 +98,7 @@ def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple
         m, kind = context.module, _kind(context.module)
         if kind is not None and context.method_name in kind.methods and m.has_variable("params", kind.weight):
             shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
-            in_axes, out_axes = kind.axes(m, shape, a, k)
-            found.setdefault(tuple(m.scope.path), Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes, kind))
+            found.setdefault(tuple(m.scope.path), layers.make_site(kind, m, tuple(m.scope.path), type(m).__name__, shape, a, k))
         out = next_fun(*a, **k)
         own = [n for n, v in (m.variables.get("params") or {}).items() if not isinstance(v, Mapping)] if m.scope else []
         if kind is None and own:
@@ -158,33 +154,41 @@ def _leaf(site: Site, leaf: str) -> str:
 
 
 @contextlib.contextmanager
-def _interceptor(ctx: nn.Ctx, used: set) -> Iterator[None]:
+def _interceptor(lora_dropout: float, used: set) -> Iterator[None]:
+    active: set[int] = set()  # layers whose adapted call is running: a subclass's super().__call__ is not adapted again
+
     def adapt(next_fun, a, k, context):
         m = context.module
         kind = _kind(m)
         present = [n for n in LEAVES if m.has_variable("params", n)] if kind is not None and context.method_name in kind.methods else []
-        if not present:
+        if not present or id(m) in active:
             return next_fun(*a, **k)
         leaves = {n: fnn.meta.unbox(m.get_variable("params", n)) for n in present}
         shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
-        site = Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, *kind.axes(m, shape, a, k))
+        site = layers.make_site(kind, m, tuple(m.scope.path), type(m).__name__, shape, a, k)
         used.add(site.path)
-        return layers.adapted_call(kind, site, m, leaves, next_fun, a, k, ctx)
+        # The key comes from Flax's "dropout" stream, so nn.scan(split_rngs={"dropout": True}) gives each layer its own.
+        rng = m.make_rng("dropout") if lora_dropout and m.has_rng("dropout") else None
+        active.add(id(m))
+        try:
+            return layers.adapted_call(site, m, leaves, context.method_name, next_fun, a, k, nn.Ctx(rng=rng, lora_dropout=lora_dropout))
+        finally:
+            active.discard(id(m))
 
     with fnn.intercept_methods(adapt):
         yield
 
 
-def apply(model: fnn.Module, variables: Mapping[str, Any], *args: Any, lora_rng: jax.Array | None = None,
-          lora_dropout: float = 0.0, **kwargs: Any) -> Any:
+def apply(model: fnn.Module, variables: Mapping[str, Any], *args: Any, lora_dropout: float = 0.0, **kwargs: Any) -> Any:
     """`model.apply(variables, *args, **kwargs)` with the LoRA leaves in `variables` used by the layers they sit in.
 
-    `lora_rng` with `lora_dropout` drops LoRA's input as HF PEFT does in training. A LoRA leaf that no layer read
-    (a typo'd path, a layer this call never ran) is an error, not a silent no-op.
+    With `lora_dropout` and a "dropout" rng (`rngs={"dropout": key}`), LoRA's input is dropped as HF PEFT does in
+    training; each layer call draws its own key from that stream, as Flax's `nn.Dropout` does, so layers stacked by
+    `nn.scan` need `split_rngs={"dropout": True}` to differ. A LoRA leaf that no layer read (a typo'd path, a layer
+    this call never ran) is an error, not a silent no-op.
     """
-    ctx = nn.Ctx(rng=lora_rng, lora_dropout=lora_dropout)
     used: set = set()
-    with _interceptor(ctx, used):
+    with _interceptor(lora_dropout, used):
         out = model.apply(variables, *args, **kwargs)
     full, _ = _split(variables)
     holders = {tuple(p.split("/")[:-1]) for p in tree.flatten(full["params"]) if p.rsplit("/", 1)[-1] in LEAVES}
@@ -205,11 +209,16 @@ def merge(model: fnn.Module, params: Mapping[str, Any], *example_args: Any, **ex
     if not holders:
         raise ValueError("merge: these params hold no LoRA or IA3 leaves")
     for path, leaves in holders.items():
-        site = found[path]
-        boxed = base[_leaf(site, site.weight)]
-        base[_leaf(site, site.weight)] = _rebox(boxed, layers.fold(site, fnn.meta.unbox(boxed), leaves))
+        _fold_into(base, found[path], leaves, 1.0)
     new = {**variables, "params": tree.unflatten(base)}
     return new["params"] if bare else new
+
+
+def _fold_into(flat: dict[str, Any], site: Site, leaves: dict[str, jax.Array], sign: float) -> None:
+    """Fold the leaves into the layer's params in `flat` (sign -1 takes them back out), keeping their boxes."""
+    for name, fold in layers.folds(site):
+        if (path := _leaf(site, name)) in flat:
+            flat[path] = _rebox(flat[path], fold(site, fnn.meta.unbox(flat[path]), leaves, sign))
 
 
 def _holders(flat: Mapping[str, Any]) -> dict[tuple[str, ...], dict[str, jax.Array]]:
@@ -229,8 +238,6 @@ def unmerge(model: fnn.Module, merged: Mapping[str, Any], adapter: Mapping[str, 
     adapter_flat = {p: v for p, v in tree.flatten(_split(adapter)[0]["params"]).items() if p.rsplit("/", 1)[-1] in LEAVES}
     found = {s.path: s for s in sites(model, variables, *example_args, **example_kwargs)}
     for path, leaves in _holders(adapter_flat).items():
-        site = found[path]
-        boxed = flat[_leaf(site, site.weight)]
-        flat[_leaf(site, site.weight)] = _rebox(boxed, layers.fold(site, fnn.meta.unbox(boxed), leaves, sign=-1.0))
+        _fold_into(flat, found[path], leaves, -1.0)
     new = {**variables, "params": tree.unflatten({**flat, **adapter_flat})}
     return new["params"] if bare else new

@@ -47,22 +47,24 @@ def _x(a, k):
 KINDS: dict[type, Kind] = {
     nnx.Linear: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                      lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, _x(a, k), (-1,), ctx),
-                     call_ndim=lambda m, n: 2, io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
+                     call_ndim=lambda m, n: 2, in_positions=lambda m, a, k, xn: (-1,), out_positions=lambda m, a, k: (-1,)),
     nnx.LinearGeneral: Kind("kernel", _linear_general_axes,
                             lambda site, m, leaves, a, k, ctx: layers.contract_delta(
                                 site, leaves, _x(a, k), layers.sorted_axes(m.axis, _x(a, k).ndim), ctx),
                             call_ndim=lambda m, n: len(m.batch_axis) + len(m.in_features) + len(m.out_features),
-                            io_axes=lambda m, a, k, xn, yn: (layers.sorted_axes(m.axis, xn), tuple(range(-len(m.out_features), 0)))),
+                            in_positions=lambda m, a, k, xn: layers.sorted_axes(m.axis, xn),
+                            out_positions=lambda m, a, k: tuple(range(-len(m.out_features), 0))),
     nnx.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(m.einsum_str, len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, k.get("einsum_str") or m.einsum_str, leaves, _x(a, k), ctx),
                      call_ndim=lambda m, n: len(m.kernel_shape),
-                     io_axes=lambda m, a, k, xn, yn: layers.einsum_io_axes(m.einsum_str, len(m.kernel_shape),
-                                                                           *layers.einsum_axes(m.einsum_str, len(m.kernel_shape)))),
+                     in_positions=lambda m, a, k, xn: layers.einsum_positions(m.einsum_str, len(m.kernel_shape))[0],
+                     out_positions=lambda m, a, k: layers.einsum_positions(m.einsum_str, len(m.kernel_shape))[1]),
     nnx.Conv: Kind("kernel", _conv_axes,
                    lambda site, m, leaves, a, k, ctx: layers.conv_delta(leaves, _x(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx),
                    call_ndim=lambda m, n: len(m.kernel_size) + 2),
     nnx.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
-                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, _x(a, k)), call_ndim=lambda m, n: 2),
+                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, _x(a, k)), call_ndim=lambda m, n: 2,
+                    readers={"attend": lambda site, m, leaves, a, k, ctx: layers.attend_delta(leaves, _x(a, k))}),
 }
 
 
@@ -74,15 +76,20 @@ def register(cls: type, weight_name: str, equation_or_axes: str | tuple[int, ...
 _ADAPTED: dict[type, type] = {}
 
 
-def _adapted(cls: type) -> type:
-    """`cls` whose call applies the PEFT leaves it holds (one subclass per class, made once)."""
+def _adapted(cls: type, kind: Kind) -> type:
+    """`cls` whose methods reading the weight apply the PEFT leaves it holds (one subclass per class, made once)."""
     if cls not in _ADAPTED:
-        def __call__(self, *args, **kwargs):
-            site = _site(self, ())
-            return layers.adapted_call(site.rule, site, self, _leaves_of(self), functools.partial(cls.__call__, self), args, kwargs, nn.Ctx())
-
-        _ADAPTED[cls] = type(f"Adapted{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
+        methods = {name: _adapted_method(cls, name) for name in kind.methods}
+        _ADAPTED[cls] = type(f"Adapted{cls.__name__}", (cls,), {**methods, "__module__": __name__})
     return _ADAPTED[cls]
+
+
+def _adapted_method(cls: type, name: str) -> Any:
+    def method(self, *args, **kwargs):
+        site = _site(self, ())
+        return layers.adapted_call(site, self, _leaves_of(self), name, functools.partial(getattr(cls, name), self), args, kwargs, nn.Ctx())
+
+    return method
 
 
 def _site(module: Any, path: tuple) -> Site:
@@ -90,8 +97,7 @@ def _site(module: Any, path: tuple) -> Site:
     kind = layers.kind_of(KINDS, module)
     stored = getattr(module, kind.weight)[...].shape
     shape = tuple(stored[len(stored) - kind.call_ndim(module, len(stored)):])
-    in_axes, out_axes = kind.axes(module, shape, (), {})
-    return Site(tuple(map(str, path)), _base_class(module).__name__, kind.weight, shape, in_axes, out_axes, kind)
+    return layers.make_site(kind, module, tuple(map(str, path)), _base_class(module).__name__, shape, (), {})
 
 
 def _base_class(module: Any) -> type:
@@ -143,7 +149,7 @@ def _set_leaves(layer: nnx.Module, site: Site, leaves: dict) -> None:
         if axes is not None:  # for nnx.get_partition_spec
             variable.set_metadata("out_sharding", axes)
         setattr(layer, leaf, variable)
-    layer.__class__ = _adapted(type(layer))
+    layer.__class__ = _adapted(type(layer), site.rule)
 
 
 def merge(model: nnx.Module) -> dict:
@@ -154,8 +160,7 @@ def merge(model: nnx.Module) -> dict:
         leaves = _leaves_of(layer)
         if not leaves:
             continue
-        weight = getattr(layer, site.weight)
-        weight[...] = layers.fold(site, weight[...], leaves)
+        _fold_into(layer, site, leaves, 1.0)
         removed.update({f"{'/'.join(site.path)}/{n}": v for n, v in leaves.items()})
         for n in leaves:
             delattr(layer, n)
@@ -163,6 +168,13 @@ def merge(model: nnx.Module) -> dict:
     if not removed:
         raise ValueError("merge: this model holds no LoRA or IA3 layers")
     return tree.unflatten(removed)
+
+
+def _fold_into(layer: nnx.Module, site: Site, leaves: dict, sign: float) -> None:
+    """Fold the leaves into the layer's variables in place (sign -1 takes them back out)."""
+    for name, fold in layers.folds(site):
+        if (variable := getattr(layer, name, None)) is not None:
+            variable[...] = fold(site, variable[...], leaves, sign)
 
 
 def _by_module(adapter: dict) -> dict[tuple[str, ...], dict]:
@@ -196,6 +208,5 @@ def unmerge(model: nnx.Module, adapter: dict) -> nnx.Module:
     for path, leaves in _by_module(adapter).items():
         if path in found:
             site, layer = found[path]
-            weight = getattr(layer, site.weight)
-            weight[...] = layers.fold(site, weight[...], leaves, sign=-1.0)
+            _fold_into(layer, site, leaves, -1.0)
     return attach(model, adapter)

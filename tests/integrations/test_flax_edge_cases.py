@@ -82,3 +82,126 @@ def test_nnx_linear_general_with_unsorted_axis_matches_the_merged_kernel():
     got = model(x)
     want = jnp.einsum("bij,ijf->bf", x, kernel + jnp.einsum("ijr,rf->ijf", layer.lora_a[...], layer.lora_b[...])) + layer.bias[...]
     _close(got, want)
+
+
+# 2. (IA)^3's ia3_out scales the layer's whole output, so its merge scales the bias too (as HF PEFT's does).
+
+
+def test_linen_ia3_merge_scales_the_bias_in_the_output_order():
+    x = _random((2, 3, 4), 0)
+    normal = fnn.initializers.normal(1.0)
+    model = _One(lambda name: fnn.Einsum((2, 4, 5), "bsd,hdk->bskh", bias_init=normal, name=name))  # bias (k, h)
+    params = model.init(jax.random.key(1), x)["params"]
+    q = linen.inject(model, params, jpeft.IA3Config(target_modules=["l"], feedforward_modules=[]), jax.random.key(2), x)
+    q["l"]["ia3_out"] = 1 + _random((2, 5), 4)  # (h, k): the kernel's out axes
+    l = q["l"]["ia3_out"]
+    by_hand = {"l": {"kernel": params["l"]["kernel"] * l[:, None, :], "bias": params["l"]["bias"] * l.T}}
+    want = model.apply({"params": by_hand}, x)
+    _close(linen.apply(model, {"params": q}, x), want)
+    merged = linen.merge(model, q, x)
+    _close(model.apply({"params": merged}, x), want)
+    back = linen.unmerge(model, merged, {"l": {"ia3_out": l}}, x)
+    _close(back["l"]["bias"], params["l"]["bias"])
+
+
+def test_nnx_ia3_merge_scales_the_bias_and_unmerge_restores_it():
+    x = _random((3, 8), 0)
+    model = _Holder(nnx.Linear(8, 4, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0)))
+    kernel, bias = model.l.kernel[...], model.l.bias[...]
+    jnnx.inject(model, jpeft.IA3Config(target_modules=["l"], feedforward_modules=[]), jax.random.key(2))
+    model.l.ia3_out[...] = jnp.array([0.5, 2.0, 1.5, -1.0])
+    want = (x @ kernel + bias) * model.l.ia3_out[...]  # HF PEFT's (IA)^3 on a Linear
+    _close(model(x), want)
+    adapter = jnnx.merge(model)
+    _close(model(x), want)
+    jnnx.unmerge(model, adapter)
+    _close(model.l.bias[...], bias)
+
+
+# 3. A Linen subclass of a covered layer whose __call__ calls super().__call__ gets LoRA's update once.
+
+
+class _MyDense(fnn.Dense):
+    @fnn.compact
+    def __call__(self, x):
+        return super().__call__(x)
+
+
+def test_linen_subclass_calling_super_gets_the_update_once():
+    x = _random((2, 6), 0)
+    model, params, q = _linen_lora(lambda name: _MyDense(4, name=name), x)
+    want = x @ (params["l"]["kernel"] + q["l"]["lora_a"] @ q["l"]["lora_b"]) + params["l"]["bias"]
+    _close(linen.apply(model, {"params": q}, x), want)
+    _close(model.apply({"params": linen.merge(model, q, x)}, x), want)
+
+
+# 4. An embedding also read as a tied output head (`attend`) sees E + s·AB there too, as merge gives.
+
+
+class _Tied(fnn.Module):
+    @fnn.compact
+    def __call__(self, ids):
+        e = fnn.Embed(20, 8, name="embed")
+        return e.attend(fnn.Dense(8, name="mid")(e(ids)))
+
+
+def test_linen_tied_embedding_head_equals_the_merged_table():
+    ids = jnp.array([[1, 2, 3], [4, 5, 19]])
+    model = _Tied()
+    params = model.init(jax.random.key(0), ids)["params"]
+    q = linen.inject(model, params, jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed"]), jax.random.key(1), ids)
+    q["embed"]["lora_b"] = _random(q["embed"]["lora_b"].shape, 2)
+    e = q["embed"]
+    by_hand = {**params, "embed": {"embedding": e["embedding"] + e["lora_scale"] * e["lora_a"] @ e["lora_b"]}}
+    want = model.apply({"params": by_hand}, ids)
+    _close(linen.apply(model, {"params": q}, ids), want)
+    _close(model.apply({"params": linen.merge(model, q, ids)}, ids), want)
+
+
+def test_nnx_tied_embedding_head_equals_the_merged_table():
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.embed, self.mid = nnx.Embed(20, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 8, rngs=nnx.Rngs(1))
+
+        def __call__(self, ids):
+            return self.embed.attend(self.mid(self.embed(ids)))
+
+    ids = jnp.array([[1, 2, 3], [4, 5, 19]])
+    model = jnnx.inject(Tied(), jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed"]), jax.random.key(1))
+    e = model.embed
+    e.lora_b[...] = _random(e.lora_b[...].shape, 2)
+    table = e.embedding[...] + e.lora_scale[...] * e.lora_a[...] @ e.lora_b[...]
+    want = model.mid(table[ids]) @ table.T  # the tied head on the merged table, by hand
+    _close(model(ids), want)
+    jnnx.merge(model)
+    _close(model(ids), want)
+
+
+# 6. LoRA dropout under nn.scan draws each layer's mask from Flax's "dropout" stream, which the scan splits.
+
+
+def test_linen_lora_dropout_differs_between_scanned_layers():
+    layers, d = 4, 64
+
+    class Layer(fnn.Module):
+        @fnn.compact
+        def __call__(self, x, _):  # output: LoRA's update alone (zero kernel)
+            return x, fnn.Dense(d, use_bias=False, kernel_init=fnn.initializers.zeros, name="d")(x)
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            stack = fnn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=layers)
+            return stack(name="layers")(x, None)[1]
+
+    x = jnp.ones((1, d))
+    model = Net()
+    q = linen.inject(model, model.init(jax.random.key(0), x)["params"], jpeft.LoraConfig(r=d, alpha=d, target_modules=["d"]),
+                     jax.random.key(1), x)
+    eye = jnp.broadcast_to(jnp.eye(d), (layers, d, d))
+    q["layers"]["d"]["lora_a"], q["layers"]["d"]["lora_b"] = eye, eye  # A = B = I, s = 1: the update is dropout(x)
+    y = linen.apply(model, {"params": q}, x, lora_dropout=0.5, rngs={"dropout": jax.random.key(7)})
+    masks = np.asarray(y[:, 0] != 0)
+    assert 0.2 < masks.mean() < 0.8
+    assert all(not (masks[i] == masks[0]).all() for i in range(1, layers))
+    np.testing.assert_array_equal(linen.apply(model, {"params": q}, x, lora_dropout=0.5), jnp.ones((layers, 1, d)))  # no rng: none
