@@ -169,6 +169,23 @@ def make_site(kind: Kind, module: Any, path: tuple[str, ...], kind_name: str, sh
     return Site(path, kind_name, kind.weight, shape, in_axes, out_axes, kind, out_positions)
 
 
+def conv_axes(m: Any, shape: tuple[int, ...], args: tuple, kwargs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A Conv's kernel (*window, in, out): all but the last axis meet the input; grouped or masked kernels are refused."""
+    if m.feature_group_count != 1:
+        raise ValueError(f"a grouped Conv (feature_group_count={m.feature_group_count}, e.g. depthwise) is not adaptable by "
+                         "LoRA: its kernel does not map every input channel to every output channel")
+    if getattr(m, "mask", None) is not None:
+        # Merge would mask W + s·AB, while a low-rank A (*window, in, r) cannot carry an arbitrary (*window, in, out) mask.
+        raise ValueError("a Conv with a kernel mask is not adaptable by LoRA: the merged weight would be masked, but LoRA's "
+                         "update cannot be; target other layers, or drop the mask")
+    return tuple(range(len(shape) - 1)), (len(shape) - 1,)
+
+
+def call_equation(module: Any, args: tuple, kwargs: dict) -> str:
+    """An Einsum call's equation: the one given at call time (positionally or as einsum_str), else the module's own."""
+    return args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
+
+
 def first_input(args: tuple, kwargs: dict) -> jax.Array:
     """A layer call's input: its first argument, positional or by keyword."""
     return args[0] if args else next(iter(kwargs.values()))
@@ -200,15 +217,18 @@ def kind_of(kinds: dict[type, Kind], module: Any) -> Kind | None:
     return next((kinds[c] for c in type(module).__mro__ if c in kinds), None)
 
 
-def refuse_opaque(targets: tg.Targets, opaque: dict[str, tuple[str, list[str]]], register: str) -> None:
-    """A target naming a module whose weights its own code uses (not through a layer jpeft can see) is refused by name."""
-    hits = sorted(n for n in opaque if n and tg.matches(targets, n))
-    if hits:
-        cls, params = opaque[hits[0]]
-        raise ValueError(
-            f"target_modules matches {hits[0]} ({cls}), whose params {params} are used inside its own code, where jpeft cannot "
+def opaque_reason(name: str, cls: str, params: list[str], register: str) -> str:
+    """Why a module whose weights its own code uses (not through a layer jpeft can see) cannot be targeted."""
+    return (f"target_modules matches {name} ({cls}), whose params {params} are used inside its own code, where jpeft cannot "
             f"add LoRA's update. If its call is one contraction of its input with one weight, {register}({cls}, '<param>', "
             "'<input>,<weight>-><output>') covers it; otherwise target the Flax layers inside it, or wrap its weights in them")
+
+
+def refuse(targets: tg.Targets, unadaptable: dict[str, str]) -> None:
+    """Raise the reason of the first unadaptable module a target selects; ones no target selects are left alone."""
+    hits = sorted(n for n in unadaptable if n and tg.matches(targets, n))
+    if hits:
+        raise ValueError(unadaptable[hits[0]])
 
 
 def einsum_positions(equation: str, weight_ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

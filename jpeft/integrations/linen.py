@@ -24,7 +24,7 @@ from jpeft.integrations.layers import LEAVES, Kind, Site
 
 def _dense_general_axes(m, shape, args, kwargs):
     if m.batch_dims:
-        raise ValueError(f"{m.name}: DenseGeneral with batch_dims={m.batch_dims} shares weight axes with the input; not adaptable by LoRA")
+        raise ValueError(f"DenseGeneral with batch_dims={m.batch_dims} shares weight axes with the input; not adaptable by LoRA")
     n_in = len(m.axis) if isinstance(m.axis, tuple) else 1
     return tuple(range(n_in)), tuple(range(n_in, len(shape)))
 
@@ -38,16 +38,6 @@ def _features(m) -> tuple[int, ...]:
     return m.features if isinstance(m.features, tuple) else (m.features,)
 
 
-def _einsum_equation(m, kwargs) -> str:
-    return kwargs.get("einsum_str") or m.einsum_str
-
-
-def _conv_axes(m, shape, args, kwargs):
-    if m.feature_group_count != 1:
-        raise ValueError(f"{m.name}: a grouped Conv (feature_group_count={m.feature_group_count}) is not adaptable by LoRA")
-    return tuple(range(len(shape) - 1)), (len(shape) - 1,)
-
-
 KINDS: dict[type, Kind] = {
     fnn.Dense: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx),
@@ -55,11 +45,11 @@ KINDS: dict[type, Kind] = {
     fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta,
                            in_positions=lambda m, a, k, xn: layers.sorted_axes(m.axis, xn),
                            out_positions=lambda m, a, k: tuple(range(-len(_features(m)), 0))),
-    fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(_einsum_equation(m, k), len(s)),
-                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx),
-                     in_positions=lambda m, a, k, xn: layers.einsum_positions(_einsum_equation(m, k), len(m.shape))[0],
-                     out_positions=lambda m, a, k: layers.einsum_positions(_einsum_equation(m, k), len(m.shape))[1]),
-    fnn.Conv: Kind("kernel", _conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
+    fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(layers.call_equation(m, a, k), len(s)),
+                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, layers.call_equation(m, a, k), leaves, layers.first_input(a, k), ctx),
+                     in_positions=lambda m, a, k, xn: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[0],
+                     out_positions=lambda m, a, k: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[1]),
+    fnn.Conv: Kind("kernel", layers.conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
         leaves, layers.first_input(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx)),
     fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
                     lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, layers.first_input(a, k)),
@@ -89,26 +79,32 @@ def sites(model: fnn.Module, variables: Mapping[str, Any], *args: Any, **kwargs:
     return _survey(model, variables, args, kwargs)[0]
 
 
-def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple[str, list[str]]]]:
-    """(adaptable layers, {path: (class, param names)} of the other modules that hold params of their own)."""
+def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, str]]:
+    """(adaptable layers, {name: why not} for the other modules holding params: opaque ones, and covered layers
+    in a form LoRA cannot adapt, which only a target selecting them makes an error)."""
     found: dict[tuple[str, ...], Site] = {}
-    opaque: dict[str, tuple[str, list[str]]] = {}
+    unadaptable: dict[str, str] = {}
 
     def record(next_fun, a, k, context):
         m, kind = context.module, _kind(context.module)
         if kind is not None and context.method_name in kind.methods and m.has_variable("params", kind.weight):
+            path = tuple(m.scope.path)
             shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
-            found.setdefault(tuple(m.scope.path), layers.make_site(kind, m, tuple(m.scope.path), type(m).__name__, shape, a, k))
+            try:
+                found.setdefault(path, layers.make_site(kind, m, path, type(m).__name__, shape, a, k))
+            except ValueError as e:
+                unadaptable[".".join(path)] = f"{'.'.join(path)}: {e}"
         out = next_fun(*a, **k)
         own = [n for n, v in (m.variables.get("params") or {}).items() if not isinstance(v, Mapping)] if m.scope else []
         if kind is None and own:
-            opaque[".".join(m.scope.path)] = (type(m).__name__, own)
+            name = ".".join(m.scope.path)
+            unadaptable[name] = layers.opaque_reason(name, type(m).__name__, own, "jpeft.linen.register")
         return out
 
     full, _ = _split(variables)
     with fnn.intercept_methods(record):
         jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), full)
-    return list(found.values()), opaque
+    return list(found.values()), unadaptable
 
 
 def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig | ia3.IA3Config, key: jax.Array, *example_args: Any,
@@ -121,8 +117,8 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     """
     layers.check_method(config)
     variables, bare = _split(params)
-    adaptable, opaque = _survey(model, variables, example_args, example_kwargs)
-    layers.refuse_opaque(config.target_modules, opaque, "jpeft.linen.register")
+    adaptable, unadaptable = _survey(model, variables, example_args, example_kwargs)
+    layers.refuse(config.target_modules, unadaptable)
     found = {s.name: s for s in adaptable}
     chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
     out = tree.flatten(variables["params"])
