@@ -205,3 +205,114 @@ def test_linen_lora_dropout_differs_between_scanned_layers():
     assert 0.2 < masks.mean() < 0.8
     assert all(not (masks[i] == masks[0]).all() for i in range(1, layers))
     np.testing.assert_array_equal(linen.apply(model, {"params": q}, x, lora_dropout=0.5), jnp.ones((layers, 1, d)))  # no rng: none
+
+
+# 5, 7. Layers LoRA cannot adapt (masked or grouped Conv, batch_dims DenseGeneral, batched or ellipsis Einsum) are
+# refused by name when a target selects them, and left alone when only other layers are targeted.
+
+_UNADAPTABLE = {
+    "masked conv": (lambda name: fnn.Conv(4, (3,), mask=jnp.ones((3, 4, 4)).at[0].set(0), name=name), (2, 5, 4), "kernel mask"),
+    "depthwise conv": (lambda name: fnn.Conv(4, (3,), feature_group_count=4, name=name), (2, 5, 4), "grouped Conv"),
+    "batch_dims": (lambda name: fnn.DenseGeneral(4, batch_dims=(0,), name=name), (2, 5, 4), "batch_dims"),
+    "batched einsum": (lambda name: fnn.Einsum((2, 4, 4), "ebd,edf->ebf", name=name), (2, 5, 4), "neither only contracted"),
+    "ellipsis einsum": (lambda name: fnn.Einsum((4, 4), "...d,df->...f", name=name), (2, 5, 4), "no ellipsis"),
+}
+
+
+class _TwoLayers(fnn.Module):
+    make: callable
+
+    @fnn.compact
+    def __call__(self, x):
+        return fnn.Dense(3, name="head")(self.make(name="l")(x))
+
+
+@pytest.mark.parametrize("case", sorted(_UNADAPTABLE))
+def test_linen_unadaptable_layer_is_refused_only_when_targeted(case):
+    make, shape, reason = _UNADAPTABLE[case]
+    x = _random(shape, 0)
+    model = _TwoLayers(make)
+    params = model.init(jax.random.key(1), x)["params"]
+    with pytest.raises(ValueError, match=f"^l: .*{reason}"):
+        linen.inject(model, params, jpeft.LoraConfig(r=2, target_modules=["l"]), jax.random.key(2), x)
+    q = linen.inject(model, params, jpeft.LoraConfig(r=2, alpha=2, target_modules=["head"]), jax.random.key(2), x)
+    q["head"]["lora_b"] = _random(q["head"]["lora_b"].shape, 3)
+    by_hand = {**params, "head": {**params["head"], "kernel": params["head"]["kernel"] + q["head"]["lora_a"] @ q["head"]["lora_b"]}}
+    want = model.apply({"params": by_hand}, x)
+    _close(linen.apply(model, {"params": q}, x), want)
+    _close(model.apply({"params": linen.merge(model, q, x)}, x), want)
+
+
+def test_nnx_depthwise_conv_is_refused_only_when_targeted():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.dw, self.head = nnx.Conv(8, 8, (3,), feature_group_count=8, rngs=nnx.Rngs(0)), nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.head(self.dw(x))
+
+    with pytest.raises(ValueError, match="^dw: a grouped Conv"):
+        jnnx.inject(Net(), jpeft.LoraConfig(r=2, target_modules=["dw"]), jax.random.key(1))
+    model = jnnx.inject(Net(), jpeft.LoraConfig(r=2, target_modules=["head"]), jax.random.key(1))
+    model.head.lora_b[...] = _random(model.head.lora_b[...].shape, 3)
+    x = _random((2, 5, 8), 0)
+    y = model(x)
+    want = model.dw(x) @ (model.head.kernel[...] + model.head.lora_a[...] @ model.head.lora_b[...] * model.head.lora_scale[...])
+    _close(y, want + model.head.bias[...])
+    jnnx.merge(model)
+    _close(model(x), y)
+
+
+# 9. Einsum's equation given at call time.
+
+
+def test_linen_einsum_equation_given_positionally_at_call_time():
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Einsum((4, 6), name="l")(x, "bsd,df->bsf")
+
+    x = _random((2, 5, 4), 0)
+    model = Net()
+    params = model.init(jax.random.key(1), x)["params"]
+    q = linen.inject(model, params, jpeft.LoraConfig(r=2, alpha=2, target_modules=["l"]), jax.random.key(2), x)
+    q["l"]["lora_b"] = _random(q["l"]["lora_b"].shape, 3)
+    by_hand = {"l": {**params["l"], "kernel": params["l"]["kernel"] + q["l"]["lora_a"] @ q["l"]["lora_b"]}}
+    _close(linen.apply(model, {"params": q}, x), model.apply({"params": by_hand}, x))
+
+
+def test_nnx_einsum_called_with_an_equation_reading_other_axes_is_refused():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.l = nnx.Einsum("bsd,df->bsf", (4, 4), rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.l(x, einsum_str="bsf,df->bsd")  # contracts the kernel's other axis
+
+    model = jnnx.inject(Net(), jpeft.LoraConfig(r=2, target_modules=["l"]), jax.random.key(1))
+    with pytest.raises(ValueError, match="einsum_str='bsf,df->bsd', which contracts other kernel axes"):
+        model(_random((2, 5, 4), 0))
+
+
+# 12, 13. Adapter files: LoRA on a 2-D kernel stored (out, in) round-trips; IA3 vectors PEFT's format cannot hold are
+# refused at save time, naming the module.
+
+
+def test_lora_on_an_out_in_kernel_round_trips_through_a_file(tmp_path):
+    x = _random((2, 5, 6), 0)
+    model, params, q = _linen_lora(lambda name: fnn.Einsum((4, 6), "bsd,kd->bsk", name=name), x)
+    jpeft.save_adapter(tmp_path / "a", q, base_model_name_or_path="m")
+    loaded = jpeft.load_adapter(tmp_path / "a", params)
+    for leaf in ("lora_a", "lora_b", "lora_scale"):
+        np.testing.assert_array_equal(loaded["l"][leaf], q["l"][leaf])
+    by_hand = {"l": {**params["l"], "kernel": params["l"]["kernel"] + (q["l"]["lora_a"] @ q["l"]["lora_b"]).T}}
+    _close(linen.apply(model, {"params": loaded}, x), model.apply({"params": by_hand}, x))
+
+
+def test_ia3_vectors_peft_cannot_hold_are_refused_at_save_time(tmp_path):
+    x = _random((2, 3, 6), 0)
+    model = _One(lambda name: fnn.DenseGeneral((2, 3), name=name))
+    q = linen.inject(model, model.init(jax.random.key(1), x)["params"], jpeft.IA3Config(target_modules=["l"], feedforward_modules=[]),
+                     jax.random.key(2), x)
+    with pytest.raises(ValueError, match=r"save_adapter: l has ia3_out \(2, 3\) beside a kernel \(6, 2, 3\)"):
+        jpeft.save_adapter(tmp_path / "a", q, base_model_name_or_path="m")
