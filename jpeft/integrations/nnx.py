@@ -142,6 +142,9 @@ def inject(model: nnx.Module, config: lora.LoraConfig | ia3.IA3Config, key: jax.
     """Add the method to the targeted layers of `model`, in place (and return it): LoRA's A (Kaiming-uniform) and B
     (zero) as `nnx.LoRAParam` with a `LoRAScale`, or (IA)^3's ones-initialised vectors as `nnx.LoRAParam`."""
     layers.check_method(config)
+    if getattr(config, "dropout", 0.0):
+        raise ValueError(f"jpeft.nnx applies no LoRA dropout (LoraConfig.dropout={config.dropout}); set dropout=0.0, or train "
+                         "with dropout through jpeft.linen.apply(lora_dropout=...) or jpeft's own models")
     found, unadaptable = _survey(model)
     layers.refuse(config.target_modules, unadaptable)
     chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")

@@ -316,3 +316,18 @@ def test_ia3_vectors_peft_cannot_hold_are_refused_at_save_time(tmp_path):
                      jax.random.key(2), x)
     with pytest.raises(ValueError, match=r"save_adapter: l has ia3_out \(2, 3\) beside a kernel \(6, 2, 3\)"):
         jpeft.save_adapter(tmp_path / "a", q, base_model_name_or_path="m")
+
+
+# 16, 17. Settings that would be silently ignored are refused.
+
+
+def test_nnx_refuses_lora_dropout_it_would_not_apply():
+    with pytest.raises(ValueError, match="jpeft.nnx applies no LoRA dropout"):
+        jnnx.inject(_Holder(nnx.Linear(4, 4, rngs=nnx.Rngs(0))), jpeft.LoraConfig(r=2, target_modules=["l"], dropout=0.5),
+                    jax.random.key(1))
+
+
+def test_ia3_feedforward_modules_must_be_targets_as_in_hf_peft():
+    with pytest.raises(ValueError, match=r"feedforward_modules should be a subset of target_modules.*\['down'\]"):
+        jpeft.IA3Config(target_modules=["up_proj", "down_proj"], feedforward_modules=["down"])
+    jpeft.IA3Config(target_modules=".*proj", feedforward_modules=["down"])  # a regex target: no name check, as in HF PEFT
