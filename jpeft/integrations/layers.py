@@ -191,9 +191,11 @@ def first_input(args: tuple, kwargs: dict) -> jax.Array:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def registered(weight: str, equation_or_axes: str | tuple[int, ...]) -> Kind:
+def registered(weight: str, equation_or_axes: str | tuple[int, ...], weight_ndim: int | None = None) -> Kind:
     """The kind of a user-registered layer: its weight meets the input as in an einsum equation
-    ("input,weight->output"), or contracts the given weight axes with the input's last axes, in order."""
+    ("input,weight->output"), or contracts the given weight axes with the input's last axes, in order. With the axes
+    form, `weight_ndim` is the weight's rank in one call (stored dims beyond it are stacked layers); without it, the
+    stored weight is taken as one call's."""
     if isinstance(equation_or_axes, str):
         eq = equation_or_axes
         weight_ndim = len(eq.replace(" ", "").split("->")[0].split(",")[1])
@@ -209,7 +211,7 @@ def registered(weight: str, equation_or_axes: str | tuple[int, ...]) -> Kind:
         return contracted, tuple(i for i in range(len(shape)) if i not in contracted)
 
     return Kind(weight, axes, lambda site, m, leaves, a, k, ctx: contract_delta(
-        site, leaves, first_input(a, k), tuple(range(-len(given), 0)), ctx))
+        site, leaves, first_input(a, k), tuple(range(-len(given), 0)), ctx), call_ndim=lambda m, stored: weight_ndim or stored)
 
 
 def kind_of(kinds: dict[type, Kind], module: Any) -> Kind | None:
@@ -248,8 +250,27 @@ def _along(vector: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
     return vector.transpose(order).reshape(shape)
 
 
+def check_leaves(site: Site, leaves: Leaves, lead: tuple[int, ...] = ()) -> None:
+    """Refuse, naming the layer, PEFT leaves that do not fit its weight (stacked on `lead` axes): LoRA's A (*in, r),
+    B (r, *out) and scale (), (IA)^3's (*in) or (*out)."""
+    lora_leaves = [n for n in ("lora_a", "lora_b", "lora_scale") if n in leaves]
+    if lora_leaves and len(lora_leaves) != 3:
+        raise ValueError(f"{site.name}: LoRA needs lora_a, lora_b and lora_scale together; this layer has only {lora_leaves}")
+    r = leaves["lora_a"].shape[-1] if lora_leaves else None
+    want = {"lora_a": (*lead, *site.in_shape, r), "lora_b": (*lead, r, *site.out_shape), "lora_scale": lead,
+            "ia3_in": (*lead, *site.in_shape), "ia3_out": (*lead, *site.out_shape)}
+    wrong = [f"{n} {tuple(v.shape)} (needs {want[n]})" for n, v in leaves.items() if tuple(v.shape) != want[n]]
+    if wrong:
+        # A scale unsliced inside a layer stack is NNX's StateAxes slicing only nnx.Param (A and B are LoRAParams).
+        hint = ("; a stacked lora_scale reached one layer's call: slice jpeft.nnx.LoRAScale with the params in nnx.scan / "
+                "nnx.vmap (e.g. nnx.StateAxes({(nnx.Param, LoRAScale): 0, ...: None}))"
+                if "lora_scale" in leaves and leaves["lora_scale"].ndim > len(lead) else "")
+        raise ValueError(f"{site.name or site.kind}: PEFT leaves do not fit its {site.weight} {(*lead, *site.shape)}: {', '.join(wrong)}{hint}")
+
+
 def adapted_call(site: Site, module: Any, leaves: Leaves, method: str, call: Callable, args: tuple, kwargs: dict, ctx: nn.Ctx) -> jax.Array:
     """One call of an adapted layer's `method`: (IA)^3 scales its input or output, LoRA adds (x A) B s to its own output."""
+    check_leaves(site, leaves)
     kind = site.rule
     if method != "__call__":  # another reader of the weight (an embedding's attend): LoRA only, as no IA3 covers it
         y = call(*args, **kwargs)
@@ -283,6 +304,9 @@ def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array)
     from jpeft import ia3, lora
 
     lead = w.shape[: w.ndim - len(site.shape)]
+    if w.shape[len(lead):] != site.shape:
+        raise ValueError(f"{name}: its stored {site.weight} {w.shape} does not end with the {site.shape} one call sees; jpeft "
+                         "needs layers stacked (nn.scan / nn.vmap / nnx.vmap) on leading axes, e.g. variable_axes={'params': 0}")
     if isinstance(config, ia3.IA3Config):
         if site.out_positions is None:
             raise ValueError(f"{name}: HF PEFT has no (IA)^3 for a {site.kind} layer; target its dense or einsum layers")
@@ -298,6 +322,9 @@ def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array)
     matrix = site.as_matrix(w)
     residual = None
     if config.init == "pissa":
+        if r > min(matrix.shape[-2:]):
+            raise ValueError(f"{name}: PiSSA's rank {r} exceeds min(in, out) = {min(matrix.shape[-2:])} of its weight "
+                             f"{site.shape}, which has no more singular vectors; use a smaller r (or rank_pattern)")
         a, b, rest = _vmap(lambda m: lora._pissa(m, r, scale), len(lead))(matrix)
         residual = site.from_matrix(rest).astype(w.dtype)
     else:
@@ -325,6 +352,7 @@ def _vmap(fn: Callable, depth: int) -> Callable:
 
 def fold(site: Site, w: jax.Array, leaves: Leaves, sign: float = 1.0) -> jax.Array:
     """w (*lead, *shape) with the leaves folded in (sign=-1 takes LoRA's update back out; IA3 divides), float32 math."""
+    check_leaves(site, leaves, w.shape[: w.ndim - len(site.shape)])
     m = site.as_matrix(w.astype(jnp.float32))
     lead = m.shape[:-2]
     if "lora_a" in leaves:

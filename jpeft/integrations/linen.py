@@ -205,9 +205,17 @@ def merge(model: fnn.Module, params: Mapping[str, Any], *example_args: Any, **ex
     if not holders:
         raise ValueError("merge: these params hold no LoRA or IA3 leaves")
     for path, leaves in holders.items():
-        _fold_into(base, found[path], leaves, 1.0)
+        _fold_into(base, _found(found, path, "merge"), leaves, 1.0)
     new = {**variables, "params": tree.unflatten(base)}
     return new["params"] if bare else new
+
+
+def _found(found: dict[tuple[str, ...], Site], path: tuple[str, ...], what: str) -> Site:
+    """The site the survey found at `path`, or an error naming the layer."""
+    if path not in found:
+        raise ValueError(f"{what}: PEFT leaves sit at {'.'.join(path)}, which is no adaptable layer this model ran on the example "
+                         f"inputs given; pass inputs under which every adapted layer runs (adaptable: {sorted(s.name for s in found.values())})")
+    return found[path]
 
 
 def _fold_into(flat: dict[str, Any], site: Site, leaves: dict[str, jax.Array], sign: float) -> None:
@@ -234,6 +242,6 @@ def unmerge(model: fnn.Module, merged: Mapping[str, Any], adapter: Mapping[str, 
     adapter_flat = {p: v for p, v in tree.flatten(_split(adapter)[0]["params"]).items() if p.rsplit("/", 1)[-1] in LEAVES}
     found = {s.path: s for s in sites(model, variables, *example_args, **example_kwargs)}
     for path, leaves in _holders(adapter_flat).items():
-        _fold_into(flat, found[path], leaves, -1.0)
+        _fold_into(flat, _found(found, path, "unmerge"), leaves, -1.0)
     new = {**variables, "params": tree.unflatten({**flat, **adapter_flat})}
     return new["params"] if bare else new

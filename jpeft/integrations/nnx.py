@@ -72,9 +72,10 @@ KINDS: dict[type, Kind] = {
 }
 
 
-def register(cls: type, weight_name: str, equation_or_axes: str | tuple[int, ...]) -> None:
-    """Cover an NNX layer class that is not Flax's own (see `jpeft.linen.register`)."""
-    KINDS[cls] = layers.registered(weight_name, equation_or_axes)
+def register(cls: type, weight_name: str, equation_or_axes: str | tuple[int, ...], weight_ndim: int | None = None) -> None:
+    """Cover an NNX layer class that is not Flax's own (see `jpeft.linen.register`); with the axes form on layers
+    stacked by `nnx.vmap`, `weight_ndim` gives the weight's rank in one call (the equation form implies it)."""
+    KINDS[cls] = layers.registered(weight_name, equation_or_axes, weight_ndim)
 
 
 _ADAPTED: dict[type, type] = {}
@@ -164,6 +165,7 @@ def _set_leaves(layer: nnx.Module, site: Site, leaves: dict) -> None:
     """The leaves as variables of the layer (the trainable ones `nnx.LoRAParam`), with the weight's partition names."""
     weight = getattr(layer, site.weight)
     names, lead = weight.get_metadata().get("out_sharding"), weight[...].ndim - len(site.shape)
+    layers.check_leaves(site, {n: jnp.asarray(v) for n, v in leaves.items()}, weight[...].shape[:lead])
     for leaf, value in leaves.items():
         variable = LoRAScale(jnp.asarray(value, jnp.float32)) if leaf == "lora_scale" else nnx.LoRAParam(value)
         axes = layers.axis_names(site, leaf, names, lead)

@@ -331,3 +331,91 @@ def test_ia3_feedforward_modules_must_be_targets_as_in_hf_peft():
     with pytest.raises(ValueError, match=r"feedforward_modules should be a subset of target_modules.*\['down'\]"):
         jpeft.IA3Config(target_modules=["up_proj", "down_proj"], feedforward_modules=["down"])
     jpeft.IA3Config(target_modules=".*proj", feedforward_modules=["down"])  # a regex target: no name check, as in HF PEFT
+
+
+# 8, 10, 11, 15. Setups jpeft cannot or does not run end in an error naming the layer and what to do.
+
+
+def test_nnx_registered_axes_form_on_vmapped_layers_with_weight_ndim():
+    layers_, d, f = 3, 4, 4  # a square weight, so layers chain
+
+    class Proj(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Param(jax.random.normal(rngs.params(), (d, f)))
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    jnnx.register(Proj, "w", (0,), weight_ndim=2)
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.proj = nnx.split_rngs(splits=layers_)(nnx.vmap(Proj, in_axes=0, out_axes=0))(nnx.Rngs(0))
+
+        def __call__(self, x):
+            return nnx.scan(lambda x, p: (p(x), None), in_axes=(nnx.Carry, 0))(x, self.proj)[0]
+
+    model = jnnx.inject(Net(), jpeft.LoraConfig(r=2, alpha=2, target_modules=["proj"]), jax.random.key(1))
+    p = model.proj
+    assert p.lora_a[...].shape == (layers_, d, 2) and p.lora_b[...].shape == (layers_, 2, f)
+    p.lora_b[...] = _random(p.lora_b[...].shape, 3)
+    x, want = _random((2, d), 0), _random((2, d), 0)
+    for w in p.w[...] + p.lora_a[...] @ p.lora_b[...]:
+        want = want @ w
+    _close(model(x), want)
+
+
+def test_nnx_scale_left_unsliced_by_state_axes_is_named():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.split_rngs(splits=3)(nnx.vmap(lambda r: nnx.Linear(4, 4, rngs=r), in_axes=0, out_axes=0))(nnx.Rngs(0))
+
+        def __call__(self, x):
+            axes = nnx.StateAxes({nnx.Param: 0, ...: None})  # slices A and B (LoRAParams), not LoRAScale
+            return nnx.scan(lambda x, l: (l(x), None), in_axes=(nnx.Carry, axes))(x, self.layers)[0]
+
+    model = jnnx.inject(Net(), jpeft.LoraConfig(r=2, target_modules=["layers"]), jax.random.key(1))
+    with pytest.raises(ValueError, match=r"lora_scale \(3,\) \(needs \(\)\).*LoRAScale"):
+        model(jnp.ones((2, 4)))
+
+
+def test_linen_scan_with_the_layer_axis_not_leading_is_refused():
+    class Layer(fnn.Module):
+        @fnn.compact
+        def __call__(self, x, _):
+            return fnn.Dense(8, name="d")(x), None
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.scan(Layer, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)(name="s")(x, None)[0]
+
+    x, model = jnp.ones((2, 8)), Net()
+    params = model.init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"s.d: its stored kernel \(8, 3, 8\) does not end with the \(8, 8\)"):
+        linen.inject(model, params, jpeft.LoraConfig(r=2, target_modules=["d"]), jax.random.key(1), x)
+
+
+class _Two(fnn.Module):
+    @fnn.compact
+    def __call__(self, x, both=True):
+        x = fnn.Dense(6, name="a")(x)
+        return fnn.Dense(6, name="b")(x) if both else x
+
+
+def test_unclear_inputs_get_errors_naming_the_layer():
+    x, model = jnp.ones((2, 6)), _Two()
+    params = model.init(jax.random.key(0), x)["params"]
+    q = linen.inject(model, params, jpeft.LoraConfig(r=2, target_modules=["a", "b"]), jax.random.key(1), x)
+    with pytest.raises(ValueError, match="merge: PEFT leaves sit at b, which is no adaptable layer this model ran"):
+        linen.merge(model, q, x, both=False)
+    with pytest.raises(ValueError, match="unmerge: PEFT leaves sit at zz"):
+        linen.unmerge(model, params, {"zz": q["a"]}, x)
+    with pytest.raises(ValueError, match="a: PiSSA's rank 8 exceeds min"):
+        linen.inject(model, params, jpeft.LoraConfig(r=8, init="pissa", target_modules=["a"]), jax.random.key(1), x)
+    no_b = {**q, "a": {k: v for k, v in q["a"].items() if k != "lora_b"}}
+    with pytest.raises(ValueError, match=r"a: LoRA needs lora_a, lora_b and lora_scale together"):
+        linen.apply(model, {"params": no_b}, x)
+    with pytest.raises(ValueError, match=r"l: PEFT leaves do not fit its kernel \(6, 6\): lora_a \(5, 2\) \(needs \(6, 2\)\)"):
+        jnnx.attach(_Holder(nnx.Linear(6, 6, rngs=nnx.Rngs(0))),
+                    {"l": {"lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 6)), "lora_scale": jnp.ones(())}})
