@@ -151,10 +151,10 @@ class Kind:
     # axes (NNX layers built by nnx.vmap, whose stored weight is all Flax NNX shows before a call).
     call_ndim: Callable[[Any, int], int] = lambda module, stored: stored
     # For (IA)^3's vectors: the input axes meeting in_axes (module, args, kwargs, input ndim), and the output axes
-    # holding out_axes (module, args, kwargs), in those orders; None where HF PEFT has no IA3 for the layer
+    # holding out_axes (module, weight shape in one call, args, kwargs), in those orders; None where HF PEFT has no IA3 for the layer
     # (convolutions' spatial axes, embeddings).
     in_positions: Callable[[Any, tuple, dict, int], tuple[int, ...]] | None = None
-    out_positions: Callable[[Any, tuple, dict], tuple[int, ...]] | None = None
+    out_positions: Callable[[Any, tuple[int, ...], tuple, dict], tuple[int, ...]] | None = None
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -165,7 +165,7 @@ class Kind:
 def make_site(kind: Kind, module: Any, path: tuple[str, ...], kind_name: str, shape: tuple[int, ...], args: tuple, kwargs: dict) -> Site:
     """The site of one call of a layer of this kind, whose weight has the per-call `shape`."""
     in_axes, out_axes = kind.axes(module, shape, args, kwargs)
-    out_positions = kind.out_positions(module, args, kwargs) if kind.out_positions else None
+    out_positions = kind.out_positions(module, shape, args, kwargs) if kind.out_positions else None
     return Site(path, kind_name, kind.weight, shape, in_axes, out_axes, kind, out_positions)
 
 
@@ -203,15 +203,17 @@ def registered(weight: str, equation_or_axes: str | tuple[int, ...], weight_ndim
                     lambda site, m, leaves, a, k, ctx: einsum_delta(site, eq, leaves, first_input(a, k), ctx),
                     call_ndim=lambda m, stored: weight_ndim,
                     in_positions=lambda m, a, k, xn: einsum_positions(eq, weight_ndim)[0],
-                    out_positions=lambda m, a, k: einsum_positions(eq, weight_ndim)[1])
+                    out_positions=lambda m, s, a, k: einsum_positions(eq, weight_ndim)[1])
     given = tuple(equation_or_axes)
 
     def axes(m, shape, a, k):
         contracted = tuple(i % len(shape) for i in given)
         return contracted, tuple(i for i in range(len(shape)) if i not in contracted)
 
+    # The update, like the layer's output, is (..., *weight out axes): (IA)^3 meets the same trailing axes.
     return Kind(weight, axes, lambda site, m, leaves, a, k, ctx: contract_delta(
-        site, leaves, first_input(a, k), tuple(range(-len(given), 0)), ctx), call_ndim=lambda m, stored: weight_ndim or stored)
+        site, leaves, first_input(a, k), tuple(range(-len(given), 0)), ctx), call_ndim=lambda m, stored: weight_ndim or stored,
+        in_positions=lambda m, a, k, xn: tuple(range(-len(given), 0)), out_positions=lambda m, s, a, k: tuple(range(len(given) - len(s), 0)))
 
 
 def kind_of(kinds: dict[type, Kind], module: Any) -> Kind | None:

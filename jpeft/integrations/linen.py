@@ -41,14 +41,14 @@ def _features(m) -> tuple[int, ...]:
 KINDS: dict[type, Kind] = {
     fnn.Dense: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx),
-                    in_positions=lambda m, a, k, xn: (-1,), out_positions=lambda m, a, k: (-1,)),
+                    in_positions=lambda m, a, k, xn: (-1,), out_positions=lambda m, s, a, k: (-1,)),
     fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta,
                            in_positions=lambda m, a, k, xn: layers.sorted_axes(m.axis, xn),
-                           out_positions=lambda m, a, k: tuple(range(-len(_features(m)), 0))),
+                           out_positions=lambda m, s, a, k: tuple(range(-len(_features(m)), 0))),
     fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(layers.call_equation(m, a, k), len(s)),
                      lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, layers.call_equation(m, a, k), leaves, layers.first_input(a, k), ctx),
                      in_positions=lambda m, a, k, xn: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[0],
-                     out_positions=lambda m, a, k: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[1]),
+                     out_positions=lambda m, s, a, k: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[1]),
     fnn.Conv: Kind("kernel", layers.conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
         leaves, layers.first_input(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx)),
     fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),

@@ -419,3 +419,28 @@ def test_unclear_inputs_get_errors_naming_the_layer():
     with pytest.raises(ValueError, match=r"l: PEFT leaves do not fit its kernel \(6, 6\): lora_a \(5, 2\) \(needs \(6, 2\)\)"):
         jnnx.attach(_Holder(nnx.Linear(6, 6, rngs=nnx.Rngs(0))),
                     {"l": {"lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 6)), "lora_scale": jnp.ones(())}})
+
+
+# 18. (IA)^3 on a layer registered by its contracted axes.
+
+
+class _AxesProj(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+        return x @ self.param("w", fnn.initializers.normal(1.0), (x.shape[-1], 4))
+
+
+linen.register(_AxesProj, "w", (0,))
+
+
+@pytest.mark.parametrize("leaf", ["ia3_in", "ia3_out"])
+def test_ia3_on_a_layer_registered_by_axes_scales_its_weight(leaf):
+    x = _random((2, 6), 0)
+    model = _One(lambda name: _AxesProj(name=name))
+    params = model.init(jax.random.key(1), x)["params"]
+    ff = ["l"] if leaf == "ia3_in" else []
+    q = linen.inject(model, params, jpeft.IA3Config(target_modules=["l"], feedforward_modules=ff), jax.random.key(2), x)
+    v = 1 + _random(q["l"][leaf].shape, 4)
+    q["l"][leaf] = v
+    scaled = params["l"]["w"] * (v[:, None] if leaf == "ia3_in" else v[None, :])
+    _close(linen.apply(model, {"params": q}, x), x @ scaled)
