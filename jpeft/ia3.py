@@ -26,6 +26,15 @@ class IA3Config:
     feedforward_modules: tg.Targets = ("wo",)
     modules_to_save: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # HF PEFT's check: with both given as name lists, a feed-forward name that is no target (a typo) is an error,
+        # not a layer silently given ia3_out.
+        if not isinstance(self.target_modules, str) and not isinstance(self.feedforward_modules, str):
+            stray = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if stray:
+                raise ValueError(f"feedforward_modules should be a subset of target_modules (as in HF PEFT); {stray} are not "
+                                 f"in target_modules={list(self.target_modules)}")
+
 
 def inject(params: Mapping[str, Any], cfg: IA3Config, key: Any = None) -> dict:
     """A new tree with ones-initialised scaling vectors beside each targeted kernel."""

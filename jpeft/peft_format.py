@@ -195,10 +195,17 @@ def _lora_out(params, flat, config):
 
 
 def _peft_layout(flat: Mapping[str, Any]) -> bool:
-    """Whether every LoRA module is a Linear as PEFT stores it: a 2-D kernel, 2-D A and B, one scale."""
+    """Whether every LoRA module is a Linear as PEFT stores it: a 2-D kernel (in, out), A (in, r), B (r, out), one scale.
+
+    A 2-D kernel stored (out, in), as an einsum "bsd,kd->bsk" keeps it, takes the tree layout: loading reads a
+    PEFT-layout kernel as (in, out)."""
     weights = quant.float_shapes(tree.unflatten(flat))
-    return all(len(weights.get(f"{p}/kernel", ())) == 2 and np.ndim(flat[f"{p}/lora_a"]) == 2 and np.ndim(flat[f"{p}/lora_scale"]) == 0
-               for p in (path[: -len("/lora_a")] for path in flat if path.endswith("/lora_a")))
+
+    def linear(p: str) -> bool:
+        kernel, a, b = weights.get(f"{p}/kernel", ()), np.shape(flat[f"{p}/lora_a"]), np.shape(flat[f"{p}/lora_b"])
+        return len(kernel) == 2 and len(a) == 2 and np.ndim(flat[f"{p}/lora_scale"]) == 0 and (a[0], b[-1]) == kernel
+
+    return all(linear(path[: -len("/lora_a")]) for path in flat if path.endswith("/lora_a"))
 
 
 def _spanned_weight(flat: Mapping[str, Any], prefix: str, a, b, s) -> Any | None:
@@ -280,6 +287,7 @@ def _ia3_out(params, flat, config):
     if sorted(tg.select(tg.dense_modules(params), config.target_modules, "target_modules")) != modules or sorted(
         m for m in modules if tg.matches(config.feedforward_modules, m)) != ff:
         raise ValueError("save_adapter: the IA3 vectors disagree with the config's target_modules / feedforward_modules")
+    _check_ia3_linear(params, modules)
     tensors = {}
     for m in modules:
         module = tg.get_module(params, m)
@@ -289,6 +297,20 @@ def _ia3_out(params, flat, config):
     cfg_json = dict(target_modules=as_json(config.target_modules), feedforward_modules=as_json(config.feedforward_modules),
                     fan_in_fan_out=False, init_ia3_weights=True, modules_to_save=None)
     return cfg_json, tensors
+
+
+def _check_ia3_linear(params, modules) -> None:
+    """PEFT's (IA)^3 file holds one vector per 2-D (in, out) kernel; refuse, by module, vectors it cannot hold (layers
+    stacked by scan / vmap, multi-axis features, kernels stored (out, in)) rather than write a file that cannot load."""
+    weights = quant.float_shapes(params)
+    for m in modules:
+        module, kernel = tg.get_module(params, m), weights.get(f"{m.replace('.', '/')}/kernel", ())
+        leaf = "ia3_in" if "ia3_in" in module else "ia3_out"
+        shape = tuple(np.shape(module[leaf]))
+        if len(kernel) != 2 or shape != (kernel[0] if leaf == "ia3_in" else kernel[1],):
+            raise ValueError(f"save_adapter: {m} has {leaf} {shape} beside a kernel {kernel}; PEFT's (IA)^3 format holds one "
+                             "vector per 2-D (in, out) kernel, so this adapter (layers stacked by scan / vmap, multi-axis "
+                             "features, or a kernel stored (out, in)) cannot be saved as a file; merge it into the model instead")
 
 
 def _prompt_out(flat, config, task):

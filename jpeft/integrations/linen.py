@@ -24,52 +24,36 @@ from jpeft.integrations.layers import LEAVES, Kind, Site
 
 def _dense_general_axes(m, shape, args, kwargs):
     if m.batch_dims:
-        raise ValueError(f"{m.name}: DenseGeneral with batch_dims={m.batch_dims} shares weight axes with the input; not adaptable by LoRA")
-    n_in = len(_axis(m))
+        raise ValueError(f"DenseGeneral with batch_dims={m.batch_dims} shares weight axes with the input; not adaptable by LoRA")
+    n_in = len(m.axis) if isinstance(m.axis, tuple) else 1
     return tuple(range(n_in)), tuple(range(n_in, len(shape)))
 
 
 def _dense_general_delta(site, m, leaves, args, kwargs, ctx):
-    return layers.contract_delta(site, leaves, layers.first_input(args, kwargs), _axis(m), ctx)
-
-
-def _axis(m) -> tuple[int, ...]:
-    return m.axis if isinstance(m.axis, tuple) else (m.axis,)
-
-
-def _einsum_io(m, a, k, x_ndim, y_ndim):
-    eq = _einsum_equation(m, k)
-    shape = m.shape
-    return layers.einsum_io_axes(eq, len(shape), *layers.einsum_axes(eq, len(shape)))
+    x = layers.first_input(args, kwargs)
+    return layers.contract_delta(site, leaves, x, layers.sorted_axes(m.axis, x.ndim), ctx)
 
 
 def _features(m) -> tuple[int, ...]:
     return m.features if isinstance(m.features, tuple) else (m.features,)
 
 
-def _einsum_equation(m, kwargs) -> str:
-    return kwargs.get("einsum_str") or m.einsum_str
-
-
-def _conv_axes(m, shape, args, kwargs):
-    if m.feature_group_count != 1:
-        raise ValueError(f"{m.name}: a grouped Conv (feature_group_count={m.feature_group_count}) is not adaptable by LoRA")
-    return tuple(range(len(shape) - 1)), (len(shape) - 1,)
-
-
 KINDS: dict[type, Kind] = {
     fnn.Dense: Kind("kernel", lambda m, s, a, k: ((0,), (1,)),
                     lambda site, m, leaves, a, k, ctx: layers.contract_delta(site, leaves, layers.first_input(a, k), (-1,), ctx),
-                    io_axes=lambda m, a, k, xn, yn: ((-1,), (-1,))),
+                    in_positions=lambda m, a, k, xn: (-1,), out_positions=lambda m, s, a, k: (-1,)),
     fnn.DenseGeneral: Kind("kernel", _dense_general_axes, _dense_general_delta,
-                           io_axes=lambda m, a, k, xn, yn: (_axis(m), tuple(range(-len(_features(m)), 0)))),
-    fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(_einsum_equation(m, k), len(s)),
-                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, _einsum_equation(m, k), leaves, layers.first_input(a, k), ctx),
-                     io_axes=_einsum_io),
-    fnn.Conv: Kind("kernel", _conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
+                           in_positions=lambda m, a, k, xn: layers.sorted_axes(m.axis, xn),
+                           out_positions=lambda m, s, a, k: tuple(range(-len(_features(m)), 0))),
+    fnn.Einsum: Kind("kernel", lambda m, s, a, k: layers.einsum_axes(layers.call_equation(m, a, k), len(s)),
+                     lambda site, m, leaves, a, k, ctx: layers.einsum_delta(site, layers.call_equation(m, a, k), leaves, layers.first_input(a, k), ctx),
+                     in_positions=lambda m, a, k, xn: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[0],
+                     out_positions=lambda m, s, a, k: layers.einsum_positions(layers.call_equation(m, a, k), len(m.shape))[1]),
+    fnn.Conv: Kind("kernel", layers.conv_axes, lambda site, m, leaves, a, k, ctx: layers.conv_delta(
         leaves, layers.first_input(a, k), {g: getattr(m, g) for g in layers.CONV_GEOMETRY}, ctx)),
     fnn.Embed: Kind("embedding", lambda m, s, a, k: ((0,), (1,)),
-                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, layers.first_input(a, k))),
+                    lambda site, m, leaves, a, k, ctx: layers.embed_delta(leaves, layers.first_input(a, k)),
+                    readers={"attend": lambda site, m, leaves, a, k, ctx: layers.attend_delta(leaves, layers.first_input(a, k))}),
 }
 
 
@@ -95,27 +79,32 @@ def sites(model: fnn.Module, variables: Mapping[str, Any], *args: Any, **kwargs:
     return _survey(model, variables, args, kwargs)[0]
 
 
-def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, tuple[str, list[str]]]]:
-    """(adaptable layers, {path: (class, param names)} of the other modules that hold params of their own)."""
+def _survey(model, variables, args, kwargs) -> tuple[list[Site], dict[str, str]]:
+    """(adaptable layers, {name: why not} for the other modules holding params: opaque ones, and covered layers
+    in a form LoRA cannot adapt, which only a target selecting them makes an error)."""
     found: dict[tuple[str, ...], Site] = {}
-    opaque: dict[str, tuple[str, list[str]]] = {}
+    unadaptable: dict[str, str] = {}
 
     def record(next_fun, a, k, context):
         m, kind = context.module, _kind(context.module)
         if kind is not None and context.method_name in kind.methods and m.has_variable("params", kind.weight):
+            path = tuple(m.scope.path)
             shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
-            in_axes, out_axes = kind.axes(m, shape, a, k)
-            found.setdefault(tuple(m.scope.path), Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, in_axes, out_axes, kind))
+            try:
+                found.setdefault(path, layers.make_site(kind, m, path, type(m).__name__, shape, a, k))
+            except ValueError as e:
+                unadaptable[".".join(path)] = f"{'.'.join(path)}: {e}"
         out = next_fun(*a, **k)
         own = [n for n, v in (m.variables.get("params") or {}).items() if not isinstance(v, Mapping)] if m.scope else []
         if kind is None and own:
-            opaque[".".join(m.scope.path)] = (type(m).__name__, own)
+            name = ".".join(m.scope.path)
+            unadaptable[name] = layers.opaque_reason(name, type(m).__name__, own, "jpeft.linen.register")
         return out
 
     full, _ = _split(variables)
     with fnn.intercept_methods(record):
         jax.eval_shape(lambda v: model.apply(v, *args, **kwargs), full)
-    return list(found.values()), opaque
+    return list(found.values()), unadaptable
 
 
 def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig | ia3.IA3Config, key: jax.Array, *example_args: Any,
@@ -128,8 +117,8 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     """
     layers.check_method(config)
     variables, bare = _split(params)
-    adaptable, opaque = _survey(model, variables, example_args, example_kwargs)
-    layers.refuse_opaque(config.target_modules, opaque, "jpeft.linen.register")
+    adaptable, unadaptable = _survey(model, variables, example_args, example_kwargs)
+    layers.refuse(config.target_modules, unadaptable)
     found = {s.name: s for s in adaptable}
     chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
     out = tree.flatten(variables["params"])
@@ -161,33 +150,41 @@ def _leaf(site: Site, leaf: str) -> str:
 
 
 @contextlib.contextmanager
-def _interceptor(ctx: nn.Ctx, used: set) -> Iterator[None]:
+def _interceptor(lora_dropout: float, used: set) -> Iterator[None]:
+    active: set[int] = set()  # layers whose adapted call is running: a subclass's super().__call__ is not adapted again
+
     def adapt(next_fun, a, k, context):
         m = context.module
         kind = _kind(m)
         present = [n for n in LEAVES if m.has_variable("params", n)] if kind is not None and context.method_name in kind.methods else []
-        if not present:
+        if not present or id(m) in active:
             return next_fun(*a, **k)
         leaves = {n: fnn.meta.unbox(m.get_variable("params", n)) for n in present}
         shape = tuple(fnn.meta.unbox(m.get_variable("params", kind.weight)).shape)
-        site = Site(tuple(m.scope.path), type(m).__name__, kind.weight, shape, *kind.axes(m, shape, a, k))
+        site = layers.make_site(kind, m, tuple(m.scope.path), type(m).__name__, shape, a, k)
         used.add(site.path)
-        return layers.adapted_call(kind, site, m, leaves, next_fun, a, k, ctx)
+        # The key comes from Flax's "dropout" stream, so nn.scan(split_rngs={"dropout": True}) gives each layer its own.
+        rng = m.make_rng("dropout") if lora_dropout and m.has_rng("dropout") else None
+        active.add(id(m))
+        try:
+            return layers.adapted_call(site, m, leaves, context.method_name, next_fun, a, k, nn.Ctx(rng=rng, lora_dropout=lora_dropout))
+        finally:
+            active.discard(id(m))
 
     with fnn.intercept_methods(adapt):
         yield
 
 
-def apply(model: fnn.Module, variables: Mapping[str, Any], *args: Any, lora_rng: jax.Array | None = None,
-          lora_dropout: float = 0.0, **kwargs: Any) -> Any:
+def apply(model: fnn.Module, variables: Mapping[str, Any], *args: Any, lora_dropout: float = 0.0, **kwargs: Any) -> Any:
     """`model.apply(variables, *args, **kwargs)` with the LoRA leaves in `variables` used by the layers they sit in.
 
-    `lora_rng` with `lora_dropout` drops LoRA's input as HF PEFT does in training. A LoRA leaf that no layer read
-    (a typo'd path, a layer this call never ran) is an error, not a silent no-op.
+    With `lora_dropout` and a "dropout" rng (`rngs={"dropout": key}`), LoRA's input is dropped as HF PEFT does in
+    training; each layer call draws its own key from that stream, as Flax's `nn.Dropout` does, so layers stacked by
+    `nn.scan` need `split_rngs={"dropout": True}` to differ. A LoRA leaf that no layer read (a typo'd path, a layer
+    this call never ran) is an error, not a silent no-op.
     """
-    ctx = nn.Ctx(rng=lora_rng, lora_dropout=lora_dropout)
     used: set = set()
-    with _interceptor(ctx, used):
+    with _interceptor(lora_dropout, used):
         out = model.apply(variables, *args, **kwargs)
     full, _ = _split(variables)
     holders = {tuple(p.split("/")[:-1]) for p in tree.flatten(full["params"]) if p.rsplit("/", 1)[-1] in LEAVES}
@@ -208,11 +205,24 @@ def merge(model: fnn.Module, params: Mapping[str, Any], *example_args: Any, **ex
     if not holders:
         raise ValueError("merge: these params hold no LoRA or IA3 leaves")
     for path, leaves in holders.items():
-        site = found[path]
-        boxed = base[_leaf(site, site.weight)]
-        base[_leaf(site, site.weight)] = _rebox(boxed, layers.fold(site, fnn.meta.unbox(boxed), leaves))
+        _fold_into(base, _found(found, path, "merge"), leaves, 1.0)
     new = {**variables, "params": tree.unflatten(base)}
     return new["params"] if bare else new
+
+
+def _found(found: dict[tuple[str, ...], Site], path: tuple[str, ...], what: str) -> Site:
+    """The site the survey found at `path`, or an error naming the layer."""
+    if path not in found:
+        raise ValueError(f"{what}: PEFT leaves sit at {'.'.join(path)}, which is no adaptable layer this model ran on the example "
+                         f"inputs given; pass inputs under which every adapted layer runs (adaptable: {sorted(s.name for s in found.values())})")
+    return found[path]
+
+
+def _fold_into(flat: dict[str, Any], site: Site, leaves: dict[str, jax.Array], sign: float) -> None:
+    """Fold the leaves into the layer's params in `flat` (sign -1 takes them back out), keeping their boxes."""
+    for name, fold in layers.folds(site):
+        if (path := _leaf(site, name)) in flat:
+            flat[path] = _rebox(flat[path], fold(site, fnn.meta.unbox(flat[path]), leaves, sign))
 
 
 def _holders(flat: Mapping[str, Any]) -> dict[tuple[str, ...], dict[str, jax.Array]]:
@@ -232,8 +242,6 @@ def unmerge(model: fnn.Module, merged: Mapping[str, Any], adapter: Mapping[str, 
     adapter_flat = {p: v for p, v in tree.flatten(_split(adapter)[0]["params"]).items() if p.rsplit("/", 1)[-1] in LEAVES}
     found = {s.path: s for s in sites(model, variables, *example_args, **example_kwargs)}
     for path, leaves in _holders(adapter_flat).items():
-        site = found[path]
-        boxed = flat[_leaf(site, site.weight)]
-        flat[_leaf(site, site.weight)] = _rebox(boxed, layers.fold(site, fnn.meta.unbox(boxed), leaves, sign=-1.0))
+        _fold_into(flat, _found(found, path, "unmerge"), leaves, -1.0)
     new = {**variables, "params": tree.unflatten({**flat, **adapter_flat})}
     return new["params"] if bare else new

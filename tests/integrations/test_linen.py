@@ -259,13 +259,13 @@ def test_pissa_init_keeps_the_output_and_rank_patterns_apply(setup):
     np.testing.assert_allclose(linen.apply(model, {"params": p}, ids), model.apply({"params": params}, ids), atol=1e-4)
 
 
-def test_lora_dropout_applies_only_with_a_key(setup):
+def test_lora_dropout_applies_only_with_a_dropout_rng(setup):
     model, params, ids = setup
     p = _random_lora(_inject(setup), jax.random.key(3))
     plain = linen.apply(model, {"params": p}, ids)
     np.testing.assert_array_equal(linen.apply(model, {"params": p}, ids, lora_dropout=0.5), plain)  # no key: no dropout
-    a = linen.apply(model, {"params": p}, ids, lora_rng=jax.random.key(0), lora_dropout=0.5)
-    b = linen.apply(model, {"params": p}, ids, lora_rng=jax.random.key(0), lora_dropout=0.5)
+    a = linen.apply(model, {"params": p}, ids, lora_dropout=0.5, rngs={"dropout": jax.random.key(0)})
+    b = linen.apply(model, {"params": p}, ids, lora_dropout=0.5, rngs={"dropout": jax.random.key(0)})
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - plain).max()) > 1e-3
 
