@@ -278,8 +278,10 @@ def _ia3_out(params, flat, config):
     if config is None:
         targets = _short_targets(tg.dense_modules(params), modules)
         ff_targets = _short_targets(modules, ff)
-        # PEFT requires feedforward_modules to be a subset of target_modules, name for name.
-        config = ia3.IA3Config(target_modules=targets, feedforward_modules=ff_targets if set(ff_targets) <= set(targets) else ff)
+        # PEFT requires feedforward_modules to be a subset of target_modules, name for name: short names where they
+        # are, else every module by its full name in both lists.
+        short = set(ff_targets) <= set(targets)
+        config = ia3.IA3Config(target_modules=targets if short else modules, feedforward_modules=ff_targets if short else ff)
     elif not isinstance(config, ia3.IA3Config):
         raise ValueError(f"save_adapter: the tree holds IA3 vectors but config is a {type(config).__name__}")
     if config.modules_to_save:

@@ -262,6 +262,29 @@ def test_peft_lora_files_with_saved_base_layers_and_layer_choices(tmp_path):
         jpeft.load_adapter(tmp_path / "layers", base)
 
 
+def test_ia3_config_rebuilt_with_full_names_loads_in_peft(tmp_path):
+    """When one layer's down_proj is feed-forward and another's is not, no short names describe the tree: the rebuilt
+    config names every module in full in both lists, which PEFT's subset check accepts."""
+    from transformers import LlamaForCausalLM
+
+    from jpeft.models import llama
+    from tests.models.test_llama import make_hf_llama
+
+    make_hf_llama(tmp_path / "base")
+    config, base = llama.load_pretrained(tmp_path / "base")
+    cfg = ia3.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=r".*layers\.0\.mlp\.down_proj")
+    params = _randomize(ia3.inject(base, cfg), jax.random.key(0))
+    jpeft.save_adapter(tmp_path / "ia3", params)
+    saved = json.loads((tmp_path / "ia3" / "adapter_config.json").read_text())
+    assert saved["feedforward_modules"] == ["model.layers.0.mlp.down_proj"] and "model.layers.1.mlp.down_proj" in saved["target_modules"]
+    ref = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+                                         str(tmp_path / "ia3")).eval()
+    ids, mask = np.random.default_rng(3).integers(3, 96, size=(2, 7)), np.ones((2, 7), np.int64)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    assert np.abs(np.asarray(llama.forward(config, params, ids, mask)) - expected).max() < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------
 # Merged export
 
