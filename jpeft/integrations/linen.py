@@ -180,15 +180,16 @@ def apply(model: fnn.Module, variables: Mapping[str, Any], *args: Any, lora_drop
 
     With `lora_dropout` and a "dropout" rng (`rngs={"dropout": key}`), LoRA's input is dropped as HF PEFT does in
     training; each layer call draws its own key from that stream, as Flax's `nn.Dropout` does, so layers stacked by
-    `nn.scan` need `split_rngs={"dropout": True}` to differ. A LoRA leaf that no layer read (a typo'd path, a layer
-    this call never ran) is an error, not a silent no-op.
+    `nn.scan` need `split_rngs={"dropout": True}` to differ. On a whole-model call, a LoRA leaf that no layer read (a
+    typo'd path, a layer this call never ran) is an error, not a silent no-op; a `method=` call (an encoder alone, one
+    decoding step) runs part of the model by design, so leaves outside that part are expected there.
     """
     used: set = set()
     with _interceptor(lora_dropout, used):
         out = model.apply(variables, *args, **kwargs)
     full, _ = _split(variables)
     holders = {tuple(p.split("/")[:-1]) for p in tree.flatten(full["params"]) if p.rsplit("/", 1)[-1] in LEAVES}
-    if holders - used:
+    if holders - used and "method" not in kwargs:
         unread = sorted(".".join(p) for p in holders - used)
         raise ValueError(f"PEFT leaves that no layer read: {unread}; each must sit beside the weight of a layer this call runs "
                          f"(Flax's Dense, DenseGeneral, Einsum, Conv, Embed, or a class given to jpeft.linen.register)")

@@ -135,6 +135,31 @@ def test_linen_subclass_calling_super_gets_the_update_once():
     _close(model.apply({"params": linen.merge(model, q, x)}, x), want)
 
 
+class _EncDec(fnn.Module):
+    def setup(self):
+        self.enc, self.dec = fnn.Dense(6), fnn.Dense(6)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def __call__(self, x):
+        return self.dec(self.encode(x))
+
+
+def test_linen_method_call_runs_part_of_the_model_with_its_leaves():
+    """`method=` runs the encoder alone: the decoder's leaves go unread by design; a whole call still checks them."""
+    x = _random((2, 6), 0)
+    model = _EncDec()
+    params = model.init(jax.random.key(1), x)["params"]
+    q = linen.inject(model, params, jpeft.LoraConfig(r=2, alpha=2, target_modules=["enc", "dec"]), jax.random.key(2), x)
+    q["enc"]["lora_b"] = _random(q["enc"]["lora_b"].shape, 3)
+    e = q["enc"]
+    _close(linen.apply(model, {"params": q}, x, method=_EncDec.encode), x @ (e["kernel"] + e["lora_a"] @ e["lora_b"]) + e["bias"])
+    stray = {**q, "extra": {"lora_a": q["dec"]["lora_a"]}}
+    with pytest.raises(ValueError, match="PEFT leaves that no layer read: \\['extra'\\]"):
+        linen.apply(model, {"params": stray}, x)
+
+
 # 4. An embedding also read as a tied output head (`attend`) sees E + s·AB there too, as merge gives.
 
 
