@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -69,6 +70,67 @@ def architecture(config: Any) -> str:
 def _heads(config: Any) -> tuple[int, int]:
     c = _text(config)
     return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------
+# What a GGUF can express: llama.cpp derives some settings from the architecture instead of reading them, and a
+# config with other values would run in llama.cpp (and come back through jpeft's reader) as another model.
+
+_KEEP = "keep this model in jpeft / transformers (jpeft.save_adapter, or the merged weights as safetensors) instead"
+
+
+def check_expressible(config: Any) -> str:
+    """The GGUF architecture of `config`, after refusing (ValueError) what llama.cpp would run differently."""
+    from jpeft.models import causal_lm
+
+    arch = architecture(config)
+    c = _text(config)
+    shape = causal_lm.model_for(c).arch(c)
+    if shape.act not in gguf_io.ACTIVATIONS[arch]:
+        raise ValueError(f"llama.cpp's {arch} models use the {gguf_io.ACTIVATIONS[arch][0]} activation and a GGUF cannot "
+                         f"record another, but this config's activation is {shape.act!r}; {_KEEP}")
+    if arch == "qwen2" and shape.head_dim != c.hidden_size // shape.num_heads:
+        raise ValueError(f"llama.cpp's qwen2 models have head_dim = hidden_size / num_attention_heads "
+                         f"({c.hidden_size // shape.num_heads}), but this config has head_dim={shape.head_dim}; {_KEEP}")
+    if arch in gguf_io.GEMMA:
+        _check_gemma(c, arch, shape)
+    else:
+        _check_windows(c, shape.windows)
+    return arch
+
+
+def _check_windows(c: Any, windows: tuple[int | None, ...]) -> None:
+    """llama.cpp's llama and qwen2 graphs have no sliding window: a window shorter than the context changes the model.
+
+    Mistral only warns: llama.cpp's own converter drops Mistral's window too (Mistral 7B v0.1's 4096 of 32768
+    positions, and MistralConfig's default), so refusing would block the export users expect, and the model is the
+    same up to the window's length. Elsewhere (Qwen2's opt-in use_sliding_window) the window is refused.
+    """
+    window = min((w for w in windows if w is not None), default=None)
+    if window is None or window >= c.max_position_embeddings:
+        return
+    message = (f"llama.cpp runs this {c.model_type} model with full attention, but its config has a sliding window of "
+               f"{window} positions (of max_position_embeddings={c.max_position_embeddings})")
+    if c.model_type == "mistral":
+        warnings.warn(f"{message}: the GGUF gives the same outputs only for the first {window} tokens of a sequence, as "
+                      "llama.cpp's own converter does (keep prompts and generations within the window)", stacklevel=3)
+        return
+    raise ValueError(f"{message}, which a GGUF cannot record; {_KEEP}")
+
+
+def _check_gemma(c: Any, arch: str, shape: Any) -> None:
+    """Gemma's query scale, layer pattern and (Gemma 3) final soft cap and local rotary base must be those llama.cpp derives."""
+    from jpeft.models import causal_lm
+
+    want = gguf_io.gemma_derived(arch, c.num_hidden_layers, c.hidden_size, shape.num_heads, shape.head_dim)
+    local = dict(c.rope_parameters or {}).get("sliding_attention", gguf_io.GEMMA3_LOCAL_ROPE)
+    have = {key: getattr(c, key, None) for key in want} | {"local_rope": local}
+    for key, value in want.items():
+        same = causal_lm.check_rope(have[key]) == causal_lm.check_rope(value) if key == "local_rope" else have[key] == value
+        if not same:
+            raise ValueError(f"llama.cpp derives {key}={value!r} for this {arch} model instead of reading it from the GGUF, "
+                             f"but the config has {key}={have[key]!r}: the file would run as another model; train with "
+                             f"{key}={value!r} to serve the model with llama.cpp, or {_KEEP}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +233,7 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
     """Write the LoRA leaves of `params` as a llama.cpp adapter GGUF for the model `base` (config or path), atomically."""
     _check_dtype(dtype)
     config = _config(base)
-    arch = architecture(config)
+    arch = check_expressible(config)
     n_heads, n_kv = _heads(config)
     modules = _lora_modules(params)
     if "lm_head" in modules and _text(config).tie_word_embeddings:
@@ -288,24 +350,15 @@ def _hyperparameters(writer, config: Any, arch: str, dtype: str) -> None:
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     if arch in gguf_io.GEMMA:
-        _gemma_hyperparameters(writer, c, arch, ropes)
+        _gemma_hyperparameters(writer, c, arch)
 
 
-def _gemma_hyperparameters(writer, c: Any, arch: str, ropes: dict) -> None:
-    """Gemma's window and soft caps; what llama.cpp hard-codes instead of reading (Gemma 3's layer pattern and local
-    rotary base) must match the config, or the file would run as another model."""
-    import transformers
-
+def _gemma_hyperparameters(writer, c: Any, arch: str) -> None:
+    """Gemma's window and (Gemma 2) soft caps; the rest llama.cpp derives (`check_expressible` has checked it)."""
     writer.add_sliding_window(c.sliding_window)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
-        return
-    default = transformers.Gemma3TextConfig(num_hidden_layers=c.num_hidden_layers).layer_types
-    local = ropes.get("sliding_attention", {}).get("rope_theta", 10000.0)
-    if list(c.layer_types) != list(default) or local != 10000.0:
-        raise ValueError(f"llama.cpp runs Gemma 3 with every 6th layer global and local rotary base 10000; this config has "
-                         f"layer_types={list(c.layer_types)} and local base {local}, which a GGUF cannot record")
 
 
 def _tokenizer(writer, source: Any, vocab_size: int) -> None:
@@ -352,7 +405,7 @@ def _hf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
 
 
 def merged_state(config: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The float32 transformers state dict of `params` with any LoRA merged in (the one merge rule, `jpeft.lora.merge`)."""
+    """The transformers state dict of `params` (in their dtype) with any LoRA merged in (the one merge rule, `jpeft.lora.merge`)."""
     from jpeft.models import causal_lm
 
     architecture(config)
@@ -372,7 +425,7 @@ def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype:
     file; without one only the special-token ids are written (enough for jpeft, not for llama.cpp's tokenizer).
     """
     _check_dtype(dtype)
-    arch = architecture(config)
+    arch = check_expressible(config)
     state = merged_state(config, params)
     n_heads, n_kv = _heads(config)
     with _writer(path, arch) as writer:
@@ -396,5 +449,5 @@ def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype:
             if heads:
                 value = gguf_io.permute_rotary(value, heads)
             elif arch in gguf_io.GEMMA and hf.endswith("norm.weight"):
-                value = value + 1
+                value = np.asarray(value, np.float32) + 1  # in float32: 1 + w in bfloat16 would drop w's low bits
             _add(writer, name, value, dtype)

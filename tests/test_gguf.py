@@ -4,6 +4,7 @@ own loaders and transformers' GGUF loader (which undoes llama.cpp's q/k permutat
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import jax
 import numpy as np
@@ -184,19 +185,39 @@ def test_merged_stored_types_round_trip(tiny, tmp_path, dtype):
         assert np.abs(np.asarray(tree.flatten(back)[path]) - value).max() <= TOLERANCE[dtype] * np.abs(value).max(), path
 
 
+GEMMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=16, query_pre_attn_scalar=16, sliding_window=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def _gemma_params(config, dtype=np.float32):
+    """Gemma params with random norms and weights large enough that attention scores (scale, window) matter."""
+    from jpeft.models import gemma
+
+    flat = tree.flatten(gemma.init_params(config, jax.random.key(0), dtype=dtype))
+    return tree.unflatten({p: (v + 0.1 * jax.random.normal(jax.random.key(i), v.shape) if p.endswith("norm/weight") else v * 20 if v.ndim == 2 else v).astype(v.dtype)
+                           for i, (p, v) in enumerate(flat.items())})
+
+
+def _read_back_logits(path, config, params):
+    """(logits of the saved model, logits of the model jpeft reads back from `path`) on ids longer than the window."""
+    from jpeft.models import causal_lm
+
+    model = causal_lm.model_for(config)
+    config_back, back = model.load_pretrained(path)
+    ids = np.random.default_rng(1).integers(3, 96, size=(1, 12))
+    mask = np.ones_like(ids)
+    return np.asarray(model.forward(config, params, ids, mask)), np.asarray(model.forward(config_back, back, ids, mask))
+
+
 def test_gemma3_merged_and_adapter_round_trip(tmp_path):
-    """Gemma 3: no q/k permutation, norms stored as 1 + w (the reader subtracts it)."""
+    """Gemma 3: no q/k permutation, norms stored as 1 + w (the reader subtracts it); the file runs as the saved model."""
     import transformers
 
     from jpeft.models import gemma
 
-    config = transformers.Gemma3TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                           num_key_value_heads=1, head_dim=16, sliding_window=8, max_position_embeddings=64,
-                                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    base = gemma.init_params(config, jax.random.key(0))
+    config = transformers.Gemma3TextConfig(**GEMMA)
+    base = _gemma_params(config)
     flat = tree.flatten(base)
-    flat = {p: v + 0.1 * jax.random.normal(jax.random.key(i), v.shape) if p.endswith("norm/weight") else v for i, (p, v) in enumerate(flat.items())}
-    base = tree.unflatten(flat)
     params = _lora(base)
     jpeft.gguf.save(tmp_path / "g.gguf", config, params, dtype="f32")
     jpeft.gguf.save_lora(tmp_path / "a.gguf", params, config)
@@ -210,6 +231,90 @@ def test_gemma3_merged_and_adapter_round_trip(tmp_path):
         np.testing.assert_allclose(np.asarray(tree.flatten(back)[path]), np.asarray(value), atol=1e-6, err_msg=path)
     for path, value in tree.flatten(jpeft.gguf.load_adapter(tmp_path / "a.gguf", base)).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(tree.flatten(params)[path]), err_msg=path)
+    saved, read = _read_back_logits(tmp_path / "g.gguf", config, jpeft.lora.merge(params))
+    np.testing.assert_allclose(read, saved, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls,change,setting", [
+    ("Gemma3TextConfig", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar=16"),
+    ("Gemma2Config", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar=16"),
+    ("Gemma2Config", dict(layer_types=["full_attention"] * 2), "layer_types"),
+    ("Gemma3TextConfig", dict(final_logit_softcapping=5.0), "final_logit_softcapping=None"),
+    ("Gemma3TextConfig", dict(layer_types=["full_attention"] * 2), "layer_types"),
+    ("Gemma3TextConfig", dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}), "local_rope"),
+], ids=["gemma3-query-scale", "gemma2-query-scale", "gemma2-layer-types", "gemma3-final-softcap", "gemma3-layer-types", "gemma3-local-rope"])
+def test_gemma_settings_llama_cpp_derives_must_match(tmp_path, cls, change, setting):
+    """llama.cpp derives these from the shape: another value would make the file (and jpeft's reading of it) another
+    model, so `save` and `save_lora` refuse it; with the derived value the file runs as the saved model."""
+    import transformers
+
+    config = getattr(transformers, cls)(**{**GEMMA, **change})
+    params = _gemma_params(config)
+    with pytest.raises(ValueError, match=f"llama.cpp derives {re.escape(setting)}"):
+        jpeft.gguf.save(tmp_path / "g.gguf", config, params, dtype="f32")
+    with pytest.raises(ValueError, match=f"llama.cpp derives {re.escape(setting)}"):
+        jpeft.gguf.save_lora(tmp_path / "a.gguf", _lora(params), config)
+    assert list(tmp_path.iterdir()) == []
+    derived = getattr(transformers, cls)(**GEMMA)
+    jpeft.gguf.save(tmp_path / "g.gguf", derived, params, dtype="f32")
+    saved, read = _read_back_logits(tmp_path / "g.gguf", derived, params)
+    np.testing.assert_allclose(read, saved, atol=1e-4)
+
+
+def test_gemma_bf16_norms_gain_the_one_in_float32(tmp_path):
+    """1 + w is added in float32: bf16 norm weights come back from an f32 file within float32's rounding of 1 + w
+    (in bf16 the sum loses w's low bits: errors up to 4e-3)."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**GEMMA)
+    params = tree.unflatten({p: (0.01 * jax.random.normal(jax.random.key(i), v.shape)).astype(v.dtype) if p.endswith("norm/weight") else v
+                             for i, (p, v) in enumerate(tree.flatten(_gemma_params(config, jax.numpy.bfloat16)).items())})
+    jpeft.gguf.save(tmp_path / "g.gguf", config, params, dtype="f32")
+    _, back = jpeft.models.gemma.load_pretrained(tmp_path / "g.gguf")
+    for path, value in tree.flatten(params).items():
+        np.testing.assert_allclose(np.asarray(tree.flatten(back)[path]), np.asarray(value, np.float32), rtol=0, atol=1e-7, err_msg=path)
+
+
+LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+@pytest.mark.parametrize("cls,change,message", [
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding window of 4 positions"),
+    ("LlamaConfig", dict(hidden_act="gelu"), "activation is 'gelu'"),
+    ("Qwen2Config", dict(head_dim=32), "head_dim=32"),
+], ids=["qwen2-window", "llama-gelu", "qwen2-head-dim"])
+def test_settings_llama_cpp_ignores_are_refused(tmp_path, cls, change, message):
+    """A window, activation or Qwen2 head dim llama.cpp's graph does not have is refused, by `save` and `save_lora`."""
+    import transformers
+
+    config = getattr(transformers, cls)(**LLAMA, **change)
+    params = llama.init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=message):
+        jpeft.gguf.save(tmp_path / "m.gguf", config, params)
+    with pytest.raises(ValueError, match=message):
+        jpeft.gguf.save_lora(tmp_path / "a.gguf", _lora(params), config)
+
+
+def test_mistral_window_warns_and_holds_within_it(tmp_path):
+    """Mistral's window is dropped, as llama.cpp's converter drops it, with a warning; the file is the saved model for
+    the first `window` positions only. Without a window (or one as long as the context) nothing is said."""
+    import warnings
+
+    import transformers
+
+    config = transformers.MistralConfig(**LLAMA, sliding_window=4)
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, llama.init_params(config, jax.random.key(0)))
+    with pytest.warns(UserWarning, match="same outputs only for the first 4 tokens"):
+        jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f32")
+    saved, read = _read_back_logits(tmp_path / "m.gguf", config, params)
+    np.testing.assert_allclose(read[:, :4], saved[:, :4], atol=1e-4)
+    assert np.abs(read - saved).max() > 0.1  # why the warning is needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jpeft.gguf.save(tmp_path / "m.gguf", transformers.MistralConfig(**LLAMA, sliding_window=128), params, dtype="f32")
+        jpeft.gguf.save(tmp_path / "m.gguf", transformers.MistralConfig(**LLAMA, sliding_window=None), params, dtype="f32")
 
 
 def test_tokenizer_keys_are_copied_from_the_source_gguf(tiny, tmp_path):
