@@ -20,6 +20,7 @@ name); the GGUF architecture, tensor names and head counts come from it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import types
 import warnings
@@ -363,22 +364,39 @@ def _gemma_hyperparameters(writer, c: Any, arch: str) -> None:
 
 def _tokenizer(writer, source: Any, vocab_size: int) -> None:
     """Tokenizer metadata: every `tokenizer.*` key of a GGUF file, or built from an HF tokenizer directory with the
-    gguf package's vocab readers."""
+    gguf package's vocab readers; a vocabulary shorter than the model's is padded as llama.cpp's converter pads it."""
     from jpeft.models import registry
 
     path = Path(registry.resolve(source))
-    if path.suffix == ".gguf":
-        reader = gguf_io.open_reader(path)
-        for key, field in reader.fields.items():
-            if key.startswith("tokenizer."):
-                sub = field.types[-1] if len(field.types) > 1 else None
-                writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-        return
-    _hf_tokenizer(writer, hf_io.resolve_model_dir(path), vocab_size)
+    if path.suffix != ".gguf":
+        return _hf_tokenizer(writer, hf_io.resolve_model_dir(path), vocab_size)
+    reader = gguf_io.open_reader(path)
+    tokens = gguf_io.metadata(reader, "tokenizer.ggml.tokens", source=str(path))
+    _check_vocab_size(len(tokens), vocab_size, path)
+    padding = _padding(len(tokens), vocab_size)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents() + padding.get(key, []) if sub else field.contents(), field.types[0], sub_type=sub)
+
+
+def _check_vocab_size(count: int, vocab_size: int, source: Any) -> None:
+    if count > vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {count} tokens but the model's vocabulary only {vocab_size}; "
+                              "pass the tokenizer the model was trained with")
+
+
+def _padding(count: int, vocab_size: int) -> dict[str, list]:
+    """The token list entries of embedding rows past the tokenizer's `count` tokens, named as llama.cpp's converter names them."""
+    import gguf
+
+    rows = range(count, vocab_size)
+    return {"tokenizer.ggml.tokens": [f"[PAD{i}]" for i in rows], "tokenizer.ggml.scores": [-1000.0 for _ in rows],
+            "tokenizer.ggml.token_type": [gguf.TokenType.UNUSED for _ in rows]}
 
 
 def _hf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
-    import gguf
+    """llama.cpp's tokenizer keys of an HF tokenizer directory, typed and flagged as llama.cpp's converter does."""
     from gguf import vocab as gv
 
     for kind in (gv.BpeVocab, gv.LlamaHfVocab, gv.SentencePieceVocab):
@@ -390,18 +408,72 @@ def _hf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
     else:
         raise CheckpointError(f"{directory} holds no tokenizer the gguf package reads (tokenizer.json BPE, or tokenizer.model)")
     tokens, scores, kinds = map(list, zip(*vocab.all_tokens()))
-    if len(tokens) > vocab_size:
-        raise CheckpointError(f"{directory}: the tokenizer has {len(tokens)} tokens but the model's vocabulary only {vocab_size}")
-    for i in range(len(tokens), vocab_size):  # padded embedding rows, as llama.cpp's converter names them
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        kinds.append(gguf.TokenType.UNUSED)
+    _check_vocab_size(len(tokens), vocab_size, directory)
+    for i, kind in _added_token_types(directory).items():  # the gguf package types specials of the base vocab NORMAL
+        if i < len(kinds):
+            kinds[i] = kind
+    padding = _padding(len(tokens), vocab_size)
+    tokens += padding["tokenizer.ggml.tokens"]
+    scores += padding["tokenizer.ggml.scores"]
+    kinds += padding["tokenizer.ggml.token_type"]
+    tokenizer_json = _json(directory / "tokenizer.json")
     writer.add_tokenizer_model(vocab.tokenizer_model)
-    writer.add_tokenizer_pre("default")  # llama.cpp's per-model pre-tokenizer names come from its converter's hash table
+    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer_json, directory) if vocab.tokenizer_model == "gpt2" else "default")
+    if vocab.tokenizer_model == "llama" and tokenizer_json:
+        writer.add_add_space_prefix(_adds_space_prefix(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(kinds)
     gv.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _added_token_types(directory: Path) -> dict[int, int]:
+    """{id: CONTROL (special) or USER_DEFINED} of the tokens an HF tokenizer adds, as llama.cpp's converter types
+    them: llama.cpp (and jpeft's GGUF tokenizer) keep CONTROL tokens such as <|im_start|> whole."""
+    import gguf
+
+    added = {str(t["id"]): t for t in _json(directory / "tokenizer.json").get("added_tokens", [])}
+    added |= _json(directory / "tokenizer_config.json").get("added_tokens_decoder", {})
+    return {int(i): gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED for i, t in added.items()}
+
+
+def _steps(node: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json normalizer / pre-tokenizer, a Sequence flattened."""
+    if not node:
+        return []
+    inner = node.get("normalizers") or node.get("pretokenizers")
+    return [step for child in inner for step in _steps(child)] if node["type"] == "Sequence" else [node]
+
+
+def _adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer.json puts "▁" before the text (llama.cpp's add_space_prefix, true when absent)."""
+    if any(s["type"] == "Prepend" and s.get("prepend") == "\u2581" for s in _steps(tokenizer_json.get("normalizer"))):
+        return True
+    for s in _steps(tokenizer_json.get("pre_tokenizer")):
+        if s["type"] == "Metaspace":
+            return s.get("prepend_scheme", "always" if s.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
+# Byte-level BPE pre-tokenizers (tokenizer.json steps, ignoring other fields) -> llama.cpp's name for the same split.
+# llama.cpp's converter identifies the others by hashing a tokenization against its own table, which jpeft does not copy.
+_BPE_PRE = {(("ByteLevel", True),): "gpt-2", (("Digits", True), ("ByteLevel", True)): "smollm"}
+
+
+def _pre_tokenizer(tokenizer_json: dict, directory: Path) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json; "default" with a warning when unknown."""
+    steps = _steps(tokenizer_json.get("pre_tokenizer"))
+    key = tuple((s["type"], bool(s.get("individual_digits", s.get("use_regex")))) for s in steps)
+    if all(not s.get("add_prefix_space") for s in steps) and key in _BPE_PRE:
+        return _BPE_PRE[key]
+    warnings.warn(f"{directory}: jpeft cannot tell llama.cpp which pre-tokenizer this BPE tokenizer uses, so llama.cpp "
+                  "will split text (digits, contractions, spaces) unlike the HF tokenizer; pass the base model's GGUF, "
+                  "as llama.cpp's convert_hf_to_gguf.py writes it, as tokenizer_source instead", stacklevel=4)
+    return "default"
 
 
 def merged_state(config: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -358,6 +358,73 @@ def test_tokenizer_from_an_hf_directory(tiny, tmp_path):
     assert fields["tokenizer.ggml.eos_token_id"] == vocab["<eos>"] and len(fields["tokenizer.ggml.merges"]) > 0
 
 
+@pytest.mark.parametrize("name,pre,space_prefix,chat", [
+    ("smollm2-135m-instruct", "gpt-2", None, "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    ("gemma3-270m", "default", False, "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"),
+])
+def test_hf_directory_tokenizer_tokenizes_as_the_directory(tmp_path, name, pre, space_prefix, chat):
+    """A packaged model's tokenizer saved as an HF directory and exported: its special tokens are CONTROL, the
+    pre-tokenizer / space prefix are llama.cpp's names for the directory's, and jpeft's tokenizer of the GGUF
+    tokenizes chat text as transformers' tokenizer of the directory does."""
+    import gguf
+    import transformers
+
+    from jpeft.models import registry
+    from jpeft.tokenizer import load_tokenizer
+
+    if importlib.util.find_spec(registry.PACKAGED[name].package) is None:
+        pytest.skip(f"pip package {registry.PACKAGED[name].requirement} is not installed")
+    load_tokenizer(name).save_pretrained(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    shape = dict(vocab_size=len(hf) + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    # the model's family picks transformers' tokenizer converter for the GGUF, as it does for llama.cpp's files
+    config = transformers.Gemma3TextConfig(**shape, query_pre_attn_scalar=8) if "gemma" in name else transformers.LlamaConfig(**shape)
+    params = jpeft.models.causal_lm.model_for(config).init_params(config, jax.random.key(0))
+    jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f16", tokenizer_source=tmp_path / "tok")
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    fields = {key: reader.fields[key].contents() for key in ("tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens")}
+    assert fields["tokenizer.ggml.pre"] == pre
+    assert reader.fields.get("tokenizer.ggml.add_space_prefix") is None if space_prefix is None else \
+        reader.fields["tokenizer.ggml.add_space_prefix"].contents() == space_prefix
+    specials = {t.content for t in hf.added_tokens_decoder.values() if t.special}
+    types = dict(zip(fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]))
+    assert specials and {types[t] for t in specials} == {gguf.TokenType.CONTROL}
+    assert fields["tokenizer.ggml.tokens"][-1] == f"[PAD{config.vocab_size - 1}]"
+    ours = load_tokenizer(tmp_path / "m.gguf")
+    for text in (chat, "Hello world, don't", "naïve café 1234567 + 89"):
+        assert ours(text)["input_ids"] == hf(text)["input_ids"], text
+
+
+def test_unknown_bpe_pre_tokenizer_warns(tiny, tmp_path):
+    """A BPE pre-tokenizer llama.cpp has no name jpeft knows for is written as "default", with a warning."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=280, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    config = type(tiny[0]).from_dict({**tiny[0].to_dict(), "vocab_size": tok.get_vocab_size()})
+    with pytest.warns(UserWarning, match="cannot tell llama.cpp which pre-tokenizer"):
+        jpeft.gguf.save(tmp_path / "m.gguf", config, llama.init_params(config, jax.random.key(3)), tokenizer_source=tmp_path / "tok")
+    assert _fields(tmp_path / "m.gguf")[0]["tokenizer.ggml.pre"] == "default"
+
+
+def test_a_gguf_tokenizer_must_fit_the_vocabulary(tiny, tmp_path):
+    """A GGUF tokenizer with more tokens than the model's embedding rows is refused; one with fewer is padded."""
+    config, _, params, _ = tiny
+    small = _toy_tokenizer(tmp_path, config.vocab_size - 2)
+    jpeft.gguf.save(tmp_path / "m.gguf", config, params, tokenizer_source=small)
+    fields, _ = _fields(tmp_path / "m.gguf")
+    assert len(fields["tokenizer.ggml.tokens"]) == len(fields["tokenizer.ggml.token_type"]) == config.vocab_size
+    assert fields["tokenizer.ggml.tokens"][-2:] == [f"[PAD{config.vocab_size - 2}]", f"[PAD{config.vocab_size - 1}]"]
+    wide = type(config).from_dict({**config.to_dict(), "vocab_size": config.vocab_size - 4})
+    with pytest.raises(CheckpointError, match=f"the tokenizer has {config.vocab_size - 2} tokens but the model's vocabulary only {config.vocab_size - 4}"):
+        jpeft.gguf.save(tmp_path / "w.gguf", wide, llama.init_params(wide, jax.random.key(0)), tokenizer_source=small)
+
+
 def test_bad_inputs_are_named(tiny, tmp_path):
     import transformers
 
