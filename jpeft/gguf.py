@@ -166,6 +166,7 @@ def _writer(path: str | os.PathLike, arch: str) -> Iterator[Any]:
     import gguf
 
     path = Path(path)
+    created = [d for d in path.parents if not d.exists()]  # innermost first: removed again if writing fails
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -176,9 +177,13 @@ def _writer(path: str | os.PathLike, arch: str) -> Iterator[Any]:
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+        created = []
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                directory.rmdir()
 
 
 def _add(writer, name: str, value: np.ndarray, dtype: str) -> None:
@@ -224,6 +229,19 @@ def _tensor_name(module: str, arch: str) -> str:
     return name
 
 
+def _check_base_shapes(modules: Mapping[str, Mapping[str, np.ndarray]], config: Any) -> None:
+    """Each pair's (in, out) must be its weight's in `base`: llama.cpp applies the file to that model's GGUF."""
+    from jpeft.models import causal_lm
+
+    c = _text(config)
+    shapes = causal_lm.model_for(c).param_shapes(c, tie_word_embeddings=False)
+    for module, leaves in modules.items():
+        have, want = (leaves["lora_a"].shape[0], leaves["lora_b"].shape[1]), shapes.get(f"{module}/kernel")
+        if have != want:
+            raise ValueError(f"the LoRA pair of {module.replace('/', '.')} is (in, out) {have}, but in the base model that weight is "
+                             f"{want or 'absent'}: pass the config of the model the adapter was trained on as base")
+
+
 def _file_alpha(modules: Mapping[str, Mapping[str, np.ndarray]]) -> float:
     """The alpha that makes alpha / r each module's scale for as many modules as possible (the most common scale * r)."""
     alphas = [float(np.float32(m["lora_scale"]) * m["lora_a"].shape[1]) for m in modules.values()]
@@ -240,6 +258,8 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
     if "lm_head" in modules and _text(config).tie_word_embeddings:
         raise ValueError("LoRA on a tied lm_head: llama.cpp's output layer is then the token embedding, which an adapter "
                          "cannot change apart from the embedding; drop lm_head from target_modules or export the merged model")
+    names = {module: _tensor_name(module, arch) for module in modules}
+    _check_base_shapes(modules, config)
     alpha = _file_alpha(modules)
     with _writer(path, arch) as writer:
         writer.add_type("adapter")
@@ -249,7 +269,7 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
         writer.add_uint32(f"{arch}.{ADAPTER_HEADS[0]}", n_heads)
         writer.add_uint32(f"{arch}.{ADAPTER_HEADS[1]}", n_kv)
         for module, leaves in modules.items():
-            name = _tensor_name(module, arch)
+            name = names[module]
             r = leaves["lora_a"].shape[1]
             fold = float(np.float32(leaves["lora_scale"])) * r / alpha  # 1 unless this module's scale * r differs
             a, b = leaves["lora_a"].T, leaves["lora_b"].T * np.float32(fold)  # PEFT's (r, in) and (out, r)

@@ -454,6 +454,27 @@ def test_bad_inputs_are_named(tiny, tmp_path):
         jpeft.gguf.load_adapter(tmp_path / "m.gguf", base)
 
 
+@pytest.mark.parametrize("change,mismatch", [(dict(hidden_size=128, num_hidden_layers=1), "self_attn.q_proj is (in, out) (64, 64)"),
+                                             (dict(num_attention_heads=2, num_key_value_heads=1, head_dim=48), "q_proj is (in, out) (64, 64), but in the base model that weight is (64, 96)")],
+                         ids=["wider", "other-heads"])
+def test_save_lora_checks_the_base(tiny, tmp_path, change, mismatch):
+    """An adapter whose pairs do not fit `base` is refused, naming the first mismatch, and no directory is left behind."""
+    config, _, params, _ = tiny
+    wrong = type(config).from_dict({**config.to_dict(), **change})
+    with pytest.raises(ValueError, match=re.escape(mismatch)):
+        jpeft.gguf.save_lora(tmp_path / "new" / "dir" / "a.gguf", params, wrong)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_leaves_no_directories(tiny, tmp_path):
+    config, _, params, _ = tiny
+    llama3 = type(config).from_dict({**config.to_dict(), "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    with pytest.raises(ValueError, match="rope_type 'llama3'"):
+        jpeft.gguf.save(tmp_path / "new" / "dir" / "m.gguf", llama3, params)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.llama_cpp
 def test_llama_cpp_runs_the_files_as_jpeft(tiny, tmp_path):
     """llama.cpp itself (llama-cpp-python): the merged f32 GGUF and base + adapter give jpeft's logits."""
