@@ -111,7 +111,10 @@ def metadata(reader, key: str, default: Any = _MISSING, source: str = "GGUF file
         if default is _MISSING:
             raise CheckpointError(f"{source}: GGUF metadata lacks {key}")
         return default
-    return field.contents()
+    try:
+        return field.contents()  # decoded only now, after the reader's own checks
+    except (UnicodeDecodeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{source} is not a readable GGUF file: metadata {key} is corrupt ({type(e).__name__})") from None
 
 
 def _architecture(reader, source: str) -> str:
@@ -138,6 +141,9 @@ def config_from_reader(reader, source: str = "GGUF file"):
     as transformers' GGUF loader builds it."""
     import transformers
 
+    if metadata(reader, "general.type", None, source) == "adapter":
+        raise CheckpointError(f"{source} is a LoRA adapter, not a model: load the base model, then put the adapter on "
+                              "it with jpeft.gguf.load_adapter(path, params)")
     arch = _architecture(reader, source)
 
     def get(key: str, default: Any = _MISSING) -> Any:
@@ -177,7 +183,9 @@ def config_from_reader(reader, source: str = "GGUF file"):
         if head_dim != hidden // heads:
             raise CheckpointError(f"{source}: a Qwen2 head dim of {head_dim} (not hidden/heads) is not supported")
         return transformers.Qwen2Config(**kwargs)
-    return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
+    # llama.cpp's llama graph adds whichever biases the file holds; transformers' config has one flag for each kind
+    biases = {t.name.split(".")[2] for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".bias")}
+    return transformers.LlamaConfig(head_dim=head_dim, attention_bias="attn_q" in biases, mlp_bias="ffn_up" in biases, **kwargs)
 
 
 def gemma_derived(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:

@@ -475,6 +475,26 @@ def test_failed_save_leaves_no_directories(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_llama_biases_read_back(tmp_path, bias):
+    """jpeft's reader reads the bias tensors its writer (and llama.cpp's llama graph) has: the file runs as the saved model."""
+    import transformers
+
+    config = transformers.LlamaConfig(**LLAMA, **{bias: True})
+    params = tree.unflatten({p: v + 0.3 * jax.random.normal(jax.random.key(i), v.shape) if p.endswith("/bias") else v
+                             for i, (p, v) in enumerate(tree.flatten(llama.init_params(config, jax.random.key(0))).items())})
+    jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f32")
+    saved, read = _read_back_logits(tmp_path / "m.gguf", config, params)
+    np.testing.assert_allclose(read, saved, atol=1e-5)
+
+
+def test_an_adapter_loaded_as_a_model_is_named(tiny, tmp_path):
+    config, _, params, _ = tiny
+    jpeft.gguf.save_lora(tmp_path / "a.gguf", params, config)
+    with pytest.raises(CheckpointError, match=r"is a LoRA adapter, not a model.*jpeft\.gguf\.load_adapter"):
+        llama.load_pretrained(tmp_path / "a.gguf")
+
+
 @pytest.mark.llama_cpp
 def test_llama_cpp_runs_the_files_as_jpeft(tiny, tmp_path):
     """llama.cpp itself (llama-cpp-python): the merged f32 GGUF and base + adapter give jpeft's logits."""

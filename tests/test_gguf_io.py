@@ -283,6 +283,16 @@ def test_reader_cache_sees_a_replaced_file_with_the_same_size_and_mtime(tiny):
     assert gguf_io.load_config(tmp_path / "g.gguf").rope_parameters["rope_theta"] == 6000.0
 
 
+def test_corrupt_metadata_string_is_named(tiny):
+    tmp_path, config, state = tiny
+    file = tmp_path / "c.gguf"
+    write_gguf(file, config, state, rng=np.random.default_rng(0))
+    data = bytearray(file.read_bytes())
+    data[data.index(b"llama", data.index(b"general.architecture"))] = 0xFF  # the value's first byte
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="c.gguf is not a readable GGUF file: metadata general.architecture is corrupt"):
+        llama.load_pretrained(file)
+
 def test_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory"):
         gguf_io.open_reader(tmp_path)
