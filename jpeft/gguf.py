@@ -330,6 +330,9 @@ def _placed(params, module: str, a: np.ndarray, b: np.ndarray, alpha: float, sou
         target = tg.get_module(params, module)
     except KeyError:
         raise CheckpointError(f"{source} holds LoRA weights for {module}, which these parameters do not have") from None
+    if not quant.has_weight(target):  # the token embedding: llama.cpp's converter writes its LoRA, jpeft's models have none
+        raise CheckpointError(f"{source} holds a LoRA pair for {module}, which has no dense weight; jpeft puts LoRA on "
+                              "Linear layers only: drop that pair (or apply the adapter with llama.cpp)")
     shape, dtype = quant.weight_shape(target), quant.weight_dtype(target)
     if (a.shape[0], b.shape[1]) != shape or a.shape[1] != b.shape[0]:
         raise CheckpointError(f"{source}: LoRA pair of {module} has shapes {a.shape} / {b.shape}, not fitting its weight {shape}")

@@ -495,6 +495,20 @@ def test_an_adapter_loaded_as_a_model_is_named(tiny, tmp_path):
         llama.load_pretrained(tmp_path / "a.gguf")
 
 
+def test_an_embedding_lora_pair_is_named(tiny, tmp_path):
+    """llama.cpp's converter writes token_embd LoRA pairs; jpeft's models have no LoRA on the embedding: a clear error."""
+    import gguf
+
+    config, base, _, _ = tiny
+    writer = gguf.GGUFWriter(str(tmp_path / "e.gguf"), "llama")
+    writer.add_type("adapter"), writer.add_string("adapter.type", "lora"), writer.add_float32("adapter.lora.alpha", 8.0)
+    writer.add_tensor("token_embd.weight.lora_a", np.ones((4, config.vocab_size), np.float32))
+    writer.add_tensor("token_embd.weight.lora_b", np.ones((config.hidden_size, 4), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(CheckpointError, match="LoRA pair for model.embed_tokens, which has no dense weight"):
+        jpeft.gguf.load_adapter(tmp_path / "e.gguf", base)
+
+
 @pytest.mark.llama_cpp
 def test_llama_cpp_runs_the_files_as_jpeft(tiny, tmp_path):
     """llama.cpp itself (llama-cpp-python): the merged f32 GGUF and base + adapter give jpeft's logits."""
