@@ -20,8 +20,10 @@ name); the GGUF architecture, tensor names and head counts come from it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -72,6 +74,67 @@ def _heads(config: Any) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# What a GGUF can express: llama.cpp derives some settings from the architecture instead of reading them, and a
+# config with other values would run in llama.cpp (and come back through jpeft's reader) as another model.
+
+_KEEP = "keep this model in jpeft / transformers (jpeft.save_adapter, or the merged weights as safetensors) instead"
+
+
+def check_expressible(config: Any) -> str:
+    """The GGUF architecture of `config`, after refusing (ValueError) what llama.cpp would run differently."""
+    from jpeft.models import causal_lm
+
+    arch = architecture(config)
+    c = _text(config)
+    shape = causal_lm.model_for(c).arch(c)
+    if shape.act not in gguf_io.ACTIVATIONS[arch]:
+        raise ValueError(f"llama.cpp's {arch} models use the {gguf_io.ACTIVATIONS[arch][0]} activation and a GGUF cannot "
+                         f"record another, but this config's activation is {shape.act!r}; {_KEEP}")
+    if arch == "qwen2" and shape.head_dim != c.hidden_size // shape.num_heads:
+        raise ValueError(f"llama.cpp's qwen2 models have head_dim = hidden_size / num_attention_heads "
+                         f"({c.hidden_size // shape.num_heads}), but this config has head_dim={shape.head_dim}; {_KEEP}")
+    if arch in gguf_io.GEMMA:
+        _check_gemma(c, arch, shape)
+    else:
+        _check_windows(c, shape.windows)
+    return arch
+
+
+def _check_windows(c: Any, windows: tuple[int | None, ...]) -> None:
+    """llama.cpp's llama and qwen2 graphs have no sliding window: a window shorter than the context changes the model.
+
+    Mistral only warns: llama.cpp's own converter drops Mistral's window too (Mistral 7B v0.1's 4096 of 32768
+    positions, and MistralConfig's default), so refusing would block the export users expect, and the model is the
+    same up to the window's length. Elsewhere (Qwen2's opt-in use_sliding_window) the window is refused.
+    """
+    window = min((w for w in windows if w is not None), default=None)
+    if window is None or window >= c.max_position_embeddings:
+        return
+    message = (f"llama.cpp runs this {c.model_type} model with full attention, but its config has a sliding window of "
+               f"{window} positions (of max_position_embeddings={c.max_position_embeddings})")
+    if c.model_type == "mistral":
+        warnings.warn(f"{message}: the GGUF gives the same outputs only for the first {window} tokens of a sequence, as "
+                      "llama.cpp's own converter does (keep prompts and generations within the window)", stacklevel=3)
+        return
+    raise ValueError(f"{message}, which a GGUF cannot record; {_KEEP}")
+
+
+def _check_gemma(c: Any, arch: str, shape: Any) -> None:
+    """Gemma's query scale, layer pattern and (Gemma 3) final soft cap and local rotary base must be those llama.cpp derives."""
+    from jpeft.models import causal_lm
+
+    want = gguf_io.gemma_derived(arch, c.num_hidden_layers, c.hidden_size, shape.num_heads, shape.head_dim)
+    local = dict(c.rope_parameters or {}).get("sliding_attention", gguf_io.GEMMA3_LOCAL_ROPE)
+    have = {key: getattr(c, key, None) for key in want} | {"local_rope": local}
+    for key, value in want.items():
+        same = causal_lm.check_rope(have[key]) == causal_lm.check_rope(value) if key == "local_rope" else have[key] == value
+        if not same:
+            raise ValueError(f"llama.cpp derives {key}={value!r} for this {arch} model instead of reading it from the GGUF, "
+                             f"but the config has {key}={have[key]!r}: the file would run as another model; train with "
+                             f"{key}={value!r} to serve the model with llama.cpp, or {_KEEP}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Tensors: dtypes and atomic writing
 
 
@@ -103,6 +166,7 @@ def _writer(path: str | os.PathLike, arch: str) -> Iterator[Any]:
     import gguf
 
     path = Path(path)
+    created = [d for d in path.parents if not d.exists()]  # innermost first: removed again if writing fails
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -113,9 +177,13 @@ def _writer(path: str | os.PathLike, arch: str) -> Iterator[Any]:
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+        created = []
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
+        for directory in created:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                directory.rmdir()
 
 
 def _add(writer, name: str, value: np.ndarray, dtype: str) -> None:
@@ -161,6 +229,19 @@ def _tensor_name(module: str, arch: str) -> str:
     return name
 
 
+def _check_base_shapes(modules: Mapping[str, Mapping[str, np.ndarray]], config: Any) -> None:
+    """Each pair's (in, out) must be its weight's in `base`: llama.cpp applies the file to that model's GGUF."""
+    from jpeft.models import causal_lm
+
+    c = _text(config)
+    shapes = causal_lm.model_for(c).param_shapes(c, tie_word_embeddings=False)
+    for module, leaves in modules.items():
+        have, want = (leaves["lora_a"].shape[0], leaves["lora_b"].shape[1]), shapes.get(f"{module}/kernel")
+        if have != want:
+            raise ValueError(f"the LoRA pair of {module.replace('/', '.')} is (in, out) {have}, but in the base model that weight is "
+                             f"{want or 'absent'}: pass the config of the model the adapter was trained on as base")
+
+
 def _file_alpha(modules: Mapping[str, Mapping[str, np.ndarray]]) -> float:
     """The alpha that makes alpha / r each module's scale for as many modules as possible (the most common scale * r)."""
     alphas = [float(np.float32(m["lora_scale"]) * m["lora_a"].shape[1]) for m in modules.values()]
@@ -171,12 +252,14 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
     """Write the LoRA leaves of `params` as a llama.cpp adapter GGUF for the model `base` (config or path), atomically."""
     _check_dtype(dtype)
     config = _config(base)
-    arch = architecture(config)
+    arch = check_expressible(config)
     n_heads, n_kv = _heads(config)
     modules = _lora_modules(params)
     if "lm_head" in modules and _text(config).tie_word_embeddings:
         raise ValueError("LoRA on a tied lm_head: llama.cpp's output layer is then the token embedding, which an adapter "
                          "cannot change apart from the embedding; drop lm_head from target_modules or export the merged model")
+    names = {module: _tensor_name(module, arch) for module in modules}
+    _check_base_shapes(modules, config)
     alpha = _file_alpha(modules)
     with _writer(path, arch) as writer:
         writer.add_type("adapter")
@@ -186,7 +269,7 @@ def save_lora(path: str | os.PathLike, params: Mapping[str, Any], base: Any, dty
         writer.add_uint32(f"{arch}.{ADAPTER_HEADS[0]}", n_heads)
         writer.add_uint32(f"{arch}.{ADAPTER_HEADS[1]}", n_kv)
         for module, leaves in modules.items():
-            name = _tensor_name(module, arch)
+            name = names[module]
             r = leaves["lora_a"].shape[1]
             fold = float(np.float32(leaves["lora_scale"])) * r / alpha  # 1 unless this module's scale * r differs
             a, b = leaves["lora_a"].T, leaves["lora_b"].T * np.float32(fold)  # PEFT's (r, in) and (out, r)
@@ -247,6 +330,9 @@ def _placed(params, module: str, a: np.ndarray, b: np.ndarray, alpha: float, sou
         target = tg.get_module(params, module)
     except KeyError:
         raise CheckpointError(f"{source} holds LoRA weights for {module}, which these parameters do not have") from None
+    if not quant.has_weight(target):  # the token embedding: llama.cpp's converter writes its LoRA, jpeft's models have none
+        raise CheckpointError(f"{source} holds a LoRA pair for {module}, which has no dense weight; jpeft puts LoRA on "
+                              "Linear layers only: drop that pair (or apply the adapter with llama.cpp)")
     shape, dtype = quant.weight_shape(target), quant.weight_dtype(target)
     if (a.shape[0], b.shape[1]) != shape or a.shape[1] != b.shape[0]:
         raise CheckpointError(f"{source}: LoRA pair of {module} has shapes {a.shape} / {b.shape}, not fitting its weight {shape}")
@@ -288,44 +374,52 @@ def _hyperparameters(writer, config: Any, arch: str, dtype: str) -> None:
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     if arch in gguf_io.GEMMA:
-        _gemma_hyperparameters(writer, c, arch, ropes)
+        _gemma_hyperparameters(writer, c, arch)
 
 
-def _gemma_hyperparameters(writer, c: Any, arch: str, ropes: dict) -> None:
-    """Gemma's window and soft caps; what llama.cpp hard-codes instead of reading (Gemma 3's layer pattern and local
-    rotary base) must match the config, or the file would run as another model."""
-    import transformers
-
+def _gemma_hyperparameters(writer, c: Any, arch: str) -> None:
+    """Gemma's window and (Gemma 2) soft caps; the rest llama.cpp derives (`check_expressible` has checked it)."""
     writer.add_sliding_window(c.sliding_window)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
-        return
-    default = transformers.Gemma3TextConfig(num_hidden_layers=c.num_hidden_layers).layer_types
-    local = ropes.get("sliding_attention", {}).get("rope_theta", 10000.0)
-    if list(c.layer_types) != list(default) or local != 10000.0:
-        raise ValueError(f"llama.cpp runs Gemma 3 with every 6th layer global and local rotary base 10000; this config has "
-                         f"layer_types={list(c.layer_types)} and local base {local}, which a GGUF cannot record")
 
 
 def _tokenizer(writer, source: Any, vocab_size: int) -> None:
     """Tokenizer metadata: every `tokenizer.*` key of a GGUF file, or built from an HF tokenizer directory with the
-    gguf package's vocab readers."""
+    gguf package's vocab readers; a vocabulary shorter than the model's is padded as llama.cpp's converter pads it."""
     from jpeft.models import registry
 
     path = Path(registry.resolve(source))
-    if path.suffix == ".gguf":
-        reader = gguf_io.open_reader(path)
-        for key, field in reader.fields.items():
-            if key.startswith("tokenizer."):
-                sub = field.types[-1] if len(field.types) > 1 else None
-                writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-        return
-    _hf_tokenizer(writer, hf_io.resolve_model_dir(path), vocab_size)
+    if path.suffix != ".gguf":
+        return _hf_tokenizer(writer, hf_io.resolve_model_dir(path), vocab_size)
+    reader = gguf_io.open_reader(path)
+    tokens = gguf_io.metadata(reader, "tokenizer.ggml.tokens", source=str(path))
+    _check_vocab_size(len(tokens), vocab_size, path)
+    padding = _padding(len(tokens), vocab_size)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents() + padding.get(key, []) if sub else field.contents(), field.types[0], sub_type=sub)
+
+
+def _check_vocab_size(count: int, vocab_size: int, source: Any) -> None:
+    if count > vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {count} tokens but the model's vocabulary only {vocab_size}; "
+                              "pass the tokenizer the model was trained with")
+
+
+def _padding(count: int, vocab_size: int) -> dict[str, list]:
+    """The token list entries of embedding rows past the tokenizer's `count` tokens, named as llama.cpp's converter names them."""
+    import gguf
+
+    rows = range(count, vocab_size)
+    return {"tokenizer.ggml.tokens": [f"[PAD{i}]" for i in rows], "tokenizer.ggml.scores": [-1000.0 for _ in rows],
+            "tokenizer.ggml.token_type": [gguf.TokenType.UNUSED for _ in rows]}
 
 
 def _hf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
-    import gguf
+    """llama.cpp's tokenizer keys of an HF tokenizer directory, typed and flagged as llama.cpp's converter does."""
     from gguf import vocab as gv
 
     for kind in (gv.BpeVocab, gv.LlamaHfVocab, gv.SentencePieceVocab):
@@ -337,22 +431,76 @@ def _hf_tokenizer(writer, directory: Path, vocab_size: int) -> None:
     else:
         raise CheckpointError(f"{directory} holds no tokenizer the gguf package reads (tokenizer.json BPE, or tokenizer.model)")
     tokens, scores, kinds = map(list, zip(*vocab.all_tokens()))
-    if len(tokens) > vocab_size:
-        raise CheckpointError(f"{directory}: the tokenizer has {len(tokens)} tokens but the model's vocabulary only {vocab_size}")
-    for i in range(len(tokens), vocab_size):  # padded embedding rows, as llama.cpp's converter names them
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        kinds.append(gguf.TokenType.UNUSED)
+    _check_vocab_size(len(tokens), vocab_size, directory)
+    for i, kind in _added_token_types(directory).items():  # the gguf package types specials of the base vocab NORMAL
+        if i < len(kinds):
+            kinds[i] = kind
+    padding = _padding(len(tokens), vocab_size)
+    tokens += padding["tokenizer.ggml.tokens"]
+    scores += padding["tokenizer.ggml.scores"]
+    kinds += padding["tokenizer.ggml.token_type"]
+    tokenizer_json = _json(directory / "tokenizer.json")
     writer.add_tokenizer_model(vocab.tokenizer_model)
-    writer.add_tokenizer_pre("default")  # llama.cpp's per-model pre-tokenizer names come from its converter's hash table
+    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer_json, directory) if vocab.tokenizer_model == "gpt2" else "default")
+    if vocab.tokenizer_model == "llama" and tokenizer_json:
+        writer.add_add_space_prefix(_adds_space_prefix(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(kinds)
     gv.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _added_token_types(directory: Path) -> dict[int, int]:
+    """{id: CONTROL (special) or USER_DEFINED} of the tokens an HF tokenizer adds, as llama.cpp's converter types
+    them: llama.cpp (and jpeft's GGUF tokenizer) keep CONTROL tokens such as <|im_start|> whole."""
+    import gguf
+
+    added = {str(t["id"]): t for t in _json(directory / "tokenizer.json").get("added_tokens", [])}
+    added |= _json(directory / "tokenizer_config.json").get("added_tokens_decoder", {})
+    return {int(i): gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED for i, t in added.items()}
+
+
+def _steps(node: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json normalizer / pre-tokenizer, a Sequence flattened."""
+    if not node:
+        return []
+    inner = node.get("normalizers") or node.get("pretokenizers")
+    return [step for child in inner for step in _steps(child)] if node["type"] == "Sequence" else [node]
+
+
+def _adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer.json puts "▁" before the text (llama.cpp's add_space_prefix, true when absent)."""
+    if any(s["type"] == "Prepend" and s.get("prepend") == "\u2581" for s in _steps(tokenizer_json.get("normalizer"))):
+        return True
+    for s in _steps(tokenizer_json.get("pre_tokenizer")):
+        if s["type"] == "Metaspace":
+            return s.get("prepend_scheme", "always" if s.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
+# Byte-level BPE pre-tokenizers (tokenizer.json steps, ignoring other fields) -> llama.cpp's name for the same split.
+# llama.cpp's converter identifies the others by hashing a tokenization against its own table, which jpeft does not copy.
+_BPE_PRE = {(("ByteLevel", True),): "gpt-2", (("Digits", True), ("ByteLevel", True)): "smollm"}
+
+
+def _pre_tokenizer(tokenizer_json: dict, directory: Path) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json; "default" with a warning when unknown."""
+    steps = _steps(tokenizer_json.get("pre_tokenizer"))
+    key = tuple((s["type"], bool(s.get("individual_digits", s.get("use_regex")))) for s in steps)
+    if all(not s.get("add_prefix_space") for s in steps) and key in _BPE_PRE:
+        return _BPE_PRE[key]
+    warnings.warn(f"{directory}: jpeft cannot tell llama.cpp which pre-tokenizer this BPE tokenizer uses, so llama.cpp "
+                  "will split text (digits, contractions, spaces) unlike the HF tokenizer; pass the base model's GGUF, "
+                  "as llama.cpp's convert_hf_to_gguf.py writes it, as tokenizer_source instead", stacklevel=4)
+    return "default"
+
+
 def merged_state(config: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The float32 transformers state dict of `params` with any LoRA merged in (the one merge rule, `jpeft.lora.merge`)."""
+    """The transformers state dict of `params` (in their dtype) with any LoRA merged in (the one merge rule, `jpeft.lora.merge`)."""
     from jpeft.models import causal_lm
 
     architecture(config)
@@ -372,7 +520,7 @@ def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype:
     file; without one only the special-token ids are written (enough for jpeft, not for llama.cpp's tokenizer).
     """
     _check_dtype(dtype)
-    arch = architecture(config)
+    arch = check_expressible(config)
     state = merged_state(config, params)
     n_heads, n_kv = _heads(config)
     with _writer(path, arch) as writer:
@@ -396,5 +544,5 @@ def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype:
             if heads:
                 value = gguf_io.permute_rotary(value, heads)
             elif arch in gguf_io.GEMMA and hf.endswith("norm.weight"):
-                value = value + 1
+                value = np.asarray(value, np.float32) + 1  # in float32: 1 + w in bfloat16 would drop w's low bits
             _add(writer, name, value, dtype)

@@ -28,6 +28,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2", "gemma3")
 GEMMA = ("gemma2", "gemma3")
 # transformers model_type -> GGUF architecture, as llama.cpp's convert_hf_to_gguf.py maps them (Mistral is `llama`)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# The MLP activation llama.cpp's graph uses per architecture (not read from the file; jpeft's names for it)
+ACTIVATIONS = {"llama": ("silu", "swish"), "qwen2": ("silu", "swish"), "gemma2": ("gelu_pytorch_tanh", "gelu_new"),
+               "gemma3": ("gelu_pytorch_tanh", "gelu_new")}
+GEMMA3_LOCAL_ROPE = {"rope_type": "default", "rope_theta": 10000.0}  # Gemma 3's sliding layers in llama.cpp
 
 GLOBAL_TENSORS = {  # GGUF name -> transformers name
     "token_embd.weight": "model.embed_tokens.weight",
@@ -64,10 +68,13 @@ def open_reader(path: str | os.PathLike):
     262k tokens), and loading a model reads it for the config, the weights and the hub id in turn.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory (expected a .gguf file)")
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist (expected a .gguf file)")
     stat = path.stat()
-    return _reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    # mtime alone can repeat (cp -p, rsync -t, unzip, coarse clocks); a replaced file has a new inode and ctime
+    return _reader(str(path.resolve()), (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns))
 
 
 def close_reader() -> None:
@@ -76,7 +83,7 @@ def close_reader() -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _reader(path: str, size: int, mtime_ns: int):  # size and mtime: a rewritten file is parsed afresh
+def _reader(path: str, version: tuple[int, ...]):  # version: the stat fields that make a rewritten file parse afresh
     from gguf import GGUFReader
 
     class PlainReader(GGUFReader):
@@ -104,7 +111,10 @@ def metadata(reader, key: str, default: Any = _MISSING, source: str = "GGUF file
         if default is _MISSING:
             raise CheckpointError(f"{source}: GGUF metadata lacks {key}")
         return default
-    return field.contents()
+    try:
+        return field.contents()  # decoded only now, after the reader's own checks
+    except (UnicodeDecodeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{source} is not a readable GGUF file: metadata {key} is corrupt ({type(e).__name__})") from None
 
 
 def _architecture(reader, source: str) -> str:
@@ -131,6 +141,9 @@ def config_from_reader(reader, source: str = "GGUF file"):
     as transformers' GGUF loader builds it."""
     import transformers
 
+    if metadata(reader, "general.type", None, source) == "adapter":
+        raise CheckpointError(f"{source} is a LoRA adapter, not a model: load the base model, then put the adapter on "
+                              "it with jpeft.gguf.load_adapter(path, params)")
     arch = _architecture(reader, source)
 
     def get(key: str, default: Any = _MISSING) -> Any:
@@ -170,26 +183,41 @@ def config_from_reader(reader, source: str = "GGUF file"):
         if head_dim != hidden // heads:
             raise CheckpointError(f"{source}: a Qwen2 head dim of {head_dim} (not hidden/heads) is not supported")
         return transformers.Qwen2Config(**kwargs)
-    return transformers.LlamaConfig(head_dim=head_dim, **kwargs)
+    # llama.cpp's llama graph adds whichever biases the file holds; transformers' config has one flag for each kind
+    biases = {t.name.split(".")[2] for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith(".bias")}
+    return transformers.LlamaConfig(head_dim=head_dim, attention_bias="attn_q" in biases, mlp_bias="ffn_up" in biases, **kwargs)
+
+
+def gemma_derived(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> dict[str, Any]:
+    """The Gemma config values llama.cpp derives from the shape instead of reading them from the file (the reader
+    sets them, `jpeft.gguf.save` requires them): the query scale (hidden/heads for the 27B models, llama.cpp's
+    test is the layer count), the layer pattern and, for Gemma 3, no final soft cap and local rotary base 10000."""
+    import transformers
+
+    is_27b = layers == (46 if arch == "gemma2" else 62)
+    cls = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+    derived = dict(query_pre_attn_scalar=hidden // heads if is_27b else head_dim,
+                   layer_types=cls(num_hidden_layers=layers).layer_types)
+    if arch == "gemma3":
+        derived.update(final_logit_softcapping=None, local_rope=dict(GEMMA3_LOCAL_ROPE))
+    return derived
 
 
 def _gemma_config(get, arch: str, head_dim: int, kwargs: dict):
-    """Gemma 2 / 3 configs, with what llama.cpp hard-codes rather than stores: the 27B models' query scale and
-    Gemma 3's local rotary base (transformers' loader takes the same defaults for the smaller models)."""
+    """Gemma 2 / 3 configs: the file's metadata plus what llama.cpp derives (`gemma_derived`), as transformers'
+    loader also takes them for the smaller models."""
     import transformers
 
-    layers, hidden, heads = kwargs["num_hidden_layers"], kwargs["hidden_size"], kwargs["num_attention_heads"]
-    is_27b = layers == (46 if arch == "gemma2" else 62)  # llama.cpp's test for the 27B models
-    common = dict(head_dim=head_dim, sliding_window=int(get(f"{arch}.attention.sliding_window")),
-                  query_pre_attn_scalar=hidden // heads if is_27b else head_dim)
+    derived = gemma_derived(arch, kwargs["num_hidden_layers"], kwargs["hidden_size"], kwargs["num_attention_heads"], head_dim)
+    local = derived.pop("local_rope", None)
+    common = dict(head_dim=head_dim, sliding_window=int(get(f"{arch}.attention.sliding_window")), **derived)
     full = kwargs.pop("rope_parameters")
     if arch == "gemma2":
         return transformers.Gemma2Config(**kwargs, **common, rope_parameters=full,
                                          attn_logit_softcapping=float(get("gemma2.attn_logit_softcapping", 50.0)),
                                          final_logit_softcapping=float(get("gemma2.final_logit_softcapping", 30.0)))
-    # The rope metadata (base, linear scaling of the 4B+ models) is the global layers'; local layers use base 10000.
-    ropes = {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-    return transformers.Gemma3TextConfig(**kwargs, **common, rope_parameters=ropes)
+    # The rope metadata (base, linear scaling of the 4B+ models) is the global layers'.
+    return transformers.Gemma3TextConfig(**kwargs, **common, rope_parameters={"full_attention": full, "sliding_attention": local})
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:

@@ -4,6 +4,7 @@ own loaders and transformers' GGUF loader (which undoes llama.cpp's q/k permutat
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import jax
 import numpy as np
@@ -184,19 +185,39 @@ def test_merged_stored_types_round_trip(tiny, tmp_path, dtype):
         assert np.abs(np.asarray(tree.flatten(back)[path]) - value).max() <= TOLERANCE[dtype] * np.abs(value).max(), path
 
 
+GEMMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=16, query_pre_attn_scalar=16, sliding_window=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def _gemma_params(config, dtype=np.float32):
+    """Gemma params with random norms and weights large enough that attention scores (scale, window) matter."""
+    from jpeft.models import gemma
+
+    flat = tree.flatten(gemma.init_params(config, jax.random.key(0), dtype=dtype))
+    return tree.unflatten({p: (v + 0.1 * jax.random.normal(jax.random.key(i), v.shape) if p.endswith("norm/weight") else v * 20 if v.ndim == 2 else v).astype(v.dtype)
+                           for i, (p, v) in enumerate(flat.items())})
+
+
+def _read_back_logits(path, config, params):
+    """(logits of the saved model, logits of the model jpeft reads back from `path`) on ids longer than the window."""
+    from jpeft.models import causal_lm
+
+    model = causal_lm.model_for(config)
+    config_back, back = model.load_pretrained(path)
+    ids = np.random.default_rng(1).integers(3, 96, size=(1, 12))
+    mask = np.ones_like(ids)
+    return np.asarray(model.forward(config, params, ids, mask)), np.asarray(model.forward(config_back, back, ids, mask))
+
+
 def test_gemma3_merged_and_adapter_round_trip(tmp_path):
-    """Gemma 3: no q/k permutation, norms stored as 1 + w (the reader subtracts it)."""
+    """Gemma 3: no q/k permutation, norms stored as 1 + w (the reader subtracts it); the file runs as the saved model."""
     import transformers
 
     from jpeft.models import gemma
 
-    config = transformers.Gemma3TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                           num_key_value_heads=1, head_dim=16, sliding_window=8, max_position_embeddings=64,
-                                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    base = gemma.init_params(config, jax.random.key(0))
+    config = transformers.Gemma3TextConfig(**GEMMA)
+    base = _gemma_params(config)
     flat = tree.flatten(base)
-    flat = {p: v + 0.1 * jax.random.normal(jax.random.key(i), v.shape) if p.endswith("norm/weight") else v for i, (p, v) in enumerate(flat.items())}
-    base = tree.unflatten(flat)
     params = _lora(base)
     jpeft.gguf.save(tmp_path / "g.gguf", config, params, dtype="f32")
     jpeft.gguf.save_lora(tmp_path / "a.gguf", params, config)
@@ -210,6 +231,90 @@ def test_gemma3_merged_and_adapter_round_trip(tmp_path):
         np.testing.assert_allclose(np.asarray(tree.flatten(back)[path]), np.asarray(value), atol=1e-6, err_msg=path)
     for path, value in tree.flatten(jpeft.gguf.load_adapter(tmp_path / "a.gguf", base)).items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(tree.flatten(params)[path]), err_msg=path)
+    saved, read = _read_back_logits(tmp_path / "g.gguf", config, jpeft.lora.merge(params))
+    np.testing.assert_allclose(read, saved, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls,change,setting", [
+    ("Gemma3TextConfig", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar=16"),
+    ("Gemma2Config", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar=16"),
+    ("Gemma2Config", dict(layer_types=["full_attention"] * 2), "layer_types"),
+    ("Gemma3TextConfig", dict(final_logit_softcapping=5.0), "final_logit_softcapping=None"),
+    ("Gemma3TextConfig", dict(layer_types=["full_attention"] * 2), "layer_types"),
+    ("Gemma3TextConfig", dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                               "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}), "local_rope"),
+], ids=["gemma3-query-scale", "gemma2-query-scale", "gemma2-layer-types", "gemma3-final-softcap", "gemma3-layer-types", "gemma3-local-rope"])
+def test_gemma_settings_llama_cpp_derives_must_match(tmp_path, cls, change, setting):
+    """llama.cpp derives these from the shape: another value would make the file (and jpeft's reading of it) another
+    model, so `save` and `save_lora` refuse it; with the derived value the file runs as the saved model."""
+    import transformers
+
+    config = getattr(transformers, cls)(**{**GEMMA, **change})
+    params = _gemma_params(config)
+    with pytest.raises(ValueError, match=f"llama.cpp derives {re.escape(setting)}"):
+        jpeft.gguf.save(tmp_path / "g.gguf", config, params, dtype="f32")
+    with pytest.raises(ValueError, match=f"llama.cpp derives {re.escape(setting)}"):
+        jpeft.gguf.save_lora(tmp_path / "a.gguf", _lora(params), config)
+    assert list(tmp_path.iterdir()) == []
+    derived = getattr(transformers, cls)(**GEMMA)
+    jpeft.gguf.save(tmp_path / "g.gguf", derived, params, dtype="f32")
+    saved, read = _read_back_logits(tmp_path / "g.gguf", derived, params)
+    np.testing.assert_allclose(read, saved, atol=1e-4)
+
+
+def test_gemma_bf16_norms_gain_the_one_in_float32(tmp_path):
+    """1 + w is added in float32: bf16 norm weights come back from an f32 file within float32's rounding of 1 + w
+    (in bf16 the sum loses w's low bits: errors up to 4e-3)."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**GEMMA)
+    params = tree.unflatten({p: (0.01 * jax.random.normal(jax.random.key(i), v.shape)).astype(v.dtype) if p.endswith("norm/weight") else v
+                             for i, (p, v) in enumerate(tree.flatten(_gemma_params(config, jax.numpy.bfloat16)).items())})
+    jpeft.gguf.save(tmp_path / "g.gguf", config, params, dtype="f32")
+    _, back = jpeft.models.gemma.load_pretrained(tmp_path / "g.gguf")
+    for path, value in tree.flatten(params).items():
+        np.testing.assert_allclose(np.asarray(tree.flatten(back)[path]), np.asarray(value, np.float32), rtol=0, atol=1e-7, err_msg=path)
+
+
+LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+@pytest.mark.parametrize("cls,change,message", [
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding window of 4 positions"),
+    ("LlamaConfig", dict(hidden_act="gelu"), "activation is 'gelu'"),
+    ("Qwen2Config", dict(head_dim=32), "head_dim=32"),
+], ids=["qwen2-window", "llama-gelu", "qwen2-head-dim"])
+def test_settings_llama_cpp_ignores_are_refused(tmp_path, cls, change, message):
+    """A window, activation or Qwen2 head dim llama.cpp's graph does not have is refused, by `save` and `save_lora`."""
+    import transformers
+
+    config = getattr(transformers, cls)(**LLAMA, **change)
+    params = llama.init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=message):
+        jpeft.gguf.save(tmp_path / "m.gguf", config, params)
+    with pytest.raises(ValueError, match=message):
+        jpeft.gguf.save_lora(tmp_path / "a.gguf", _lora(params), config)
+
+
+def test_mistral_window_warns_and_holds_within_it(tmp_path):
+    """Mistral's window is dropped, as llama.cpp's converter drops it, with a warning; the file is the saved model for
+    the first `window` positions only. Without a window (or one as long as the context) nothing is said."""
+    import warnings
+
+    import transformers
+
+    config = transformers.MistralConfig(**LLAMA, sliding_window=4)
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, llama.init_params(config, jax.random.key(0)))
+    with pytest.warns(UserWarning, match="same outputs only for the first 4 tokens"):
+        jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f32")
+    saved, read = _read_back_logits(tmp_path / "m.gguf", config, params)
+    np.testing.assert_allclose(read[:, :4], saved[:, :4], atol=1e-4)
+    assert np.abs(read - saved).max() > 0.1  # why the warning is needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jpeft.gguf.save(tmp_path / "m.gguf", transformers.MistralConfig(**LLAMA, sliding_window=128), params, dtype="f32")
+        jpeft.gguf.save(tmp_path / "m.gguf", transformers.MistralConfig(**LLAMA, sliding_window=None), params, dtype="f32")
 
 
 def test_tokenizer_keys_are_copied_from_the_source_gguf(tiny, tmp_path):
@@ -253,6 +358,73 @@ def test_tokenizer_from_an_hf_directory(tiny, tmp_path):
     assert fields["tokenizer.ggml.eos_token_id"] == vocab["<eos>"] and len(fields["tokenizer.ggml.merges"]) > 0
 
 
+@pytest.mark.parametrize("name,pre,space_prefix,chat", [
+    ("smollm2-135m-instruct", "gpt-2", None, "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    ("gemma3-270m", "default", False, "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"),
+])
+def test_hf_directory_tokenizer_tokenizes_as_the_directory(tmp_path, name, pre, space_prefix, chat):
+    """A packaged model's tokenizer saved as an HF directory and exported: its special tokens are CONTROL, the
+    pre-tokenizer / space prefix are llama.cpp's names for the directory's, and jpeft's tokenizer of the GGUF
+    tokenizes chat text as transformers' tokenizer of the directory does."""
+    import gguf
+    import transformers
+
+    from jpeft.models import registry
+    from jpeft.tokenizer import load_tokenizer
+
+    if importlib.util.find_spec(registry.PACKAGED[name].package) is None:
+        pytest.skip(f"pip package {registry.PACKAGED[name].requirement} is not installed")
+    load_tokenizer(name).save_pretrained(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    shape = dict(vocab_size=len(hf) + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
+    # the model's family picks transformers' tokenizer converter for the GGUF, as it does for llama.cpp's files
+    config = transformers.Gemma3TextConfig(**shape, query_pre_attn_scalar=8) if "gemma" in name else transformers.LlamaConfig(**shape)
+    params = jpeft.models.causal_lm.model_for(config).init_params(config, jax.random.key(0))
+    jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f16", tokenizer_source=tmp_path / "tok")
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    fields = {key: reader.fields[key].contents() for key in ("tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens")}
+    assert fields["tokenizer.ggml.pre"] == pre
+    assert reader.fields.get("tokenizer.ggml.add_space_prefix") is None if space_prefix is None else \
+        reader.fields["tokenizer.ggml.add_space_prefix"].contents() == space_prefix
+    specials = {t.content for t in hf.added_tokens_decoder.values() if t.special}
+    types = dict(zip(fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]))
+    assert specials and {types[t] for t in specials} == {gguf.TokenType.CONTROL}
+    assert fields["tokenizer.ggml.tokens"][-1] == f"[PAD{config.vocab_size - 1}]"
+    ours = load_tokenizer(tmp_path / "m.gguf")
+    for text in (chat, "Hello world, don't", "naïve café 1234567 + 89"):
+        assert ours(text)["input_ids"] == hf(text)["input_ids"], text
+
+
+def test_unknown_bpe_pre_tokenizer_warns(tiny, tmp_path):
+    """A BPE pre-tokenizer llama.cpp has no name jpeft knows for is written as "default", with a warning."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(vocab_size=280, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    config = type(tiny[0]).from_dict({**tiny[0].to_dict(), "vocab_size": tok.get_vocab_size()})
+    with pytest.warns(UserWarning, match="cannot tell llama.cpp which pre-tokenizer"):
+        jpeft.gguf.save(tmp_path / "m.gguf", config, llama.init_params(config, jax.random.key(3)), tokenizer_source=tmp_path / "tok")
+    assert _fields(tmp_path / "m.gguf")[0]["tokenizer.ggml.pre"] == "default"
+
+
+def test_a_gguf_tokenizer_must_fit_the_vocabulary(tiny, tmp_path):
+    """A GGUF tokenizer with more tokens than the model's embedding rows is refused; one with fewer is padded."""
+    config, _, params, _ = tiny
+    small = _toy_tokenizer(tmp_path, config.vocab_size - 2)
+    jpeft.gguf.save(tmp_path / "m.gguf", config, params, tokenizer_source=small)
+    fields, _ = _fields(tmp_path / "m.gguf")
+    assert len(fields["tokenizer.ggml.tokens"]) == len(fields["tokenizer.ggml.token_type"]) == config.vocab_size
+    assert fields["tokenizer.ggml.tokens"][-2:] == [f"[PAD{config.vocab_size - 2}]", f"[PAD{config.vocab_size - 1}]"]
+    wide = type(config).from_dict({**config.to_dict(), "vocab_size": config.vocab_size - 4})
+    with pytest.raises(CheckpointError, match=f"the tokenizer has {config.vocab_size - 2} tokens but the model's vocabulary only {config.vocab_size - 4}"):
+        jpeft.gguf.save(tmp_path / "w.gguf", wide, llama.init_params(wide, jax.random.key(0)), tokenizer_source=small)
+
+
 def test_bad_inputs_are_named(tiny, tmp_path):
     import transformers
 
@@ -280,6 +452,61 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f32")
     with pytest.raises(CheckpointError, match="not a llama.cpp LoRA adapter"):
         jpeft.gguf.load_adapter(tmp_path / "m.gguf", base)
+
+
+@pytest.mark.parametrize("change,mismatch", [(dict(hidden_size=128, num_hidden_layers=1), "self_attn.q_proj is (in, out) (64, 64)"),
+                                             (dict(num_attention_heads=2, num_key_value_heads=1, head_dim=48), "q_proj is (in, out) (64, 64), but in the base model that weight is (64, 96)")],
+                         ids=["wider", "other-heads"])
+def test_save_lora_checks_the_base(tiny, tmp_path, change, mismatch):
+    """An adapter whose pairs do not fit `base` is refused, naming the first mismatch, and no directory is left behind."""
+    config, _, params, _ = tiny
+    wrong = type(config).from_dict({**config.to_dict(), **change})
+    with pytest.raises(ValueError, match=re.escape(mismatch)):
+        jpeft.gguf.save_lora(tmp_path / "new" / "dir" / "a.gguf", params, wrong)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_save_leaves_no_directories(tiny, tmp_path):
+    config, _, params, _ = tiny
+    llama3 = type(config).from_dict({**config.to_dict(), "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    with pytest.raises(ValueError, match="rope_type 'llama3'"):
+        jpeft.gguf.save(tmp_path / "new" / "dir" / "m.gguf", llama3, params)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_llama_biases_read_back(tmp_path, bias):
+    """jpeft's reader reads the bias tensors its writer (and llama.cpp's llama graph) has: the file runs as the saved model."""
+    import transformers
+
+    config = transformers.LlamaConfig(**LLAMA, **{bias: True})
+    params = tree.unflatten({p: v + 0.3 * jax.random.normal(jax.random.key(i), v.shape) if p.endswith("/bias") else v
+                             for i, (p, v) in enumerate(tree.flatten(llama.init_params(config, jax.random.key(0))).items())})
+    jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f32")
+    saved, read = _read_back_logits(tmp_path / "m.gguf", config, params)
+    np.testing.assert_allclose(read, saved, atol=1e-5)
+
+
+def test_an_adapter_loaded_as_a_model_is_named(tiny, tmp_path):
+    config, _, params, _ = tiny
+    jpeft.gguf.save_lora(tmp_path / "a.gguf", params, config)
+    with pytest.raises(CheckpointError, match=r"is a LoRA adapter, not a model.*jpeft\.gguf\.load_adapter"):
+        llama.load_pretrained(tmp_path / "a.gguf")
+
+
+def test_an_embedding_lora_pair_is_named(tiny, tmp_path):
+    """llama.cpp's converter writes token_embd LoRA pairs; jpeft's models have no LoRA on the embedding: a clear error."""
+    import gguf
+
+    config, base, _, _ = tiny
+    writer = gguf.GGUFWriter(str(tmp_path / "e.gguf"), "llama")
+    writer.add_type("adapter"), writer.add_string("adapter.type", "lora"), writer.add_float32("adapter.lora.alpha", 8.0)
+    writer.add_tensor("token_embd.weight.lora_a", np.ones((4, config.vocab_size), np.float32))
+    writer.add_tensor("token_embd.weight.lora_b", np.ones((config.hidden_size, 4), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(CheckpointError, match="LoRA pair for model.embed_tokens, which has no dense weight"):
+        jpeft.gguf.load_adapter(tmp_path / "e.gguf", base)
 
 
 @pytest.mark.llama_cpp

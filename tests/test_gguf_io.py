@@ -267,6 +267,37 @@ def test_close_reader_drops_the_open_file(tiny):
     assert gguf_io.open_reader(tmp_path / "g.gguf") is not first
 
 
+def test_reader_cache_sees_a_replaced_file_with_the_same_size_and_mtime(tiny):
+    """A file replaced by one of the same size and mtime (cp -p, rsync -t, unzip) is read afresh, not from the cache."""
+    import os
+
+    tmp_path, config, state = tiny
+    for rope_base, name in ((5000.0, "g.gguf"), (6000.0, "new.gguf")):
+        rope = {"rope_type": "default", "rope_theta": rope_base}
+        write_gguf(tmp_path / name, type(config).from_dict({**config.to_dict(), "rope_parameters": rope}), state, rng=np.random.default_rng(0))
+    stat = (tmp_path / "g.gguf").stat()
+    assert gguf_io.load_config(tmp_path / "g.gguf").rope_parameters["rope_theta"] == 5000.0
+    os.utime(tmp_path / "new.gguf", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(tmp_path / "new.gguf", tmp_path / "g.gguf")
+    assert (tmp_path / "g.gguf").stat().st_size == stat.st_size
+    assert gguf_io.load_config(tmp_path / "g.gguf").rope_parameters["rope_theta"] == 6000.0
+
+
+def test_corrupt_metadata_string_is_named(tiny):
+    tmp_path, config, state = tiny
+    file = tmp_path / "c.gguf"
+    write_gguf(file, config, state, rng=np.random.default_rng(0))
+    data = bytearray(file.read_bytes())
+    data[data.index(b"llama", data.index(b"general.architecture"))] = 0xFF  # the value's first byte
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="c.gguf is not a readable GGUF file: metadata general.architecture is corrupt"):
+        llama.load_pretrained(file)
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        gguf_io.open_reader(tmp_path)
+
+
 @needs_smollm
 def test_reader_parses_the_real_file_as_gguf_does():
     """`open_reader` parses on a plain view of the memory map (faster): the same fields and tensors as gguf's reader,

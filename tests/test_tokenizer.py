@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import gguf
+import jax
 import numpy as np
 import pytest
 
@@ -91,9 +92,11 @@ def test_model_and_tokenizer_load_without_torch(tmp_path):
     from jpeft.models import llama
     from tests.test_gguf_io import tiny_hf
 
-    config, state = tiny_hf("llama")
+    config, _ = tiny_hf("llama")
     toy = toy_gguf(tmp_path / "toy.gguf", "llama", "gpt2")
-    jpeft.gguf.save(tmp_path / "m.gguf", config, llama.params_from_state_dict(config, state), dtype="f32", tokenizer_source=toy)
+    tokens = len(gguf.GGUFReader(str(toy)).fields["tokenizer.ggml.tokens"].data)
+    config = type(config).from_dict({**config.to_dict(), "vocab_size": tokens})  # an embedding row for every token
+    jpeft.gguf.save(tmp_path / "m.gguf", config, llama.init_params(config, jax.random.key(0)), dtype="f32", tokenizer_source=toy)
     ids = load_tokenizer(tmp_path / "m.gguf")("hello world, there!", return_tensors="np").input_ids
     want = np.asarray(llama.forward(*llama.load_pretrained(tmp_path / "m.gguf"), ids, np.ones_like(ids)))
     script = textwrap.dedent(f"""
