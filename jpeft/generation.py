@@ -12,9 +12,37 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Step = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties break the same way
+
+
+def check_request(input_ids: np.ndarray, attention_mask: np.ndarray, vocab_size: int, max_new_tokens: int, num_beams: int,
+                  early_stopping: Any, adapter_ids: Any, adapters: int | None) -> None:
+    """Refuse, naming it, what a decoding loop would otherwise run as something else: indices clamp and wrap on
+    device, so an out-of-range token or adapter id, or an empty prompt row, would silently borrow another's."""
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be (batch, length); "
+                         "wrap a single prompt as [ids]")
+    empty = np.flatnonzero(attention_mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"prompt rows {empty.tolist()[:5]} have no real token (attention_mask all zero); drop them or give each a token")
+    bad = np.unique(input_ids[(attention_mask > 0) & ((input_ids < 0) | (input_ids >= vocab_size))])
+    if bad.size:
+        raise ValueError(f"token ids {bad.tolist()[:5]} are outside the model's vocabulary [0, {vocab_size})")
+    if int(max_new_tokens) < 1 or int(num_beams) < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and num_beams={num_beams} must both be at least 1")
+    if not isinstance(early_stopping, (bool, np.bool_)):
+        raise ValueError(f"early_stopping={early_stopping!r}: jpeft's beam search stops as transformers' True or False do "
+                         "(transformers' 'never' heuristic is not implemented)")
+    if adapter_ids is None:
+        return
+    ids = np.asarray(adapter_ids)
+    if adapters is None:
+        raise ValueError("adapter_ids picks a stacked adapter per row, but these params hold none: stack them with jpeft.multi.stack_lora")
+    if ids.shape != (input_ids.shape[0],) or ((ids < 0) | (ids >= adapters)).any():
+        raise ValueError(f"adapter_ids {ids.tolist()} must give each of the {input_ids.shape[0]} rows an adapter in [0, {adapters})")
 
 
 def bucket(n: int, minimum: int = 8, fine: bool = False, steps: int = 1) -> int:

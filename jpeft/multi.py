@@ -62,3 +62,9 @@ def stack_lora(adapters: Sequence[Mapping[str, Any]]) -> dict:
             scale.append(jnp.asarray(leaves["lora_scale"], jnp.float32))
         flat.update({f"{module}/lora_a": jnp.stack(a), f"{module}/lora_b": jnp.stack(b), f"{module}/lora_scale": jnp.stack(scale)})
     return tree.unflatten(flat)
+
+
+def num_stacked(params: Mapping[str, Any]) -> int | None:
+    """How many adapters `stack_lora` stacked into `params` (the length of a stacked `lora_scale`); None if none are."""
+    sizes = {v.shape[0] for p, v in tree.flatten(params).items() if p.endswith("/lora_scale") and jnp.ndim(v) == 1}
+    return max(sizes) if sizes else None

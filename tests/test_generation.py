@@ -152,6 +152,37 @@ def test_prompt_lookup_refuses_beams():
         model.generate(config, params, np.ones((1, 4), np.int32), num_beams=2, prompt_lookup=4)
 
 
+def test_generate_refuses_what_it_would_run_as_something_else(flan):
+    """On device, indices clamp and wrap: an empty row would take another row's last token, a token or adapter id out of
+    range another's embedding or adapter, a short mask would drop the prompt's end. Each is named instead."""
+    import jpeft
+    from jpeft import lora, multi
+    from jpeft.models import t5
+
+    model, config, params = tiny("llama")
+    ids, mask = np.full((2, 5), 3), np.ones((2, 5), np.int32)
+    adapters = [jpeft.split_adapter(lora.inject(params, lora.LoraConfig(r=2, target_modules=["q_proj"]), jax.random.key(i)))[1]
+                for i in range(2)]
+    stacked = jpeft.attach(params, multi.stack_lora(adapters))
+    cases = [
+        (dict(attention_mask=np.array([[1] * 5, [0] * 5])), r"prompt rows \[1\] have no real token"),
+        (dict(attention_mask=mask[:, :4]), r"input_ids \(2, 5\) and attention_mask \(2, 4\) must both be"),
+        (dict(input_ids=np.array([[3, 16, 4, 5, 6]] * 2)), r"token ids \[16\] are outside the model's vocabulary \[0, 16\)"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 and num_beams=1 must both be at least 1"),
+        (dict(num_beams=2, early_stopping="never"), "early_stopping='never'"),
+        (dict(adapter_ids=[0, 1]), "these params hold none"),
+        (dict(params=stacked, adapter_ids=[0, 2]), r"adapter_ids \[0, 2\] must give each of the 2 rows an adapter in \[0, 2\)"),
+        (dict(params=stacked, adapter_ids=[-1, 0]), r"an adapter in \[0, 2\)"),
+    ]
+    for change, message in cases:
+        request = dict(input_ids=ids, attention_mask=mask, params=params) | change
+        with pytest.raises(ValueError, match=message):
+            model.generate(config, request.pop("params"), request.pop("input_ids"), **request)
+    assert model.generate(config, stacked, ids, mask, max_new_tokens=2, adapter_ids=[1, 0]).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"prompt rows \[0\] have no real token"):
+        t5.generate(flan.config, flan.params, flan.ids[:1], np.zeros_like(flan.mask[:1]))
+
+
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_prompt_lookup_equals_greedy_under_soft_prompts_and_prefixes(method):
     """Virtual tokens shift the cache slots (prefix) or the embeddings (soft prompt); the drafts come from real tokens only."""

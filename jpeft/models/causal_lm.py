@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, gguf_io, hf_io, nn, prefix, prompt, quant, tree
+from jpeft import generation, gguf_io, hf_io, multi, nn, prefix, prompt, quant, tree
 from jpeft.hf_io import CheckpointError
 from jpeft.models import registry
 
@@ -375,6 +375,8 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
                          "pass a draft count >= 1 with num_beams=1, or prompt_lookup=0")
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    generation.check_request(input_ids, attention_mask, prompt.embedding_table(params).shape[0], max_new_tokens, num_beams,
+                             early_stopping, adapter_ids, multi.num_stacked(params))
     input_ids, attention_mask = left_align(input_ids, attention_mask)
     S = input_ids.shape[1]
     # Eighth-octave buckets (284 -> 288): the prefill computes every padded column; a power of two (512) nearly doubled it.

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, hf_io, nn, prefix, prompt, quant, tree
+from jpeft import generation, hf_io, multi, nn, prefix, prompt, quant, tree
 from jpeft.hf_io import CheckpointError
 
 Params = dict[str, Any]
@@ -515,8 +515,10 @@ def generate(
     compiles only a few shapes; the loop itself runs on device (`lax.while_loop`).
     """
     a = arch(config)
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    generation.check_request(input_ids, attention_mask, prompt.embedding_table(params).shape[0], max_new_tokens, num_beams,
+                             early_stopping, adapter_ids, multi.num_stacked(params))
     S = input_ids.shape[1]
     S_bucket = generation.bucket(S)
     input_ids = jnp.pad(input_ids, ((0, 0), (0, S_bucket - S)), constant_values=a.pad_token_id)
