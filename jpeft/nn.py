@@ -222,7 +222,9 @@ def _undropped_delta(p: Params, h: jax.Array, ctx: Ctx) -> jax.Array:
         ids = ctx.adapter_ids
         if ids is None:
             raise ValueError(f"stacked LoRA leaves ({a.shape[0]} adapters) need adapter_ids (batch,) choosing each row's adapter")
-        a, b, scale = a[ids], b[ids], scale[ids]
+        # Out-of-range ids would clamp or wrap to another adapter; under jit they cannot raise, so they give NaN.
+        valid = (ids >= 0) & (ids < a.shape[0])
+        a, b, scale = a[ids], b[ids], jnp.where(valid, scale[ids], jnp.nan)
         lead = (slice(None),) + (None,) * (h.ndim - 2)
         # (h A) B in two contractions, the order of the single-adapter path, so a row's result matches it.
         hr = _einsum("b...i,bir->b...r", h, a)

@@ -86,5 +86,9 @@ def test_errors(flan, adapters, tmp_path):
     params = jpeft.attach(flan.params, multi.stack_lora(adapters))
     with pytest.raises(ValueError, match="adapter_ids"):
         t5.forward(flan.config, params, flan.ids, flan.mask, flan.dec)
+    # Under jit an id out of range cannot raise; its row turns NaN instead of clamping or wrapping to another adapter.
+    run = jax.jit(lambda p, ids: t5.forward(flan.config, p, flan.ids, flan.mask, flan.dec, adapter_ids=ids))
+    logits = np.asarray(run(params, jnp.asarray([3, -1, 0])))
+    assert np.isnan(logits[:2]).all() and np.isfinite(logits[2]).all()
     with pytest.raises(ValueError, match="stacked"):
         jpeft.save_adapter(tmp_path / "x", params)
