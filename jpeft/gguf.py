@@ -394,9 +394,11 @@ def _tokenizer(writer, source: Any, vocab_size: int) -> None:
     if path.suffix != ".gguf":
         return _hf_tokenizer(writer, hf_io.resolve_model_dir(path), vocab_size)
     reader = gguf_io.open_reader(path)
-    tokens = gguf_io.metadata(reader, "tokenizer.ggml.tokens", source=str(path))
-    _check_vocab_size(len(tokens), vocab_size, path)
-    padding = _padding(len(tokens), vocab_size)
+    padding = {}
+    if "tokenizer.ggml.tokens" in reader.fields:  # a file without a vocabulary passes on the special-token ids it has
+        tokens = gguf_io.metadata(reader, "tokenizer.ggml.tokens", source=str(path))
+        _check_vocab_size(len(tokens), vocab_size, path)
+        padding = _padding(len(tokens), vocab_size)
     for key, field in reader.fields.items():
         if key.startswith("tokenizer."):
             sub = field.types[-1] if len(field.types) > 1 else None

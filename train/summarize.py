@@ -121,8 +121,10 @@ def apply_method(args: argparse.Namespace, family: str, tokenizer: Any, params: 
                                            encoder_hidden_size=args.encoder_hidden_size)
             params = prefix.inject(params, cfg, key, config)
         elif args.method == "ia3":
-            cfg = jpeft.IA3Config(target_modules=_names(args.ia3_targets, defaults["ia3"]),
-                                  feedforward_modules=_names(args.ia3_feedforward, defaults["ia3_ff"]), modules_to_save=tuple(save))
+            ia3_targets, ff = _names(args.ia3_targets, defaults["ia3"]), _names(args.ia3_feedforward, defaults["ia3_ff"])
+            if args.ia3_feedforward is None and not isinstance(ia3_targets, str):  # as PEFT's default: only targets it names
+                ff = [name for name in ff if name in ia3_targets]
+            cfg = jpeft.IA3Config(target_modules=ia3_targets, feedforward_modules=ff, modules_to_save=tuple(save))
             params = ia3.inject(params, cfg)
         elif args.method == "adapter":
             cfg = jpeft.AdapterConfig(kind=args.adapter_kind, reduction_factor=args.adapter_reduction)
