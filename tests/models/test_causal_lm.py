@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
-from jpeft import lora, nn, training
+from jpeft import lora, multi, nn, split, training
 from jpeft.models import causal_lm
 from tests.test_packing import _batch as packing_batch
 
@@ -96,8 +96,10 @@ def test_generate_packs_ragged_prompts_only(monkeypatch):
     ragged_out = model.generate(config, params, ragged, (ragged > 0).astype(np.int32), max_new_tokens=4)
     assert calls == [13]  # 13 real tokens in 13 slots, not 2 x 8
     model.generate(config, params, ragged[1:], np.ones((1, 8), np.int32), max_new_tokens=4)  # nothing to save
-    model.generate(config, params, ragged, (ragged > 0).astype(np.int32), max_new_tokens=4, adapter_ids=np.zeros(2, np.int32))
-    assert calls == [13]
+    adapter = split.split_adapter(lora.inject(params, lora.LoraConfig(r=2, target_modules=["q_proj"]), jax.random.key(1)))[1]
+    stacked = split.attach(params, multi.stack_lora([adapter]))
+    model.generate(config, stacked, ragged, (ragged > 0).astype(np.int32), max_new_tokens=4, adapter_ids=np.zeros(2, np.int32))
+    assert calls == [13]  # per-row adapters keep the rows apart
     # Row by row (no padding, nothing packed) the tokens are the same.
     for row, out in zip(ragged, np.asarray(ragged_out)):
         real = row[row > 0][None]
