@@ -382,7 +382,7 @@ def test_hf_directory_tokenizer_tokenizes_as_the_directory(tmp_path, name, pre, 
     config = transformers.Gemma3TextConfig(**shape, query_pre_attn_scalar=8) if "gemma" in name else transformers.LlamaConfig(**shape)
     params = jpeft.models.causal_lm.model_for(config).init_params(config, jax.random.key(0))
     jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f16", tokenizer_source=tmp_path / "tok")
-    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    reader = jpeft.gguf_io.open_reader(tmp_path / "m.gguf")  # cached: load_tokenizer below reuses it (262k tokens parse slowly)
     fields = {key: reader.fields[key].contents() for key in ("tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens")}
     assert fields["tokenizer.ggml.pre"] == pre
     assert reader.fields.get("tokenizer.ggml.add_space_prefix") is None if space_prefix is None else \
