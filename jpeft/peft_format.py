@@ -145,10 +145,14 @@ def _short_targets(candidates: list[str], chosen: list[str]) -> list[str]:
     return suffixes if sorted(n for n in candidates if tg.matches(suffixes, n)) == sorted(chosen) else sorted(chosen)
 
 
-def _float7(x: float) -> float | int:
-    """A float32-derived value without float32 noise (2.6666667461 * 3 -> 8), as an int when whole."""
-    x = float(f"{x:.7g}")
-    return int(x) if x.is_integer() else x
+def _alpha(scale: Any, r: int) -> float | int:
+    """PEFT's alpha for a module's float32 scale alpha / r: short where that gives the scale back exactly (2.6666667461
+    * 3 -> 8), else the exact product (an rsLoRA scale alpha / sqrt(r) has no short alpha / r); an int when whole."""
+    scale = np.float32(scale)
+    exact = float(scale) * r
+    short = float(f"{exact:.7g}")
+    alpha = short if np.float32(short / r) == scale else exact
+    return int(alpha) if alpha.is_integer() else alpha
 
 
 def _most_common(values: Mapping[str, Any]) -> Any:
@@ -166,7 +170,7 @@ def _lora_out(params, flat, config):
         raise ValueError(f"save_adapter: DoRA magnitudes sit on {len(dora)} of the {len(modules)} LoRA modules (none at "
                          f"{sorted(set(modules) - set(dora))[:3]}); a PEFT adapter is DoRA on every module or on none")
     if config is None:
-        alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
+        alphas = {m: _alpha(scales[m], ranks[m]) for m in modules}
         r, alpha = _most_common(ranks), _most_common(alphas)
         config = lora.LoraConfig(
             r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
@@ -384,7 +388,7 @@ def _lycoris_out(kind, params, flat, config):
                          "record the rank that PEFT's scale alpha / r uses")
     if config is None:
         ranks = {m: int(np.shape(flat[f"{m.replace('.', '/')}/loha_w1_b"])[1]) for m in modules}
-        alphas = {m: _float7(scales[m] * ranks[m]) for m in modules}
+        alphas = {m: _alpha(scales[m], ranks[m]) for m in modules}
         r, alpha = _most_common(ranks), _most_common(alphas)
         config = loha.LoHaConfig(r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
                                  rank_pattern={m: v for m, v in ranks.items() if v != r},

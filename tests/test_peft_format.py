@@ -74,6 +74,8 @@ def test_lora_jpeft_to_peft(flan, tmp_path, rslora, with_config):
     back = jpeft.load_adapter(tmp_path / "a", flan.params)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     assert np.abs(jpeft_logits(flan, back) - ours).max() < 1e-5
+    scales = lambda t: {p: v for p, v in tree.flatten(t).items() if p.endswith("lora_scale")}  # noqa: E731
+    assert scales(back) == scales(params)  # bit for bit, rsLoRA's alpha / sqrt(r) too, with or without the config
 
 
 def test_reconstructed_config_is_peft_like(flan, tmp_path):
