@@ -23,6 +23,12 @@ def _random(shape, seed):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
+def _adapted_and_merged_give(model, q, want, *args):
+    """The model with its PEFT leaves, and the unmodified model on merge's params, both compute `want`."""
+    _close(linen.apply(model, {"params": q}, *args), want)
+    _close(model.apply({"params": linen.merge(model, q, *args)}, *args), want)
+
+
 class _One(fnn.Module):
     """One Linen layer, built by `make`, named "l"."""
 
@@ -131,8 +137,7 @@ def test_linen_subclass_calling_super_gets_the_update_once():
     x = _random((2, 6), 0)
     model, params, q = _linen_lora(lambda name: _MyDense(4, name=name), x)
     want = x @ (params["l"]["kernel"] + q["l"]["lora_a"] @ q["l"]["lora_b"]) + params["l"]["bias"]
-    _close(linen.apply(model, {"params": q}, x), want)
-    _close(model.apply({"params": linen.merge(model, q, x)}, x), want)
+    _adapted_and_merged_give(model, q, want, x)
 
 
 class _EncDec(fnn.Module):
@@ -179,8 +184,7 @@ def test_linen_tied_embedding_head_equals_the_merged_table():
     e = q["embed"]
     by_hand = {**params, "embed": {"embedding": e["embedding"] + e["lora_scale"] * e["lora_a"] @ e["lora_b"]}}
     want = model.apply({"params": by_hand}, ids)
-    _close(linen.apply(model, {"params": q}, ids), want)
-    _close(model.apply({"params": linen.merge(model, q, ids)}, ids), want)
+    _adapted_and_merged_give(model, q, want, ids)
 
 
 def test_nnx_tied_embedding_head_equals_the_merged_table():
@@ -264,8 +268,7 @@ def test_linen_unadaptable_layer_is_refused_only_when_targeted(case):
     q["head"]["lora_b"] = _random(q["head"]["lora_b"].shape, 3)
     by_hand = {**params, "head": {**params["head"], "kernel": params["head"]["kernel"] + q["head"]["lora_a"] @ q["head"]["lora_b"]}}
     want = model.apply({"params": by_hand}, x)
-    _close(linen.apply(model, {"params": q}, x), want)
-    _close(model.apply({"params": linen.merge(model, q, x)}, x), want)
+    _adapted_and_merged_give(model, q, want, x)
 
 
 def test_nnx_depthwise_conv_is_refused_only_when_targeted():
