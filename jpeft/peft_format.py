@@ -551,10 +551,7 @@ def _without_saved_base_layers(params, who, tensors: dict[str, Any]) -> dict[str
 def _base_weight(params, module: str) -> np.ndarray | None:
     """A module's float weight as PyTorch lays it out ((out, in), or an embedding's (vocab, d)); the input embedding
     for a tied `lm_head`; None if the base has no such weight."""
-    try:
-        found = tg.get_module(params, module)
-    except (KeyError, TypeError):
-        found = None
+    found = _module_or_none(params, module)
     if module.split(".")[-1] == "lm_head" and found is None:
         return np.asarray(prompt.embedding_table(params), np.float32)
     if not isinstance(found, Mapping):
@@ -581,12 +578,17 @@ def _split_names(who, tensors, suffixes: tuple[str, ...]) -> dict[str, dict[str,
     return out
 
 
+def _module_or_none(params, module: str) -> Any:
+    """The base's module at a dotted name, or None where it has none."""
+    try:
+        return tg.get_module(params, module)
+    except (KeyError, TypeError):
+        return None
+
+
 def _weight(params, who, module: str) -> tuple[tuple[int, int], Any]:
     """The logical (in, out) shape and float dtype of a module's weight, float or quantized."""
-    try:
-        found = tg.get_module(params, module)
-    except (KeyError, TypeError):
-        found = None
+    found = _module_or_none(params, module)
     if not isinstance(found, Mapping) or not quant.has_weight(found):
         raise CheckpointError(f"{who} adapts {module}, which the given base does not have")
     return quant.weight_shape(found), quant.weight_dtype(found)
