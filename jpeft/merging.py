@@ -2,7 +2,7 @@
 
 `merge_adapters([a, b], [0.7, 0.3], "ties", density=0.5)` takes adapter trees (as `jpeft.split_adapter` returns
 them) and returns an ordinary LoRA adapter tree: attach it, save it, merge it or stack it like any other.
-The combinations, their names and their results are PEFT 0.21's:
+The combinations, their names and their results are PEFT 0.22's:
 
 - `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` combine the A's and the B's separately,
   adapter i weighted by sqrt(|w_i s_i|) (its sign on A only); all adapters need the same rank.
@@ -11,9 +11,9 @@ The combinations, their names and their results are PEFT 0.21's:
   s_i A_i B_i and keep the top `svd_rank` singular triplets (B = U S, A = V^T), optionally clamped at the
   `svd_clamp` quantile.
 
-The merged adapter's scale is 1: PEFT sets lora_alpha = r, but keeps the first adapter's use_rslora, which then
-makes it alpha / sqrt(r) = sqrt(r); pass `use_rslora=True` where the first adapter was trained with rsLoRA to get
-PEFT's adapter (adapter trees carry a scale, not the option). A single adapter is always combined `linear`, as in PEFT.
+The merged adapter's scale is 1, since each adapter's own scale is folded into the combined A and B. (PEFT before 0.22
+kept the first adapter's use_rslora, which made the merged scale sqrt(r) where that adapter used rsLoRA; 0.22 fixed
+it, and jpeft follows.) A single adapter is always combined `linear`, as in PEFT.
 DARE drops entries at random: PEFT draws with torch.bernoulli, jpeft with `jax.random.bernoulli` from `key`,
 one mask per (module, part, adapter) given by `dare_mask(mask_key(key, module, part, i), density, shape)`.
 """
@@ -197,7 +197,6 @@ def merge_adapters(
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
     key: jax.Array | None = None,
-    use_rslora: bool = False,
 ) -> dict:
     """One LoRA adapter tree combining `adapters` with `weights`, as PEFT's `add_weighted_adapter(combination_type=...)`."""
     _check_args(len(adapters), weights, combination, density, majority_sign_method, svd_rank, svd_clamp, key)
@@ -211,7 +210,7 @@ def merge_adapters(
     rank = sum(ranks) if combination == "cat" else svd_rank or max(ranks)
     key = key if combination.startswith("dare") else None
     flat = {}
-    scale = jnp.asarray(float(rank) ** 0.5 if use_rslora else 1.0, jnp.float32)
+    scale = jnp.asarray(1.0, jnp.float32)  # each adapter's scale is folded into the combined A and B
     for name in sorted({m for mods in per_adapter for m in mods}):
         present = [(i, mods[name]) for i, mods in enumerate(per_adapter) if name in mods]
         _check_shapes(name, present, linear_like)

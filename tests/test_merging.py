@@ -10,8 +10,10 @@ import json
 
 import jax
 import numpy as np
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from safetensors.numpy import load_file
 
 import jpeft
@@ -147,8 +149,19 @@ def _peft_merge(m, monkeypatch, names, combination, new_name, **kwargs):
     monkeypatch.undo()
 
 
-def _check_deltas(peft_model, merged, new_name):
-    """The merged adapter covers PEFT's modules and its delta W equals PEFT's get_delta_weight per module to 1e-5."""
+def _peft_merged_scale(chosen, names, combination):
+    """PEFT's scale on the merged adapter, over jpeft's (1): PEFT before 0.22 kept the first adapter's use_rslora, so
+    its merged delta was sqrt(r) times the combination (a bug 0.22 fixed; jpeft follows 0.22)."""
+    if Version(peft.__version__) >= Version("0.22") or not chosen[names[0]].get("use_rslora"):
+        return 1.0
+    ranks = [max([chosen[n]["r"], *chosen[n].get("rank_pattern", {}).values()]) for n in names]
+    rank = sum(ranks) if combination == "cat" else max(ranks)
+    return float(rank) ** 0.5
+
+
+def _check_deltas(peft_model, merged, new_name, peft_scale=1.0):
+    """The merged adapter covers PEFT's modules and its delta W equals PEFT's get_delta_weight (over `peft_scale`, see
+    `_peft_merged_scale`) per module to 1e-5."""
     peft_modules = {n[len(PEFT_PREFIX):]: mod for n, mod in peft_model.named_modules()
                     if hasattr(mod, "lora_A") and new_name in mod.lora_A}
     flat = tree.flatten(merged)
@@ -156,14 +169,14 @@ def _check_deltas(peft_model, merged, new_name):
     assert sorted(ours) == sorted(peft_modules)
     for name, path in ours.items():
         delta = flat[f"{path}/lora_scale"] * (flat[f"{path}/lora_a"] @ flat[f"{path}/lora_b"])
-        ref = peft_modules[name].get_delta_weight(new_name).detach().numpy().T
+        ref = peft_modules[name].get_delta_weight(new_name).detach().numpy().T / peft_scale
         assert np.abs(np.asarray(delta) - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), name
         assert np.abs(ref).max() > 1e-2, name  # a real delta, not zeros on both sides
 
 
 CASES = [  # (combination, adapters, kwargs)
     ("linear", SAME_RANK, {}),
-    ("linear", {"s3": SAME_RANK["s3"], "s2": SAME_RANK["s2"]}, {}),  # rsLoRA first: PEFT's merged scale is sqrt(r)
+    ("linear", {"s3": SAME_RANK["s3"], "s2": SAME_RANK["s2"]}, {}),  # rsLoRA first: PEFT < 0.22 scaled the merge by sqrt(r)
     ("svd", {"m2": MIXED_RANK["m2"]}, {}),  # one adapter: PEFT combines it linear
     ("cat", MIXED_RANK | {"s1": SAME_RANK["s1"]}, {}),
     ("svd", MIXED_RANK | {"s2": SAME_RANK["s2"]}, {}),
@@ -196,8 +209,8 @@ def test_matches_peft_add_weighted_adapter(tiny_llama, monkeypatch, case):
     new_name = f"merged_{case}"
     _peft_merge(m, monkeypatch, names, combination, new_name, **kwargs)
     merged = merging.merge_adapters([m.adapters[n] for n in names], [WEIGHTS[n] for n in names], combination, key=KEY,
-                                    use_rslora=chosen[names[0]].get("use_rslora", False), **kwargs)
-    _check_deltas(m.peft, merged, new_name)
+                                    **kwargs)
+    _check_deltas(m.peft, merged, new_name, _peft_merged_scale(chosen, names, combination))
     ours, ref = _llama_logits(m, merged), _peft_llama_logits(m, new_name)
     keep = m.mask.astype(bool)
     assert np.abs(ours - ref)[keep].max() <= 1e-4

@@ -1,10 +1,9 @@
-"""Prefix tuning: parity with HF PEFT 0.21.2's PREFIX_TUNING on tiny Llama, Mistral (sliding window), Gemma 3 and T5,
+"""Prefix tuning: parity with HF PEFT's PREFIX_TUNING on tiny Llama, Mistral (sliding window), Gemma 3 and T5,
 with and without the projection MLP; generation, PEFT files both ways, training (gradients, remat, packing), counts.
 
-Generation is checked against greedy decoding through PEFT's *forward* (the prefix passed as past keys/values), not
-against `PeftModel.generate`: with transformers 5.24, whose `prepare_inputs_for_generation` hands the cache over as
-`cache=` rather than `past_key_values=`, PEFT 0.21.2's generate drops the prefix (T5's generate returns exactly the
-base model's ids, see `test_peft_generate_drops_the_prefix_under_transformers_5`).
+Generation is checked against greedy decoding through PEFT's *forward* (the prefix passed as past keys/values), and
+T5's also against `PeftModel.generate` itself: PEFT 0.21.2's seq2seq generate dropped the prefix under transformers 5
+(it returned the base model's ids); 0.22 honours it (`test_t5_generation_matches_peft_generate`).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from packaging.version import Version
 
 import jpeft
 from jpeft import prefix, sharding, split, training, tree
@@ -198,18 +198,25 @@ def test_t5_generation_matches_peft_forward(seq2seq):
     np.testing.assert_array_equal(ours, dec[:, 1:].numpy())
 
 
-def test_peft_generate_drops_the_prefix_under_transformers_5(tmp_path):
-    """Why the generation tests decode through PEFT's forward: PEFT 0.21.2's seq2seq generate, under transformers 5.24,
-    returns the base model's ids. When this fails, PEFT's generate honours the prefix and can be compared directly."""
+PEFT_HONOURS_SEQ2SEQ_PREFIX = Version(peft.__version__) >= Version("0.22")
+
+
+@pytest.mark.skipif(not PEFT_HONOURS_SEQ2SEQ_PREFIX, reason="PEFT < 0.22's seq2seq generate drops the prefix under transformers 5")
+def test_t5_generation_matches_peft_generate(tmp_path):
+    """PEFT 0.22's seq2seq generate honours the prefix (0.21.2's returned the base model's ids under transformers 5):
+    jpeft's greedy ids equal PEFT's `generate`, and differ from the base model's."""
     make_hf_t5(tmp_path, **T5_ODD)
     ref = _peft(_t5_torch(tmp_path), "SEQ_2_SEQ_LM", projection=False)
+    config, params = t5.load_pretrained(tmp_path)
     ids, mask, _, _ = _t5_inputs()
-    kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6, do_sample=False, eos_token_id=1)
+    kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6, do_sample=False, eos_token_id=-1)
     with torch.no_grad():
-        with_prefix = ref.generate(**kwargs).numpy()
+        want = ref.generate(**kwargs).numpy()[:, 1:]  # without the decoder start token
         with ref.disable_adapter():
-            base = ref.generate(**kwargs).numpy()
-    np.testing.assert_array_equal(with_prefix, base)
+            base = ref.generate(**kwargs).numpy()[:, 1:]
+    ours = np.asarray(t5.generate(config, {**params, **_leaves(ref)}, ids, mask, max_new_tokens=6, eos_token_id=-1))
+    np.testing.assert_array_equal(ours, want)
+    assert not np.array_equal(want, base)
 
 
 # ---- PEFT files
