@@ -167,8 +167,8 @@ def checked_tree(
     for path, shape in expected.items():
         if tuple(flat[path].shape) != shape:
             hf_name, transposed = to_hf(path)
-            got = flat[path].shape[::-1] if transposed else flat[path].shape
-            want = shape[::-1] if transposed else shape
+            pt = lambda s: (*s[:-2], s[-1], s[-2]) if transposed else tuple(s)  # noqa: E731  (PyTorch's (out, in), experts leading)
+            got, want = pt(flat[path].shape), pt(shape)
             raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(got)} but the config implies {tuple(want)}")
     return tree.unflatten({p: jnp.asarray(v, dtype=dtype) for p, v in flat.items()})
 

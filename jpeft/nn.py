@@ -96,6 +96,7 @@ class Ctx:
     lora_dropout: float = 0.0
     adapter_ids: jax.Array | None = None  # (batch,) row -> adapter index for stacked LoRA leaves
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
+    aux_loss: jax.Array | None = None  # a term the model adds to its training loss (a mixture of experts' router balance), set by its decoder
     _count: int = 0
 
     @property
@@ -458,6 +459,123 @@ def dora_weight_norm(p: Params) -> jax.Array:
     gram_b = jnp.matmul(jnp.matmul(a.T, a, precision=hi), b, precision=hi)  # (r, out)
     total = squares + 2 * s * jnp.sum(wa * b, axis=0) + s * s * jnp.sum(gram_b * b, axis=0)
     return jnp.sqrt(jnp.maximum(total, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Routed experts: grouped matmuls
+
+
+EXPERT_LEAVES = frozenset({"lora_a", "lora_b", "lora_scale"})  # the PEFT leaves `grouped_dense` applies beside an expert weight
+
+
+def grouped_dense(p: Params, x: jax.Array, group_sizes: jax.Array, ctx: Ctx) -> jax.Array:
+    """`dense` for routed experts: x (N, in), rows sorted by expert, group_sizes (E,) -> (N, out), each expert's rows times
+    its own slice of the kernel (E, in, out) (or of a quantized group stacked on E), plus LoRA stacked on the expert
+    axis beside it: `lora_a` (E, in, r), `lora_b` (E, r, out), `lora_scale` () -> x_e W_e + (dropout(x_e) A_e) B_e * scale
+    for the rows of expert e. The update is two more grouped products of rank r: no (E, in, out) update is formed."""
+    other = sorted(set(p) - {quant.KERNEL} - quant.LEAVES - EXPERT_LEAVES)
+    if other:
+        raise ValueError(f"routed experts take LoRA leaves ({sorted(EXPERT_LEAVES)}) only, but this expert weight also holds {other}")
+    x = x.astype(ctx.dtype)
+    fmt = quant.format_of(p)
+    y = grouped_matmul(x, p[quant.KERNEL].astype(ctx.dtype) if fmt is None else quant.leaves(p), group_sizes, fmt)
+    if "lora_a" in p:
+        h = dropout(ctx, x, ctx.lora_dropout)
+        low = grouped_matmul(grouped_matmul(h, p["lora_a"].astype(ctx.dtype), group_sizes), p["lora_b"].astype(ctx.dtype), group_sizes)
+        y = y + low * p["lora_scale"].astype(ctx.dtype)
+    return y
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array | Params, group_sizes: jax.Array, fmt: str | None = None) -> jax.Array:
+    """Rows of x (N, in) sorted into consecutive groups of `group_sizes` (G,), each times its group's matrix -> (N, out).
+
+    `w` is (G, in, out), or with `fmt` a quantized leaf group whose leaves lead with G (each group's weight in PyTorch's
+    (out, in) rows, dequantized where it is used). Rows past sum(group_sizes) give zeros. On a GPU or TPU this is
+    `jax.lax.ragged_dot`, XLA's grouped GEMM. XLA's CPU backend has none: there `ragged_dot` lowers to a masked product
+    of every row with every group's matrix (G times the work), so the CPU path runs whole tiles of one group's rows
+    through a loop instead (`_tiled_matmul`).
+    """
+    if gpu_kernels() or _platform() == "tpu":
+        if fmt is not None:  # held as float for the backward pass: the quantized GPU path keeps no less than a float one
+            w = jnp.swapaxes(jax.vmap(functools.partial(quant.unpack, fmt))(w), 1, 2).astype(x.dtype)
+        return jax.lax.ragged_dot(x, w, group_sizes)
+    return _tiled_matmul(fmt, _tile_rows(x.shape[0], group_sizes.shape[0]), x, w, group_sizes)
+
+
+def _tile_rows(rows: int, groups: int) -> int:
+    """Rows per tile: a power of two near a quarter of a group's mean rows, 8 to 128. Each group is padded to whole
+    tiles (under one tile of waste per group), and a tile of 128 rows makes the loop's cost per step small beside its product."""
+    return int(min(128, max(8, 2 ** int(math.log2(max(1, rows // (4 * groups)))))))
+
+
+def _tile_plan(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where rows go when every group is padded to whole tiles: (group (T,) of each tile, source row (T * tile,) of each
+    tiled slot, `rows` for an empty one, tiled slot (rows,) of each row). T = ceil(rows / tile) + G bounds the tiles."""
+    G = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    row_end = jnp.cumsum(sizes)
+    padded = -(-sizes // tile) * tile
+    pad_end = jnp.cumsum(padded)
+    T = -(-rows // tile) + G
+    slot = jnp.arange(T * tile)
+    group = jnp.minimum(jnp.searchsorted(pad_end, slot, side="right"), G - 1)
+    offset = slot - (pad_end - padded)[group]  # past the group's rows (or the last tile's end) the slot is empty
+    source = jnp.where(offset < sizes[group], (row_end - sizes)[group] + offset, rows)
+    row = jnp.arange(rows)
+    row_group = jnp.minimum(jnp.searchsorted(row_end, row, side="right"), G - 1)
+    target = jnp.where(row < row_end[-1], (pad_end - padded)[row_group] + row - (row_end - sizes)[row_group], T * tile)
+    return group[::tile], source, target
+
+
+def _tiled(fmt: str | None, x: jax.Array, w: jax.Array | Params, plan, spec: str) -> jax.Array:
+    """x's rows through the tiles of `plan`: each tile meets its group's weight by einsum `spec` ("ti,<weight>->to")."""
+    tile_group, source, target = plan
+    T = tile_group.shape[0]
+    xp = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(T, -1, x.shape[-1])
+
+    def body(_, inputs):
+        xt, g = inputs
+        w_g = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, g, keepdims=False), w)
+        return None, _einsum(spec, xt, w_g if fmt is None else quant.unpack(fmt, w_g).astype(xt.dtype))
+
+    yp = jax.lax.scan(body, None, (xp, tile_group))[1]
+    return jnp.take(yp.reshape(-1, yp.shape[-1]), target, axis=0, mode="fill", fill_value=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _tiled_matmul(fmt: str | None, tile: int, x: jax.Array, w: jax.Array | Params, group_sizes: jax.Array) -> jax.Array:
+    """`grouped_matmul` on the CPU: tiles of one group's rows, padded, one (tile, in) x (in, out) product per loop step.
+
+    Its backward pass is two more such loops, for x's gradient and w's, so no step's weight is kept from forward to
+    backward (autodiff of the loop would store each step's slice of w); w's loop is dead code, dropped, when w is frozen.
+    """
+    return _tiled_matmul_fwd(fmt, tile, x, w, group_sizes)[0]
+
+
+def _tiled_matmul_fwd(fmt, tile, x, w, group_sizes):
+    plan = _tile_plan(group_sizes, x.shape[0], tile)
+    return _tiled(fmt, x, w, plan, "ti,io->to" if fmt is None else "ti,oi->to"), (x, w, plan)
+
+
+def _tiled_matmul_bwd(fmt, tile, res, g):
+    x, w, plan = res
+    g_x = _tiled(fmt, g, w, plan, "to,io->ti" if fmt is None else "to,oi->ti")
+    if fmt is not None:  # quantized codes get no gradient
+        return g_x, None, None
+    tile_group, source, _ = plan
+    T = tile_group.shape[0]
+    xp, gp = (jnp.take(v, source, axis=0, mode="fill", fill_value=0).reshape(T, -1, v.shape[-1]) for v in (x, g))
+
+    def body(acc, inputs):  # each tile's x^T g added into its group's slice
+        xt, gt, k = inputs
+        update = jnp.einsum("ti,to->io", xt, gt, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, k, keepdims=False) + update, k, 0), None
+
+    g_w = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (xp, gp, tile_group))[0]
+    return g_x, g_w.astype(w.dtype), None
+
+
+_tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
 def rms_norm(weight: jax.Array, x: jax.Array, eps: float, dtype: Any) -> jax.Array:

@@ -38,17 +38,19 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def model_for(config: Any) -> ModuleType:
-    """The jpeft module (`llama` or `gemma`) that implements a decoder-only transformers config or resolved Arch."""
-    from jpeft.models import gemma, llama
+    """The jpeft module (`llama`, `gemma` or `moe`) that implements a decoder-only transformers config or resolved Arch."""
+    from jpeft.models import gemma, llama, moe
 
-    if isinstance(config, (llama.Arch, gemma.Arch)):
-        return llama if isinstance(config, llama.Arch) else gemma
+    modules = (llama, gemma, moe)
+    for module in modules:
+        if isinstance(config, module.Arch):
+            return module
     model_type = getattr(config, "model_type", "llama")  # as llama.arch reads a config without one
-    for module in (llama, gemma):
+    for module in modules:
         if model_type in module.MODEL_TYPES:
             return module
     raise ValueError(f"model_type {model_type!r} is not a decoder-only model jpeft implements "
-                     f"({list(llama.MODEL_TYPES + gemma.MODEL_TYPES)})")
+                     f"({[t for module in modules for t in module.MODEL_TYPES]})")
 
 
 def eos_ids(config: Any) -> tuple[int, ...]:
@@ -66,6 +68,14 @@ def check_rope(rope: dict) -> dict:
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"unsupported partial_rotary_factor {rope['partial_rotary_factor']}; jpeft rotates whole heads")
     return rope
+
+
+def rope_parameters(config: Any) -> dict:
+    """A Llama-style config's `rope_parameters`, checked, with `rope_theta` read from the config where they lack it."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in rope:  # configs built outside transformers 5's standardisation
+        rope["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    return check_rope(rope)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,10 +159,11 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array, a: Any, ctx: nn.Ctx,
                    cache=None, index=0, *, scale: float, softcap: float | None = None,
-                   qk_norm: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+                   qk_norm: Callable[[jax.Array, jax.Array], jax.Array] | None = None, clip: float | None = None):
     """Grouped-query self-attention; with `cache` (k, v of (B, KV, S, E)) writes this call's keys at `index`.
 
-    `qk_norm(weight, x)`, when given, normalises each query and key head (`q_norm` / `k_norm`) before rotary.
+    `qk_norm(weight, x)`, when given, normalises each query and key head (`q_norm` / `k_norm`) before rotary; `clip`
+    clamps queries, keys and values to [-clip, clip] after that (OLMoE's `clip_qkv`).
     """
     B, T, _ = h.shape
     KV, G, E = a.num_kv_heads, a.num_heads // a.num_kv_heads, a.head_dim
@@ -162,9 +173,11 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
     k = nn.dense(p["k_proj"], h, ctx).reshape(B, T, KV, E)
     if qk_norm is not None:
         q, k = qk_norm(p["q_norm"]["weight"], q), qk_norm(p["k_norm"]["weight"], k)
+    v = nn.dense(p["v_proj"], h, ctx).reshape(B, T, KV, E)
+    if clip is not None:
+        q, k, v = (jnp.clip(t, -clip, clip) for t in (q, k, v))
     q = apply_rotary(q, cos, sin).reshape(B, T, KV, G, E)
     k = apply_rotary(k, cos, sin)
-    v = nn.dense(p["v_proj"], h, ctx).reshape(B, T, KV, E)
     # Under remat, q, k and v are kept: recomputing their projections cost ~8% of a SmolLM2 step, keeping them 0.27 GB.
     q, k, v = nn.keep(q.transpose(0, 2, 3, 1, 4)), nn.keep(k.transpose(0, 2, 1, 3)), nn.keep(v.transpose(0, 2, 1, 3))  # heads first
     if cache is not None:  # generation wrote any prefix into the cache's first slots
@@ -405,10 +418,32 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
 # Hugging Face checkpoints
 
 
+def random_params(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, std: float, dtype: Any, norm: float = 1.0) -> Params:
+    """A tree of `shapes` ({path: shape}): normal(0, std) weights as transformers initialises them, norm weights `norm`, biases zero."""
+    flat = {}
+    for i, (path, shape) in enumerate(sorted(shapes.items())):
+        if path.endswith("weight"):
+            flat[path] = jnp.full(shape, norm, dtype)
+        elif path.endswith("bias"):
+            flat[path] = jnp.zeros(shape, dtype)
+        else:
+            flat[path] = (jax.random.normal(jax.random.fold_in(key, i), shape) * std).astype(dtype)
+    return tree.unflatten(flat)
+
+
+EXPERTS = "experts"  # transformers 5 stores routed experts' weights as bare parameters of this module, stacked on the expert axis
+
+
 def hf_to_path(name: str) -> tuple[str, bool]:
-    """PyTorch state-dict name -> (tree path, whether the tensor is a transposed Linear weight)."""
+    """PyTorch state-dict name -> (tree path, whether the tensor is a transposed Linear weight).
+
+    A routed-experts parameter (`mlp.experts.gate_up_proj`, (E, out, in)) is a module of its own in the tree, its
+    `kernel` (E, in, out) transposed per expert, so PEFT leaves sit beside it as beside a Linear's.
+    """
     parts = name.split(".")
     module, leaf = "/".join(parts[:-1]), parts[-1]
+    if len(parts) > 1 and parts[-2] == EXPERTS:
+        return f"{name.replace('.', '/')}/kernel", True
     if name == "model.embed_tokens.weight":
         return "model/embed_tokens/embedding", False
     if leaf == "bias":
@@ -423,7 +458,14 @@ def hf_to_path(name: str) -> tuple[str, bool]:
 def path_to_hf(path: str) -> tuple[str, bool]:
     """Tree path -> (PyTorch state-dict name, whether to transpose)."""
     module, leaf = path.rsplit("/", 1)
+    if module.split("/")[-2:-1] == [EXPERTS]:
+        return module.replace("/", "."), True
     return module.replace("/", ".") + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
+
+
+def transpose(value: np.ndarray) -> np.ndarray:
+    """A Linear weight between PyTorch's (out, in) and jpeft's (in, out): the last two axes swapped (experts lead)."""
+    return np.swapaxes(value, -1, -2)
 
 
 def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
@@ -440,11 +482,11 @@ def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.n
         if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints stored; recomputed from the config
             continue
         try:
-            path, transpose = hf_to_path(name)
+            path, transposed = hf_to_path(name)
         except KeyError:
             unexpected.append(name)
             continue
-        flat[path] = value.T if transpose else value
+        flat[path] = transpose(value) if transposed else value
     if a.tie_word_embeddings and "lm_head/kernel" in flat:
         if not np.array_equal(flat["lm_head/kernel"].T, flat.get("model/embed_tokens/embedding")):
             raise CheckpointError(f"{source}: the config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
@@ -482,9 +524,9 @@ def state_dict_from_params(model: ModuleType, config: Any, params: Params) -> di
         raise ValueError(f"the parameters lack base-model weights: {missing[:8]}")
     out = {}
     for path, value in flat.items():
-        name, transpose = path_to_hf(path)
+        name, transposed = path_to_hf(path)
         value = np.asarray(jax.device_get(value), dtype=np.float32) if value.dtype != jnp.bfloat16 else np.asarray(value)
-        out[name] = value.T if transpose else value
+        out[name] = transpose(value) if transposed else value
     return out
 
 
@@ -520,12 +562,12 @@ def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype:
     model_dir = hf_io.resolve_model_dir(path)
     config = load_config(model, model_dir)
     state = hf_io.read_state_dict(model_dir, allow_pickle=allow_pickle)
-    return config, params_from_state_dict(model, config, state, dtype=dtype, source=str(model_dir))
+    return config, model.params_from_state_dict(config, state, dtype, str(model_dir))
 
 
 def save_pretrained(model: ModuleType, out_dir: str | os.PathLike, config: Any, params: Params) -> None:
     """Write a standard HF directory (config.json + model.safetensors) atomically."""
-    state = state_dict_from_params(model, config, params)
+    state = model.state_dict_from_params(config, params)
     cfg = config.to_dict()
     cfg["tie_word_embeddings"] = "lm_head.weight" not in state
     cfg.pop("quantization_config", None)  # the weights are written dequantised

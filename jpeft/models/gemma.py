@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, tree
+from jpeft import nn
 from jpeft.hf_io import CheckpointError
 from jpeft.models import causal_lm
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
@@ -153,13 +153,7 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
 def init_params(config: Any, key: jax.Array, tie_word_embeddings: bool | None = None, dtype: Any = jnp.float32) -> Params:
     """Random parameters (normal(0, initializer_range) like transformers; norm weights and biases zero)."""
     std = getattr(_text_config(config), "initializer_range", 0.02)
-    flat = {}
-    for i, (path, shape) in enumerate(sorted(param_shapes(config, tie_word_embeddings).items())):
-        if path.endswith(("weight", "bias")):  # a zero norm weight scales by 1 + 0
-            flat[path] = jnp.zeros(shape, dtype)
-        else:
-            flat[path] = (jax.random.normal(jax.random.fold_in(key, i), shape) * std).astype(dtype)
-    return tree.unflatten(flat)
+    return causal_lm.random_params(param_shapes(config, tie_word_embeddings), key, std, dtype, norm=0.0)  # a zero norm scales by 1 + 0
 
 
 def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:

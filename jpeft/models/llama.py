@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, tree
+from jpeft import nn
 from jpeft.hf_io import CheckpointError
 from jpeft.models import causal_lm
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
@@ -77,13 +77,6 @@ def _config_class(model_type: str):
     return classes[model_type]
 
 
-def _rope_parameters(config: Any) -> dict:
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if "rope_theta" not in rope:  # configs built outside transformers 5's standardisation
-        rope["rope_theta"] = getattr(config, "rope_theta", 10000.0)
-    return causal_lm.check_rope(rope)
-
-
 def _windows(config: Any, model_type: str, num_layers: int) -> tuple[int | None, ...]:
     window = getattr(config, "sliding_window", None)
     if model_type == "mistral":
@@ -115,7 +108,7 @@ def arch(config: Any) -> Arch:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         eps=float(config.rms_norm_eps),
         act=config.hidden_act,
-        rope=tuple(sorted(_rope_parameters(config).items())),
+        rope=tuple(sorted(causal_lm.rope_parameters(config).items())),
         qkv_bias=model_type == "qwen2" or attention_bias,  # Qwen2 always biases q, k, v but never o
         o_bias=model_type != "qwen2" and attention_bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
@@ -158,16 +151,7 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
 
 def init_params(config: Any, key: jax.Array, tie_word_embeddings: bool | None = None, dtype: Any = jnp.float32) -> Params:
     """Random parameters (normal(0, initializer_range) like transformers; norms one, biases zero)."""
-    std = getattr(config, "initializer_range", 0.02)
-    flat = {}
-    for i, (path, shape) in enumerate(sorted(param_shapes(config, tie_word_embeddings).items())):
-        if path.endswith("weight"):
-            flat[path] = jnp.ones(shape, dtype)
-        elif path.endswith("bias"):
-            flat[path] = jnp.zeros(shape, dtype)
-        else:
-            flat[path] = (jax.random.normal(jax.random.fold_in(key, i), shape) * std).astype(dtype)
-    return tree.unflatten(flat)
+    return causal_lm.random_params(param_shapes(config, tie_word_embeddings), key, getattr(config, "initializer_range", 0.02), dtype)
 
 
 def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:
