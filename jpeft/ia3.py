@@ -39,7 +39,7 @@ class IA3Config:
 def inject(params: Mapping[str, Any], cfg: IA3Config, key: Any = None) -> dict:
     """A new tree with ones-initialised scaling vectors beside each targeted kernel."""
     updates = {}
-    for name in tg.select(tg.dense_modules(params), cfg.target_modules, "target_modules"):
+    for name in tg.select_dense(params, cfg.target_modules, "IA3"):
         module = tg.get_module(params, name)
         if any(leaf in module for leaf in LEAVES):
             raise ValueError(f"{name} already has IA3 vectors")

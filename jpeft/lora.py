@@ -4,6 +4,10 @@ The model's dense op (`jpeft.nn.dense`) computes x W + (dropout(x) A) B * scale 
 leaves are present, so training never materialises W + BA; `merge` folds them in for export.
 DoRA (`use_dora=True`) adds `lora_magnitude` (out,), initialised to ||W + scale A B|| per output as HF PEFT's
 `lora_magnitude_vector`; merging it scales each output column of W + scale A B by magnitude / norm.
+
+Routed experts (`jpeft.models.moe`) are chosen by `target_parameters`, HF PEFT's option for weights that are parameters
+rather than modules: each gets A (X, in, r) and B (X, r, out) stacked on its expert axis, one pair per expert, applied
+inside the grouped matmul (`jpeft.nn.grouped_dense`); merging adds scale A_x B_x to each expert's matrix.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
     use_dora: bool = False
+    target_parameters: Sequence[str] = ()  # HF PEFT's: parameters by name or dotted suffix ("mlp.experts.gate_up_proj")
 
     def __post_init__(self):
         if self.r <= 0 or any(r <= 0 for r in self.rank_pattern.values()):
@@ -47,6 +52,11 @@ class LoraConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.init not in ("default", "gaussian", "pissa"):
             raise ValueError(f"unknown LoRA init {self.init!r}; choose 'default', 'gaussian' or 'pissa'")
+        if self.target_parameters:  # as HF PEFT's lora.ParamWrapper refuses them
+            refused = {"dropout": self.dropout != 0.0, "use_dora": self.use_dora, "init='pissa'": self.init == "pissa"}
+            if any(refused.values()):
+                raise ValueError(f"target_parameters does not work with {[k for k, v in refused.items() if v]} (nor in HF PEFT): "
+                                 "drop them, or adapt those weights through target_modules")
 
     def rank_and_scale(self, name: str) -> tuple[int, float]:
         """(r, scale) of one module, after rank_pattern/alpha_pattern, as HF PEFT computes them."""
@@ -58,19 +68,28 @@ class LoraConfig:
 
 
 def target_names(params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
-    """Dotted names of the modules `cfg` targets (modules_to_save are excluded, as in HF PEFT)."""
-    candidates = [m for m in tg.dense_modules(params) if not tg.within(cfg.modules_to_save, m)]
-    return tg.select(candidates, cfg.target_modules, "target_modules")
+    """Dotted names of the modules `cfg` targets: its target_modules (modules_to_save excluded, as in HF PEFT) and the
+    modules whose weights its target_parameters name (routed experts)."""
+    names = []
+    if cfg.target_modules or not cfg.target_parameters:  # target_modules=() with target_parameters: parameters only
+        names = [m for m in tg.select_dense(params, cfg.target_modules, "LoRA") if not tg.within(cfg.modules_to_save, m)]
+    if cfg.target_parameters:
+        by_parameter = tg.select_parameters(params, cfg.target_parameters)
+        both = sorted(set(names) & set(by_parameter))
+        if both:
+            raise ValueError(f"{both[0]} is chosen by both target_modules and target_parameters; name it in one of them (as HF PEFT requires)")
+        names += by_parameter
+    return names
 
 
 def _init_pair(key, kernel, r, init):
-    d_in, d_out = kernel.shape  # kernel: an array or a ShapeDtypeStruct
+    *experts, d_in, d_out = kernel.shape  # kernel: an array or a ShapeDtypeStruct; routed experts lead with their axis
     if init == "default":  # torch's kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
         bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(key, (d_in, r), jnp.float32, -bound, bound)
+        a = jax.random.uniform(key, (*experts, d_in, r), jnp.float32, -bound, bound)
     else:
-        a = jax.random.normal(key, (d_in, r), jnp.float32) / r
-    return a.astype(kernel.dtype), jnp.zeros((r, d_out), kernel.dtype)
+        a = jax.random.normal(key, (*experts, d_in, r), jnp.float32) / r
+    return a.astype(kernel.dtype), jnp.zeros((*experts, r, d_out), kernel.dtype)
 
 
 def _pissa(kernel, r, scale):
@@ -82,8 +101,9 @@ def _pissa(kernel, r, scale):
 
 
 def inject(params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict:
-    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel, and with
-    `use_dora` DoRA's lora_magnitude (out,) = ||W + scale A B|| per output (HF PEFT's init)."""
+    """A new tree with lora_a (in, r), lora_b (r, out) and lora_scale () beside each targeted kernel (lora_a (X, in, r),
+    lora_b (X, r, out) beside routed experts' (X, in, out)), and with `use_dora` DoRA's lora_magnitude (out,) =
+    ||W + scale A B|| per output (HF PEFT's init)."""
     updates = {}
     for i, name in enumerate(target_names(params, cfg)):
         module = tg.get_module(params, name)
@@ -110,9 +130,10 @@ def _lora_modules(params: Mapping[str, Any]) -> list[str]:
     return [p[: -len("/lora_a")] for p in tree.flatten(params) if p.endswith("/lora_a")]
 
 
-def _delta(module: Mapping[str, Any]) -> jax.Array:
+def _delta(module: Mapping[str, Any], kernel: jax.Array) -> jax.Array:
+    """scale A B, shaped as the kernel: (in, out), or (X, in, out) for routed experts (one product per expert)."""
     a, b = module["lora_a"].astype(jnp.float32), module["lora_b"].astype(jnp.float32)
-    if a.ndim == 3:
+    if a.ndim != kernel.ndim:
         raise ValueError("cannot merge stacked (multi-adapter) LoRA leaves; select one adapter first")
     return module["lora_scale"] * (a @ b)
 
@@ -126,7 +147,8 @@ def dora_norms(params: Mapping[str, Any]) -> dict[str, jax.Array]:
     modules = [p[: -len(f"/{MAGNITUDE}")] for p in flat if p.endswith(f"/{MAGNITUDE}")]
     flat = tree.flatten(quant.dequantize(params, [m.replace("/", ".") for m in modules])) if modules else flat
     # Formed, not expanded as nn.dora_weight_norm: PEFT's merge forms W + sBA too, and this runs once.
-    return {m: jnp.linalg.norm(flat[f"{m}/kernel"].astype(jnp.float32) + _delta({leaf: flat[f"{m}/{leaf}"] for leaf in LEAVES}), axis=0)
+    return {m: jnp.linalg.norm(flat[f"{m}/kernel"].astype(jnp.float32) + _delta({leaf: flat[f"{m}/{leaf}"] for leaf in LEAVES},
+                                                                              flat[f"{m}/kernel"]), axis=0)
             for m in modules}
 
 
@@ -143,7 +165,7 @@ def merge(params: Mapping[str, Any]) -> dict:
         module = {leaf: flat.pop(f"{path}/{leaf}") for leaf in LEAVES}
         magnitude = flat.pop(f"{path}/{MAGNITUDE}", None)
         kernel = flat[f"{path}/kernel"]
-        merged = kernel.astype(jnp.float32) + _delta(module)
+        merged = kernel.astype(jnp.float32) + _delta(module, kernel)
         if magnitude is not None:  # DoRA: each output column rescaled to its magnitude
             merged = merged * (magnitude.astype(jnp.float32) / jnp.linalg.norm(merged, axis=0))
         flat[f"{path}/kernel"] = merged.astype(kernel.dtype)
@@ -171,6 +193,6 @@ def unmerge(merged: Mapping[str, Any], adapter: Mapping[str, Any], norms: Mappin
                                  "pass norms=jpeft.lora.dora_norms(params) computed before merging")
             w = w * (norms[path].astype(jnp.float32) / magnitude.astype(jnp.float32))
             module[MAGNITUDE] = magnitude
-        flat[f"{path}/kernel"] = (w - _delta(module)).astype(kernel.dtype)
+        flat[f"{path}/kernel"] = (w - _delta(module, kernel)).astype(kernel.dtype)
         flat.update({f"{path}/{leaf}": v for leaf, v in module.items()})
     return tree.unflatten(flat)

@@ -60,7 +60,7 @@ class LycorisConfig:
 
 def target_names(params: Mapping[str, Any], cfg: LycorisConfig) -> list[str]:
     """Dotted names of the dense modules `cfg` targets."""
-    return tg.select(tg.dense_modules(params), cfg.target_modules, "target_modules")
+    return tg.select_dense(params, cfg.target_modules, type(cfg).__name__.removesuffix("Config"))
 
 
 def kaiming(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:

@@ -18,6 +18,11 @@ fingerprint of its parameter names and shapes); PEFT ignores it, `load_adapter` 
 
 DoRA (`use_dora: true`) adds each module's magnitude as PEFT's `get_peft_model_state_dict` writes it:
 `base_model.model.<module>.lora_magnitude_vector`, shape (out,), no `.weight` suffix.
+
+LoRA on routed experts (`target_parameters`) is stored as PEFT's `lora.ParamWrapper` stores it: the experts module's
+`lora_A.weight` (X * r, in), rows expert-major (x r + j), and `lora_B.weight` (out, r * X), columns rank-major
+(j X + x); with both of a module's weights adapted the wrappers nest, the first registered (`gate_up_proj`) innermost,
+so its tensors sit under `experts.base_layer.` (see `_peft_modules`).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ TREE_LAYOUT = "tree"  # adapter_config.json's `jpeft_layout` for LoRA leaves sto
 # (`layers_to_transform` / `layers_pattern` only choose which modules get tensors; the file's names say that already.)
 _UNSUPPORTED_LORA = (
     ("bias", "none"), ("lora_bias", False), ("fan_in_fan_out", False),
-    ("layer_replication", None), ("target_parameters", None), ("trainable_token_indices", None),
+    ("layer_replication", None), ("trainable_token_indices", None),
     ("modules_to_save", None), ("use_qalora", False), ("alora_invocation_tokens", None), ("use_bdlora", None),
     ("arrow_config", None), ("monteclora_config", None), ("kasa_config", None),
 )
@@ -161,9 +166,9 @@ def _most_common(values: Mapping[str, Any]) -> Any:
 
 def _lora_out(params, flat, config):
     modules = _modules_with(flat, "lora_a")
-    if any(np.ndim(flat[f"{m.replace('.', '/')}/lora_a"]) != 2 for m in modules):
+    if any(np.ndim(flat[f"{m.replace('.', '/')}/lora_a"]) != 2 + tg.is_expert(m) for m in modules):
         raise ValueError("save_adapter: stacked (multi-adapter) LoRA leaves cannot be saved as one PEFT adapter; save each adapter")
-    ranks = {m: int(flat[f"{m.replace('.', '/')}/lora_a"].shape[1]) for m in modules}
+    ranks = {m: int(flat[f"{m.replace('.', '/')}/lora_a"].shape[-1]) for m in modules}
     scales = {m: float(flat[f"{m.replace('.', '/')}/lora_scale"]) for m in modules}
     dora = _modules_with(flat, lora.MAGNITUDE)
     if dora and dora != modules:
@@ -172,10 +177,11 @@ def _lora_out(params, flat, config):
     if config is None:
         alphas = {m: _alpha(scales[m], ranks[m]) for m in modules}
         r, alpha = _most_common(ranks), _most_common(alphas)
+        dense, experts = [m for m in modules if not tg.is_expert(m)], [m for m in modules if tg.is_expert(m)]
         config = lora.LoraConfig(
-            r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), modules),
+            r=r, alpha=alpha, target_modules=_short_targets(tg.dense_modules(params), dense) if dense else (),
             rank_pattern={m: v for m, v in ranks.items() if v != r}, alpha_pattern={m: v for m, v in alphas.items() if v != alpha},
-            use_dora=bool(dora),
+            use_dora=bool(dora), target_parameters=_parameter_targets(params, experts),
         )
     elif not isinstance(config, lora.LoraConfig):
         raise ValueError(f"save_adapter: the tree holds LoRA weights but config is a {type(config).__name__}")
@@ -183,10 +189,13 @@ def _lora_out(params, flat, config):
     if config.use_dora != bool(dora):
         raise ValueError(f"save_adapter: config.use_dora={config.use_dora}, but the tree {'has' if dora else 'has no'} DoRA magnitudes (lora_magnitude)")
     tensors = {}
-    for m in modules:
+    for m, name in _peft_modules(modules).items():
         module = tg.get_module(params, m)
-        tensors[f"{PREFIX}{m}.lora_A.weight"] = np.asarray(module["lora_a"]).T
-        tensors[f"{PREFIX}{m}.lora_B.weight"] = np.asarray(module["lora_b"]).T
+        a, b = np.asarray(module["lora_a"]), np.asarray(module["lora_b"])
+        if tg.is_expert(m):  # (X, in, r) -> (X r, in), expert-major rows; (X, r, out) -> (out, r X), rank-major columns
+            a, b = a.transpose(0, 2, 1).reshape(-1, a.shape[1]).T, b.transpose(2, 1, 0).reshape(b.shape[2], -1).T
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.T  # (r, in) for a Linear
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.T  # (out, r)
         if config.use_dora:
             tensors[f"{PREFIX}{m}.{MAGNITUDE_SUFFIX}"] = np.asarray(module[lora.MAGNITUDE])
     target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
@@ -194,8 +203,35 @@ def _lora_out(params, flat, config):
         r=config.r, lora_alpha=config.alpha, target_modules=target, rank_pattern=dict(config.rank_pattern),
         alpha_pattern=dict(config.alpha_pattern), use_rslora=config.use_rslora, lora_dropout=config.dropout,
         bias="none", fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None, use_dora=config.use_dora,
+        target_parameters=list(config.target_parameters) or None,
     )
     return cfg_json, tensors
+
+
+def _peft_modules(modules: list[str]) -> dict[str, str]:
+    """{LoRA module: the module PEFT's state dict names its tensors after}. A routed-experts weight is a parameter of
+    its `experts` module, which PEFT wraps in a ParamWrapper per adapted parameter; the wrappers nest in the order
+    transformers registers the parameters, the first innermost (under `len - 1 - i` `base_layer`s)."""
+    names = {m: m for m in modules if not tg.is_expert(m)}
+    experts: dict[str, list[str]] = {}
+    for m in modules:
+        if tg.is_expert(m):
+            experts.setdefault(m.rsplit(".", 1)[0], []).append(m)
+    order = lambda m: (tg.EXPERT_PARAMETERS.index(m.rsplit(".", 1)[1]) if m.rsplit(".", 1)[1] in tg.EXPERT_PARAMETERS  # noqa: E731
+                       else len(tg.EXPERT_PARAMETERS), m)
+    for parent, ms in experts.items():
+        ms = sorted(ms, key=order)
+        names.update({m: parent + ".base_layer" * (len(ms) - 1 - i) for i, m in enumerate(ms)})
+    return names
+
+
+def _parameter_targets(params, experts: list[str]) -> tuple[str, ...]:
+    """PEFT target_parameters that choose exactly `experts`: their last three name parts ("mlp.experts.down_proj") where
+    those suffice, else full names."""
+    if not experts:
+        return ()
+    short = sorted({".".join(m.split(".")[-3:]) for m in experts})
+    return tuple(short if sorted(tg.select_parameters(params, short)) == sorted(experts) else sorted(experts))
 
 
 def _peft_layout(flat: Mapping[str, Any]) -> bool:
@@ -205,9 +241,11 @@ def _peft_layout(flat: Mapping[str, Any]) -> bool:
     PEFT-layout kernel as (in, out)."""
     weights = quant.float_shapes(tree.unflatten(flat))
 
-    def linear(p: str) -> bool:
+    def linear(p: str) -> bool:  # or routed experts' (X, in, out), which PEFT's ParamWrapper holds
         kernel, a, b = weights.get(f"{p}/kernel", ()), np.shape(flat[f"{p}/lora_a"]), np.shape(flat[f"{p}/lora_b"])
-        return len(kernel) == 2 and len(a) == 2 and np.ndim(flat[f"{p}/lora_scale"]) == 0 and (a[0], b[-1]) == kernel
+        lead = len(kernel) - 2 if tg.is_expert(p.replace("/", ".")) else 0
+        return (len(kernel) == 2 + lead and len(a) == 2 + lead and np.ndim(flat[f"{p}/lora_scale"]) == 0
+                and (*a[:-1], b[-1]) == kernel and b[:-2] == a[:-2])
 
     return all(linear(path[: -len("/lora_a")]) for path in flat if path.endswith("/lora_a"))
 
@@ -602,26 +640,34 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         config = lora.LoraConfig(r=cfg["r"], alpha=cfg["lora_alpha"], target_modules=cfg.get("target_modules") or (),
                                  use_rslora=bool(cfg.get("use_rslora", False)), rank_pattern=cfg.get("rank_pattern") or {},
                                  alpha_pattern=cfg.get("alpha_pattern") or {}, dropout=cfg.get("lora_dropout", 0.0) or 0.0,
-                                 use_dora=bool(cfg.get("use_dora", False)))
+                                 use_dora=bool(cfg.get("use_dora", False)), target_parameters=tuple(cfg.get("target_parameters") or ()))
+        experts = [m for m in tg.select_parameters(params, config.target_parameters) if tg.is_expert(m)] if config.target_parameters else []
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid LoRA config: {e!r}") from None
+        raise CheckpointError(f"{who}/{CONFIG_FILE} is not a valid LoRA config for this base: {e!r}") from None
+    ours = {name: m for m, name in _peft_modules(experts).items()}  # PEFT's ParamWrapper names -> expert weights
     needed = {"lora_A.weight", "lora_B.weight"} | ({MAGNITUDE_SUFFIX} if config.use_dora else set())
     leaves = {}
-    for module, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight", MAGNITUDE_SUFFIX)).items():
+    for name, pair in _split_names(who, tensors, ("lora_A.weight", "lora_B.weight", MAGNITUDE_SUFFIX)).items():
+        module = ours.get(name, name)
         if set(pair) != needed:
             raise CheckpointError(f"{who}: {module} has {sorted(pair)}, but {'DoRA' if config.use_dora else 'LoRA'} "
                                   f"(use_dora={config.use_dora} in {CONFIG_FILE}) needs {sorted(needed)}")
         a, b = pair["lora_A.weight"], pair["lora_B.weight"]
-        (d_in, d_out), dtype = _weight(params, who, module)
+        (*stack, d_in, d_out), dtype = _weight(params, who, module)
         r, scale = config.rank_and_scale(module)
-        if a.shape != (r, d_in) or b.shape != (d_out, r):
+        X = stack[0] if stack else 1  # routed experts: X pairs, rows of A expert-major, columns of B rank-major
+        if a.shape != (X * r, d_in) or b.shape != (d_out, r * X):
             raise CheckpointError(
                 f"{who}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but its config rank {r} and the "
-                f"base kernel (in={d_in}, out={d_out}) need ({r}, {d_in}) and ({d_out}, {r})"
+                f"base weight (in={d_in}, out={d_out}{f', {X} experts' if stack else ''}) need ({X * r}, {d_in}) and ({d_out}, {r * X})"
             )
         prefix = module.replace(".", "/")
-        leaves[f"{prefix}/lora_a"] = a.T.astype(dtype)
-        leaves[f"{prefix}/lora_b"] = b.T.astype(dtype)
+        if stack:
+            a, b = a.reshape(X, r, d_in).transpose(0, 2, 1), b.reshape(d_out, r, X).transpose(2, 1, 0)  # (X, in, r), (X, r, out)
+        else:
+            a, b = a.T, b.T
+        leaves[f"{prefix}/lora_a"] = a.astype(dtype)
+        leaves[f"{prefix}/lora_b"] = b.astype(dtype)
         leaves[f"{prefix}/lora_scale"] = jnp.asarray(scale, jnp.float32)
         if config.use_dora:
             magnitude = pair[MAGNITUDE_SUFFIX]

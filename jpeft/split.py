@@ -105,11 +105,11 @@ def attach(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
 
 
 def _fits(leaf: str, shape: tuple, kernel: tuple) -> bool:
-    d_in, d_out = kernel
+    *experts, d_in, d_out = kernel  # routed experts' LoRA leaves lead with the kernel's expert axis
     if leaf == "lora_a":
-        return len(shape) >= 2 and shape[-2] == d_in
+        return len(shape) >= 2 + len(experts) and shape[-2] == d_in and list(shape[-2 - len(experts):-2]) == experts
     if leaf == "lora_b":
-        return len(shape) >= 2 and shape[-1] == d_out
+        return len(shape) >= 2 + len(experts) and shape[-1] == d_out and list(shape[-2 - len(experts):-2]) == experts
     if leaf in ("loha_w1_b", "loha_w2_b"):
         return len(shape) == 2 and shape[0] == d_in
     if leaf in ("loha_w1_a", "loha_w2_a"):

@@ -11,10 +11,60 @@ from jpeft.quant import layout
 Targets = str | Sequence[str]
 
 
-def dense_modules(params: Mapping[str, Any]) -> list[str]:
-    """Dotted paths of every module that holds a weight, a `kernel` or a quantized one (the candidates for LoRA and IA3)."""
+EXPERTS = "experts"  # the module whose weights are routed experts' stacked matrices (transformers 5's `mlp.experts`)
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # its parameters, in the order transformers registers them
+
+
+def _weight_modules(params: Mapping[str, Any]) -> list[str]:
     weights = (layout.KERNEL, *layout.CODES)
     return [module.replace("/", ".") for module, _, leaf in (path.rpartition("/") for path in tree.flatten(params)) if leaf in weights]
+
+
+def is_expert(name: str) -> bool:
+    """Whether a dotted module holds routed experts' stacked weight (`...mlp.experts.gate_up_proj`), not a dense one."""
+    return name.split(".")[-2:-1] == [EXPERTS]
+
+
+def dense_modules(params: Mapping[str, Any]) -> list[str]:
+    """Dotted paths of every dense module: one that holds a weight, a `kernel` or a quantized one, other than routed experts'
+    (the candidates for LoRA's and IA3's target_modules; as in HF PEFT, an expert weight is a parameter, not a module)."""
+    return [m for m in _weight_modules(params) if not is_expert(m)]
+
+
+def expert_modules(params: Mapping[str, Any]) -> list[str]:
+    """Dotted paths of the routed experts' weights (X, in, out); each is also the parameter's name in transformers."""
+    return [m for m in _weight_modules(params) if is_expert(m)]
+
+
+def parameter_name(module: str) -> str:
+    """The transformers parameter a module's weight is: the module itself for experts, else its `.weight`."""
+    return module if is_expert(module) else f"{module}.weight"
+
+
+def select_parameters(params: Mapping[str, Any], targets: Sequence[str]) -> list[str]:
+    """The modules whose weight HF PEFT's `target_parameters` names (the parameter's full name or a dotted suffix of it);
+    an error naming any entry that matches nothing."""
+    if isinstance(targets, str):
+        raise ValueError(f"target_parameters={targets!r} must be a list of parameter names (HF PEFT takes no regex here)")
+    names = {parameter_name(m): m for m in _weight_modules(params)}
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        examples = sorted({".".join(n.split(".")[-3:]) for n in names if is_expert(n)} or {".".join(n.split(".")[-2:]) for n in names})
+        raise ValueError(f"target_parameters entries {unmatched} match no parameter of this model; its routed experts' "
+                         f"parameters and others are named like {examples[:6]}")
+    return [m for n, m in names.items() if n in targets or any(n.endswith(f".{t}") for t in targets)]
+
+
+def select_dense(params: Mapping[str, Any], targets: Targets, method: str) -> list[str]:
+    """`select` over the dense modules; where `targets` reach only routed experts' weights, an error saying that `method`
+    cannot adapt them (HF PEFT finds no module there either: the experts' weights are parameters)."""
+    dense = dense_modules(params)
+    experts = [m for m in expert_modules(params) if matches(targets, m)]
+    if experts and not any(matches(targets, m) for m in dense):
+        raise ValueError(f"{method} target_modules={targets!r} choose only routed experts' weights ({experts[0]}"
+                         f"{' ...' if len(experts) > 1 else ''}), which are parameters, not modules: LoRA adapts them through "
+                         "LoraConfig(target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']); other methods cannot")
+    return select(dense, targets, "target_modules")
 
 
 def matches(targets: Targets, name: str) -> bool:

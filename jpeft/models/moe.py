@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import nn
+from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 from jpeft.models import causal_lm, registry
 
@@ -49,7 +50,6 @@ Params = dict[str, Any]
 
 MODEL_TYPES = ("qwen3_moe", "mixtral", "olmoe")
 CAUSAL_LM = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # a routed-experts module's parameters, in the order transformers registers them
 # A hub checkpoint's per-expert Linear names for gate, up, down: Qwen3-MoE / OLMoE's, and Mixtral's (under `block_sparse_moe`).
 _PER_EXPERT = {"mlp": ("gate_proj", "up_proj", "down_proj"), "block_sparse_moe": ("w1", "w3", "w2")}
 
@@ -211,7 +211,7 @@ def per_expert(config: Any, state: dict[str, np.ndarray]) -> dict[str, np.ndarra
         layer, _, rest = name.partition(".mlp.")
         if rest == "gate.weight":
             out[f"{layer}.{block}.gate.weight"] = value
-        elif rest in (f"experts.{w}" for w in EXPERT_WEIGHTS):
+        elif rest in (f"experts.{w}" for w in tg.EXPERT_PARAMETERS):
             if rest == "experts.gate_up_proj":
                 parts = dict(zip(_PER_EXPERT[block][:2], np.split(value, 2, axis=1)))
             else:

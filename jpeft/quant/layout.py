@@ -51,19 +51,19 @@ def has_weight(module: Mapping[str, Any]) -> bool:
 
 
 def weight_shape(module: Mapping[str, Any]) -> tuple[int, ...]:
-    """The logical (in, out) shape of a module's weight, float or quantized."""
+    """The logical (in, out) shape of a module's weight, float or quantized; routed experts' (X, in, out)."""
     fmt = format_of(module)
     if fmt is None:
         return tuple(module[KERNEL].shape)
     if fmt in ("nf4", "nf4-dq"):
-        out, half = module[NF4].shape[-2:]
-        return 2 * half, out
+        *experts, out, half = module[NF4].shape
+        return *experts, 2 * half, out
     if fmt == "int8":
-        out, d_in = module[INT8].shape[-2:]
-        return d_in, out
+        *experts, out, d_in = module[INT8].shape
+        return *experts, d_in, out
     block, size = GGUF_TYPES[fmt]
-    out, row_bytes = module[f"kernel_{fmt}"].shape[-2:]
-    return row_bytes // size * block, out
+    *experts, out, row_bytes = module[f"kernel_{fmt}"].shape
+    return *experts, row_bytes // size * block, out
 
 
 def weight_dtype(module: Mapping[str, Any]) -> Any:
