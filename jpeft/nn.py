@@ -469,37 +469,34 @@ EXPERT_LEAVES = frozenset({"lora_a", "lora_b", "lora_scale"})  # the PEFT leaves
 
 
 def grouped_dense(p: Params, x: jax.Array, group_sizes: jax.Array, ctx: Ctx) -> jax.Array:
-    """`dense` for routed experts: x (N, in), rows sorted by expert, group_sizes (E,) -> (N, out), each expert's rows times
-    its own slice of the kernel (E, in, out) (or of a quantized group stacked on E), plus LoRA stacked on the expert
-    axis beside it: `lora_a` (E, in, r), `lora_b` (E, r, out), `lora_scale` () -> x_e W_e + (dropout(x_e) A_e) B_e * scale
-    for the rows of expert e. The update is two more grouped products of rank r: no (E, in, out) update is formed."""
+    """`dense` for routed experts: x (R, in), rows sorted by expert, group_sizes (X,) -> (R, out), each expert's rows times
+    its own slice of the kernel (X, in, out) (or of a quantized group stacked on X), plus LoRA stacked on the expert
+    axis beside it: `lora_a` (X, in, r), `lora_b` (X, r, out), `lora_scale` () -> x_e W_e + (dropout(x_e) A_e) B_e * scale
+    for the rows of expert e. The update runs as grouped products of rank r: no (X, in, out) update is formed.
+
+    On a GPU or TPU the products are `jax.lax.ragged_dot`, XLA's grouped GEMM. XLA's CPU backend has none: there
+    `ragged_dot` lowers to a masked product of every row with every expert's matrix (X times the work), so the CPU
+    path runs tiles of one expert's rows through a loop instead (`_tiled_dense`). Rows past sum(group_sizes) give zeros.
+    """
     other = sorted(set(p) - {quant.KERNEL} - quant.LEAVES - EXPERT_LEAVES)
     if other:
         raise ValueError(f"routed experts take LoRA leaves ({sorted(EXPERT_LEAVES)}) only, but this expert weight also holds {other}")
     x = x.astype(ctx.dtype)
     fmt = quant.format_of(p)
-    y = grouped_matmul(x, p[quant.KERNEL].astype(ctx.dtype) if fmt is None else quant.leaves(p), group_sizes, fmt)
+    w = p[quant.KERNEL].astype(ctx.dtype) if fmt is None else quant.leaves(p)
+    low_rank = None
     if "lora_a" in p:
-        h = dropout(ctx, x, ctx.lora_dropout)
-        low = grouped_matmul(grouped_matmul(h, p["lora_a"].astype(ctx.dtype), group_sizes), p["lora_b"].astype(ctx.dtype), group_sizes)
-        y = y + low * p["lora_scale"].astype(ctx.dtype)
-    return y
-
-
-def grouped_matmul(x: jax.Array, w: jax.Array | Params, group_sizes: jax.Array, fmt: str | None = None) -> jax.Array:
-    """Rows of x (N, in) sorted into consecutive groups of `group_sizes` (G,), each times its group's matrix -> (N, out).
-
-    `w` is (G, in, out), or with `fmt` a quantized leaf group whose leaves lead with G (each group's weight in PyTorch's
-    (out, in) rows, dequantized where it is used). Rows past sum(group_sizes) give zeros. On a GPU or TPU this is
-    `jax.lax.ragged_dot`, XLA's grouped GEMM. XLA's CPU backend has none: there `ragged_dot` lowers to a masked product
-    of every row with every group's matrix (G times the work), so the CPU path runs whole tiles of one group's rows
-    through a loop instead (`_tiled_matmul`).
-    """
+        low_rank = (dropout(ctx, x, ctx.lora_dropout), p["lora_a"].astype(ctx.dtype), p["lora_b"].astype(ctx.dtype),
+                    p["lora_scale"].astype(ctx.dtype))
     if gpu_kernels() or _platform() == "tpu":
         if fmt is not None:  # held as float for the backward pass: the quantized GPU path keeps no less than a float one
             w = jnp.swapaxes(jax.vmap(functools.partial(quant.unpack, fmt))(w), 1, 2).astype(x.dtype)
-        return jax.lax.ragged_dot(x, w, group_sizes)
-    return _tiled_matmul(fmt, _tile_rows(x.shape[0], group_sizes.shape[0]), x, w, group_sizes)
+        y = jax.lax.ragged_dot(x, w, group_sizes)
+        if low_rank is None:
+            return y
+        h, a, b, scale = low_rank
+        return y + jax.lax.ragged_dot(jax.lax.ragged_dot(h, a, group_sizes), b, group_sizes) * scale
+    return _tiled_dense(fmt, _tile_rows(x.shape[0], group_sizes.shape[0]), x, w, low_rank, group_sizes)
 
 
 def _tile_rows(rows: int, groups: int) -> int:
@@ -518,64 +515,105 @@ def _tile_plan(group_sizes: jax.Array, rows: int, tile: int) -> tuple[jax.Array,
     pad_end = jnp.cumsum(padded)
     T = -(-rows // tile) + G
     slot = jnp.arange(T * tile)
-    group = jnp.minimum(jnp.searchsorted(pad_end, slot, side="right"), G - 1)
+    group = jnp.minimum(jnp.searchsorted(pad_end, slot, side="right", method="compare_all"), G - 1)
     offset = slot - (pad_end - padded)[group]  # past the group's rows (or the last tile's end) the slot is empty
     source = jnp.where(offset < sizes[group], (row_end - sizes)[group] + offset, rows)
     row = jnp.arange(rows)
-    row_group = jnp.minimum(jnp.searchsorted(row_end, row, side="right"), G - 1)
+    row_group = jnp.minimum(jnp.searchsorted(row_end, row, side="right", method="compare_all"), G - 1)
     target = jnp.where(row < row_end[-1], (pad_end - padded)[row_group] + row - (row_end - sizes)[row_group], T * tile)
     return group[::tile], source, target
 
 
-def _tiled(fmt: str | None, x: jax.Array, w: jax.Array | Params, plan, spec: str) -> jax.Array:
-    """x's rows through the tiles of `plan`: each tile meets its group's weight by einsum `spec` ("ti,<weight>->to")."""
-    tile_group, source, target = plan
-    T = tile_group.shape[0]
-    xp = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(T, -1, x.shape[-1])
+def _tiles(x: jax.Array, plan) -> jax.Array:
+    """x (rows, d) -> (T, tile, d) in the plan's tiles, zero rows where a tile is padding."""
+    tile_group, source, _ = plan
+    return jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(tile_group.shape[0], -1, x.shape[-1])
 
-    def body(_, inputs):
-        xt, g = inputs
-        w_g = jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, g, keepdims=False), w)
-        return None, _einsum(spec, xt, w_g if fmt is None else quant.unpack(fmt, w_g).astype(xt.dtype))
 
-    yp = jax.lax.scan(body, None, (xp, tile_group))[1]
-    return jnp.take(yp.reshape(-1, yp.shape[-1]), target, axis=0, mode="fill", fill_value=0)
+def _untiled(tiles: jax.Array, plan) -> jax.Array:
+    """(T, tile, d) -> (rows, d): each row back from its tiled slot."""
+    return jnp.take(tiles.reshape(-1, tiles.shape[-1]), plan[2], axis=0, mode="fill", fill_value=0)
+
+
+def _at(w: Any, g: jax.Array) -> Any:
+    """Group g's slice of a weight (or of every leaf of a quantized group)."""
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, g, keepdims=False), w)
+
+
+def _matrix(fmt: str | None, w_g: Any, dtype: Any) -> jax.Array:
+    """A group's weight as (in, out): the kernel slice, or the quantized slice's (out, in) rows dequantized and transposed."""
+    return w_g if fmt is None else quant.unpack(fmt, w_g).astype(dtype).T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _tiled_matmul(fmt: str | None, tile: int, x: jax.Array, w: jax.Array | Params, group_sizes: jax.Array) -> jax.Array:
-    """`grouped_matmul` on the CPU: tiles of one group's rows, padded, one (tile, in) x (in, out) product per loop step.
+def _tiled_dense(fmt: str | None, tile: int, x: jax.Array, w: Any, low_rank: tuple | None, group_sizes: jax.Array) -> jax.Array:
+    """`grouped_dense` on the CPU: a loop over tiles of one group's rows, each step x_t W_g (+ (h_t A_g) B_g s).
 
-    Its backward pass is two more such loops, for x's gradient and w's, so no step's weight is kept from forward to
-    backward (autodiff of the loop would store each step's slice of w); w's loop is dead code, dropped, when w is frozen.
+    The backward pass is one more loop, which returns x's gradient and adds each tile's share to A's and B's; W's
+    gradient is a loop of its own, dead code that XLA drops when W is frozen. Nothing of W is kept from forward to
+    backward (autodiff of the loop would store each step's slice of it); the rank-r products h A are.
     """
-    return _tiled_matmul_fwd(fmt, tile, x, w, group_sizes)[0]
+    return _tiled_dense_fwd(fmt, tile, x, w, low_rank, group_sizes)[0]
 
 
-def _tiled_matmul_fwd(fmt, tile, x, w, group_sizes):
+def _tiled_dense_fwd(fmt, tile, x, w, low_rank, group_sizes):
     plan = _tile_plan(group_sizes, x.shape[0], tile)
-    return _tiled(fmt, x, w, plan, "ti,io->to" if fmt is None else "ti,oi->to"), (x, w, plan)
+    h_tiles = None if low_rank is None else _tiles(low_rank[0], plan)
+
+    def body(_, inputs):
+        xt, ht, g = inputs
+        y = _einsum("ti,io->to", xt, _matrix(fmt, _at(w, g), xt.dtype))
+        if low_rank is None:
+            return None, (y, None)
+        _, a, b, scale = low_rank
+        hr = _einsum("ti,ir->tr", ht, _at(a, g))
+        return None, (y + _einsum("tr,ro->to", hr, _at(b, g)) * scale, hr)
+
+    y, hr = jax.lax.scan(body, None, (_tiles(x, plan), h_tiles, plan[0]))[1]
+    return _untiled(y, plan), (x, w, low_rank, plan, h_tiles, hr)
 
 
-def _tiled_matmul_bwd(fmt, tile, res, g):
-    x, w, plan = res
-    g_x = _tiled(fmt, g, w, plan, "to,io->ti" if fmt is None else "to,oi->ti")
-    if fmt is not None:  # quantized codes get no gradient
-        return g_x, None, None
-    tile_group, source, _ = plan
-    T = tile_group.shape[0]
-    xp, gp = (jnp.take(v, source, axis=0, mode="fill", fill_value=0).reshape(T, -1, v.shape[-1]) for v in (x, g))
+def _tiled_dense_bwd(fmt, tile, res, g):
+    x, w, low_rank, plan, h_tiles, hr = res
+    g_tiles = _tiles(g, plan)
 
-    def body(acc, inputs):  # each tile's x^T g added into its group's slice
+    def body(acc, inputs):
+        gt, ht, hrt, k = inputs
+        g_x = _einsum("to,io->ti", gt, _matrix(fmt, _at(w, k), gt.dtype))
+        if low_rank is None:
+            return acc, (g_x, None)
+        _, a, b, scale = low_rank
+        g_hr = _einsum("to,ro->tr", gt, _at(b, k)) * scale  # (tile, r)
+        hr_g = jnp.einsum("tr,to->ro", hrt, gt, preferred_element_type=jnp.float32)  # (r, out)
+        g_a, g_b, g_scale = acc
+        g_a = _add_at(g_a, k, jnp.einsum("ti,tr->ir", ht, g_hr, preferred_element_type=jnp.float32))
+        g_b = _add_at(g_b, k, hr_g * scale)
+        return (g_a, g_b, g_scale + jnp.sum(hr_g * _at(b, k))), (g_x, _einsum("tr,ir->ti", g_hr, _at(a, k)))
+
+    acc = None if low_rank is None else (jnp.zeros(low_rank[1].shape, jnp.float32), jnp.zeros(low_rank[2].shape, jnp.float32),
+                                         jnp.zeros((), jnp.float32))
+    acc, (g_x, g_h) = jax.lax.scan(body, acc, (g_tiles, h_tiles, hr, plan[0]))
+    g_low_rank = None if low_rank is None else (_untiled(g_h, plan), *(t.astype(v.dtype) for t, v in zip(acc, low_rank[1:])))
+    return _untiled(g_x, plan), _weight_grad(fmt, x, w, g_tiles, plan), g_low_rank, None
+
+
+def _weight_grad(fmt: str | None, x: jax.Array, w: Any, g_tiles: jax.Array, plan) -> Any:
+    """W's gradient, each tile's x_t^T g_t added into its group's slice; None for quantized codes, which never train."""
+    if fmt is not None:
+        return None
+
+    def body(acc, inputs):
         xt, gt, k = inputs
-        update = jnp.einsum("ti,to->io", xt, gt, preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, k, keepdims=False) + update, k, 0), None
+        return _add_at(acc, k, jnp.einsum("ti,to->io", xt, gt, preferred_element_type=jnp.float32)), None
 
-    g_w = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (xp, gp, tile_group))[0]
-    return g_x, g_w.astype(w.dtype), None
+    return jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (_tiles(x, plan), g_tiles, plan[0]))[0].astype(w.dtype)
 
 
-_tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+def _add_at(acc: jax.Array, k: jax.Array, update: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(acc, jax.lax.dynamic_index_in_dim(acc, k, keepdims=False) + update, k, 0)
+
+
+_tiled_dense.defvjp(_tiled_dense_fwd, _tiled_dense_bwd)
 
 
 def rms_norm(weight: jax.Array, x: jax.Array, eps: float, dtype: Any) -> jax.Array:

@@ -12,12 +12,18 @@ parallelism over heads / MLP hidden / vocabulary on `"model"`:
 | `lm_head/kernel` (D, V) | `("fsdp", "model")` |
 | q/k/v/gate/up_proj `bias` (out,) | `("model",)` |
 | `relative_attention_bias/embedding` (buckets, H) | `(None, "model")` (along heads) |
+| routed experts' `experts/gate_up_proj/kernel` (X, D, 2F) | `("model", "fsdp", None)` |
+| routed experts' `experts/down_proj/kernel` (X, F, D) | `("model", None, "fsdp")` |
+| a router's `mlp/gate/kernel` (D, X) | `("fsdp",)` |
 | norms, o_proj/down_proj biases, anything unmatched | replicated |
 
-Llama and Gemma trees share these names (Gemma's extra norms and `q_norm` / `k_norm` are replicated).
+Llama and Gemma trees share these names (Gemma's extra norms and `q_norm` / `k_norm` are replicated), and so do the
+mixture-of-experts trees, whose routed experts are split over `"model"` by expert (expert parallelism: the MoE
+layers use the tensor-parallel axis to hold different experts; each expert's matrix is split over d_model by `"fsdp"`).
 
 PEFT leaves follow the kernel they sit beside: `lora_a` (in, r) takes the kernel's input-dim spec,
-`lora_b` (r, out) and DoRA's `lora_magnitude` (out,) its output-dim spec, the rank is never split; `ia3_in` / `ia3_out` take the
+`lora_b` (r, out) and DoRA's `lora_magnitude` (out,) its output-dim spec, the rank is never split (routed experts'
+`lora_a` (X, in, r) and `lora_b` (X, r, out) also take the kernel's expert-axis spec); `ia3_in` / `ia3_out` take the
 kernel's input / output spec, which matches how the activations they scale are laid out under
 tensor parallelism. LoHa's `loha_w*_b` (in, r) and `loha_w*_a` (r, out) follow the kernel as LoRA's A and
 B do; LoKr's factors, about the square root of the kernel's dims, are replicated. The scales, `prompt_embeddings`,
@@ -50,6 +56,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jpeft import quant, split, training, tree
+from jpeft import targets as tg
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -75,7 +82,12 @@ LLAMA_RULES: Rules = (
     (r"mlp/(gate_proj|up_proj)/bias$", P("model")),
     (r"mlp/down_proj/kernel$", P("model", "fsdp")),
 )
-DEFAULT_RULES: Rules = T5_RULES + LLAMA_RULES
+MOE_RULES: Rules = (
+    (r"mlp/experts/gate_up_proj/kernel$", P("model", "fsdp", None)),
+    (r"mlp/experts/down_proj/kernel$", P("model", None, "fsdp")),
+    (r"mlp/gate/kernel$", P("fsdp")),
+)
+DEFAULT_RULES: Rules = T5_RULES + LLAMA_RULES + MOE_RULES
 
 # PEFT leaf -> (which of its dims mirrors a kernel dim, counted from the end; which kernel dim).
 _FOLLOW_KERNEL = {"lora_a": (-2, 0), "lora_b": (-1, 1), "lora_magnitude": (-1, 1), "ia3_in": (-1, 0), "ia3_out": (-1, 1),
@@ -165,9 +177,13 @@ def _peft_spec(path: str, shape: Sequence[int], shapes: Mapping[str, Sequence[in
     if leaf not in _FOLLOW_KERNEL or kernel_shape is None:
         return P()
     kernel, _ = _fit(rule_spec(f"{module}/kernel", rules), kernel_shape, axis_sizes)
+    kernel_dims = _dims(kernel, len(kernel_shape))
+    lead = len(kernel_shape) - 2  # routed experts' (X, in, out): the leaf's (X, in, r) or (X, r, out) shares the expert axis
     own, kernel_dim = _FOLLOW_KERNEL[leaf]
     dims = [None] * len(shape)  # stacked-adapter and rank dims are never split
-    dims[own] = _dims(kernel, 2)[kernel_dim]
+    dims[own] = kernel_dims[lead + kernel_dim]
+    if lead and len(shape) == len(kernel_shape):
+        dims[:lead] = kernel_dims[:lead]
     return P(*dims)
 
 
@@ -176,8 +192,9 @@ def _quantized_spec(path: str, shape: Sequence[int], rules: Rules) -> P:
     module, _, leaf = path.rpartition("/")
     if leaf not in quant.ROW_LEAVES:
         return P()
-    out_axis = _dims(rule_spec(f"{module}/kernel", rules), 2)[1]
-    return P(out_axis, *[None] * (len(shape) - 1))
+    lead = int(tg.is_expert(module.replace("/", ".")))  # routed experts' groups lead with the expert axis: the kernel's spec
+    kernel = _dims(rule_spec(f"{module}/kernel", rules), lead + 2)
+    return P(*kernel[:lead], kernel[lead + 1], *[None] * (len(shape) - lead - 1))
 
 
 def param_specs(params: Mapping[str, Any], axis_sizes: Mapping[str, int], rules: Rules = DEFAULT_RULES,

@@ -94,9 +94,9 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
 
 def _check_family(config: Any, fn: str, encoder_decoder: bool) -> None:
     """A loss built for the wrong kind of model fails here by name, not later on a missing config field."""
-    from jpeft.models import gemma, llama, t5
+    from jpeft.models import gemma, llama, moe, t5
 
-    if isinstance(config, (t5.Arch, llama.Arch, gemma.Arch)):  # jpeft's own resolved configs
+    if isinstance(config, (t5.Arch, llama.Arch, gemma.Arch, moe.Arch)):  # jpeft's own resolved configs
         is_encoder_decoder = isinstance(config, t5.Arch)
     else:
         is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -160,12 +160,15 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     of each example's target tokens padded with -100; and `target_index` (E,), where each example's
     first target token sits in the flattened (R * L) batch. Only the E * T positions that predict
     targets go through the LM head, so the (R, L, vocab) logits of the prompts are never formed.
+
+    A mixture of experts whose config sets `output_router_logits` adds `router_aux_loss_coef` times the router's
+    load-balancing loss over the batch's real tokens, as transformers' MoE models add it to their loss.
     """
     from jpeft import nn, prefix, prompt
     from jpeft.models import causal_lm
 
     _check_family(config, "causal_lm_loss", encoder_decoder=False)
-    model = causal_lm.model_for(config)  # llama or gemma
+    model = causal_lm.model_for(config)  # llama, gemma or moe
     a = model.arch(config)
 
     def loss(params, batch, rng):
@@ -191,6 +194,6 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
         picked = hidden[jnp.clip(pos, 0, R * L - 1)]
         head = lambda h, i: model.lm_head(a, params, h, ctx.part(i))  # noqa: E731  (a LoRA'd head drops per chunk)
         total, count = head_cross_entropy(head, picked.reshape(-1, picked.shape[-1]), batch["targets"].reshape(-1))
-        return total / jnp.maximum(count, 1)
+        return total / jnp.maximum(count, 1) + (0.0 if ctx.aux_loss is None else ctx.aux_loss)  # the decoder's own term (MoE)
 
     return loss
