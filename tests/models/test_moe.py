@@ -281,3 +281,167 @@ def test_compiled_step_runs_grouped_products_and_no_frozen_expert_gradient(lora_
     monkeypatch.setattr(nn, "KERNELS", "gpu")
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda t: loss(split.combine(t, frozen), batch, None)))(trainable))
     assert jaxpr.count("ragged_dot_general") >= 2 * 3 * 2  # 2 routed layers x (W, A, B) x (forward, backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, expert parallelism, packing and remat
+
+
+def test_checkpoints_round_trip_through_transformers_in_both_layouts(qwen, tmp_path):
+    from safetensors.numpy import save_file
+
+    path, _, config, params = qwen
+    a = moe.arch(config)
+    adapted = randomize_lora(lora.inject(params, lora.LoraConfig(r=2, target_modules=(), target_parameters=EXPERTS), jax.random.key(2)))
+    merged = lora.merge(adapted)
+    moe.save_pretrained(tmp_path / "merged", config, merged)  # experts apart, as transformers saves them
+    saved = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())["weight_map"] if (
+        tmp_path / "merged" / "model.safetensors.index.json").exists() else None
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "np") as f:
+        names = set(f.keys()) if saved is None else set(saved)
+    assert "model.layers.1.mlp.experts.3.up_proj.weight" in names and not any(n.endswith("gate_up_proj") for n in names)
+    theirs = hf_classes("qwen3_moe")[1].from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    ids, mask = right_padded()
+    ours = np.asarray(_forward(a, merged, ids, mask)) * mask[..., None]
+    np.testing.assert_allclose(peft_logits(theirs, ids, mask), ours, atol=TOL, rtol=0)
+    # transformers 5's own (stacked) names read as well.
+    (tmp_path / "stacked").mkdir()
+    save_file({k: v.numpy() for k, v in theirs.state_dict().items()}, tmp_path / "stacked" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "stacked" / "config.json").write_text((tmp_path / "merged" / "config.json").read_text())
+    assert "model.layers.1.mlp.experts.gate_up_proj" in theirs.state_dict()
+    _, reread = moe.load_pretrained(tmp_path / "stacked")
+    for p, v in tree.flatten(merged).items():
+        np.testing.assert_allclose(np.asarray(tree.flatten(reread)[p]), np.asarray(v), atol=1e-6, rtol=0, err_msg=p)
+
+
+SHARDED = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, numpy as np, optax
+    from jpeft import lora, sharding, split, training, tree
+    from jpeft.batches import causal_lm_batch
+    from jpeft.models import moe
+    a = moe.Arch(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, expert_size=16, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=8, eps=1e-5, act="silu", rope=(("rope_theta", 1e4), ("rope_type", "default")), windows=(None, None),
+                 sparse=(True, True), num_experts=4, top_k=2, norm_topk_prob=True, qk_norm=None, clip_qkv=None, attention_bias=False,
+                 router_jitter=0.0, aux_loss_coef=0.02, attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_ids=(1,))
+    params = lora.inject(moe.init_params(a, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj"],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), jax.random.key(1))
+    params = tree.unflatten({p: v + 0.1 if p.endswith("lora_b") else v for p, v in tree.flatten(params).items()})
+    rows = np.random.default_rng(0).integers(3, 64, (8, 24))
+    batch = causal_lm_batch([r[:8] for r in rows], [r[8:] for r in rows], pad_id=0)
+    mask = split.trainable_mask(params)
+    tx = split.optimizer(optax.adam(1e-2), mask)
+    loss = training.causal_lm_loss(a)
+    out = {}
+    for name, mesh in (("one", "1,1,1"), ("experts", "2,1,4")):
+        t, f = split.partition(params, mask)
+        placed = sharding.setup(sharding.mesh_from_string("data=%s,fsdp=%s,model=%s" % tuple(mesh.split(","))), loss, tx, t, f, tx.init(t), batch)
+        t, s, losses = placed.trainable, placed.opt_state, []
+        for _ in range(2):
+            t, s, l = placed.step(t, s, placed.frozen, placed.batch, None)
+            losses.append(float(l))
+        kernel = tree.flatten(placed.frozen)["model/layers/0/mlp/experts/gate_up_proj/kernel"]
+        lora_a = tree.flatten(t)["model/layers/0/mlp/experts/down_proj/lora_a"]
+        out[name] = dict(losses=losses, params=[np.asarray(v).tolist() for v in jax.tree.leaves(sharding.gather(t))],
+                         kernel_spec=str(kernel.sharding.spec), kernel_shard=list(kernel.addressable_shards[0].data.shape),
+                         lora_spec=str(lora_a.sharding.spec))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_experts_split_over_the_model_axis_train_as_on_one_device():
+    env = {**os.environ, "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=8",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    # Each of the 4 model-axis devices holds one expert of the (X, D, 2F) kernel, and of LoRA's A beside it.
+    assert r["experts"]["kernel_spec"] == "P('model', 'fsdp', None)" and r["experts"]["kernel_shard"] == [1, 32, 32]
+    assert r["experts"]["lora_spec"] == "P('model', None, None)"
+    np.testing.assert_allclose(r["experts"]["losses"], r["one"]["losses"], atol=1e-5, rtol=0)
+    for got, want in zip(r["experts"]["params"], r["one"]["params"]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_packed_rows_and_remat_give_the_unpacked_loss_and_gradients(hf_moe):
+    _, _, config, params = hf_moe
+    if moe.arch(config).model_type != "mixtral":
+        pytest.skip("one family is enough: Mixtral's layers are all routed, so remat scans them with the routing carry")
+    import copy
+
+    config = copy.deepcopy(config)
+    config.output_router_logits = True
+    adapted = randomize_lora(lora.inject(params, lora.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS), jax.random.key(3)))
+    trainable, frozen = split.partition(adapted, split.trainable_mask(adapted))
+    ids, mask = right_padded(rows=4, length=20, seed=5)
+    prompts, targets = [r[:3] for r in ids], [r[3:n] for r, n in zip(ids, mask.sum(1))]
+    results = []
+    for pack, remat in ((False, False), (True, True)):
+        batch = causal_lm_batch(prompts, targets, pad_id=0, pack=pack)
+        loss = training.causal_lm_loss(config, remat=remat)
+        results.append(jax.jit(jax.value_and_grad(lambda t, b: loss(split.combine(t, frozen), b, None)))(trainable, batch))
+    assert "segment_ids" in causal_lm_batch(prompts, targets, pad_id=0, pack=True)
+    (loss, grads), (packed_loss, packed_grads) = results
+    np.testing.assert_allclose(float(packed_loss), float(loss), atol=1e-5, rtol=0)
+    for p, g in tree.flatten(grads).items():
+        if g is not None:
+            np.testing.assert_allclose(np.asarray(tree.flatten(packed_grads)[p]), np.asarray(g), atol=1e-5, rtol=0, err_msg=p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grouped matmul alone, and bad input
+
+
+def test_grouped_dense_matches_ragged_dot_with_empty_experts():
+    rng = np.random.default_rng(0)
+    X, D, F, r = 5, 16, 24, 3
+    p = {"kernel": rng.normal(size=(X, D, F)), "lora_a": rng.normal(size=(X, D, r)), "lora_b": rng.normal(size=(X, r, F)), "lora_scale": 0.7}
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    x = jnp.asarray(rng.normal(size=(100, D)), jnp.float32)
+    sizes = jnp.asarray([30, 0, 45, 0, 20], jnp.int32)  # two experts get no rows; the last 5 rows belong to none
+
+    def want(p, x):
+        low = jax.lax.ragged_dot(jax.lax.ragged_dot(x, p["lora_a"], sizes), p["lora_b"], sizes)
+        return jax.lax.ragged_dot(x, p["kernel"], sizes) + low * p["lora_scale"]
+
+    got = nn.grouped_dense(p, x, sizes, nn.Ctx())
+    np.testing.assert_allclose(got, want(p, x), atol=1e-4, rtol=1e-5)
+    assert not np.asarray(got[95:]).any()
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))  # noqa: E731
+    for g, w in zip(jax.tree.leaves(jax.grad(loss(lambda p, x: nn.grouped_dense(p, x, sizes, nn.Ctx())), (0, 1))(p, x)),
+                    jax.tree.leaves(jax.grad(loss(want), (0, 1))(p, x))):
+        np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"routed experts take LoRA leaves .* \['ia3_out'\]"):
+        nn.grouped_dense({**p, "ia3_out": jnp.ones(F)}, x, sizes, nn.Ctx())
+
+
+def test_bad_input_is_refused_by_name(qwen, tmp_path):
+    path, _, config, params = qwen
+    key = jax.random.key(0)
+    # A config whose expert count disagrees with the file's.
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "eight" / "model.safetensors").symlink_to(path / "model.safetensors")
+    raw = json.loads((path / "config.json").read_text())
+    (tmp_path / "eight" / "config.json").write_text(json.dumps({**raw, "num_local_experts": 8}))  # Qwen3MoeConfig's num_experts
+    with pytest.raises(CheckpointError, match=r"holds 4 experts .* model\.layers\.1\.mlp, but the config says num_experts=8"):
+        moe.load_pretrained(tmp_path / "eight")
+    # target_parameters naming nothing; target_modules reaching only experts; other methods on experts.
+    with pytest.raises(ValueError, match=r"target_parameters entries \['mlp.experts.up_proj'\] match no parameter"):
+        lora.inject(params, lora.LoraConfig(target_modules=(), target_parameters=["mlp.experts.up_proj"]), key)
+    with pytest.raises(ValueError, match=r"choose only routed experts' weights .*LoraConfig\(target_parameters"):
+        lora.inject(params, lora.LoraConfig(target_modules=["experts.down_proj"]), key)
+    with pytest.raises(ValueError, match=r"IA3 target_modules=\['experts.gate_up_proj'\] choose only routed experts"):
+        ia3.inject(params, ia3.IA3Config(target_modules=["experts.gate_up_proj"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match=r"target_parameters does not work with \['use_dora'\]"):
+        lora.LoraConfig(target_parameters=EXPERTS, use_dora=True)
+    # A PEFT adapter for experts of another count.
+    adapted = lora.inject(params, lora.LoraConfig(r=2, target_modules=(), target_parameters=EXPERTS), key)
+    peft_format.save_adapter(tmp_path / "adapter", adapted)
+    fewer = tree.unflatten({p: v[:2] if p.endswith("experts/down_proj/kernel") else v for p, v in tree.flatten(params).items()})
+    with pytest.raises(CheckpointError, match=r"experts.down_proj has lora_A \(8, 12\) .* 2 experts\) need \(4, 12\)"):
+        peft_format._lora_in(fewer, "adapter", json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()),
+                             peft_format.read_adapter(tmp_path / "adapter")[1])
+    with pytest.raises(CheckpointError, match="GGUF"):
+        moe.load_pretrained(tmp_path / "model.gguf")
