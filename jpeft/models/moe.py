@@ -21,7 +21,7 @@ always renormalises the top K, and jitters the router's input while training (`r
 
 The router's load-balancing loss (transformers' `load_balancing_loss_func`, Switch Transformer's): with
 `output_router_logits=True` in the config, `jpeft.training.causal_lm_loss` adds `router_aux_loss_coef` times it, as
-the transformers models add it to their loss; `router_logits` returns the loss and each layer's logits.
+the transformers models add it to their loss; `router_outputs` returns the loss and each layer's router logits.
 
 Checkpoints: transformers 5 writes (and the hub holds) each expert's Linear weights apart
 (`mlp.experts.{x}.{gate,up,down}_proj.weight`; Mixtral's `block_sparse_moe.experts.{x}.w{1,3,2}.weight`) and stacks
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn
+from jpeft import nn, prefix
 from jpeft import targets as tg
 from jpeft.hf_io import CheckpointError
 from jpeft.models import causal_lm, registry
@@ -415,15 +415,19 @@ def forward(
                              lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat, prompt_logits=prompt_logits)
 
 
-def router_logits(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
-                  dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """(router logits (layers, B * T, X) of each routed layer in order, the load-balancing loss before its coefficient):
-    transformers' `router_logits` and `aux_loss` with `output_router_logits=True` (the loss over the real tokens)."""
+def router_outputs(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
+                   dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits (B, T, V), router logits (layers, B * T, X) of each routed layer in order, the load-balancing loss before
+    its coefficient): transformers' `logits`, `router_logits` and `aux_loss` with `output_router_logits=True` (the
+    loss over the real tokens of `attention_mask`)."""
     a = arch(config)
     ctx = nn.Ctx(dtype=dtype)
     x, mask = embed(a, params, input_ids, attention_mask, dtype, ctx)  # a soft prompt's tokens are routed too
-    _, _, routing = _decode(a, params, x, causal_lm.positions_from_mask(mask), mask, ctx, None, 0, None, keep_logits=True)
-    return routing["logits"], load_balancing_loss(a, routing)
+    n = prefix.num_tokens(params)
+    key_mask = jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)  # as `causal_lm.forward`: a prefix's slots come first
+    h, _, routing = _decode(a, params, x, causal_lm.positions_from_mask(key_mask)[:, n:], key_mask, ctx, None, n, None, keep_logits=True)
+    logits = lm_head(a, params, h[:, h.shape[1] - input_ids.shape[1]:], ctx)
+    return logits, routing["logits"], load_balancing_loss(a, routing)
 
 
 def generate(

@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 
@@ -27,13 +26,15 @@ from tests.conftest import FAST_COMPILE
 
 TOL = 1e-4
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-# 2 layers, 4 experts, top-2, hidden 32; each family's own twist: Qwen3-MoE's dense first layer (mlp_only_layers) and
-# renormalised top-k, Mixtral's sliding window (shorter than the sequences), OLMoE's clip_qkv and raw top-k weights.
+# 2 layers, 4 experts, top-2, hidden 32, and each family's own twist: Qwen3-MoE's renormalised top-k (and, in a
+# variant, dense layers: mlp_only_layers, decoder_sparse_step), Mixtral's sliding window (shorter than the sequences),
+# OLMoE's clip_qkv and raw top-k weights. name -> (model_type, config).
+QWEN = dict(intermediate_size=40, moe_intermediate_size=12, num_experts=4, head_dim=8)
 FAMILIES = {
-    "qwen3_moe": dict(intermediate_size=40, moe_intermediate_size=12, num_experts=4, head_dim=8, norm_topk_prob=True,
-                      mlp_only_layers=[0], num_hidden_layers=3),
-    "mixtral": dict(intermediate_size=12, num_local_experts=4, sliding_window=5),
-    "olmoe": dict(intermediate_size=12, num_experts=4, clip_qkv=0.8, norm_topk_prob=False),
+    "qwen3_moe": ("qwen3_moe", dict(QWEN, norm_topk_prob=True)),
+    "qwen3_moe_dense_layers": ("qwen3_moe", dict(QWEN, num_hidden_layers=4, mlp_only_layers=[0], decoder_sparse_step=2)),
+    "mixtral": ("mixtral", dict(intermediate_size=12, num_local_experts=4, sliding_window=5)),
+    "olmoe": ("olmoe", dict(intermediate_size=12, num_experts=4, clip_qkv=0.8, norm_topk_prob=False)),
 }
 
 
@@ -45,13 +46,14 @@ def hf_classes(model_type: str):
             "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM)}[model_type]
 
 
-def make_hf_moe(path: Path, model_type: str, **overrides):
-    """Save a random transformers MoE causal LM to `path`; return it reloaded, in eval mode."""
+def make_hf_moe(path: Path, name: str):
+    """Save a random transformers MoE causal LM of `FAMILIES[name]` to `path`; return it reloaded, in eval mode."""
+    model_type, overrides = FAMILIES[name]
     config_cls, model_cls = hf_classes(model_type)
     kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   num_experts_per_tok=2, initializer_range=0.15, rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=1,
                   bos_token_id=2, router_aux_loss_coef=0.05)
-    kwargs.update(FAMILIES[model_type], **overrides)
+    kwargs.update(overrides)
     torch.manual_seed(0)
     model = model_cls._from_config(config_cls(**kwargs), attn_implementation="eager")
     with torch.no_grad():  # non-trivial norms, so a misplaced one shows
@@ -65,13 +67,13 @@ def make_hf_moe(path: Path, model_type: str, **overrides):
 _BUILT: dict[str, tuple] = {}
 
 
-def built(model_type: str, tmp_path_factory) -> tuple:
+def built(name: str, tmp_path_factory) -> tuple:
     """(saved directory, torch model, jpeft config, jpeft params) of a family's tiny model, built once per module."""
-    if model_type not in _BUILT:
-        path = tmp_path_factory.mktemp(model_type)
-        model = make_hf_moe(path, model_type)
-        _BUILT[model_type] = (path, model, *moe.load_pretrained(path))
-    return _BUILT[model_type]
+    if name not in _BUILT:
+        path = tmp_path_factory.mktemp(name)
+        model = make_hf_moe(path, name)
+        _BUILT[name] = (path, model, *moe.load_pretrained(path))
+    return _BUILT[name]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -85,7 +87,12 @@ def qwen(tmp_path_factory):
 
 
 _forward = jax.jit(moe.forward, static_argnums=0)
-_router_logits = jax.jit(moe.router_logits, static_argnums=0)
+_router_outputs = jax.jit(moe.router_outputs, static_argnums=0)
+
+
+def base_logits(config, params, ids, mask) -> np.ndarray:
+    """Logits of a tree without PEFT leaves, from the one compiled `router_outputs` per base structure; padding zeroed."""
+    return np.asarray(_router_outputs(moe.arch(config), params, ids, mask)[0]) * mask[..., None]
 
 
 def right_padded(rows: int = 3, length: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -120,24 +127,20 @@ def test_logits_router_logits_and_aux_loss_match_transformers(hf_moe):
     ids, mask = right_padded()
     with torch.no_grad():
         out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_router_logits=True)
-    a = moe.arch(config)
-    logits = np.asarray(_forward(a, params, ids, mask))
-    np.testing.assert_allclose(logits * mask[..., None], out.logits.numpy() * mask[..., None], atol=TOL, rtol=0)
-    router, aux = _router_logits(a, params, ids, mask)
+    logits, router, aux = _router_outputs(moe.arch(config), params, ids, mask)
+    np.testing.assert_allclose(np.asarray(logits) * mask[..., None], out.logits.numpy() * mask[..., None], atol=TOL, rtol=0)
     want = np.stack([r.numpy() for r in out.router_logits])
     assert router.shape == want.shape == (sum(moe.arch(config).sparse), ids.size, 4)
     np.testing.assert_allclose(np.asarray(router) * mask.reshape(1, -1, 1), want * mask.reshape(1, -1, 1), atol=TOL, rtol=0)
     np.testing.assert_allclose(float(aux), float(out.aux_loss), atol=TOL, rtol=0)
-    assert all(chosen == {0, 1, 2, 3} for chosen in chosen_experts(want, 2, mask))  # every expert has tokens here
-    # One token routes to 2 of the 4 experts: the others get no rows at all.
-    one = np.array([[7]])
-    with torch.no_grad():
-        want_one = model(torch.tensor(one)).logits.numpy()
-    np.testing.assert_allclose(_forward(a, params, one, np.ones_like(one)), want_one, atol=TOL, rtol=0)
+    # Every expert has tokens here; `test_grouped_dense_matches_ragged_dot_with_empty_experts` and the decoding steps
+    # below (3 tokens, 6 choices) cover experts that get none.
+    assert all(chosen == {0, 1, 2, 3} for chosen in chosen_experts(want, 2, mask))
 
 
-def test_greedy_generation_matches_transformers(hf_moe):
-    _, model, config, params = hf_moe
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])  # Mixtral's cached attention is Mistral's, checked in test_llama
+def test_greedy_generation_matches_transformers(name, tmp_path_factory):
+    _, model, config, params = built(name, tmp_path_factory)
     ids, mask = right_padded(length=10, seed=3)
     with torch.no_grad():
         want = model.generate(torch.tensor(ids[:, ::-1].copy()), attention_mask=torch.tensor(mask[:, ::-1].copy()), max_new_tokens=8,
@@ -177,22 +180,20 @@ def peft_adapter(qwen, tmp_path_factory):
     return theirs, out, peft_format.load_adapter(out, params)
 
 
-def loss_batch(ids: np.ndarray, mask: np.ndarray) -> dict:
-    """Every real token after the first is a target: the tokens transformers' `labels=ids` scores."""
-    return {k: jnp.asarray(v) for k, v in causal_lm_batch([r[:1] for r in ids], [r[1:n] for r, n in zip(ids, mask.sum(1))], pad_id=0).items()}
-
-
 @pytest.fixture(scope="module")
 def lora_grad(qwen, peft_adapter):
-    """(value_and_grad of causal_lm_loss with the router's aux loss over the LoRA leaves, compiled once; the loss;
-    trainable, frozen, batch)."""
+    """(value_and_grad over the LoRA leaves of causal_lm_loss with the router's aux loss, under remat, compiled once; the
+    loss; trainable, frozen; the batch: every real token of `right_padded()` after the first a target, packed in shared rows)."""
     import copy
 
     config = copy.deepcopy(qwen[2])
     config.output_router_logits = True
-    loss = training.causal_lm_loss(config)
+    loss = training.causal_lm_loss(config, remat=True)  # all layers routed: remat scans them, the routing sums in the carry
     trainable, frozen = split.partition(peft_adapter[2], split.trainable_mask(peft_adapter[2]))
-    batch = loss_batch(*right_padded())
+    ids, mask = right_padded()
+    batch = causal_lm_batch([r[:1] for r in ids], [r[1:n] for r, n in zip(ids, mask.sum(1))], pad_id=0, pack=True)
+    assert batch["segment_ids"].shape[0] < len(ids)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     compiled = jax.jit(jax.value_and_grad(lambda t, f, b: loss(split.combine(t, f), b, None))).lower(trainable, frozen, batch).compile()
     return compiled, loss, trainable, frozen, batch
 
@@ -207,7 +208,7 @@ def test_lora_on_experts_attention_and_router_matches_peft_both_ways(qwen, peft_
     adapted = randomize_lora(lora.inject(params, cfg, jax.random.key(0)))
     assert adapted["model"]["layers"]["1"]["mlp"]["experts"]["gate_up_proj"]["lora_a"].shape == (4, 32, 2)  # (X, in, r)
     ours = np.asarray(_forward(a, adapted, ids, mask)) * mask[..., None]
-    assert np.abs(ours - np.asarray(_forward(a, params, ids, mask)) * mask[..., None]).max() > 0.1  # the adapter matters
+    assert np.abs(ours - base_logits(config, params, ids, mask)).max() > 0.1  # the adapter matters
 
     # jpeft writes, PEFT reads: PEFT's ParamWrapper layout and names, nested wrappers included.
     peft_format.save_adapter(tmp_path / "ours", adapted, cfg)
@@ -228,14 +229,15 @@ def test_lora_on_experts_attention_and_router_matches_peft_both_ways(qwen, peft_
     np.testing.assert_allclose(peft_logits(peft.PeftModel.from_pretrained(fresh(path), tmp_path / "trained"), ids, mask), want, atol=TOL, rtol=0)
 
     # Merging folds each expert's scale A_x B_x into its matrix; unmerging takes it out again.
-    merged = lora.merge(adapted)
-    np.testing.assert_allclose(np.asarray(_forward(a, merged, ids, mask)) * mask[..., None], ours, atol=TOL, rtol=0)
-    back = tree.flatten(lora.unmerge(merged, split.split_adapter(adapted)[1]))
+    merged = jax.jit(lora.merge)(adapted)
+    np.testing.assert_allclose(base_logits(config, merged, ids, mask), ours, atol=TOL, rtol=0)
+    back = tree.flatten(jax.jit(lora.unmerge)(merged, split.split_adapter(adapted)[1]))
     for p, v in tree.flatten(adapted).items():
         np.testing.assert_allclose(np.asarray(back[p]), np.asarray(v), atol=1e-5, rtol=0, err_msg=p)
 
 
 def test_expert_lora_gradients_and_aux_loss_match_pytorch(qwen, peft_adapter, lora_grad, tmp_path):
+    """Under remat, on packed rows: against PEFT's `labels=` loss (router aux loss included) on the unpacked batch."""
     from safetensors.torch import save_file
 
     theirs, adapter_dir, _ = peft_adapter
@@ -247,7 +249,7 @@ def test_expert_lora_gradients_and_aux_loss_match_pytorch(qwen, peft_adapter, lo
     out.loss.backward()
     assert float(out.aux_loss.detach()) > 1.0  # the router term is in the loss: 0.05 x ~2
     loss, grads = compiled(trainable, frozen, batch)
-    np.testing.assert_allclose(float(loss), float(out.loss), atol=TOL, rtol=0)
+    np.testing.assert_allclose(float(loss), float(out.loss.detach()), atol=TOL, rtol=0)
     # PyTorch's gradients in PEFT's layout, read into jpeft's by the adapter loader (whose layout the logits test checks).
     torch_grads = {n.replace(".default", ""): p.grad.contiguous() for n, p in theirs.named_parameters() if p.requires_grad}
     (tmp_path / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
@@ -280,7 +282,7 @@ def test_compiled_step_runs_grouped_products_and_no_frozen_expert_gradient(lora_
     # On a GPU the same products are XLA's grouped matmul, jax.lax.ragged_dot.
     monkeypatch.setattr(nn, "KERNELS", "gpu")
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda t: loss(split.combine(t, frozen), batch, None)))(trainable))
-    assert jaxpr.count("ragged_dot_general") >= 2 * 3 * 2  # 2 routed layers x (W, A, B) x (forward, backward)
+    assert jaxpr.count("ragged_dot_general") >= 2 * 3  # (gate_up, down) x (W, A, B), in the layers' scan body
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,9 +293,8 @@ def test_checkpoints_round_trip_through_transformers_in_both_layouts(qwen, tmp_p
     from safetensors.numpy import save_file
 
     path, _, config, params = qwen
-    a = moe.arch(config)
     adapted = randomize_lora(lora.inject(params, lora.LoraConfig(r=2, target_modules=(), target_parameters=EXPERTS), jax.random.key(2)))
-    merged = lora.merge(adapted)
+    merged = jax.jit(lora.merge)(adapted)
     moe.save_pretrained(tmp_path / "merged", config, merged)  # experts apart, as transformers saves them
     saved = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())["weight_map"] if (
         tmp_path / "merged" / "model.safetensors.index.json").exists() else None
@@ -304,8 +305,7 @@ def test_checkpoints_round_trip_through_transformers_in_both_layouts(qwen, tmp_p
     assert "model.layers.1.mlp.experts.3.up_proj.weight" in names and not any(n.endswith("gate_up_proj") for n in names)
     theirs = hf_classes("qwen3_moe")[1].from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
     ids, mask = right_padded()
-    ours = np.asarray(_forward(a, merged, ids, mask)) * mask[..., None]
-    np.testing.assert_allclose(peft_logits(theirs, ids, mask), ours, atol=TOL, rtol=0)
+    np.testing.assert_allclose(peft_logits(theirs, ids, mask), base_logits(config, merged, ids, mask), atol=TOL, rtol=0)
     # transformers 5's own (stacked) names read as well.
     (tmp_path / "stacked").mkdir()
     save_file({k: v.numpy() for k, v in theirs.state_dict().items()}, tmp_path / "stacked" / "model.safetensors", metadata={"format": "pt"})
@@ -321,9 +321,9 @@ SHARDED = textwrap.dedent("""
     from jpeft import lora, sharding, split, training, tree
     from jpeft.batches import causal_lm_batch
     from jpeft.models import moe
-    a = moe.Arch(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, expert_size=16, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=8, eps=1e-5, act="silu", rope=(("rope_theta", 1e4), ("rope_type", "default")), windows=(None, None),
-                 sparse=(True, True), num_experts=4, top_k=2, norm_topk_prob=True, qk_norm=None, clip_qkv=None, attention_bias=False,
+    a = moe.Arch(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, expert_size=16, num_layers=1, num_heads=4,
+                 num_kv_heads=2, head_dim=8, eps=1e-5, act="silu", rope=(("rope_theta", 1e4), ("rope_type", "default")), windows=(None,),
+                 sparse=(True,), num_experts=4, top_k=2, norm_topk_prob=True, qk_norm=None, clip_qkv=None, attention_bias=False,
                  router_jitter=0.0, aux_loss_coef=0.02, attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_ids=(1,))
     params = lora.inject(moe.init_params(a, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj"],
                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), jax.random.key(1))
@@ -365,31 +365,6 @@ def test_experts_split_over_the_model_axis_train_as_on_one_device():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
-def test_packed_rows_and_remat_give_the_unpacked_loss_and_gradients(hf_moe):
-    _, _, config, params = hf_moe
-    if moe.arch(config).model_type != "mixtral":
-        pytest.skip("one family is enough: Mixtral's layers are all routed, so remat scans them with the routing carry")
-    import copy
-
-    config = copy.deepcopy(config)
-    config.output_router_logits = True
-    adapted = randomize_lora(lora.inject(params, lora.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERTS), jax.random.key(3)))
-    trainable, frozen = split.partition(adapted, split.trainable_mask(adapted))
-    ids, mask = right_padded(rows=4, length=20, seed=5)
-    prompts, targets = [r[:3] for r in ids], [r[3:n] for r, n in zip(ids, mask.sum(1))]
-    results = []
-    for pack, remat in ((False, False), (True, True)):
-        batch = causal_lm_batch(prompts, targets, pad_id=0, pack=pack)
-        loss = training.causal_lm_loss(config, remat=remat)
-        results.append(jax.jit(jax.value_and_grad(lambda t, b: loss(split.combine(t, frozen), b, None)))(trainable, batch))
-    assert "segment_ids" in causal_lm_batch(prompts, targets, pad_id=0, pack=True)
-    (loss, grads), (packed_loss, packed_grads) = results
-    np.testing.assert_allclose(float(packed_loss), float(loss), atol=1e-5, rtol=0)
-    for p, g in tree.flatten(grads).items():
-        if g is not None:
-            np.testing.assert_allclose(np.asarray(tree.flatten(packed_grads)[p]), np.asarray(g), atol=1e-5, rtol=0, err_msg=p)
-
-
 # ----------------------------------------------------------------------------------------------
 # The grouped matmul alone, and bad input
 
@@ -406,13 +381,13 @@ def test_grouped_dense_matches_ragged_dot_with_empty_experts():
         low = jax.lax.ragged_dot(jax.lax.ragged_dot(x, p["lora_a"], sizes), p["lora_b"], sizes)
         return jax.lax.ragged_dot(x, p["kernel"], sizes) + low * p["lora_scale"]
 
-    got = nn.grouped_dense(p, x, sizes, nn.Ctx())
-    np.testing.assert_allclose(got, want(p, x), atol=1e-4, rtol=1e-5)
-    assert not np.asarray(got[95:]).any()
     loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))  # noqa: E731
-    for g, w in zip(jax.tree.leaves(jax.grad(loss(lambda p, x: nn.grouped_dense(p, x, sizes, nn.Ctx())), (0, 1))(p, x)),
-                    jax.tree.leaves(jax.grad(loss(want), (0, 1))(p, x))):
+    ours = jax.jit(jax.value_and_grad(loss(lambda p, x: nn.grouped_dense(p, x, sizes, nn.Ctx())), (0, 1)))
+    (value, grads), (want_value, want_grads) = ours(p, x), jax.jit(jax.value_and_grad(loss(want), (0, 1)))(p, x)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
+    assert not np.asarray(grads[1][95:]).any() and not np.asarray(grads[0]["lora_a"])[[1, 3]].any()  # rows and experts unrouted
     with pytest.raises(ValueError, match=r"routed experts take LoRA leaves .* \['ia3_out'\]"):
         nn.grouped_dense({**p, "ia3_out": jnp.ones(F)}, x, sizes, nn.Ctx())
 
@@ -425,7 +400,7 @@ def test_bad_input_is_refused_by_name(qwen, tmp_path):
     (tmp_path / "eight" / "model.safetensors").symlink_to(path / "model.safetensors")
     raw = json.loads((path / "config.json").read_text())
     (tmp_path / "eight" / "config.json").write_text(json.dumps({**raw, "num_local_experts": 8}))  # Qwen3MoeConfig's num_experts
-    with pytest.raises(CheckpointError, match=r"holds 4 experts .* model\.layers\.1\.mlp, but the config says num_experts=8"):
+    with pytest.raises(CheckpointError, match=r"holds 4 experts .* model\.layers\.0\.mlp, but the config says num_experts=8"):
         moe.load_pretrained(tmp_path / "eight")
     # target_parameters naming nothing; target_modules reaching only experts; other methods on experts.
     with pytest.raises(ValueError, match=r"target_parameters entries \['mlp.experts.up_proj'\] match no parameter"):
