@@ -11,7 +11,9 @@ layout, as bitsandbytes and GGUF store them:
 | int8, per output row | `kernel_int8` (out, in) int8; `kernel_absmax` (out,) float32 | `q * absmax / 127` |
 | GGUF blocks as in the file | `kernel_q4_0`, `kernel_q4_1`, `kernel_q5_0`, `kernel_q8_0`, `kernel_q4_k` or `kernel_q6_k`: (out, row_bytes) uint8 | `gguf.quants.dequantize` of each row |
 
-NF4 needs `in` to be a multiple of 64 (blocks then never cross rows). `jpeft.nn.dense` dequantizes the group inside
+Routed experts' weights (X, in, out) (`jpeft.models.moe`) quantize expert by expert: every leaf of their group leads
+with the expert axis X (double quantization's scale and offset too, one set per expert), so expert x's group is each
+leaf's row x. NF4 needs `in` to be a multiple of 64 (blocks then never cross rows). `jpeft.nn.dense` dequantizes the group inside
 the jitted matmul, layer by layer, and again in the backward pass (never keeping the float weight from forward to
 backward), so no float copy of the base exists. Quantized leaves are never trainable. Embedding tables stay float
 (they are gathered, and a tied LM head reads them); `quantize` leaves the untied LM head float by default too.
@@ -57,9 +59,15 @@ def unpack(fmt: str, group: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def weight(module: Mapping[str, Any]) -> jax.Array:
-    """The module's (in, out) kernel: the float leaf itself, or its quantized group dequantized to float32."""
+    """The module's (in, out) kernel (routed experts' (X, in, out)): the float leaf itself, or its quantized group
+    dequantized to float32."""
     fmt = format_of(module)
-    return module[KERNEL] if fmt is None else unpack(fmt, leaves(module)).T
+    if fmt is None:
+        return module[KERNEL]
+    group = leaves(module)
+    if len(weight_shape(module)) == 3:  # routed experts: one group per expert, stacked
+        return jnp.swapaxes(jax.vmap(lambda g: unpack(fmt, g))(group), 1, 2)
+    return unpack(fmt, group).T
 
 
 def gguf_leaves(qtype: str, rows: Any) -> dict[str, Any]:
@@ -78,21 +86,21 @@ def quantized_modules(params: Mapping[str, Any]) -> list[str]:
 def select(params: Mapping[str, Any], fmt: str, targets: tg.Targets | None = None) -> list[str]:
     """The float dense modules `quantize(params, fmt, targets)` would quantize, checked (works on shapes alone).
 
-    Default targets: every 2-D float kernel except the LM head and bottleneck adapters (which train).
+    Default targets: every 2-D float kernel except the LM head and bottleneck adapters (which train), and routed experts'.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantization format {fmt!r}; choose one of {list(FORMATS)} (GGUF files load packed with quantized=True)")
-    floats = [m for m in tg.dense_modules(params) if not is_quantized(tg.get_module(params, m))]
+    floats = [m for m in tg.dense_modules(params) + tg.expert_modules(params) if not is_quantized(tg.get_module(params, m))]
     if targets is None:
         names = [m for m in floats if not m.startswith("lm_head") and "adapter" not in m.split(".")]
     else:
         names = tg.select(floats, targets, "targets")
     for name in names:
         shape = weight_shape(tg.get_module(params, name))
-        if len(shape) != 2:
+        if len(shape) != 2 + tg.is_expert(name):
             raise ValueError(f"cannot quantize {name}: its kernel has shape {shape}, not (in, out)")
-        if fmt == "nf4" and shape[0] % bnb.BLOCK:
-            raise ValueError(f"cannot quantize {name} to NF4: its input dim {shape[0]} is not a multiple of {bnb.BLOCK} "
+        if fmt == "nf4" and shape[-2] % bnb.BLOCK:
+            raise ValueError(f"cannot quantize {name} to NF4: its input dim {shape[-2]} is not a multiple of {bnb.BLOCK} "
                              "(NF4 blocks must not cross rows); leave it out of targets or use int8")
     return names
 
@@ -108,16 +116,20 @@ def quantize(params: Mapping[str, Any], fmt: str = "nf4", targets: tg.Targets | 
     flat = tree.flatten(params)
     for name in select(params, fmt, targets):
         path = name.replace(".", "/")
-        w = np.asarray(jax.device_get(flat.pop(f"{path}/{KERNEL}")), np.float32).T  # (out, in), PyTorch's layout
-        if fmt == "int8":
-            group = dict(zip((INT8, ABSMAX), bnb.quantize_int8(w)))
-        else:
-            codes, absmax = bnb.quantize_nf4(w)
-            group = {NF4: codes, ABSMAX: absmax}
-            if double_quant:
-                group = {NF4: codes, **dict(zip((ABSMAX_CODES, ABSMAX_SCALE, ABSMAX_OFFSET), bnb.quantize_absmax(absmax)))}
-        flat.update({f"{path}/{k}": jnp.asarray(v) for k, v in group.items()})
+        w = np.swapaxes(np.asarray(jax.device_get(flat.pop(f"{path}/{KERNEL}")), np.float32), -1, -2)  # (out, in), PyTorch's layout
+        groups = [_quantized(m, fmt, double_quant) for m in (w if tg.is_expert(name) else [w])]  # routed experts: one each
+        flat.update({f"{path}/{k}": jnp.asarray(np.stack([g[k] for g in groups]) if tg.is_expert(name) else groups[0][k]) for k in groups[0]})
     return tree.unflatten(flat)
+
+
+def _quantized(w: np.ndarray, fmt: str, double_quant: bool) -> dict[str, np.ndarray]:
+    """The leaf group of one (out, in) weight."""
+    if fmt == "int8":
+        return dict(zip((INT8, ABSMAX), bnb.quantize_int8(w)))
+    codes, absmax = bnb.quantize_nf4(w)
+    if double_quant:
+        return {NF4: codes, **dict(zip((ABSMAX_CODES, ABSMAX_SCALE, ABSMAX_OFFSET), bnb.quantize_absmax(absmax)))}
+    return {NF4: codes, ABSMAX: absmax}
 
 
 def dequantize(params: Mapping[str, Any], modules: Sequence[str] | None = None) -> dict:

@@ -420,3 +420,35 @@ def test_bad_input_is_refused_by_name(qwen, tmp_path):
                              peft_format.read_adapter(tmp_path / "adapter")[1])
     with pytest.raises(CheckpointError, match="GGUF"):
         moe.load_pretrained(tmp_path / "model.gguf")
+
+
+@pytest.mark.parametrize("fmt, double_quant", [("nf4", True), ("int8", False)])
+def test_quantized_experts_train_lora_as_their_dequantized_weights(fmt, double_quant, monkeypatch):
+    """QLoRA on routed experts: each expert quantized as bitsandbytes quantizes one Linear; the grouped matmul
+    dequantizes tile by tile (CPU) or the stack (GPU path) and equals the float weights the codes stand for."""
+    from jpeft import quant
+
+    rng = np.random.default_rng(1)
+    X, D, F = 3, 64, 32
+    base = {"mlp": {"experts": {"gate_up_proj": {"kernel": jnp.asarray(rng.normal(size=(X, D, F)) * 0.1, jnp.float32)}}}}
+    q = quant.quantize(base, fmt, double_quant=double_quant)
+    group = q["mlp"]["experts"]["gate_up_proj"]
+    assert quant.weight_shape(group) == (X, D, F) and all(v.shape[0] == X for v in group.values())
+    one = quant.quantize({"m": {"kernel": base["mlp"]["experts"]["gate_up_proj"]["kernel"][1]}}, fmt, double_quant=double_quant)["m"]
+    for k, v in one.items():  # expert 1's codes are those of its matrix quantized alone
+        np.testing.assert_array_equal(np.asarray(group[k][1]), np.asarray(v))
+    adapted = randomize_lora(lora.inject(q, lora.LoraConfig(r=2, target_modules=(), target_parameters=["experts.gate_up_proj"]), jax.random.key(0)))
+    module = adapted["mlp"]["experts"]["gate_up_proj"]
+    as_float = {**{k: v for k, v in module.items() if k not in quant.LEAVES}, "kernel": quant.weight(group)}
+    x, sizes = jnp.asarray(rng.normal(size=(40, D)), jnp.float32), jnp.asarray([10, 0, 30], jnp.int32)
+    low_rank = {k: module[k] for k in ("lora_a", "lora_b")}  # what trains; the codes get no gradient
+    f = jax.jit(jax.value_and_grad(lambda t, m, x: jnp.sum(jnp.sin(nn.grouped_dense({**m, **t}, x, sizes, nn.Ctx()))), (0, 2)))
+    (want, want_g), (got, got_g) = f(low_rank, as_float, x), f(low_rank, module, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    merged = lora.merge(adapted)["mlp"]["experts"]["gate_up_proj"]["kernel"]  # dequantized, then W + scale A B per expert
+    np.testing.assert_allclose(merged, as_float["kernel"] + module["lora_scale"] * module["lora_a"] @ module["lora_b"], atol=1e-6)
+    monkeypatch.setattr(nn, "KERNELS", "gpu")
+    np.testing.assert_allclose(jax.jit(lambda m, x: nn.grouped_dense(m, x, sizes, nn.Ctx()))(module, x),
+                               jax.jit(lambda m, x: nn.grouped_dense(m, x, sizes, nn.Ctx()))(as_float, x), atol=1e-5)
