@@ -91,8 +91,8 @@ def test_cli_commands_parse_and_pass_the_checks(module, argv):
         options.check(summarize.parser().parse_args(argv))
 
 
-MODULES = {"llama": "jpeft.models.llama", "gemma": "jpeft.models.gemma", "t5": "jpeft.models.t5"}
-ENTRY = re.compile(r"`((?:jpeft|llama|gemma|t5|train)\.[\w.]+)\(([^`]*?)\)")
+MODULES = {"llama": "jpeft.models.llama", "gemma": "jpeft.models.gemma", "moe": "jpeft.models.moe", "t5": "jpeft.models.t5"}
+ENTRY = re.compile(r"`((?:jpeft|llama|gemma|moe|t5|train)\.[\w.]+)\(([^`]*?)\)")
 
 
 def _entry_points() -> list:
