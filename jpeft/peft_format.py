@@ -659,7 +659,7 @@ def _lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         if a.shape != (X * r, d_in) or b.shape != (d_out, r * X):
             raise CheckpointError(
                 f"{who}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but its config rank {r} and the "
-                f"base weight (in={d_in}, out={d_out}{f', {X} experts' if stack else ''}) need ({X * r}, {d_in}) and ({d_out}, {r * X})"
+                f"base kernel (in={d_in}, out={d_out}{f', {X} experts' if stack else ''}) need ({X * r}, {d_in}) and ({d_out}, {r * X})"
             )
         prefix = module.replace(".", "/")
         if stack:
