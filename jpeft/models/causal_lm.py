@@ -1,4 +1,4 @@
-"""What the decoder-only models (`llama`, `gemma`) share: positions, masks, rotary embeddings, the attention and
+"""What the decoder-only models (`llama`, `gemma`, `moe`) share: positions, masks, rotary embeddings, the attention and
 gated-MLP blocks, soft prompts, the forward pass, the KV-cached generation loop and the checkpoint plumbing.
 
 Shapes: B batch, T tokens, S key slots (sequence or cache length), D hidden, KV key/value heads, G queries per
@@ -12,7 +12,9 @@ A model module plugs into the shared forward pass, loss and generation loop by p
 - `decoder(a, params, x, positions, key_mask, ctx, cache, index, segment_ids) -> (h (B, T, D), cache)`
 - `lm_head(a, params, h, ctx) -> float32 logits (..., V)`
 
-and, for loading, `arch`, `config_from_dict`, `param_shapes` and `CAUSAL_LM` (model_type -> transformers class).
+and, for loading, `arch`, `config_from_dict`, `param_shapes`, `params_from_state_dict`, `state_dict_from_params`
+(most wrap this module's) and `CAUSAL_LM` (model_type -> transformers class). A decoder may also set `ctx.aux_loss`,
+a term `training.causal_lm_loss` adds to its loss (the mixture of experts' router balance).
 """
 
 from __future__ import annotations
@@ -464,8 +466,9 @@ def path_to_hf(path: str) -> tuple[str, bool]:
 
 
 def transpose(value: np.ndarray) -> np.ndarray:
-    """A Linear weight between PyTorch's (out, in) and jpeft's (in, out): the last two axes swapped (experts lead)."""
-    return np.swapaxes(value, -1, -2)
+    """A Linear weight between PyTorch's (out, in) and jpeft's (in, out): the last two axes swapped (experts lead; a
+    misnamed 1-D tensor passes through, for the name and shape checks to report)."""
+    return np.swapaxes(value, -1, -2) if np.ndim(value) >= 2 else value
 
 
 def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
