@@ -36,10 +36,23 @@ class IA3Config:
                                  f"in target_modules={list(self.target_modules)}")
 
 
+def target_names(params: Mapping[str, Any], cfg: IA3Config) -> list[str]:
+    """Dotted names of the dense modules `cfg` targets (modules_to_save are excluded, as in HF PEFT)."""
+    return choose(tg.dense_modules(params), cfg)
+
+
+def choose(candidates: list[str], cfg: IA3Config) -> list[str]:
+    """The candidates `cfg` targets, checked as `targets.select` does; so is each feed-forward name, against them."""
+    chosen = tg.select(candidates, cfg.target_modules, "target_modules", cfg.modules_to_save)
+    if cfg.feedforward_modules:
+        tg.select(chosen, cfg.feedforward_modules, "feedforward_modules")
+    return chosen
+
+
 def inject(params: Mapping[str, Any], cfg: IA3Config, key: Any = None) -> dict:
     """A new tree with ones-initialised scaling vectors beside each targeted kernel."""
     updates = {}
-    for name in tg.select(tg.dense_modules(params), cfg.target_modules, "target_modules"):
+    for name in target_names(params, cfg):
         module = tg.get_module(params, name)
         if any(leaf in module for leaf in LEAVES):
             raise ValueError(f"{name} already has IA3 vectors")

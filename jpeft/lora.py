@@ -59,8 +59,7 @@ class LoraConfig:
 
 def target_names(params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
     """Dotted names of the modules `cfg` targets (modules_to_save are excluded, as in HF PEFT)."""
-    candidates = [m for m in tg.dense_modules(params) if not tg.within(cfg.modules_to_save, m)]
-    return tg.select(candidates, cfg.target_modules, "target_modules")
+    return tg.select(tg.dense_modules(params), cfg.target_modules, "target_modules", cfg.modules_to_save)
 
 
 def _init_pair(key, kernel, r, init):
