@@ -14,6 +14,7 @@ from train.errors import UsageError
 INPUT_FIELD, TARGET_FIELD = "dialogue", "summary"  # DialogSum's columns
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HUB_TIMEOUT = 5.0  # seconds to wait for the Hub's host to take a connection
 
 
 def _first_line(e: BaseException) -> str:
@@ -45,10 +46,31 @@ def _read_file(path: Path) -> Any:
     return rows
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot answer at all (its host does not take a connection), or None; one quick try, where `datasets`
+    would retry for half a minute. Offline mode (HF_HUB_OFFLINE=1, the local cache only) and proxies are left to it."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+        return None
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=HUB_TIMEOUT).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached: {e}; set HF_HUB_OFFLINE=1 to use a dataset in the local cache"
+    return None
+
+
 def _from_hub(name: str, split: str) -> Any:
     import datasets
 
     try:
+        if reason := _hub_unreachable():
+            raise ConnectionError(reason)
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown dataset, missing split
         raise UsageError(
@@ -106,6 +128,16 @@ def load_split(spec: Any, split: str, input_field: str = INPUT_FIELD, target_fie
 def _splits_itself(spec: Any) -> bool:
     """A single file or rows in memory hold no validation split of their own."""
     return not (spec is None or (isinstance(spec, (str, Path)) and not Path(spec).is_file()))
+
+
+def eval_origin(data: Any, eval_data: Any = None) -> str:
+    """Where `load_data(data, eval_data)`'s evaluation rows come from, in words for messages."""
+    if eval_data is not None:
+        return f"--eval-data {eval_data}" if isinstance(eval_data, (str, Path)) else f"the given {type(eval_data).__name__}"
+    if not _splits_itself(data):
+        return f"the validation split of {data if data is not None else SAMPLE_DIR}"
+    what = data if isinstance(data, (str, Path)) else f"the given {type(data).__name__}"
+    return f"the first 10% of {what}, held out as no --eval-data was given"
 
 
 def load_data(data: Any, eval_data: Any = None, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> tuple[list[dict], list[dict]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,22 @@ from tqdm.auto import tqdm
 from train import tasks
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+FEW = 20  # below this many examples, one summary moves a ROUGE mean by several points
+
+
+def report_count(scored: int, available: int, origin: str, flag: str, asked: int | None, more: str) -> None:
+    """Say how many examples are scored and why (`flag` `asked` caps them, else all of `origin`); warn when ROUGE rests
+    on fewer than FEW, saying how to score more (`flag`, or `more` when the data ran out)."""
+    plural = lambda n: f"{n} example{'' if n == 1 else 's'}"  # noqa: E731
+    capped = asked is not None and asked < available
+    if capped:
+        why = f"the first {plural(scored)} of the {available} in {origin} ({flag} {asked})"
+    else:
+        why = f"all there are in {origin}" + (f"; {flag} {asked} asked for more" if asked is not None and asked > available else "")
+    print(f"scoring {plural(scored)}: {why}", flush=True)
+    if scored < FEW:
+        print(f"warning: ROUGE over {plural(scored)} is a noisy figure (one summary moves it by points); score {FEW} or more: "
+              f"{f'raise {flag}' if capped else more}", file=sys.stderr)
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:

@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,26 +40,18 @@ LOW_RANK = {"lora": lora, "dora": lora, "loha": loha, "lokr": lokr}  # methods c
 MERGEABLE = {"lora": lora.merge, "dora": lora.merge, "ia3": ia3.merge, "loha": loha.merge, "lokr": lokr.merge}
 SOFT_PROMPTS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of each row: rows do not pack
 NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
-
-
-GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter (f32), the merged model (f16)
+QUANTIZED = {"nf4": "quantized to NF4 (QLoRA)", "int8": "quantized to int8", "gguf": "kept in its GGUF quantization"}  # --quantize
 
 
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
-    p = options.parser("jpeft-summarize", __doc__)
-    p.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
-                   help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
-                        "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only")
-    return p
+    return options.parser("jpeft-summarize", __doc__)
 
 
-def _gguf_exports(text: str) -> list[str]:
-    chosen = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # a list: run.json records it as one
-    bad = [t for t in chosen if t not in GGUF_EXPORTS]
-    if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GGUF_EXPORTS)} (comma-separated)")
-    return chosen
+def gguf_export_fits(export: str, method: str) -> bool:
+    """Whether `method` can be exported as `export`: llama.cpp's adapter file holds LoRA pairs, the merged file needs
+    a method that folds into the weights."""
+    return method == "lora" if export == "adapter" else method in (*MERGEABLE, "full")
 
 
 def check_gguf_export(args: argparse.Namespace, family: str) -> None:
@@ -67,10 +59,10 @@ def check_gguf_export(args: argparse.Namespace, family: str) -> None:
     exports = getattr(args, "export_gguf", [])
     if exports and family == "t5":
         raise UsageError("--export-gguf: llama.cpp GGUF export is for decoder-only models (Llama family, Gemma); T5 is not a llama.cpp target")
-    if "adapter" in exports and args.method != "lora":
+    if "adapter" in exports and not gguf_export_fits("adapter", args.method):
         raise UsageError(f"--export-gguf adapter: llama.cpp adapters hold LoRA pairs only, not --method {args.method}; "
                          "export the merged model instead (--export-gguf merged)")
-    if "merged" in exports and args.method not in (*MERGEABLE, "full"):
+    if "merged" in exports and not gguf_export_fits("merged", args.method):
         raise UsageError(f"--export-gguf merged: --method {args.method} does not merge into the weights")
 
 
@@ -218,7 +210,8 @@ def export_gguf(args, task, params, out: Path) -> None:
 
 def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path, resume_from: int) -> str:
     per_step = args.batch_size * args.grad_accum
-    lines = [f"plan: {args.method} on {args.model}, {steps} optimizer steps x {per_step} examples "
+    base = f"{args.model} {QUANTIZED[args.quantize]}" if args.quantize else args.model
+    lines = [f"plan: {args.method} on {base}, {steps} optimizer steps x {per_step} examples "
              f"({args.batch_size} per micro-batch x {args.grad_accum} accumulated) = {steps * per_step} examples "
              f"({steps * per_step / n_train:.2f} epochs of {n_train})",
              f"      trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); lr {args.lr:g} "
@@ -228,36 +221,47 @@ def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path,
     return "\n".join(lines)
 
 
-def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> tuple[list[dict], list[dict], dict | None]:
+class Prepared(NamedTuple):
+    """What `prepare` found: the rows, where the evaluation rows come from, and a finished run's results (else None)."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    finished: dict | None
+    eval_origin: str
+
+
+def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> Prepared:
     """Everything that needs no weights: options, the method against the model's shapes, the data, the run directory.
 
-    Returns (train rows, eval rows, the results of this very run if `--out` already holds it complete).
     `train_data` / `eval_data` (a `datasets.Dataset` or a list of dicts) take the place of --data / --eval-data.
     """
     options.check(args)
     family, config, _ = tasks.find_model(args.model)
     check_gguf_export(args, family)
     check_method_fits(args, family, config)
-    train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
-                                               args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)
+    data = args.data if train_data is None else train_data
+    evaluation = args.eval_data if eval_data is None else eval_data
+    train_rows, eval_rows = data_lib.load_data(data, evaluation, args.input_field, args.target_field)
     out = Path(args.out)
     defaults = vars(parser().parse_args([]))
-    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
+    finished = run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
+    return Prepared(train_rows, eval_rows, finished, data_lib.eval_origin(data, evaluation))
 
 
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
     """The whole job: check, load, score the base, train, score the tuned model, write results."""
-    train_rows, eval_rows, finished = prepare(args, train_data, eval_data)
-    if finished is not None:
+    prepared = prepare(args, train_data, eval_data)
+    if prepared.finished is not None:
         out = Path(args.out)
         print(f"{out} already holds this run, complete: its results are in {out / run_dir.RESULTS_FILE} "
               "(use --overwrite to train it again, or a new --out)")
-        return finished
-    return execute(args, train_rows, eval_rows)
+        return prepared.finished
+    return execute(args, prepared)
 
 
-def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
+def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
+    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
     out = Path(args.out)
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     clock = Phases()
@@ -272,8 +276,11 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
         eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    if args.eval_samples:
+        evaluate.report_count(len(eval_enc), len(eval_rows), prepared.eval_origin, "--eval-samples", args.eval_samples,
+                              "pass more evaluation examples with --eval-data")
 
-    results: dict[str, Any] = {"method": args.method, "model": args.model, "eval_examples": len(eval_enc),
+    results: dict[str, Any] = {"method": args.method, "quantize": args.quantize, "model": args.model, "eval_examples": len(eval_enc),
                                "phase_seconds": clock.seconds}
     clock.lap("load")
     base_preds = None
