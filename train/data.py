@@ -80,8 +80,13 @@ def _from_hub(name: str, split: str) -> Any:
         ) from None
 
 
-def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> list[dict]:
-    """Rows as {"id", "input", "reference"}; a missing column or empty text is an error naming it and what to pass."""
+def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD,
+              need_target: bool = True, keep: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """Rows as {"id", "input", "reference"}; a missing column or empty text is an error naming it and what to pass.
+
+    Without `need_target`, rows of data that has no target column come without "reference"; `keep` holds
+    (flag, column) pairs of further text columns each row must have, kept under their own names.
+    """
     rows = list(rows)
     if not rows:
         raise UsageError(f"{source} holds no examples")
@@ -89,15 +94,18 @@ def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str =
         kind = next(type(row).__name__ for row in rows if not isinstance(row, Mapping))
         raise UsageError(f"{source}: an example is a {kind}, not a row of named fields")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    for flag, field in (("--input-field", input_field), ("--target-field", target_field)):
+    has_target = need_target or target_field in columns
+    fields = (("--input-field", input_field), *((("--target-field", target_field),) if has_target else ()), *keep)
+    for flag, field in fields:
         if field not in columns:
             raise UsageError(f"{source} has no {field!r} column (its columns: {', '.join(map(repr, columns))}); "
                              f"name the right one with {flag}")
     for i, row in enumerate(rows):
-        missing = [f for f in (input_field, target_field) if not isinstance(row.get(f), str) or not row[f].strip()]
+        missing = [f for _, f in fields if not isinstance(row.get(f), str) or not row[f].strip()]
         if missing:
             raise UsageError(f"{source}: example {i} has no {' or '.join(map(repr, missing))} text")
-    return [{"id": str(r.get("id", i)), "input": r[input_field], "reference": r[target_field]} for i, r in enumerate(rows)]
+    return [{"id": str(r.get("id", i)), "input": r[input_field], **({"reference": r[target_field]} if has_target else {}),
+             **{field: r[field] for _, field in keep}} for i, r in enumerate(rows)]
 
 
 def _rows(spec: Any, split: str) -> tuple[Any, str]:
@@ -115,14 +123,14 @@ def _rows(spec: Any, split: str) -> tuple[Any, str]:
     return _from_hub(str(spec), split), f"{spec} [{split}]"
 
 
-def load_split(spec: Any, split: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> list[dict]:
+def load_split(spec: Any, split: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD, **normalize_options: Any) -> list[dict]:
     """One split: `spec` is a directory ({split}.jsonl/.json/.csv/.parquet), a file, a hub name, rows in memory
-    (a `datasets.Dataset` or a list of dicts), or None for the bundled sample."""
+    (a `datasets.Dataset` or a list of dicts), or None for the bundled sample; see `normalize` for its options."""
     if isinstance(spec, (str, Path)) or spec is None:
         rows, source = _rows(spec, split)
     else:
         rows, source = spec, f"the given {type(spec).__name__}"
-    return normalize(rows, source, input_field, target_field)
+    return normalize(rows, source, input_field, target_field, **normalize_options)
 
 
 def _splits_itself(spec: Any) -> bool:

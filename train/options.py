@@ -22,7 +22,7 @@ LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "loha
 GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter (f32), the merged model (f16)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class Formatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each option's default in its help line; flags (on or off) and options
     whose default is no value say theirs in words, in their help."""
 
@@ -37,7 +37,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentParser:
     """All options; the lab's parser takes `--methods` (several) instead of `--method`, and its own `--out` default."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Formatter)
     g = p.add_argument_group("model and data")
     add_model_and_data(g)
     g.add_argument("--data", help="directory with train/validation .jsonl/.json/.csv/.parquet files, one such file, or a hub "
@@ -177,7 +177,8 @@ def check_method(method: str) -> None:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+def at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+    """Each named option, where given, is at least `minimum`."""
     for name in names:
         value = getattr(args, name)
         if value is not None and not value >= minimum:  # `not >=` also catches NaN
@@ -187,9 +188,9 @@ def _at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
 def check(args: argparse.Namespace) -> None:
     """Every mistake visible in the options alone: budgets, ranges, the prompt template and the mesh."""
     check_method(args.method)
-    _at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
+    at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
               "num_virtual_tokens", "encoder_hidden_size", "adapter_reduction", "select_last_blocks", "log_every", "keep_checkpoints")
-    _at_least(args, 0, "eval_samples", "prompt_lookup", "warmup_steps", "save_every", "weight_decay", "clip_norm")
+    at_least(args, 0, "eval_samples", "prompt_lookup", "warmup_steps", "save_every", "weight_decay", "clip_norm")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not (args.epochs > 0 and math.isfinite(args.epochs)):
@@ -213,7 +214,7 @@ def check_quantize(args: argparse.Namespace) -> None:
     if args.quantize == "gguf" and not str(registry.resolve(args.model)).endswith(".gguf"):
         raise UsageError(f"--quantize gguf keeps a .gguf file's blocks packed, but --model {args.model} is not a .gguf file; "
                          "use --quantize nf4 or int8")
-    if args.quantize and args.method == "full":
+    if args.quantize and getattr(args, "method", None) == "full":
         raise UsageError(f"--method full trains every weight, but --quantize {args.quantize} keeps the base frozen and quantized; "
                          "use lora, ia3, prompt or adapter")
 

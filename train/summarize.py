@@ -40,6 +40,7 @@ LOW_RANK = {"lora": lora, "dora": lora, "loha": loha, "lokr": lokr}  # methods c
 MERGEABLE = {"lora": lora.merge, "dora": lora.merge, "ia3": ia3.merge, "loha": loha.merge, "lokr": lokr.merge}
 SOFT_PROMPTS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of each row: rows do not pack
 NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
+JPEFT_ADAPTER = "jpeft_adapter.safetensors"  # the adapter file of methods HF PEFT has no format for
 QUANTIZED = {"nf4": "quantized to NF4 (QLoRA)", "int8": "quantized to int8", "gguf": "kept in its GGUF quantization"}  # --quantize
 
 
@@ -178,15 +179,38 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
         task.module.save_pretrained(out / "model", task.config, params)
         return _dir_bytes(out / "model")
     if args.method in ("adapter", "selective"):  # no HF PEFT format for these: the trained leaves by tree path
-        trained = {p: v for p, v in tree.flatten(jpeft.partition(params, mask)[0]).items() if v is not None}
-        with hf_io.atomic_dir(out / "adapter") as tmp:
-            hf_io.write_safetensors(tmp / "jpeft_adapter.safetensors", trained, {"format": "jpeft", "method": args.method})
+        save_trained_leaves(out / "adapter", params, mask, args.method)
         return _dir_bytes(out / "adapter")
     jpeft.save_adapter(out / "adapter", params, config=method_cfg, base_model_name_or_path=task.source)
     if args.merge and args.method in MERGEABLE:
         task.module.save_pretrained(out / "merged", task.config, _merged(args, params))
     export_gguf(args, task, params, out)
     return _dir_bytes(out / "adapter")
+
+
+def save_trained_leaves(directory: Path, params: dict, mask: dict, method: str) -> None:
+    """jpeft's own adapter file, for methods HF PEFT has no format for: every trained leaf by its tree path."""
+    trained = {p: v for p, v in tree.flatten(jpeft.partition(params, mask)[0]).items() if v is not None}
+    with hf_io.atomic_dir(directory) as tmp:
+        hf_io.write_safetensors(tmp / JPEFT_ADAPTER, trained, {"format": "jpeft", "method": method})
+
+
+def load_trained_leaves(directory: Path, base: dict) -> dict:
+    """`base` with the leaves `save_trained_leaves` wrote: new ones (bottleneck adapters) attached, trained base
+    weights (selective) put in place of the base's, each checked against the base's shape."""
+    from safetensors.numpy import load_file
+
+    flat, saved = tree.flatten(base), load_file(directory / JPEFT_ADAPTER)
+    for path, value in saved.items():
+        if path in flat and tuple(value.shape) != tuple(flat[path].shape):
+            raise hf_io.CheckpointError(f"{directory}: {path} has shape {tuple(value.shape)}, but the base's is {tuple(flat[path].shape)}: "
+                                        "it was trained on another base")
+    replaced = {**flat, **{p: jnp.asarray(v) for p, v in saved.items() if p in flat}}
+    added = {p: jnp.asarray(v) for p, v in saved.items() if p not in flat}
+    try:
+        return jpeft.attach(tree.unflatten(replaced), tree.unflatten(added))
+    except ValueError as e:
+        raise hf_io.CheckpointError(f"{directory} does not fit this base: {e}") from None
 
 
 def _merged(args, params):
@@ -286,7 +310,7 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     base_preds = None
     if args.eval_samples > 0 and (not args.skip_base_eval or args.method == "none"):
         results["base"], base_preds = _score(task, base, eval_enc, args, dtype, "eval base")
-        print(f"base ROUGE: {_fmt(results['base'])}")
+        print(f"base ROUGE: {fmt(results['base'])}")
         clock.lap("base_eval")
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
@@ -323,7 +347,11 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
     start = min(ckpt.latest_step() or 0, total)
     if start:
-        restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+        try:
+            restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+        except hf_io.CheckpointError as e:
+            ckpt.close()
+            raise UsageError(f"{e}; or rerun with --overwrite to start the run afresh") from None
         trainable, opt_state = restored["trainable"], restored["opt_state"]
     print(_plan(args, len(train_enc), steps, n_train, n_total, out, start), flush=True)
 
@@ -357,7 +385,7 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     tuned_preds = None
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = _score(task, params, eval_enc, args, dtype, "eval tuned")
-        print(f"tuned ROUGE: {_fmt(results['tuned'])}")
+        print(f"tuned ROUGE: {fmt(results['tuned'])}")
         clock.lap("tuned_eval")
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
 
@@ -372,21 +400,21 @@ def all_history(out: Path) -> list[dict]:
     return [records[s] for s in sorted(records)]
 
 
-def _fmt(scores: dict) -> str:
+def fmt(scores: dict) -> str:
+    """ROUGE scores on one line."""
     return " ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
 def _finish(results: dict, out: Path, rows: list[dict], base: list[str] | None, tuned: list[str] | None) -> dict:
     results["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    with (out / ".predictions.jsonl.tmp").open("w") as f:
-        for i, row in enumerate(rows):
-            record = {"id": row["id"], "reference": row["reference"]}
-            if base is not None:
-                record["base"] = base[i]
-            if tuned is not None:
-                record["tuned"] = tuned[i]
-            f.write(json.dumps(record) + "\n")
-    os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
+    records = []
+    for i, row in enumerate(rows):
+        records.append({"id": row["id"], "reference": row["reference"]})
+        if base is not None:
+            records[-1]["base"] = base[i]
+        if tuned is not None:
+            records[-1]["tuned"] = tuned[i]
+    run_dir.write_jsonl(out / "predictions.jsonl", records)
     run_dir.finish(out, results)
     written = [name for name in run_dir.ARTIFACTS if (out / name).exists()]
     print(f"wrote {out}/: {', '.join(written)}")
