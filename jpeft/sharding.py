@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from jpeft import quant, split, training, tree
 
 AXES = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = training.BATCH_AXES
 Rules = Sequence[tuple[str, P]]
 
 # (regex searched in the leaf's path, spec); the first match wins, no match means replicated.
@@ -329,7 +329,13 @@ def make_sharded_train_step(loss_fn: training.LossFn, tx: optax.GradientTransfor
     (trainable, opt_state, loss); the loss comes back replicated.
     """
     sh = step_shardings(tx, mesh, trainable, frozen, rules, replicate_adapters)
-    step = jax.jit(training.make_train_step(loss_fn, tx),
+    train_step = training.make_train_step(loss_fn, tx)
+
+    def on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the loss's layout hints (`training.take_rows`) see
+            return train_step(*args)
+
+    step = jax.jit(on_mesh,
                    in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
                    out_shardings=(sh.trainable, sh.opt_state, sh.replicated),
                    donate_argnums=(0, 1))
