@@ -46,9 +46,10 @@ def _to_host(state: Any) -> Any:
     return jax.tree.map(host, state)
 
 
-def _leaf_names(tree: Any) -> list[str]:
-    """Dotted leaf names of a state tree ("trainable.q.lora_a"), as Orbax names them."""
-    return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """{dotted leaf name ("trainable.q.lora_a"), as Orbax names them: shape} of a state tree or of its saved metadata."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _restore_keys(restored: Any, target: Any) -> Any:
@@ -105,21 +106,25 @@ class Manager:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(plain))).state
         except (ValueError, KeyError, TypeError, OSError) as e:
-            saved, wanted = self._saved_leaves(step), set(_leaf_names(plain))
+            saved, wanted = self._saved_leaves(step), _leaf_shapes(plain)
             if saved is None or saved == wanted:  # the files cannot be read, or hold the right leaves but not their values
                 raise self._damaged(step, e) from None
-            raise CheckpointError(f"checkpoint {self.directory}/{step} holds another state than the one asked for: leaves only in the "
-                                  f"checkpoint {sorted(saved - wanted)[:3]}, only in the target {sorted(wanted - saved)[:3]}") from None
+            differences = [f"{what} {names[:3]}" for what, names in (
+                ("leaves only in the checkpoint", sorted(set(saved) - set(wanted))), ("leaves only in the target", sorted(set(wanted) - set(saved))),
+                ("leaves of other shapes (saved, target)", [(k, saved[k], wanted[k]) for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]),
+            ) if names]
+            raise CheckpointError(f"checkpoint {self.directory}/{step} holds another state than the one asked for: "
+                                  f"{'; '.join(differences)}") from None
         return _restore_keys(restored, target), meta["user"]
 
-    def _saved_leaves(self, step: int) -> set[str] | None:
-        """Names of the leaves checkpoint `step` holds, from its metadata; None if that cannot be read."""
+    def _saved_leaves(self, step: int) -> dict[str, tuple] | None:
+        """{name: shape} of the leaves checkpoint `step` holds, from its metadata; None if that cannot be read."""
         try:
             with ocp.StandardCheckpointer() as reader:
                 found = reader.metadata(self.directory / str(step) / "state").item_metadata
         except (ValueError, KeyError, TypeError, OSError):
             return None
-        return None if found is None else set(_leaf_names(found.tree))
+        return None if found is None else _leaf_shapes(found.tree)
 
     def _damaged(self, step: int, error: Exception) -> CheckpointError:
         """The error for a checkpoint whose files cannot be read, saying how to go on."""
