@@ -15,7 +15,7 @@ METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 FEW = 20  # below this many examples, one summary moves a ROUGE mean by several points
 
 
-def report_count(scored: int, available: int, origin: str, flag: str, asked: int | None, more: str, file: TextIO = sys.stdout) -> None:
+def report_count(scored: int, available: int, origin: str, flag: str, asked: int | None, more: str, file: TextIO | None = None) -> None:
     """Say how many examples are scored and why (`flag` `asked` caps them, else all of `origin`); warn when ROUGE rests
     on fewer than FEW, saying how to score more (`flag`, or `more` when the data ran out)."""
     plural = lambda n: f"{n} example{'' if n == 1 else 's'}"  # noqa: E731
