@@ -74,7 +74,7 @@ def _commands() -> list:
         for command in code.replace("\\\n", " ").splitlines():
             words = shlex.split(command, comments=True)
             for i, w in enumerate(words):
-                if w == "-m" and i + 1 < len(words) and words[i + 1] in ("train.summarize", "train.lab"):
+                if w == "-m" and i + 1 < len(words) and words[i + 1] in ("train.summarize", "train.lab", "train.generate"):
                     end = words.index("&&", i) if "&&" in words[i:] else len(words)
                     found.append(pytest.param(words[i + 1], words[i + 2 : end], id=f"{param.id}:{words[i + 1]}"))
     return found
@@ -82,10 +82,13 @@ def _commands() -> list:
 
 @pytest.mark.parametrize("module,argv", _commands())
 def test_cli_commands_parse_and_pass_the_checks(module, argv):
-    """Every `python -m train.summarize|train.lab ...` in a bash block takes its flags and passes the option checks."""
-    from train import lab, options, summarize
+    """Every `python -m train.summarize|train.lab ...` in a bash block takes its flags and passes the option checks;
+    `train.generate`'s take their flags (its checks need the run directories they name)."""
+    from train import generate, lab, options, summarize
 
-    if module == "train.lab":
+    if module == "train.generate":
+        generate.parse(argv)
+    elif module == "train.lab":
         for _, args in lab.plan(lab.parser().parse_args(argv)):
             options.check(args)
     else:
