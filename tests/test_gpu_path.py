@@ -154,7 +154,7 @@ def test_kernels_setting_is_checked_and_auto_follows_the_backend(monkeypatch):
 def test_cudnn_is_asked_only_for_what_it_supports(monkeypatch):
     """Off a CUDA device, in float32, or with odd lengths or head dims, the XLA implementation is chosen."""
     assert not attention._cudnn_applies(jnp.bfloat16, 64, 128, 128)  # this machine has no CUDA device
-    monkeypatch.setattr(nn, "_platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *a: [type("D", (), {"compute_capability": "9.0"})()])
     assert attention._cudnn_applies(jnp.bfloat16, 64, 128, 128) and attention._cudnn_applies(jnp.float16, 256, 2, 130)
     assert not attention._cudnn_applies(jnp.float32, 64, 128, 128)
