@@ -123,6 +123,17 @@ def score(config: Any, temperature: float = 1.0, dtype: Any = jnp.float32, old: 
     return jax.jit(run)
 
 
+def check_settings(beta: float, epsilon: float, epsilon_high: float | None, loss_type: str, temperature: float) -> None:
+    """Refuse, naming it, a GRPO setting `grpo_loss` cannot run."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    for name, value in (("beta", beta), ("epsilon", epsilon), ("epsilon_high", epsilon if epsilon_high is None else epsilon_high)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be positive (the rollout's sampling temperature)")
+
+
 def grpo_loss(config: Any, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None, loss_type: str = "dapo", *,
               temperature: float = 1.0, max_completion_length: int | None = None, dtype: Any = jnp.float32, lora_dropout: float = 0.0,
               remat: bool = False) -> Callable:
@@ -138,13 +149,7 @@ def grpo_loss(config: Any, beta: float = 0.0, epsilon: float = 0.2, epsilon_high
     """
     from jpeft import training
 
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
-    for name, value in (("beta", beta), ("epsilon", epsilon), ("epsilon_high", epsilon if epsilon_high is None else epsilon_high)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be positive (the rollout's sampling temperature)")
+    check_settings(beta, epsilon, epsilon_high, loss_type, temperature)
     low, high = epsilon, epsilon if epsilon_high is None else epsilon_high
     model, a = preference._decoder(config, "grpo_loss")
 

@@ -75,7 +75,8 @@ def _log1mexp(x: jax.Array) -> jax.Array:
     return jnp.where(x < -math.log(2), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
-def _check(kind: str, beta: float, label_smoothing: float) -> None:
+def check_settings(kind: str, beta: float, label_smoothing: float = 0.0) -> None:
+    """Refuse, naming it, a loss kind or setting `preference_loss` cannot run."""
     if kind not in KINDS:
         raise ValueError(f"unknown preference loss {kind!r}; choose one of {', '.join(KINDS)}")
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
@@ -103,7 +104,7 @@ def preference_loss(config: Any, kind: str = "sigmoid", beta: float = 0.1, *, la
     """
     from jpeft import training
 
-    _check(kind, beta, label_smoothing)
+    check_settings(kind, beta, label_smoothing)
     model, a = _decoder(config, "preference_loss")
     needs_reference = kind not in REFERENCE_FREE
 

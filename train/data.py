@@ -58,24 +58,30 @@ def _from_hub(name: str, split: str) -> Any:
         ) from None
 
 
-def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> list[dict]:
-    """Rows as {"id", "input", "reference"}; a missing column or empty text is an error naming it and what to pass."""
+def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD,
+              columns: Mapping[str, tuple[str, str]] | None = None) -> list[dict]:
+    """Rows as {"id", "input", "reference"}; a missing column or empty text is an error naming it and what to pass.
+
+    `columns` ({key: (column, flag)}) replaces the input/reference pair: `train.prefer` reads prompt, chosen and rejected.
+    """
+    columns = columns or {"input": (input_field, "--input-field"), "reference": (target_field, "--target-field")}
     rows = list(rows)
     if not rows:
         raise UsageError(f"{source} holds no examples")
     if not all(isinstance(row, Mapping) for row in rows):
         kind = next(type(row).__name__ for row in rows if not isinstance(row, Mapping))
         raise UsageError(f"{source}: an example is a {kind}, not a row of named fields")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    for flag, field in (("--input-field", input_field), ("--target-field", target_field)):
-        if field not in columns:
-            raise UsageError(f"{source} has no {field!r} column (its columns: {', '.join(map(repr, columns))}); "
+    present = list(dict.fromkeys(k for row in rows for k in row))
+    for field, flag in columns.values():
+        if field not in present:
+            raise UsageError(f"{source} has no {field!r} column (its columns: {', '.join(map(repr, present))}); "
                              f"name the right one with {flag}")
+    fields = [field for field, _ in columns.values()]
     for i, row in enumerate(rows):
-        missing = [f for f in (input_field, target_field) if not isinstance(row.get(f), str) or not row[f].strip()]
+        missing = [f for f in fields if not isinstance(row.get(f), str) or not row[f].strip()]
         if missing:
             raise UsageError(f"{source}: example {i} has no {' or '.join(map(repr, missing))} text")
-    return [{"id": str(r.get("id", i)), "input": r[input_field], "reference": r[target_field]} for i, r in enumerate(rows)]
+    return [{"id": str(r.get("id", i)), **{key: r[field] for key, (field, _) in columns.items()}} for i, r in enumerate(rows)]
 
 
 def _rows(spec: Any, split: str) -> tuple[Any, str]:
@@ -93,14 +99,15 @@ def _rows(spec: Any, split: str) -> tuple[Any, str]:
     return _from_hub(str(spec), split), f"{spec} [{split}]"
 
 
-def load_split(spec: Any, split: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> list[dict]:
+def load_split(spec: Any, split: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD,
+               columns: Mapping[str, tuple[str, str]] | None = None) -> list[dict]:
     """One split: `spec` is a directory ({split}.jsonl/.json/.csv/.parquet), a file, a hub name, rows in memory
     (a `datasets.Dataset` or a list of dicts), or None for the bundled sample."""
     if isinstance(spec, (str, Path)) or spec is None:
         rows, source = _rows(spec, split)
     else:
         rows, source = spec, f"the given {type(spec).__name__}"
-    return normalize(rows, source, input_field, target_field)
+    return normalize(rows, source, input_field, target_field, columns)
 
 
 def _splits_itself(spec: Any) -> bool:
@@ -108,9 +115,10 @@ def _splits_itself(spec: Any) -> bool:
     return not (spec is None or (isinstance(spec, (str, Path)) and not Path(spec).is_file()))
 
 
-def load_data(data: Any, eval_data: Any = None, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> tuple[list[dict], list[dict]]:
+def load_data(data: Any, eval_data: Any = None, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD,
+              columns: Mapping[str, tuple[str, str]] | None = None) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows. A single file or in-memory rows without `eval_data` hold out their first 10% for evaluation."""
-    fields = (input_field, target_field)
+    fields = (input_field, target_field, columns)
     if eval_data is not None:
         return load_split(data, "train", *fields), load_split(eval_data, "validation", *fields)
     if _splits_itself(data):

@@ -179,9 +179,13 @@ def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dt
     ids = batches.pad(sources, task.pad_id, left=left, bucket=BUCKET)
     mask = batches.pad([[1] * len(s) for s in sources], 0, ids.shape[1], left=left)
     lookup = {"prompt_lookup": prompt_lookup} if left else {}
-    out = np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype, **lookup))
+    return decode(task, np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype, **lookup)))
+
+
+def decode(task: Task, generated: np.ndarray) -> list[str]:
+    """Generated ids (rows, tokens) as text, each row cut at its first EOS."""
     texts = []
-    for row in out:
+    for row in generated:
         row = row.tolist()
         row = row[: row.index(task.eos_id)] if task.eos_id in row else row
         texts.append(task.tokenizer.decode(row, skip_special_tokens=True).strip())
