@@ -254,4 +254,4 @@ def target_hidden(model: Any, a: Any, params: Mapping[str, Any], batch: Mapping[
     return hidden[jnp.clip(pos, 0, R * L - 1)]
 
 
-from jpeft.preference import preference_loss  # noqa: E402  (its home is jpeft.preference, which builds on this module)
+from jpeft.preference import preference_loss  # noqa: E402,F401  (its home is jpeft.preference, which builds on this module)

@@ -90,32 +90,48 @@ def _trl_logps(trainer, tiny, adapter: bool):
         return trainer._get_per_token_logps_and_entropies(tiny.peft, ids, mask, tiny.completions.shape[1])[0]
 
 
-@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
-def test_loss_and_gradients_equal_trl(tiny, loss_type):
-    beta = 0.05
-    trainer = _trl_trainer(tiny, loss_type, beta)
+BETA = 0.05
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny):
+    """TRL's inputs for the fixed rollout (old log-probabilities drifted so ratios fall on both sides of the clip range,
+    the reference with the adapter disabled), and jpeft's results for every loss_type compiled together."""
+    trainer = _trl_trainer(tiny, "dapo", BETA)
     advantages = grpo.advantages(tiny.rewards, G)
-    np.testing.assert_allclose(advantages, _trl_advantages(tiny.rewards), rtol=1e-5)
-    # The old policy drifted: ratios on both sides of the clip range.
     old = _trl_logps(trainer, tiny, adapter=True) + torch.tensor(np.random.default_rng(1).normal(0, 0.3, tiny.completions.shape), dtype=torch.float32)
     ref = _trl_logps(trainer, tiny, adapter=False)
     inputs = {"prompt_ids": torch.tensor(tiny.prompt_ids), "prompt_mask": torch.tensor(tiny.prompt_mask),
               "completion_ids": torch.tensor(tiny.completions), "completion_mask": torch.tensor(tiny.completion_mask),
               "advantages": torch.tensor(advantages), "old_per_token_logps": old, "ref_per_token_logps": ref,
               "num_items_in_batch": torch.tensor(float(tiny.completion_mask.sum()))}
-    tiny.peft.zero_grad()
-    want = trainer._compute_loss(tiny.peft, inputs)
-    want.backward()
 
     batch = grpo.completion_batch(tiny.prompt_ids, tiny.prompt_mask, tiny.completions, tiny.completion_mask)
     scored = grpo.score(tiny.config, TEMPERATURE)(tiny.params, batch)
-    real = tiny.completion_mask > 0
-    np.testing.assert_allclose(np.asarray(scored["ref_logps"])[real], ref.numpy()[real], atol=1e-5)  # the adapter-off reference
     batch.update(advantages=advantages, old_logps=old.numpy(), ref_logps=np.asarray(scored["ref_logps"]))
-    loss_fn = grpo.grpo_loss(tiny.config, beta, 0.2, 0.28, loss_type, temperature=TEMPERATURE, max_completion_length=8)
     trainable, frozen = jpeft.partition(tiny.params, jpeft.trainable_mask(tiny.params))
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda t, b: loss_fn.with_metrics(jpeft.combine(t, frozen), b, None), has_aux=True))(
-        trainable, {k: jnp.asarray(v) for k, v in batch.items()})
+
+    def run(t, b):
+        out = {}
+        for loss_type in grpo.LOSS_TYPES:
+            loss_fn = grpo.grpo_loss(tiny.config, BETA, 0.2, 0.28, loss_type, temperature=TEMPERATURE, max_completion_length=8)
+            out[loss_type] = jax.value_and_grad(lambda t: loss_fn.with_metrics(jpeft.combine(t, frozen), b, None), has_aux=True)(t)
+        return out
+
+    ours = jax.jit(run)(trainable, {k: jnp.asarray(v) for k, v in batch.items()})
+    return SimpleNamespace(inputs=inputs, advantages=advantages, ref=ref, ref_ours=np.asarray(scored["ref_logps"]), ours=ours)
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_loss_and_gradients_equal_trl(tiny, rollout, loss_type):
+    np.testing.assert_allclose(rollout.advantages, _trl_advantages(tiny.rewards), rtol=1e-5)
+    real = tiny.completion_mask > 0
+    np.testing.assert_allclose(rollout.ref_ours[real], rollout.ref.numpy()[real], atol=1e-5)  # the adapter-off reference
+    trainer = _trl_trainer(tiny, loss_type, BETA)
+    tiny.peft.zero_grad()
+    want = trainer._compute_loss(tiny.peft, rollout.inputs)
+    want.backward()
+    (loss, metrics), grads = rollout.ours[loss_type]
     assert abs(float(loss) - want.item()) < 1e-5, (float(loss), want.item())
     ours = {p: np.asarray(g) for p, g in tree.flatten(grads).items() if g is not None}
     ref_grads = _lora_grads(tiny.peft)

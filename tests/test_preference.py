@@ -123,23 +123,46 @@ def _trl(tiny, kind):
 
 
 def _jpeft(tiny, kind, batch, **extra):
+    return _jpeft_cases(tiny, {kind: (kind, batch)}, **extra)[kind]
+
+
+def _jpeft_cases(tiny, cases, **extra):
+    """{name: (loss, LoRA gradients by path, metrics)} of `preference_loss` for each name -> (kind, batch), in one compile."""
     trainable, frozen = jpeft.partition(tiny.params, jpeft.trainable_mask(tiny.params))
-    loss_fn = training.preference_loss(tiny.config, kind, **SETTINGS[kind][0], **extra)
-    value_and_grad = jax.jit(jax.value_and_grad(lambda t, b: loss_fn.with_metrics(jpeft.combine(t, frozen), b, None), has_aux=True))
-    (loss, metrics), grads = value_and_grad(trainable, {k: jnp.asarray(v) for k, v in batch.items()})
-    grads = {p: np.asarray(g) for p, g in tree.flatten(grads).items() if g is not None}
-    return float(loss), grads, {k: float(v) for k, v in metrics.items()}
+
+    def run(t, data):
+        out = {}
+        for name, (kind, _) in cases.items():
+            loss_fn = training.preference_loss(tiny.config, kind, **SETTINGS[kind][0], **extra)
+            out[name] = jax.value_and_grad(lambda t: loss_fn.with_metrics(jpeft.combine(t, frozen), data[name], None), has_aux=True)(t)
+        return out
+
+    data = {name: {k: jnp.asarray(v) for k, v in batch.items()} for name, (_, batch) in cases.items()}
+    results = {}
+    for name, ((loss, metrics), grads) in jax.jit(run)(trainable, data).items():
+        grads = {p: np.asarray(g) for p, g in tree.flatten(grads).items() if g is not None}
+        results[name] = float(loss), grads, {k: float(v) for k, v in metrics.items()}
+    return results
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-@pytest.mark.parametrize("kind", preference.KINDS)
-def test_loss_gradients_and_metrics_equal_trl(tiny, kind, layout):
-    if layout == "packed" and kind != "sigmoid":
-        pytest.skip("packing is the same gather for every kind (each compile costs CI time): checked on DPO, reference included")
-    batch = batches.preference_batch(PROMPTS, CHOSEN, REJECTED, PAD, EOS, pack=layout == "packed", bucket=8, score_prompt=kind == "orpo")
-    if layout == "packed":
-        assert batch["input_ids"].shape[0] < 6  # several sequences share a row
-    ours, ours_grads, ours_metrics = _jpeft(tiny, kind, batch)
+CASES = [(kind, "padded") for kind in preference.KINDS] + [("sigmoid", "packed")]  # packing is the same gather for every kind
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    """jpeft's results for every case, compiled together (one compile, not seven)."""
+    cases = {}
+    for kind, layout in CASES:
+        batch = batches.preference_batch(PROMPTS, CHOSEN, REJECTED, PAD, EOS, pack=layout == "packed", bucket=8, score_prompt=kind == "orpo")
+        if layout == "packed":
+            assert batch["input_ids"].shape[0] < 6  # several sequences share a row
+        cases[f"{kind}-{layout}"] = (kind, batch)
+    return _jpeft_cases(tiny, cases)
+
+
+@pytest.mark.parametrize("kind,layout", CASES)
+def test_loss_gradients_and_metrics_equal_trl(tiny, ours, kind, layout):
+    ours, ours_grads, ours_metrics = ours[f"{kind}-{layout}"]
     ref, ref_grads, ref_metrics = _trl(tiny, kind)
     assert abs(ours - ref) < 1e-5, (ours, ref)
     assert sorted(ours_grads) == sorted(ref_grads)

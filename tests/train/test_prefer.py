@@ -39,38 +39,33 @@ def _prefer(setup, out, *extra) -> int:
                         "--chosen-field", "good", "--rejected-field", "bad", *COMMON, *extra])
 
 
-def test_dpo_trains_logs_its_metrics_resumes_and_scores(setup, tmp_path):
+def test_dpo_trains_logs_its_metrics_and_scores(setup, tmp_path, capsys):
+    """DPO on packed pairs with the reference scored once beforehand; held-out pairs and ROUGE scored; a rerun of the
+    finished run is reported, not redone (train.summarize's run directories)."""
     out = tmp_path / "dpo"
-    args = ["--loss", "dpo", "--rouge-data", str(setup / "dialogsum"), "--eval-samples", "2",
+    args = ["--loss", "dpo", "--precompute-reference", "--rouge-data", str(setup / "dialogsum"), "--eval-samples", "2",
             "--prompt", "Summarize the following conversation.\n\n{input}\n\nSummary: "]
-    assert _prefer(setup, out, *args, "--steps", "2") == 0
-    assert _prefer(setup, out, *args, "--steps", "3") == 0  # a longer budget at a constant rate continues the run
+    assert _prefer(setup, out, *args, "--steps", "3", "--skip-base-eval") == 0
     results = json.loads((out / "results.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logits/chosen"} <= set(metrics[0])
-    assert results["base_pairs"]["rewards/margins"] == 0  # untrained, the policy is its own reference
     assert results["tuned_pairs"]["rewards/margins"] != 0 and set(results["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert len([json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]) == 2
     assert (out / "loss.png").stat().st_size > 0 and (out / "adapter" / "adapter_config.json").is_file()
-
-
-@pytest.mark.parametrize("loss,extra", [("ipo", ["--precompute-reference", "--no-pack"]), ("orpo", [])])
-def test_other_losses_run(setup, tmp_path, loss, extra):
-    out = tmp_path / loss
-    assert _prefer(setup, out, "--loss", loss, "--steps", "2", "--eval-samples", "1", *extra) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["tuned_pairs"]) >= {"loss", "rewards/accuracies"} and ("nll_loss" in results["tuned_pairs"]) == (loss == "orpo")
+    capsys.readouterr()
+    assert _prefer(setup, out, *args, "--steps", "3", "--skip-base-eval") == 0
+    assert "already holds this run, complete" in capsys.readouterr().out
 
 
 def test_grpo_with_a_rouge_reward(setup, tmp_path):
     out = tmp_path / "grpo"
     assert grpo.main(["--model", str(setup / "llama"), "--data", str(setup / "dialogsum"), "--out", str(out), *COMMON, "--steps", "4",
-                      "--group", "2", "--num-iterations", "2", "--beta", "0.05", "--eval-samples", "2", "--skip-base-eval"]) == 0
+                      "--group", "2", "--num-iterations", "2", "--beta", "0.05", "--eval-samples", "0"]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all({"reward", "kl", "clip_ratio/region_mean"} <= set(m) for m in metrics)
     assert metrics[0]["reward"] == metrics[1]["reward"]  # two optimizer steps on each rollout
-    results = json.loads((out / "results.json").read_text())
-    assert set(results["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"} and (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "loss.png").stat().st_size > 0 and (out / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize("command,args,message", [
