@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpeft
-from jpeft import grpo as jgrpo
 from jpeft import quant
-from jpeft.sampling import Sampling
+from jpeft.models.sampling import Sampling
+from jpeft.training import grpo as jgrpo
 from train import options, run_dir, summarize, tasks
 from train.errors import UsageError
 

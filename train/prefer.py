@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import batches, packing, preference, quant, training
+from jpeft import batches, packing, quant, training
+from jpeft.training import preference
 from train import data as data_lib
 from train import options, run_dir, summarize, tasks, trainer
 from train.errors import UsageError

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prefix, prompt, ptuning, quant, sharding, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prefix, prompt, ptuning, quant, sharding, soft_prompt, targets, training, tree
 from jpeft.models import registry
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
@@ -306,8 +306,8 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
 
     print(_plan(args, len(train_enc), steps, run.n_train, run.n_total, out, run.start), flush=True)
     params = train(args, task, run, make_batch, tasks.token_count, out, results, clock)
-    if prompt.has_soft_prompt(params):
-        results["nearest_tokens"] = prompt.nearest_tokens(params, task.tokenizer, NEAREST)
+    if soft_prompt.present(params):
+        results["nearest_tokens"] = soft_prompt.nearest_tokens(params, task.tokenizer, NEAREST)
         print("nearest vocabulary tokens of the first learned virtual tokens (cosine):")
         for i, near in enumerate(results["nearest_tokens"][:5]):
             print(f"  {i}: " + ", ".join(f"{t!r} {c:.3f}" for t, c in near))

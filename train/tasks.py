@@ -12,15 +12,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from jpeft import batches, gguf_io, training
-from jpeft.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import gemma, llama, registry, t5
-from jpeft.tokenizer import load_tokenizer
+from jpeft.formats.tokenizer import load_tokenizer
 from train.errors import UsageError
 
 PROMPT = "Summarize the following conversation.\n\n{input}\n\nSummary: "  # the default --prompt
 MARK = "\x00DIALOGUE\x00"
 BUCKET = 64  # padded lengths are multiples of this, so only a few shapes ever compile
-IGNORE = training.IGNORE
+IGNORE = batches.IGNORE
 MODULES = {"t5": t5, "llama": llama, "gemma": gemma}  # family -> the jpeft module implementing it
 
 
@@ -82,7 +82,7 @@ def _as_usage_errors(model: str) -> Iterator[None]:
 
 def find_model(model: str) -> tuple[str, Any, Path]:
     """(family, config, local path) of a model directory, hub id, .gguf file or packaged short name; no weights are read."""
-    from jpeft.hf_io import resolve_model_dir
+    from jpeft.formats.hf_io import resolve_model_dir
 
     with _as_usage_errors(model):
         resolved = registry.resolve(model)

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Mapping
 import flax.linen as fnn
 import jax
 
-from jpeft import ia3, lora, nn
+from jpeft import nn
+from jpeft.methods import ia3, lora
 from jpeft import targets as tg
 from jpeft import tree
 from jpeft.integrations import layers

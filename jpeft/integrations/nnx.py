@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpeft import ia3, lora, nn, tree
+from jpeft import nn, tree
+from jpeft.methods import ia3, lora
 from jpeft import targets as tg
 from jpeft.integrations import layers
 from jpeft.integrations.layers import LEAVES, Kind, Site

@@ -29,9 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, gguf_io, hf_io, multi, nn, prefix, prompt, quant, sampling, tree
-from jpeft.hf_io import CheckpointError
+from jpeft import nn, quant, tree
+from jpeft.models import generation, sampling
+from jpeft.formats import gguf_io, hf_io
+from jpeft.methods import multi, prefix, prompt, soft_prompt
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import registry
+from jpeft.models import attention
+from jpeft.models import ops
 
 Params = dict[str, Any]
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -97,16 +102,16 @@ def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, 
 
 
 def layer_visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None,
-                     cache: list | None = None) -> jax.Array | nn.Visibility:
-    """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `nn.FLASH_MIN_LEN`
+                     cache: list | None = None) -> jax.Array | attention.Visibility:
+    """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `attention.FLASH_MIN_LEN`
     and on the GPU path; otherwise (no cache, or one the queries fill: they are the last T of the S key slots) the same
-    visibility as an O(S) `nn.Visibility`, which `nn.causal_attention` runs blockwise, so long rows never hold a (T, S)
+    visibility as an O(S) `attention.Visibility`, which `attention.causal_attention` runs blockwise, so long rows never hold a (T, S)
     mask."""
     # With a cache the queries may sit anywhere among its slots; a packed prefill's fill every slot, as without one.
     fills_cache = cache is not None and len(query_index) == key_mask.shape[-1]
-    if (cache is not None and not fills_cache) or len(query_index) < nn.FLASH_MIN_LEN or nn.gpu_kernels():
+    if (cache is not None and not fills_cache) or len(query_index) < attention.FLASH_MIN_LEN or nn.gpu_kernels():
         return visibility(key_mask, query_index, window, segment_ids)
-    return nn.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
+    return attention.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
                          None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
                          None if window is None else jnp.int32(window))
 
@@ -172,31 +177,31 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
         cache = (k, v)
     else:
-        k, v = nn.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
+        k, v = attention.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
     if cache is None or isinstance(index, int):  # no cache, or a prefill at a static slot: keys end at the queries' slots
         end = index + T if cache is not None else k.shape[2]
-        seen = visible if isinstance(visible, nn.Visibility) else visible[..., :end]
-        out = nn.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), seen, scale, ctx,
-                                  softcap=softcap, block=None if cache is None else nn.PREFILL_BLOCK)  # (B, KV, G, T, E)
+        seen = visible if isinstance(visible, attention.Visibility) else visible[..., :end]
+        out = attention.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), seen, scale, ctx,
+                                  softcap=softcap, block=None if cache is None else attention.PREFILL_BLOCK)  # (B, KV, G, T, E)
     else:  # a decoding step: the whole cache, causality hiding the slots not yet written
-        out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
+        out = attention.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
     return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
 
 
 def gated_mlp(p: Params, h: jax.Array, act: str, ctx: nn.Ctx) -> jax.Array:
     """down(act(gate(h)) * up(h)): SwiGLU for Llama, GeGLU for Gemma."""
     # The two (B, T, F) projections are half a layer's matmul work: under remat they are kept, not recomputed.
-    gate = nn.activation(act)(nn.keep(nn.dense(p["gate_proj"], h, ctx)))
+    gate = ops.activation(act)(nn.keep(nn.dense(p["gate_proj"], h, ctx)))
     return nn.dense(p["down_proj"], gate * nn.keep(nn.dense(p["up_proj"], h, ctx)), ctx)
 
 
 def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None,
           ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
-    """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`prompt.soft_prompt`) prepended: (B, N+T, D) and the (B, N+T) mask."""
+    """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+T, D) and the (B, N+T) mask."""
     x = params["model"]["embed_tokens"]["embedding"][input_ids].astype(dtype)
     if scale is not None:  # a float32 scale rounded to the compute dtype, as transformers rounds it to the weights' dtype
         x = x * jnp.asarray(np.float32(scale)).astype(dtype)
-    soft = prompt.soft_prompt(params, ctx)
+    soft = soft_prompt.rows_of(params, ctx)
     if soft is not None:  # prepended as given: PEFT feeds its soft prompt unscaled, past the embedding layer
         soft = soft.astype(dtype)
         B = input_ids.shape[0]
@@ -246,10 +251,10 @@ def run_layers(layer: Callable, a: Any, params: Params, x: jax.Array, tables: li
     return nn.run_layers(one, x, [{"layer": p, "kind": np.int32(k)} for p, k in zip(layers, kind_of)], ctx), None
 
 
-def _windowed(visible: jax.Array | nn.Visibility) -> jax.Array | nn.Visibility:
-    """A `nn.Visibility` without a window given one no row reaches past (> its S slots), so the kinds of a model's
+def _windowed(visible: jax.Array | attention.Visibility) -> jax.Array | attention.Visibility:
+    """A `attention.Visibility` without a window given one no row reaches past (> its S slots), so the kinds of a model's
     layers, windowed or not, stack as one pytree."""
-    if not isinstance(visible, nn.Visibility) or visible.window is not None:
+    if not isinstance(visible, attention.Visibility) or visible.window is not None:
         return visible
     return dataclasses.replace(visible, window=jnp.int32(visible.real.shape[1] + 1))
 
@@ -278,7 +283,7 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
               length_penalty, early_stopping, prompt_lookup, packed_len, sample, copies):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
-    if prompt.has_soft_prompt(params):  # padding first, so a sliding window spans real slots only, as without padding
+    if soft_prompt.present(params):  # padding first, so a sliding window spans real slots only, as without padding
         order = jnp.argsort(mask, axis=1, stable=True)
         x, mask = jnp.take_along_axis(x, order[..., None], axis=1), jnp.take_along_axis(mask, order, axis=1)
     R, P = mask.shape
@@ -390,7 +395,7 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     extra = generation.bucket(S, steps=8) - S
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-    n_virtual = prompt.num_virtual_tokens(params) + prefix.num_tokens(params)
+    n_virtual = soft_prompt.num_tokens(params) + prefix.num_tokens(params)
     # Ragged prompts prefill as one packed row when that saves slots: soft prompts, prefixes and per-row adapters
     # need the rows apart.
     packed_len = generation.bucket(int(attention_mask.sum()), steps=8)

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, sampling, tree
-from jpeft.hf_io import CheckpointError
-from jpeft.models import causal_lm
+from jpeft import nn, tree
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.models import causal_lm, sampling
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
 
 Params = dict[str, Any]

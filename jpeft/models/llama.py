@@ -14,7 +14,7 @@ Positions: rotary positions come from the attention mask's cumulative sum (0 on 
 right-padded batches this equals transformers' `forward` (which numbers slots 0..T-1 whatever the mask).
 
 Soft prompts: a top-level `prompt_embeddings` (N, D) leaf, or a P-tuning `prompt_encoder`'s output
-(`prompt.soft_prompt`), is prepended to every row's input embeddings with
+(`soft_prompt.rows_of`), is prepended to every row's input embeddings with
 the mask extended by N ones, as PEFT's `PeftModelForCausalLM` does for prompt tuning (before any left
 padding). PEFT drops `position_ids` and numbers all N + T slots, which agrees with the cumulative-sum rule on
 right-padded batches (training) but not on left-padded ones, where jpeft keeps positions padding-independent.
@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, sampling, tree
-from jpeft.hf_io import CheckpointError
-from jpeft.models import causal_lm
+from jpeft import nn, tree
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.models import causal_lm, sampling
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
+from jpeft.models import ops
 
 Params = dict[str, Any]
 
@@ -211,10 +212,10 @@ def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> 
 
 
 def _layer(p: Params, x, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, index=0):
-    h = nn.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
     h, cache = causal_lm.self_attention(p["self_attn"], h, cos, sin, visible, a, ctx, cache, index, scale=a.head_dim**-0.5)
     x = x + nn.adapter(p["self_attn"].get("adapter"), h, ctx)
-    h = nn.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
     h = causal_lm.gated_mlp(p["mlp"], h, a.act, ctx)
     return x + nn.adapter(p["mlp"].get("adapter"), h, ctx), cache
 
@@ -250,7 +251,7 @@ def decoder(
     windows = list(dict.fromkeys(a.windows))  # one (visible, cos, sin) per distinct window
     tables = [(causal_lm.layer_visibility(key_mask, query_index, w, segment_ids, cache), cos, sin) for w in windows]
     x, cache = causal_lm.run_layers(_layer, a, params, x, tables, [windows.index(w) for w in a.windows], ctx, cache, index)
-    return nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache
+    return ops.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache
 
 
 def lm_head(config: Any, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:

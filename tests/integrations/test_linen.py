@@ -186,7 +186,7 @@ def test_registered_third_party_layer(setup):
 
 
 def test_adapter_files_round_trip_with_the_base_fingerprint(setup, tmp_path):
-    from jpeft.hf_io import CheckpointError
+    from jpeft.formats.hf_io import CheckpointError
 
     model, params, ids = setup
     p = _random_lora(_inject(setup), jax.random.key(6))

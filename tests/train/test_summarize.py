@@ -414,7 +414,7 @@ def test_export_gguf_writes_llama_cpp_files(model_dir, data_dir, tmp_path):
     import jpeft
     from jpeft import tree
     from jpeft.models import llama
-    from tests.test_gguf_io import write_gguf
+    from tests.formats.test_gguf_io import write_gguf
 
     config = transformers.LlamaConfig(vocab_size=32128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
