@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpeft
-from jpeft import quant
 from jpeft.models.sampling import Sampling
 from jpeft.training import grpo as jgrpo
 from train import options, run_dir, summarize, tasks
@@ -130,11 +128,7 @@ class Rollouts:
 
 def run(args: argparse.Namespace) -> dict:
     """The whole job: check, load, score the base, train by GRPO, score the tuned model, write results."""
-    train_rows, eval_rows, finished = prepare(args)
-    if finished is not None:
-        print(f"{args.out} already holds this run, complete: its results are in {Path(args.out) / run_dir.RESULTS_FILE}")
-        return finished
-    return execute(args, train_rows, eval_rows)
+    return summarize.run_prepared(args, prepare(args), execute)
 
 
 def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
@@ -144,16 +138,10 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     run_dir.reset_peak_memory()
     clock = summarize.Phases()
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf")
-    if args.quantize in quant.FORMATS:
-        base = quant.quantize(base, args.quantize)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    task, base = summarize.load(args)
+    with summarize.warnings_to_stderr():
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
         eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
     results: dict[str, Any] = {"method": args.method, "model": args.model, "reward": args.reward, "eval_examples": len(eval_enc),
                                "phase_seconds": clock.seconds}
     clock.lap("load")

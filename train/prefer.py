@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import batches, packing, quant, training
+from jpeft import batches, packing, training
 from jpeft.training import preference
 from train import data as data_lib
 from train import options, run_dir, summarize, tasks, trainer
@@ -135,11 +134,7 @@ def pair_metrics(loss_fn: Any, task: tasks.Task, params: dict, rows: list[dict],
 
 def run(args: argparse.Namespace) -> dict:
     """The whole job: check, load, score the base, train, score the tuned model, write results."""
-    train_rows, eval_rows, finished = prepare(args)
-    if finished is not None:
-        print(f"{args.out} already holds this run, complete: its results are in {Path(args.out) / run_dir.RESULTS_FILE}")
-        return finished
-    return execute(args, train_rows, eval_rows)
+    return summarize.run_prepared(args, prepare(args), execute)
 
 
 def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
@@ -149,20 +144,14 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     clock = summarize.Phases()
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     kind = LOSSES[args.loss]
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf")
-    if args.quantize in quant.FORMATS:
-        base = quant.quantize(base, args.quantize)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    task, base = summarize.load(args)
+    with summarize.warnings_to_stderr():
         train_enc = encode_pairs(task, train_rows, args)
         eval_enc = encode_pairs(task, eval_rows[: args.eval_samples], args)
         rouge_rows = []
         if args.rouge_data and args.eval_samples:
             summaries = data_lib.load_split(args.rouge_data, "validation", args.input_field, args.target_field)[: args.eval_samples]
             rouge_rows = tasks.encode(task, summaries, args.max_source_len, args.max_target_len, args.prompt)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
     results: dict[str, Any] = {"method": args.method, "model": args.model, "loss": args.loss, "eval_pairs": len(eval_enc),
                                "phase_seconds": clock.seconds}
     clock.lap("load")
@@ -173,16 +162,20 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     loss_fn = training.preference_loss(task.config, kind, args.beta, label_smoothing=args.label_smoothing, gamma=args.simpo_gamma,
                                        sft_weight=args.sft_weight, precompute_reference=precompute, dtype=dtype,
                                        lora_dropout=args.lora_dropout if args.method in ("lora", "dora") else 0.0, remat=args.remat)
-    base_preds = None
-    if not args.skip_base_eval:
-        if eval_enc:
-            results["base_pairs"] = pair_metrics(loss_fn, task, base, eval_enc, args, eval_ref)
-            print(f"base on held-out pairs: {summarize._fmt(results['base_pairs'])}")
-        if rouge_rows:
-            results["base"], base_preds = summarize._score(task, base, rouge_rows, args, dtype, "eval base")
-            print(f"base ROUGE: {summarize._fmt(results['base'])}")
-        clock.lap("base_eval")
 
+    def score(params: dict, label: str) -> list[str] | None:
+        """Held-out pairs' metrics and, with --rouge-data, ROUGE of greedy summaries, recorded as `label` in the results."""
+        predictions = None
+        if eval_enc:
+            results[f"{label}_pairs"] = pair_metrics(loss_fn, task, params, eval_enc, args, eval_ref)
+            print(f"{label} on held-out pairs: {summarize._fmt(results[f'{label}_pairs'])}")
+        if rouge_rows:
+            results[label], predictions = summarize._score(task, params, rouge_rows, args, dtype, f"eval {label}")
+            print(f"{label} ROUGE: {summarize._fmt(results[label])}")
+        clock.lap(f"{label}_eval")
+        return predictions
+
+    base_preds = None if args.skip_base_eval else score(base, "base")
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
     run = summarize.setup(args, task, base, loss_fn, steps, out, results, with_metrics=True)
     lengths = [len(r["source"]) + max(len(r["chosen"]), len(r["rejected"])) for r in train_enc]
@@ -197,14 +190,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
 
     print(summarize._plan(args, len(train_enc), steps, run.n_train, run.n_total, out, run.start), flush=True)
     params = summarize.train(args, task, run, make_batch, tasks.token_count, out, results, clock, curves=CURVES)
-    tuned_preds = None
-    if eval_enc:
-        results["tuned_pairs"] = pair_metrics(loss_fn, task, params, eval_enc, args, eval_ref)
-        print(f"tuned on held-out pairs: {summarize._fmt(results['tuned_pairs'])}")
-    if rouge_rows:
-        results["tuned"], tuned_preds = summarize._score(task, params, rouge_rows, args, dtype, "eval tuned")
-        print(f"tuned ROUGE: {summarize._fmt(results['tuned'])}")
-    clock.lap("tuned_eval")
+    tuned_preds = score(params, "tuned")
     return summarize._finish(results, out, rouge_rows, base_preds, tuned_preds)
 
 

@@ -10,6 +10,7 @@ Every option is checked before the model loads; a restart with the same --out re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -251,7 +252,12 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
 
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
     """The whole job: check, load, score the base, train, score the tuned model, write results."""
-    train_rows, eval_rows, finished = prepare(args, train_data, eval_data)
+    return run_prepared(args, prepare(args, train_data, eval_data), execute)
+
+
+def run_prepared(args: argparse.Namespace, prepared: tuple[list[dict], list[dict], dict | None], execute: Any) -> dict:
+    """`execute(args, train rows, eval rows)` after `prepare`, unless `--out` already holds this run complete."""
+    train_rows, eval_rows, finished = prepared
     if finished is not None:
         out = Path(args.out)
         print(f"{out} already holds this run, complete: its results are in {out / run_dir.RESULTS_FILE} "
@@ -260,22 +266,33 @@ def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None)
     return execute(args, train_rows, eval_rows)
 
 
+def load(args: argparse.Namespace) -> tuple[tasks.Task, dict]:
+    """(task, base parameters) of --model with --tokenizer and --chat-template, quantized as --quantize asks."""
+    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
+                                 quantized=args.quantize == "gguf")
+    return task, quant.quantize(base, args.quantize) if args.quantize in quant.FORMATS else base
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Warnings raised inside (truncated inputs, ...) printed as `warning:` lines after the block."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
 def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     clock = Phases()
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf")
-    if args.quantize in quant.FORMATS:
-        base = quant.quantize(base, args.quantize)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    task, base = load(args)
+    with warnings_to_stderr():
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
         eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
 
     results: dict[str, Any] = {"method": args.method, "model": args.model, "eval_examples": len(eval_enc),
                                "phase_seconds": clock.seconds}

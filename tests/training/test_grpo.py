@@ -20,9 +20,7 @@ from jpeft import lora, training, tree
 from jpeft.models import llama
 from jpeft.models.sampling import Sampling
 from jpeft.training import grpo
-from tests.models.test_llama import make_hf_llama
-from tests.methods.test_lora import peft_lora_into_tree
-from tests.training.test_preference import _lora_grads
+from tests.training.test_preference import _accelerator, _lora_grads, tiny_peft_llama
 
 TARGETS = ["q_proj", "v_proj"]
 TEMPERATURE = 0.8
@@ -33,27 +31,15 @@ G = 2
 def tiny(tmp_path_factory):
     """A tiny random Llama with PEFT LoRA (TRL's fused head at the rollout temperature), the same weights in jpeft, and a
     fixed rollout: 2 prompts (one left-padded) x 2 completions (two stopped early)."""
-    import peft
-    from trl.trainer.utils import add_fused_lm_head
-
-    path = tmp_path_factory.mktemp("llama")
-    model = make_hf_llama(path, vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1)
-    config, params = llama.load_pretrained(path)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    add_fused_lm_head(peft_model.get_base_model(), temperature=TEMPERATURE, outputs=("log_probs", "entropy"))
-    params = peft_lora_into_tree(peft_model, lora.inject(params, lora.LoraConfig(r=4, alpha=8, target_modules=TARGETS), jax.random.key(0)))
+    config, params, peft_model = tiny_peft_llama(tmp_path_factory.mktemp("llama"), TARGETS, 2, temperature=TEMPERATURE,
+                                                 outputs=("log_probs", "entropy"))
     rng = np.random.default_rng(0)
     prompt_ids = np.repeat(rng.integers(3, 96, size=(2, 5)), G, axis=0)
     prompt_mask = np.ones_like(prompt_ids)
     prompt_ids[2:, :2], prompt_mask[2:, :2] = 0, 0
     completions = rng.integers(3, 96, size=(4, 6))
     completion_mask = (np.arange(6)[None] < np.array([[6], [3], [6], [1]])).astype(np.int64)
-    return SimpleNamespace(config=config, params=params, peft=peft_model.train(), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+    return SimpleNamespace(config=config, params=params, peft=peft_model, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                            completions=completions, completion_mask=completion_mask, rewards=np.array([1.0, 0.2, -0.5, 0.7], np.float32))
 
 
@@ -71,8 +57,8 @@ def _trl_trainer(tiny, loss_type, beta):
     from trl import GRPOTrainer
 
     trainer = GRPOTrainer.__new__(GRPOTrainer)
-    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=True, autocast=contextlib.nullcontext, gather=lambda x: x,
-                                  reduce=lambda x, reduction: x, gather_for_metrics=lambda x: x)
+    accelerator = SimpleNamespace(**vars(_accelerator()), num_processes=1, is_main_process=True, autocast=contextlib.nullcontext,
+                                  reduce=lambda x, reduction: x)
     trainer.__dict__.update(
         model=tiny.peft, accelerator=accelerator, aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
         importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, use_vllm=False,

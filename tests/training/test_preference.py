@@ -38,25 +38,32 @@ SETTINGS = {  # kind -> (preference_loss options, the TRL trainer's)
 }
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama with PEFT LoRA (TRL's fused head added), and the same weights as a jpeft tree."""
+def tiny_peft_llama(path, targets, seed, **fused_head):
+    """(jpeft config, jpeft params with LoRA, PEFT model in train mode): a tiny random Llama with the same random LoRA
+    weights on both sides (A and B non-zero, so the policy differs from its reference) and TRL's fused LM head added
+    as its trainers add it (`fused_head`: add_fused_lm_head's temperature / outputs)."""
     import peft
     from trl.trainer.utils import add_fused_lm_head
 
-    path = tmp_path_factory.mktemp("llama")
     model = make_hf_llama(path, vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, tie_word_embeddings=False)
     config, params = llama.load_pretrained(path)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.normal_(0, 0.2)  # A and B both non-zero: the policy differs from the reference
-    add_fused_lm_head(peft_model.get_base_model(), outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-    params = lora.inject(params, lora.LoraConfig(r=4, alpha=8, target_modules=TARGETS), jax.random.key(0))
-    params = peft_lora_into_tree(peft_model, params)
-    return SimpleNamespace(config=config, params=params, peft=peft_model.train())
+                p.normal_(0, 0.2)
+    add_fused_lm_head(peft_model.get_base_model(), **fused_head)
+    params = lora.inject(params, lora.LoraConfig(r=4, alpha=8, target_modules=targets), jax.random.key(0))
+    return config, peft_lora_into_tree(peft_model, params), peft_model.train()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny Llama with PEFT LoRA every loss kind is checked on, and its jpeft twin."""
+    config, params, peft_model = tiny_peft_llama(tmp_path_factory.mktemp("llama"), TARGETS, 1,
+                                                 outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    return SimpleNamespace(config=config, params=params, peft=peft_model)
 
 
 def _accelerator():
