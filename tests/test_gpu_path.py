@@ -28,7 +28,6 @@ from tests.training.test_packing import _batch as packing_batch
 from tests.formats.test_peft_format import _randomize
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = lora.LoraConfig(r=2, target_modules=["q", "v", "q_proj", "v_proj", "down_proj", "wo"])
 
 
 def _t5_config():
@@ -85,7 +84,8 @@ def _assert_trees_close(a, b, atol):
 
 
 def _lora_params(init, config):
-    params = lora.inject(init(config, jax.random.key(0)), LORA, jax.random.key(1))
+    targets = ["q", "v", "wo"] if init is t5.init_params else ["q_proj", "v_proj", "down_proj"]  # each family's own names
+    params = lora.inject(init(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=targets), jax.random.key(1))
     return _randomize(params, jax.random.key(2), scale=0.3)
 
 

@@ -80,7 +80,7 @@ def check(args: argparse.Namespace) -> Sampling:
         raise UsageError(str(e)) from None
 
 
-def prepare(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict | None]:
+def prepare(args: argparse.Namespace) -> summarize.Prepared:
     """`train.summarize.prepare` after the GRPO options are checked."""
     check(args)
     if tasks.find_model(args.model)[0] == "t5":
@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> dict:
     return summarize.run_prepared(args, prepare(args), execute)
 
 
-def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
+def execute(args: argparse.Namespace, prepared: summarize.Prepared) -> dict:
     """Load the model, score the base, train by GRPO, score the tuned model, write results (after `prepare`)."""
+    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
     sample = check(args)
     out = Path(args.out)
     run_dir.reset_peak_memory()
@@ -148,7 +149,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     base_preds = None
     if args.eval_samples > 0 and not args.skip_base_eval:
         results["base"], base_preds = summarize._score(task, base, eval_enc, args, dtype, "eval base")
-        print(f"base ROUGE: {summarize._fmt(results['base'])}")
+        print(f"base ROUGE: {summarize.fmt(results['base'])}")
         clock.lap("base_eval")
 
     rollouts_per_epoch = max(1, len(train_enc) // args.batch_size)
@@ -165,7 +166,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     tuned_preds = None
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = summarize._score(task, params, eval_enc, args, dtype, "eval tuned")
-        print(f"tuned ROUGE: {summarize._fmt(results['tuned'])}")
+        print(f"tuned ROUGE: {summarize.fmt(results['tuned'])}")
         clock.lap("tuned_eval")
     return summarize._finish(results, out, eval_enc, base_preds, tuned_preds)
 

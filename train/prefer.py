@@ -54,12 +54,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def columns(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
-    """The preference data's columns for `data.normalize`: the prompt as input, chosen as reference, and rejected."""
-    return {"input": (args.prompt_field, "--prompt-field"), "reference": (args.chosen_field, "--chosen-field"),
-            "rejected": (args.rejected_field, "--rejected-field")}
-
-
 def check(args: argparse.Namespace) -> None:
     """The preference options on their own, before anything loads."""
     kind = LOSSES[args.loss]
@@ -78,18 +72,19 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError("--mesh: preference tuning runs on one device for now")
 
 
-def prepare(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict | None]:
+def prepare(args: argparse.Namespace) -> summarize.Prepared:
     """`train.summarize.prepare` for preference pairs, after the preference options are checked."""
     check(args)
     if tasks.find_model(args.model)[0] == "t5":
         raise UsageError(f"{args.model} is an encoder-decoder (T5) model; preference tuning is for decoder-only models (Llama family, Gemma)")
-    return summarize.prepare(args, command=sys.modules[__name__], columns=columns(args))
+    return summarize.prepare(args, command=sys.modules[__name__], columns=(args.prompt_field, args.chosen_field),
+                             flags=("--prompt-field", "--chosen-field"), keep=(("--rejected-field", args.rejected_field),))
 
 
 def encode_pairs(task: tasks.Task, rows: list[dict], args: argparse.Namespace) -> list[dict]:
     """Token ids per pair: `source` (the framed prompt), `chosen` and `rejected` (each + EOS, cut to --max-target-len)."""
     both = [tasks.encode(task, [{**r, "reference": r[side]} for r in rows], args.max_source_len, args.max_target_len, args.prompt)
-            for side in ("reference", "rejected")]
+            for side in ("reference", args.rejected_field)]
     return [{"id": c["id"], "source": c["source"], "chosen": c["target"], "rejected": r["target"]} for c, r in zip(*both)]
 
 
@@ -137,8 +132,9 @@ def run(args: argparse.Namespace) -> dict:
     return summarize.run_prepared(args, prepare(args), execute)
 
 
-def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
+def execute(args: argparse.Namespace, prepared: summarize.Prepared) -> dict:
     """Load the model, score the base, preference-tune, score the tuned model, write results (after `prepare`)."""
+    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
     out = Path(args.out)
     run_dir.reset_peak_memory()
     clock = summarize.Phases()
@@ -168,10 +164,10 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
         predictions = None
         if eval_enc:
             results[f"{label}_pairs"] = pair_metrics(loss_fn, task, params, eval_enc, args, eval_ref)
-            print(f"{label} on held-out pairs: {summarize._fmt(results[f'{label}_pairs'])}")
+            print(f"{label} on held-out pairs: {summarize.fmt(results[f'{label}_pairs'])}")
         if rouge_rows:
             results[label], predictions = summarize._score(task, params, rouge_rows, args, dtype, f"eval {label}")
-            print(f"{label} ROUGE: {summarize._fmt(results[label])}")
+            print(f"{label} ROUGE: {summarize.fmt(results[label])}")
         clock.lap(f"{label}_eval")
         return predictions
 

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,26 +42,19 @@ LOW_RANK = {"lora": lora, "dora": lora, "loha": loha, "lokr": lokr}  # methods c
 MERGEABLE = {"lora": lora.merge, "dora": lora.merge, "ia3": ia3.merge, "loha": loha.merge, "lokr": lokr.merge}
 SOFT_PROMPTS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of each row: rows do not pack
 NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
-
-
-GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter (f32), the merged model (f16)
+JPEFT_ADAPTER = "jpeft_adapter.safetensors"  # the adapter file of methods HF PEFT has no format for
+QUANTIZED = {"nf4": "quantized to NF4 (QLoRA)", "int8": "quantized to int8", "gguf": "kept in its GGUF quantization"}  # --quantize
 
 
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
-    p = options.parser("jpeft-summarize", __doc__)
-    p.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
-                   help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
-                        "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only")
-    return p
+    return options.parser("jpeft-summarize", __doc__)
 
 
-def _gguf_exports(text: str) -> list[str]:
-    chosen = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # a list: run.json records it as one
-    bad = [t for t in chosen if t not in GGUF_EXPORTS]
-    if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GGUF_EXPORTS)} (comma-separated)")
-    return chosen
+def gguf_export_fits(export: str, method: str) -> bool:
+    """Whether `method` can be exported as `export`: llama.cpp's adapter file holds LoRA pairs, the merged file needs
+    a method that folds into the weights."""
+    return method == "lora" if export == "adapter" else method in (*MERGEABLE, "full")
 
 
 def check_gguf_export(args: argparse.Namespace, family: str) -> None:
@@ -69,10 +62,10 @@ def check_gguf_export(args: argparse.Namespace, family: str) -> None:
     exports = getattr(args, "export_gguf", [])
     if exports and family == "t5":
         raise UsageError("--export-gguf: llama.cpp GGUF export is for decoder-only models (Llama family, Gemma); T5 is not a llama.cpp target")
-    if "adapter" in exports and args.method != "lora":
+    if "adapter" in exports and not gguf_export_fits("adapter", args.method):
         raise UsageError(f"--export-gguf adapter: llama.cpp adapters hold LoRA pairs only, not --method {args.method}; "
                          "export the merged model instead (--export-gguf merged)")
-    if "merged" in exports and args.method not in (*MERGEABLE, "full"):
+    if "merged" in exports and not gguf_export_fits("merged", args.method):
         raise UsageError(f"--export-gguf merged: --method {args.method} does not merge into the weights")
 
 
@@ -188,15 +181,38 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
         task.module.save_pretrained(out / "model", task.config, params)
         return _dir_bytes(out / "model")
     if args.method in ("adapter", "selective"):  # no HF PEFT format for these: the trained leaves by tree path
-        trained = {p: v for p, v in tree.flatten(jpeft.partition(params, mask)[0]).items() if v is not None}
-        with hf_io.atomic_dir(out / "adapter") as tmp:
-            hf_io.write_safetensors(tmp / "jpeft_adapter.safetensors", trained, {"format": "jpeft", "method": args.method})
+        save_trained_leaves(out / "adapter", params, mask, args.method)
         return _dir_bytes(out / "adapter")
     jpeft.save_adapter(out / "adapter", params, config=method_cfg, base_model_name_or_path=task.source)
     if args.merge and args.method in MERGEABLE:
         task.module.save_pretrained(out / "merged", task.config, _merged(args, params))
     export_gguf(args, task, params, out)
     return _dir_bytes(out / "adapter")
+
+
+def save_trained_leaves(directory: Path, params: dict, mask: dict, method: str) -> None:
+    """jpeft's own adapter file, for methods HF PEFT has no format for: every trained leaf by its tree path."""
+    trained = {p: v for p, v in tree.flatten(jpeft.partition(params, mask)[0]).items() if v is not None}
+    with hf_io.atomic_dir(directory) as tmp:
+        hf_io.write_safetensors(tmp / JPEFT_ADAPTER, trained, {"format": "jpeft", "method": method})
+
+
+def load_trained_leaves(directory: Path, base: dict) -> dict:
+    """`base` with the leaves `save_trained_leaves` wrote: new ones (bottleneck adapters) attached, trained base
+    weights (selective) put in place of the base's, each checked against the base's shape."""
+    from safetensors.numpy import load_file
+
+    flat, saved = tree.flatten(base), load_file(directory / JPEFT_ADAPTER)
+    for path, value in saved.items():
+        if path in flat and tuple(value.shape) != tuple(flat[path].shape):
+            raise hf_io.CheckpointError(f"{directory}: {path} has shape {tuple(value.shape)}, but the base's is {tuple(flat[path].shape)}: "
+                                        "it was trained on another base")
+    replaced = {**flat, **{p: jnp.asarray(v) for p, v in saved.items() if p in flat}}
+    added = {p: jnp.asarray(v) for p, v in saved.items() if p not in flat}
+    try:
+        return jpeft.attach(tree.unflatten(replaced), tree.unflatten(added))
+    except ValueError as e:
+        raise hf_io.CheckpointError(f"{directory} does not fit this base: {e}") from None
 
 
 def _merged(args, params):
@@ -220,7 +236,8 @@ def export_gguf(args, task, params, out: Path) -> None:
 
 def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path, resume_from: int) -> str:
     per_step = args.batch_size * args.grad_accum
-    lines = [f"plan: {args.method} on {args.model}, {steps} optimizer steps x {per_step} examples "
+    base = f"{args.model} {QUANTIZED[args.quantize]}" if args.quantize else args.model
+    lines = [f"plan: {args.method} on {base}, {steps} optimizer steps x {per_step} examples "
              f"({args.batch_size} per micro-batch x {args.grad_accum} accumulated) = {steps * per_step} examples "
              f"({steps * per_step / n_train:.2f} epochs of {n_train})",
              f"      trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); lr {args.lr:g} "
@@ -230,24 +247,35 @@ def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path,
     return "\n".join(lines)
 
 
+class Prepared(NamedTuple):
+    """What `prepare` found: the rows, where the evaluation rows come from, and a finished run's results (else None)."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    finished: dict | None
+    eval_origin: str
+
+
 def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None, *, command: Any = None,
-            columns: dict[str, tuple[str, str]] | None = None) -> tuple[list[dict], list[dict], dict | None]:
+            columns: tuple[str, str] | None = None, **normalize_options: Any) -> Prepared:
     """Everything that needs no weights: options, the method against the model's shapes, the data, the run directory.
 
-    Returns (train rows, eval rows, the results of this very run if `--out` already holds it complete).
     `train_data` / `eval_data` (a `datasets.Dataset` or a list of dicts) take the place of --data / --eval-data.
     `command` (a module with `parser()`, default this one) says whose option defaults an older run directory lacks;
-    `columns` are the data's columns other than --input-field / --target-field (`data.normalize`).
+    `columns` (input, target) replace --input-field / --target-field and `normalize_options` go to `data.normalize`
+    (`train.prefer` reads prompt and chosen, and keeps its rejected column).
     """
     options.check(args)
     family, config, _ = tasks.find_model(args.model)
     check_gguf_export(args, family)
     check_method_fits(args, family, config)
-    train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
-                                               args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field, columns)
+    data = args.data if train_data is None else train_data
+    evaluation = args.eval_data if eval_data is None else eval_data
+    train_rows, eval_rows = data_lib.load_data(data, evaluation, *(columns or (args.input_field, args.target_field)), **normalize_options)
     out = Path(args.out)
     defaults = vars((command or sys.modules[__name__]).parser().parse_args([]))
-    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
+    finished = run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
+    return Prepared(train_rows, eval_rows, finished, data_lib.eval_origin(data, evaluation))
 
 
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
@@ -255,15 +283,14 @@ def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None)
     return run_prepared(args, prepare(args, train_data, eval_data), execute)
 
 
-def run_prepared(args: argparse.Namespace, prepared: tuple[list[dict], list[dict], dict | None], execute: Any) -> dict:
-    """`execute(args, train rows, eval rows)` after `prepare`, unless `--out` already holds this run complete."""
-    train_rows, eval_rows, finished = prepared
-    if finished is not None:
+def run_prepared(args: argparse.Namespace, prepared: Prepared, execute: Any) -> dict:
+    """`execute(args, prepared)` after `prepare`, unless `--out` already holds this run complete."""
+    if prepared.finished is not None:
         out = Path(args.out)
         print(f"{out} already holds this run, complete: its results are in {out / run_dir.RESULTS_FILE} "
               "(use --overwrite to train it again, or a new --out)")
-        return finished
-    return execute(args, train_rows, eval_rows)
+        return prepared.finished
+    return execute(args, prepared)
 
 
 def load(args: argparse.Namespace) -> tuple[tasks.Task, dict]:
@@ -283,8 +310,9 @@ def warnings_to_stderr() -> Iterator[None]:
         print(f"warning: {w.message}", file=sys.stderr)
 
 
-def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
+def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
+    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
     out = Path(args.out)
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     clock = Phases()
@@ -293,14 +321,17 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     with warnings_to_stderr():
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
         eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
+    if args.eval_samples:
+        evaluate.report_count(len(eval_enc), len(eval_rows), prepared.eval_origin, "--eval-samples", args.eval_samples,
+                              "pass more evaluation examples with --eval-data")
 
-    results: dict[str, Any] = {"method": args.method, "model": args.model, "eval_examples": len(eval_enc),
+    results: dict[str, Any] = {"method": args.method, "quantize": args.quantize, "model": args.model, "eval_examples": len(eval_enc),
                                "phase_seconds": clock.seconds}
     clock.lap("load")
     base_preds = None
     if args.eval_samples > 0 and (not args.skip_base_eval or args.method == "none"):
         results["base"], base_preds = _score(task, base, eval_enc, args, dtype, "eval base")
-        print(f"base ROUGE: {_fmt(results['base'])}")
+        print(f"base ROUGE: {fmt(results['base'])}")
         clock.lap("base_eval")
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
@@ -331,7 +362,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     tuned_preds = None
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = _score(task, params, eval_enc, args, dtype, "eval tuned")
-        print(f"tuned ROUGE: {_fmt(results['tuned'])}")
+        print(f"tuned ROUGE: {fmt(results['tuned'])}")
         clock.lap("tuned_eval")
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
 
@@ -377,7 +408,11 @@ def setup(args: argparse.Namespace, task: tasks.Task, base: dict, loss_fn: Any, 
     ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
     start = min(ckpt.latest_step() or 0, steps * args.grad_accum)
     if start:
-        restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+        try:
+            restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+        except hf_io.CheckpointError as e:
+            ckpt.close()
+            raise UsageError(f"{e}; or rerun with --overwrite to start the run afresh") from None
         trainable, opt_state = restored["trainable"], restored["opt_state"]
     return Training(mask, method_cfg, trainable, frozen, opt_state, step_fn, place_batch, optim, steps, ckpt, start, n_train, n_total)
 
@@ -423,21 +458,21 @@ def all_history(out: Path) -> list[dict]:
     return [records[s] for s in sorted(records)]
 
 
-def _fmt(scores: dict) -> str:
+def fmt(scores: dict) -> str:
+    """ROUGE scores on one line."""
     return " ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
 def _finish(results: dict, out: Path, rows: list[dict], base: list[str] | None, tuned: list[str] | None) -> dict:
     results["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    with (out / ".predictions.jsonl.tmp").open("w") as f:
-        for i, row in enumerate(rows):
-            record = {"id": row["id"], "reference": row["reference"]}
-            if base is not None:
-                record["base"] = base[i]
-            if tuned is not None:
-                record["tuned"] = tuned[i]
-            f.write(json.dumps(record) + "\n")
-    os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
+    records = []
+    for i, row in enumerate(rows):
+        records.append({"id": row["id"], "reference": row["reference"]})
+        if base is not None:
+            records[-1]["base"] = base[i]
+        if tuned is not None:
+            records[-1]["tuned"] = tuned[i]
+    run_dir.write_jsonl(out / "predictions.jsonl", records)
     run_dir.finish(out, results)
     written = [name for name in run_dir.ARTIFACTS if (out / name).exists()]
     print(f"wrote {out}/: {', '.join(written)}")

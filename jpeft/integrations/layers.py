@@ -302,6 +302,15 @@ def check_method(config: Any) -> None:
                          "IA3Config); use it on jpeft's own models (T5, Llama, Gemma), whose dense layers apply it")
 
 
+def targeted(names: list[str], config: Any) -> list[str]:
+    """The module names `config` targets, each entry checked (`targets.select`; (IA)^3 also checks its feed-forward names)."""
+    from jpeft.methods import ia3
+
+    if isinstance(config, ia3.IA3Config):
+        return ia3.choose(names, config)
+    return tg.select(names, config.target_modules, "target_modules", config.modules_to_save)
+
+
 def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array) -> tuple[Leaves, jax.Array | None]:
     """A method's leaves for one weight w (*lead, *shape), stacked axes first, and PiSSA's residual weight (else None)."""
     from jpeft.methods import ia3, lora

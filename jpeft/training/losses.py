@@ -7,6 +7,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from jpeft import nn
 from jpeft.methods import prefix, soft_prompt
 from jpeft.models import causal_lm, gemma, llama, ops, t5
@@ -21,6 +23,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return _nll_sum(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid), jnp.sum(valid)
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over (`jpeft.training.sharding`)
 LOGITS_CHUNK_BYTES = 128 << 20  # float32 logits of one chunk in `head_cross_entropy`
 
 
@@ -150,6 +153,21 @@ def _check_batch(batch: Mapping[str, Any], keys: tuple[str, ...], fn: str, helpe
                        f"build the batch with jpeft.batches.{helper}(...)")
 
 
+def take_rows(flat: jax.Array, index: jax.Array) -> jax.Array:
+    """flat[index]: rows of flat (N, D), the whole batch's positions, at index (E, T), which may point into any row.
+
+    On a mesh that splits the batch over BATCH_AXES (`jpeft.training.sharding`'s step sets it) the gather needs every row
+    on every device: they are gathered once, explicitly, and the result is split like the batch again. Left to
+    itself XLA's partitioner lays the gathered rows out along D and cannot reshape that back, so it replicates and
+    repartitions them, forward and backward, with an "Involuntary full rematerialization" warning each time.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return flat[index]
+    whole = jax.lax.with_sharding_constraint(flat, P())
+    return jax.lax.with_sharding_constraint(whole[index], P(BATCH_AXES))
+
+
 def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0, remat: bool = False) -> LossFn:
     """Mean cross-entropy of a decoder-only LM on the target tokens only.
 
@@ -198,4 +216,4 @@ def target_hidden(model: Any, a: Any, params: Mapping[str, Any], batch: Mapping[
     hidden = hidden[:, hidden.shape[1] - L:].reshape(R * L, -1)  # soft-prompt positions (first) dropped
     T = batch["targets"].shape[1]
     pos = batch["target_index"][:, None] - 1 + jnp.arange(T)[None, :]  # position t predicts token t + 1
-    return hidden[jnp.clip(pos, 0, R * L - 1)]
+    return take_rows(hidden, jnp.clip(pos, 0, R * L - 1))
