@@ -81,11 +81,13 @@ def _from_hub(name: str, split: str) -> Any:
 
 
 def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD,
-              need_target: bool = True, keep: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+              need_target: bool = True, keep: tuple[tuple[str, str], ...] = (),
+              flags: tuple[str, str] = ("--input-field", "--target-field")) -> list[dict]:
     """Rows as {"id", "input", "reference"}; a missing column or empty text is an error naming it and what to pass.
 
     Without `need_target`, rows of data that has no target column come without "reference"; `keep` holds
-    (flag, column) pairs of further text columns each row must have, kept under their own names.
+    (flag, column) pairs of further text columns each row must have, kept under their own names. `flags` name the
+    options that set the input and target columns (`train.prefer`'s are --prompt-field and --chosen-field).
     """
     rows = list(rows)
     if not rows:
@@ -95,7 +97,7 @@ def normalize(rows: Iterable[Mapping[str, Any]], source: str, input_field: str =
         raise UsageError(f"{source}: an example is a {kind}, not a row of named fields")
     columns = list(dict.fromkeys(k for row in rows for k in row))
     has_target = need_target or target_field in columns
-    fields = (("--input-field", input_field), *((("--target-field", target_field),) if has_target else ()), *keep)
+    fields = ((flags[0], input_field), *(((flags[1], target_field),) if has_target else ()), *keep)
     for flag, field in fields:
         if field not in columns:
             raise UsageError(f"{source} has no {field!r} column (its columns: {', '.join(map(repr, columns))}); "
@@ -148,15 +150,17 @@ def eval_origin(data: Any, eval_data: Any = None) -> str:
     return f"the first 10% of {what}, held out as no --eval-data was given"
 
 
-def load_data(data: Any, eval_data: Any = None, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows. A single file or in-memory rows without `eval_data` hold out their first 10% for evaluation."""
+def load_data(data: Any, eval_data: Any = None, input_field: str = INPUT_FIELD, target_field: str = TARGET_FIELD,
+              **normalize_options: Any) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows. A single file or in-memory rows without `eval_data` hold out their first 10% for evaluation.
+    `normalize_options` go to `normalize` for every split."""
     fields = (input_field, target_field)
     if eval_data is not None:
-        return load_split(data, "train", *fields), load_split(eval_data, "validation", *fields)
+        return load_split(data, "train", *fields, **normalize_options), load_split(eval_data, "validation", *fields, **normalize_options)
     if _splits_itself(data):
-        rows = load_split(data, "train", *fields)
+        rows = load_split(data, "train", *fields, **normalize_options)
         if len(rows) < 2:
             raise UsageError(f"{len(rows)} example: at least 2 are needed to hold some out for evaluation, or pass separate evaluation data")
         cut = max(1, len(rows) // 10)
         return rows[cut:], rows[:cut]
-    return load_split(data, "train", *fields), load_split(data, "validation", *fields)
+    return load_split(data, "train", *fields, **normalize_options), load_split(data, "validation", *fields, **normalize_options)

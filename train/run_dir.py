@@ -30,7 +30,7 @@ BUDGET = ("steps", "epochs")
 def settings(args: argparse.Namespace, train_rows: list[dict]) -> dict[str, Any]:
     """The options that decide the trained weights, and a hash of the training examples themselves."""
     record = {k: v for k, v in sorted(vars(args).items()) if k not in FREE}
-    text = json.dumps([[r["input"], r["reference"]] for r in train_rows], ensure_ascii=False)
+    text = json.dumps([[r[k] for k in sorted(r) if k != "id"] for r in train_rows], ensure_ascii=False)  # input, reference and any kept columns
     record["train_examples"] = {"count": len(train_rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     return record
 

@@ -10,6 +10,8 @@ Every option is checked before the model loads; a restart with the same --out re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -17,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -254,10 +256,14 @@ class Prepared(NamedTuple):
     eval_origin: str
 
 
-def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> Prepared:
+def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None, *, command: Any = None,
+            columns: tuple[str, str] | None = None, **normalize_options: Any) -> Prepared:
     """Everything that needs no weights: options, the method against the model's shapes, the data, the run directory.
 
     `train_data` / `eval_data` (a `datasets.Dataset` or a list of dicts) take the place of --data / --eval-data.
+    `command` (a module with `parser()`, default this one) says whose option defaults an older run directory lacks;
+    `columns` (input, target) replace --input-field / --target-field and `normalize_options` go to `data.normalize`
+    (`train.prefer` reads prompt and chosen, and keeps its rejected column).
     """
     options.check(args)
     family, config, _ = tasks.find_model(args.model)
@@ -265,22 +271,43 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     check_method_fits(args, family, config)
     data = args.data if train_data is None else train_data
     evaluation = args.eval_data if eval_data is None else eval_data
-    train_rows, eval_rows = data_lib.load_data(data, evaluation, args.input_field, args.target_field)
+    train_rows, eval_rows = data_lib.load_data(data, evaluation, *(columns or (args.input_field, args.target_field)), **normalize_options)
     out = Path(args.out)
-    defaults = vars(parser().parse_args([]))
+    defaults = vars((command or sys.modules[__name__]).parser().parse_args([]))
     finished = run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
     return Prepared(train_rows, eval_rows, finished, data_lib.eval_origin(data, evaluation))
 
 
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
     """The whole job: check, load, score the base, train, score the tuned model, write results."""
-    prepared = prepare(args, train_data, eval_data)
+    return run_prepared(args, prepare(args, train_data, eval_data), execute)
+
+
+def run_prepared(args: argparse.Namespace, prepared: Prepared, execute: Any) -> dict:
+    """`execute(args, prepared)` after `prepare`, unless `--out` already holds this run complete."""
     if prepared.finished is not None:
         out = Path(args.out)
         print(f"{out} already holds this run, complete: its results are in {out / run_dir.RESULTS_FILE} "
               "(use --overwrite to train it again, or a new --out)")
         return prepared.finished
     return execute(args, prepared)
+
+
+def load(args: argparse.Namespace) -> tuple[tasks.Task, dict]:
+    """(task, base parameters) of --model with --tokenizer and --chat-template, quantized as --quantize asks."""
+    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
+                                 quantized=args.quantize == "gguf")
+    return task, quant.quantize(base, args.quantize) if args.quantize in quant.FORMATS else base
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Warnings raised inside (truncated inputs, ...) printed as `warning:` lines after the block."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
 
 
 def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
@@ -290,16 +317,10 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     clock = Phases()
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf")
-    if args.quantize in quant.FORMATS:
-        base = quant.quantize(base, args.quantize)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    task, base = load(args)
+    with warnings_to_stderr():
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
         eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
     if args.eval_samples:
         evaluate.report_count(len(eval_enc), len(eval_rows), prepared.eval_origin, "--eval-samples", args.eval_samples,
                               "pass more evaluation examples with --eval-data")
@@ -315,21 +336,9 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
 
-    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base, task.config)
-    n_train, n_total = jpeft.count_params(params, mask, verbose=False)
-    results.update(trainable_params=n_train, total_params=n_total)
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
-    optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
-    tx = trainer.make_optimizer(optim, steps)
     loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method in ("lora", "dora") else 0.0, args.remat)
-
-    trainable, frozen = jpeft.partition(params, mask)
-    if args.mesh:
-        placed = sharding.setup(args.mesh, loss_fn, tx, trainable, frozen, tx.init(trainable))
-        trainable, frozen, opt_state, step_fn, place_batch = placed.trainable, placed.frozen, placed.opt_state, placed.step, placed.place_batch
-    else:
-        trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
-        opt_state, step_fn, place_batch = tx.init(trainable), training.make_train_step(loss_fn, tx), lambda b: b
+    run = setup(args, task, base, loss_fn, steps, out, results)
 
     lengths = [len(r["source"]) + len(r["target"]) for r in train_enc]
     # A soft prompt is prepended per row, and sharded rows need a fixed row count: neither packs.
@@ -341,42 +350,10 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
 
     def make_batch(i: int) -> dict:
         idx = batches(i)
-        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack, row_len=row_len))
+        return run.place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack, row_len=row_len))
 
-    total = steps * args.grad_accum
-    ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
-    start = min(ckpt.latest_step() or 0, total)
-    if start:
-        try:
-            restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
-        except hf_io.CheckpointError as e:
-            ckpt.close()
-            raise UsageError(f"{e}; or rerun with --overwrite to start the run afresh") from None
-        trainable, opt_state = restored["trainable"], restored["opt_state"]
-    print(_plan(args, len(train_enc), steps, n_train, n_total, out, start), flush=True)
-
-    def save(step, trainable, opt_state):
-        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, {"seed": args.seed, "method": args.method, "model": args.model})
-
-    clock.lap("setup")
-    t0 = time.perf_counter()
-    try:
-        trainable, opt_state, _ = trainer.fit(
-            step_fn, trainable, opt_state, frozen, make_batch, tasks.token_count, total,
-            seed=args.seed, out=out, schedule=trainer.learning_rate(optim, steps), grad_accum=args.grad_accum,
-            log_every=args.log_every, save=save, save_every=args.save_every or max(1, total // 4), start=start,
-        )
-    finally:
-        ckpt.close()
-    results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
-    clock.lap("train")
-    history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
-    results["final_loss"] = history[-1]["loss"] if history else None
-    if history:
-        trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
-    params = sharding.gather(jpeft.combine(trainable, frozen)) if args.mesh else jpeft.combine(trainable, frozen)
-    results["adapter_bytes"] = save_outputs(args, task, params, mask, method_cfg, out)
-    clock.lap("save")
+    print(_plan(args, len(train_enc), steps, run.n_train, run.n_total, out, run.start), flush=True)
+    params = train(args, task, run, make_batch, tasks.token_count, out, results, clock)
     if soft_prompt.present(params):
         results["nearest_tokens"] = soft_prompt.nearest_tokens(params, task.tokenizer, NEAREST)
         print("nearest vocabulary tokens of the first learned virtual tokens (cosine):")
@@ -388,6 +365,87 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
         print(f"tuned ROUGE: {fmt(results['tuned'])}")
         clock.lap("tuned_eval")
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
+
+
+@dataclasses.dataclass
+class Training:
+    """What `setup` prepared for `train`: the method's tree split for the jitted step, the optimizer and its state,
+    the checkpoints (restored from when resuming) and the parameter counts."""
+
+    mask: Any
+    method_cfg: Any
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    step_fn: Any
+    place_batch: Any
+    optim: trainer.OptimConfig
+    steps: int
+    ckpt: checkpoint.Manager
+    start: int
+    n_train: int
+    n_total: int
+
+
+def setup(args: argparse.Namespace, task: tasks.Task, base: dict, loss_fn: Any, steps: int, out: Path, results: dict,
+          with_metrics: bool = False) -> Training:
+    """Apply --method to `base`, build the optimizer and the jitted step of `loss_fn` (sharded with --mesh), and restore
+    the latest checkpoint in `out`; records the parameter counts in `results`. `with_metrics`: the step also returns
+    the loss's metrics (`training.make_train_step`)."""
+    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base, task.config)
+    n_train, n_total = jpeft.count_params(params, mask, verbose=False)
+    results.update(trainable_params=n_train, total_params=n_total)
+    optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
+    tx = trainer.make_optimizer(optim, steps)
+    trainable, frozen = jpeft.partition(params, mask)
+    if args.mesh:
+        placed = sharding.setup(args.mesh, loss_fn, tx, trainable, frozen, tx.init(trainable))
+        trainable, frozen, opt_state, step_fn, place_batch = placed.trainable, placed.frozen, placed.opt_state, placed.step, placed.place_batch
+    else:
+        trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
+        opt_state, place_batch = tx.init(trainable), lambda b: b
+        step_fn = training.make_train_step(loss_fn, tx, with_metrics=with_metrics)
+    ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
+    start = min(ckpt.latest_step() or 0, steps * args.grad_accum)
+    if start:
+        try:
+            restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+        except hf_io.CheckpointError as e:
+            ckpt.close()
+            raise UsageError(f"{e}; or rerun with --overwrite to start the run afresh") from None
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+    return Training(mask, method_cfg, trainable, frozen, opt_state, step_fn, place_batch, optim, steps, ckpt, start, n_train, n_total)
+
+
+def train(args: argparse.Namespace, task: tasks.Task, run: Training, make_batch: Any, count_tokens: Any, out: Path, results: dict,
+          clock: Phases, rollout: bool = False, host_metrics: Any = None, curves: Sequence[str] = ()) -> dict:
+    """Run `trainer.fit` from the restored step to the end, checkpointing, then plot the logged curves (`loss.png`: the loss
+    and `curves`, across restarts) and save the outputs (`save_outputs`); returns the trained tree."""
+    def save(step, trainable, opt_state):
+        run.ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, {"seed": args.seed, "method": args.method, "model": args.model})
+
+    total = run.steps * args.grad_accum
+    clock.lap("setup")
+    t0 = time.perf_counter()
+    try:
+        trainable, opt_state, _ = trainer.fit(
+            run.step_fn, run.trainable, run.opt_state, run.frozen, make_batch, count_tokens, total,
+            seed=args.seed, out=out, schedule=trainer.learning_rate(run.optim, run.steps), grad_accum=args.grad_accum,
+            log_every=args.log_every, save=save, save_every=args.save_every or max(1, total // 4), start=run.start,
+            rollout=rollout, host_metrics=host_metrics,
+        )
+    finally:
+        run.ckpt.close()
+    results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
+    clock.lap("train")
+    history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
+    results["final_loss"] = history[-1]["loss"] if history else None
+    if history:
+        trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}", curves)
+    params = sharding.gather(jpeft.combine(trainable, run.frozen)) if args.mesh else jpeft.combine(trainable, run.frozen)
+    results["adapter_bytes"] = save_outputs(args, task, params, run.mask, run.method_cfg, out)
+    clock.lap("save")
+    return params
 
 
 def all_history(out: Path) -> list[dict]:

@@ -182,10 +182,14 @@ def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dt
     mask = batches.pad([[1] * len(s) for s in sources], 0, ids.shape[1], left=left)
     lookup = {"prompt_lookup": prompt_lookup} if left else {}
     chosen = None if adapter_ids is None else np.asarray(adapter_ids, np.int32)
-    out = np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype,
-                                          adapter_ids=chosen, **lookup))
+    return decode(task, np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype,
+                                                        adapter_ids=chosen, **lookup)))
+
+
+def decode(task: Task, generated: np.ndarray) -> list[str]:
+    """Generated ids (rows, tokens) as text, each row cut at its first EOS."""
     texts = []
-    for row in out:
+    for row in generated:
         row = row.tolist()
         row = row[: row.index(task.eos_id)] if task.eos_id in row else row
         texts.append(task.tokenizer.decode(row, skip_special_tokens=True).strip())
