@@ -41,10 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import nn, prefix
+from jpeft import nn
 from jpeft import targets as tg
-from jpeft.hf_io import CheckpointError
-from jpeft.models import causal_lm, registry
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.methods import prefix
+from jpeft.models import causal_lm, ops, registry
 
 Params = dict[str, Any]
 
@@ -317,7 +318,7 @@ def _experts(p: Params, h: jax.Array, a: Arch, ctx: nn.Ctx, routing: dict) -> tu
     sizes = jnp.zeros((a.num_experts,), jnp.int32).at[flat].add(1)
     rows = x[order // a.top_k]  # (R, D), grouped by expert
     gate, up = jnp.split(nn.keep(nn.grouped_dense(p["experts"]["gate_up_proj"], rows, sizes, ctx)), 2, axis=-1)
-    out = nn.grouped_dense(p["experts"]["down_proj"], nn.activation(a.act)(gate) * up, sizes, ctx)
+    out = nn.grouped_dense(p["experts"]["down_proj"], ops.activation(a.act)(gate) * up, sizes, ctx)
     out = out * weights.reshape(-1)[order][:, None]
     y = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(B * T, a.top_k, D).sum(axis=1)
     return y.reshape(B, T, D), routing
@@ -329,19 +330,19 @@ def _experts(p: Params, h: jax.Array, a: Arch, ctx: nn.Ctx, routing: dict) -> tu
 
 def _qk_norm(a: Arch, ctx: nn.Ctx):
     if a.qk_norm == "head":
-        return lambda w, t: nn.rms_norm(w, t, a.eps, ctx.dtype)
+        return lambda w, t: ops.rms_norm(w, t, a.eps, ctx.dtype)
     if a.qk_norm == "projection":  # over all heads of a token at once: (B, T, heads, E) normed as (B, T, heads * E)
-        return lambda w, t: nn.rms_norm(w, t.reshape(*t.shape[:2], -1), a.eps, ctx.dtype).reshape(t.shape)
+        return lambda w, t: ops.rms_norm(w, t.reshape(*t.shape[:2], -1), a.eps, ctx.dtype).reshape(t.shape)
     return None
 
 
 def _layer(p: Params, carry, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, index=0):
     x, routing = carry
-    h = nn.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
     h, cache = causal_lm.self_attention(p["self_attn"], h, cos, sin, visible, a, ctx, cache, index, scale=a.head_dim**-0.5,
                                         qk_norm=_qk_norm(a, ctx), clip=a.clip_qkv)
     x = x + nn.adapter(p["self_attn"].get("adapter"), h, ctx)
-    h = nn.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
     if "experts" in p["mlp"]:
         h, routing = _experts(p["mlp"], h, a, ctx, routing)
     else:
@@ -365,7 +366,7 @@ def _decode(a: Arch, params: Params, x, positions, key_mask, ctx: nn.Ctx, cache,
     mask = jnp.ones(x.shape[:2]) if cache is not None else key_mask[:, key_mask.shape[1] - x.shape[1]:] > 0
     (x, routing), cache = causal_lm.run_layers(_layer, a, params, (x, _routing(a, mask, keep_logits)), tables,
                                                [windows.index(w) for w in a.windows], ctx, cache, index)
-    return nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache, routing
+    return ops.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache, routing
 
 
 def decoder(
@@ -430,25 +431,10 @@ def router_outputs(config: Any, params: Params, input_ids: jax.Array, attention_
     return logits, routing["logits"], load_balancing_loss(a, routing)
 
 
-def generate(
-    config: Any,
-    params: Params,
-    input_ids,
-    attention_mask=None,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    *,
-    length_penalty: float = 1.0,
-    early_stopping: bool = False,
-    eos_token_id: int | list[int] | None = None,
-    dtype: Any = jnp.float32,
-    adapter_ids=None,
-    prompt_lookup: int = 0,
-) -> jax.Array:
-    """Greedy (num_beams=1) or beam search with a key/value cache, as `llama.generate`; (B, max_new_tokens) ids."""
-    return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
-                              length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup)
+def generate(config: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, **options):
+    """Greedy, beam search or sampling with a key/value cache: `llama.generate`'s arguments and keyword options
+    (`sample=jpeft.models.sampling.Sampling(...)`, `key`, `num_return_sequences`, `return_logprobs`, `prompt_lookup`, ...)."""
+    return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams, **options)
 
 
 _MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)

@@ -18,10 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from jpeft import ia3, lora, nn, peft_format, split, training, tree
-from jpeft.batches import causal_lm_batch
-from jpeft.hf_io import CheckpointError
+from jpeft import nn, training, tree
+from jpeft.formats import peft_format
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.methods import ia3, lora
+from jpeft.training import split
+from jpeft.training.batches import causal_lm_batch
 from jpeft.models import moe
+from jpeft.models.sampling import Sampling
 from tests.conftest import FAST_COMPILE
 
 TOL = 1e-4
@@ -318,8 +322,10 @@ def test_checkpoints_round_trip_through_transformers_in_both_layouts(qwen, tmp_p
 
 SHARDED = textwrap.dedent("""
     import json, jax, jax.numpy as jnp, numpy as np, optax
-    from jpeft import lora, sharding, split, training, tree
-    from jpeft.batches import causal_lm_batch
+    from jpeft import training, tree
+    from jpeft.methods import lora
+    from jpeft.training import sharding, split
+    from jpeft.training.batches import causal_lm_batch
     from jpeft.models import moe
     a = moe.Arch(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, expert_size=16, num_layers=1, num_heads=4,
                  num_kv_heads=2, head_dim=8, eps=1e-5, act="silu", rope=(("rope_theta", 1e4), ("rope_type", "default")), windows=(None,),
@@ -388,7 +394,7 @@ def test_grouped_dense_matches_ragged_dot_with_empty_experts():
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-4)
     assert not np.asarray(grads[1][95:]).any() and not np.asarray(grads[0]["lora_a"])[[1, 3]].any()  # rows and experts unrouted
-    with pytest.raises(ValueError, match=r"routed experts take LoRA leaves .* \['ia3_out'\]"):
+    with pytest.raises(ValueError, match=r"routed experts take .* \['LoRA', '\(IA\)\^3'\]"):
         nn.grouped_dense({**p, "ia3_out": jnp.ones(F)}, x, sizes, nn.Ctx())
 
 
@@ -407,10 +413,14 @@ def test_bad_input_is_refused_by_name(qwen, tmp_path):
         lora.inject(params, lora.LoraConfig(target_modules=(), target_parameters=["mlp.experts.up_proj"]), key)
     with pytest.raises(ValueError, match=r"choose only routed experts' weights .*LoraConfig\(target_parameters"):
         lora.inject(params, lora.LoraConfig(target_modules=["experts.down_proj"]), key)
-    with pytest.raises(ValueError, match=r"IA3 target_modules=\['experts.gate_up_proj'\] choose only routed experts"):
+    with pytest.raises(ValueError, match=r"\(IA\)\^3 target_modules=\['experts.gate_up_proj'\] choose only routed experts"):
         ia3.inject(params, ia3.IA3Config(target_modules=["experts.gate_up_proj"], feedforward_modules=[]))
     with pytest.raises(ValueError, match=r"target_parameters does not work with \['use_dora'\]"):
         lora.LoraConfig(target_parameters=EXPERTS, use_dora=True)
+    # generate takes llama.generate's sampling options into the shared loop, whose request checks name them (the
+    # sampling loop itself is tested on Llama in tests/models/test_sampling.py)
+    with pytest.raises(ValueError, match=r"sampling needs a random key"):
+        moe.generate(config, params, np.ones((1, 3), np.int32), max_new_tokens=2, sample=Sampling(top_k=1))
     # A PEFT adapter for experts of another count.
     adapted = lora.inject(params, lora.LoraConfig(r=2, target_modules=(), target_parameters=EXPERTS), key)
     peft_format.save_adapter(tmp_path / "adapter", adapted)
