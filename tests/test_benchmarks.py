@@ -76,8 +76,8 @@ def test_hlo_dot_flops_counts_batched_and_fused_products():
 def test_the_command_benchmark_runs_the_readme_command_and_estimates_peft_from_ratios():
     from benchmarks import command
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("### Results: LoRA on SmolLM2-135M-Instruct, DialogSum")[1].split("```bash")[1].split("```")[0]
+    readme = (ROOT / "docs" / "results.md").read_text()
+    block = readme.split("## Results: LoRA on SmolLM2-135M-Instruct, DialogSum")[1].split("```bash")[1].split("```")[0]
     words = block.replace("\\\n", " ").split()
     assert words[:3] == ["python", "-m", "train.summarize"] and words[3:words.index("--out")] == command.ARGS
 

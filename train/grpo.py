@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 
 def check(args: argparse.Namespace) -> Sampling:
     """The GRPO options on their own, before anything loads; returns the sampling settings."""
-    options._at_least(args, 1, "group", "num_iterations")
+    options.at_least(args, 1, "group", "num_iterations")
     if args.group < 2:
         raise UsageError("--group must be at least 2: advantages compare the completions of one prompt")
     if args.grad_accum != 1:

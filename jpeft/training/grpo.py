@@ -19,7 +19,7 @@ import numpy as np
 
 from jpeft import nn
 from jpeft.models import generation, sampling
-from jpeft.training import losses, preference
+from jpeft.training import preference
 from jpeft.training.batches import IGNORE
 from jpeft.training.split import split_adapter
 
