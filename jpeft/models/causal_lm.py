@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import nn, quant, tree
+from jpeft import targets as tg
 from jpeft.models import generation, sampling
 from jpeft.formats import gguf_io, hf_io
 from jpeft.methods import multi, prefix, prompt, soft_prompt
@@ -450,9 +451,6 @@ def random_params(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, std: fl
     return tree.unflatten(flat)
 
 
-EXPERTS = "experts"  # transformers 5 stores routed experts' weights as bare parameters of this module, stacked on the expert axis
-
-
 def hf_to_path(name: str) -> tuple[str, bool]:
     """PyTorch state-dict name -> (tree path, whether the tensor is a transposed Linear weight).
 
@@ -461,7 +459,7 @@ def hf_to_path(name: str) -> tuple[str, bool]:
     """
     parts = name.split(".")
     module, leaf = "/".join(parts[:-1]), parts[-1]
-    if len(parts) > 1 and parts[-2] == EXPERTS:
+    if tg.is_expert(name):  # transformers 5 stores them as bare parameters of `experts`, stacked on the expert axis
         return f"{name.replace('.', '/')}/kernel", True
     if name == "model.embed_tokens.weight":
         return "model/embed_tokens/embedding", False
@@ -477,7 +475,7 @@ def hf_to_path(name: str) -> tuple[str, bool]:
 def path_to_hf(path: str) -> tuple[str, bool]:
     """Tree path -> (PyTorch state-dict name, whether to transpose)."""
     module, leaf = path.rsplit("/", 1)
-    if module.split("/")[-2:-1] == [EXPERTS]:
+    if tg.is_expert(module.replace("/", ".")):
         return module.replace("/", "."), True
     return module.replace("/", ".") + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
 
