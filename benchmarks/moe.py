@@ -77,8 +77,7 @@ def dense_experts(p, h, a, ctx, routing):
     the router's top-k weights (zero for the experts a token did not choose). The same numbers, X / K times the work."""
     import jax.numpy as jnp
 
-    from jpeft import nn
-    from jpeft.models import moe
+    from jpeft.models import moe, ops
 
     B, T, D = h.shape
     x = h.reshape(B * T, D).astype(ctx.dtype)
@@ -91,7 +90,7 @@ def dense_experts(p, h, a, ctx, routing):
         return y + low * q["lora_scale"].astype(ctx.dtype)
 
     gate, up = jnp.split(every_expert(p["experts"]["gate_up_proj"], x, "ni"), 2, axis=-1)  # (X, N, F) each
-    out = every_expert(p["experts"]["down_proj"], nn.activation(a.act)(gate) * up, "xni")  # (X, N, D)
+    out = every_expert(p["experts"]["down_proj"], ops.activation(a.act)(gate) * up, "xni")  # (X, N, D)
     return jnp.einsum("xnd,nx->nd", out, gates).reshape(B, T, D), routing
 
 

@@ -397,23 +397,10 @@ def lm_head(config: Any, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array
     return causal_lm.lm_head(params, x, ctx)
 
 
-def forward(
-    config: Any,
-    params: Params,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    *,
-    dtype: Any = jnp.float32,
-    dropout_rng: jax.Array | None = None,
-    lora_dropout: float = 0.0,
-    adapter_ids: jax.Array | None = None,
-    remat: bool = False,
-    prompt_logits: bool = False,
-) -> jax.Array:
-    """Causal-LM logits (B, T, V) in float32 for the real input tokens, as `llama.forward` (soft prompt cut off
-    unless `prompt_logits`)."""
-    return causal_lm.forward(_MODEL, arch(config), params, input_ids, attention_mask, dtype=dtype, dropout_rng=dropout_rng,
-                             lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat, prompt_logits=prompt_logits)
+def forward(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, **options) -> jax.Array:
+    """Causal-LM logits (B, T, V) in float32 for the real input tokens: `llama.forward`'s keyword options (`dtype`,
+    `dropout_rng`, `lora_dropout`, `adapter_ids`, `remat`, `prompt_logits`), through the same `causal_lm.forward`."""
+    return causal_lm.forward(_MODEL, arch(config), params, input_ids, attention_mask, **options)
 
 
 def router_outputs(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
