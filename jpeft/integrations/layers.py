@@ -54,9 +54,7 @@ class Kind:
     # (NNX layers built by nnx.vmap, whose stored weight is all Flax NNX shows before a call).
     call_ndim: Callable[[Any, int], int] = lambda module, stored: stored
     bias: bool = True  # whether the layer adds a param named "bias" (out axes in output order) after its product
-    # The module's own params besides the weight and bias that its call reads (a registered class: none; jpeft
-    # replaces the call of an adapted layer by x W (+ bias), which would drop them).
-    registered: bool = False
+    registered: bool = False  # a user-registered class: its call is taken to be x W alone (no bias, no other params)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -187,7 +185,7 @@ def _layout(site: Site, equation: str, x: jax.Array) -> tuple[tuple[int, ...], t
     """(input axes meeting in_axes in order, kept input axes, the permutation laying (*kept, *out) out as the output),
     or an error naming the layer where the equation does not fit this call."""
     xs, w, out = parse_einsum(equation, len(site.shape))
-    if len(xs) != x.ndim or any(x.shape[xs.index(w[a])] != site.shape[a] for a in site.in_axes if w[a] in xs):
+    if len(xs) != x.ndim or any(x.shape[xs.index(w[a])] != site.shape[a] for a in site.in_axes):
         raise ValueError(f"{site.name or site.kind}: equation {equation!r} does not fit this call: input {tuple(x.shape)}, "
                          f"{site.weight} {site.shape}")
     x_axes = tuple(xs.index(w[a]) for a in site.in_axes)
@@ -215,11 +213,6 @@ def call_equation(module: Any, args: tuple, kwargs: dict) -> str:
 def first_input(args: tuple, kwargs: dict) -> jax.Array:
     """A layer call's input: its first argument, positional or by keyword."""
     return args[0] if args else next(iter(kwargs.values()))
-
-
-def with_input(args: tuple, kwargs: dict, x: jax.Array) -> tuple[tuple, dict]:
-    """The call's arguments with `x` as its input."""
-    return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, next(iter(kwargs)): x})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -142,8 +142,8 @@ def _survey(model, variables, args, kwargs) -> tuple[dict[str, Site], dict[str, 
 
 
 def _module(variables: Mapping[str, Any], site: Site) -> dict:
-    """A layer's params, unboxed."""
-    return fnn.meta.unbox(dict(tg.get_module(variables["params"], site.name)))
+    """A layer's params, unboxed (the model's own, when the model is the layer)."""
+    return fnn.meta.unbox(dict(tg.get_module(variables["params"], site.name) if site.path else variables["params"]))
 
 
 def inject(model: fnn.Module, params: Mapping[str, Any], config: Any, key: jax.Array, *example_args: Any, **example_kwargs: Any) -> dict:

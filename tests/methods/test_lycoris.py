@@ -285,13 +285,17 @@ def test_refusals(flan, tmp_path):
         jpeft.load_adapter(tmp_path / "ok", flan.params)
 
 
-def test_flax_models_refuse_loha_and_lokr():
+def test_flax_models_take_loha_and_lokr():
+    """On a Flax layer (here the model itself) LoHa and LoKr run through the same rule; tests/test_one_rule.py checks
+    them on every source against weights merged by hand."""
     import flax.linen as fnn
 
     from jpeft import linen
 
-    model = fnn.Dense(8)
-    variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
-    for cfg in (loha.LoHaConfig(target_modules=".*"), lokr.LoKrConfig(target_modules=".*")):
-        with pytest.raises(ValueError, match=f"{type(cfg).__name__} is not supported on Flax models"):
-            linen.inject(model, variables, cfg, jax.random.key(1), jnp.ones((1, 4)))
+    model, x = fnn.Dense(8), jax.random.normal(jax.random.key(2), (3, 4))
+    variables = model.init(jax.random.key(0), x)
+    for cfg in (loha.LoHaConfig(r=2, target_modules=".*", init_weights=False), lokr.LoKrConfig(r=2, target_modules=".*", init_weights=False)):
+        adapted = linen.inject(model, variables, cfg, jax.random.key(1), x)
+        got = linen.apply(model, adapted, x)
+        assert float(jnp.abs(got - model.apply(variables, x)).max()) > 1e-3
+        np.testing.assert_allclose(got, model.apply(linen.merge(model, adapted, x), x), atol=1e-5)
