@@ -171,17 +171,25 @@ def loss_fn(task: Task, dtype: Any, lora_dropout: float, remat: bool = True):
     return make(task.config, dtype=dtype, lora_dropout=lora_dropout, remat=remat)
 
 
-def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dtype: Any, prompt_lookup: int = 0) -> list[str]:
+def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dtype: Any, prompt_lookup: int = 0,
+             adapter_ids: list[int] | None = None) -> list[str]:
     """Greedy summaries for a batch of encoded rows, decoded to text; decoder-only models draft `prompt_lookup` tokens
-    per pass from the prompt (`llama.generate`), which changes the speed, never the summaries (T5 decodes plainly)."""
+    per pass from the prompt (`llama.generate`), which changes the speed, never the summaries (T5 decodes plainly).
+    `adapter_ids` (one per row) picks each row's adapter from a `jpeft.multi.stack_lora` stack."""
     sources = [r["source"] for r in rows]
     left = task.decoder_only
     ids = batches.pad(sources, task.pad_id, left=left, bucket=BUCKET)
     mask = batches.pad([[1] * len(s) for s in sources], 0, ids.shape[1], left=left)
     lookup = {"prompt_lookup": prompt_lookup} if left else {}
-    out = np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype, **lookup))
+    chosen = None if adapter_ids is None else np.asarray(adapter_ids, np.int32)
+    return decode(task, np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype,
+                                                        adapter_ids=chosen, **lookup)))
+
+
+def decode(task: Task, generated: np.ndarray) -> list[str]:
+    """Generated ids (rows, tokens) as text, each row cut at its first EOS."""
     texts = []
-    for row in out:
+    for row in generated:
         row = row.tolist()
         row = row[: row.index(task.eos_id)] if task.eos_id in row else row
         texts.append(task.tokenizer.decode(row, skip_special_tokens=True).strip())

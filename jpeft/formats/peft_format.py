@@ -299,7 +299,7 @@ def _ia3_out(params, flat, config):
         raise ValueError(f"save_adapter: the tree holds IA3 vectors but config is a {type(config).__name__}")
     if config.modules_to_save:
         raise ValueError("save_adapter: modules_to_save is not supported in adapter files; merge and save the model instead")
-    if sorted(tg.select(tg.dense_modules(params), config.target_modules, "target_modules")) != modules or sorted(
+    if sorted(ia3.target_names(params, config)) != modules or sorted(
         m for m in modules if tg.matches(config.feedforward_modules, m)) != ff:
         raise ValueError("save_adapter: the IA3 vectors disagree with the config's target_modules / feedforward_modules")
     _check_ia3_linear(params, modules)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jpeft import leaves, nn, quant
 from jpeft import targets as tg
-from jpeft.methods import adapters, lora, weights
+from jpeft.methods import adapters, ia3, lora, weights
 
 Params = dict[str, Any]
 ADAPTER = "adapter"  # a bottleneck adapter's subtree beside the weight
@@ -268,11 +268,11 @@ def registered(weight: str, equation_or_axes: str | Callable[[Any], str] | tuple
     axes with the input's last axes, in order. With the axes form, `weight_ndim` is the weight's rank in one call
     (stored dims beyond it are stacked layers); without it, the stored weight is taken as one call's."""
     if isinstance(equation_or_axes, str) or callable(equation_or_axes):
-        equation = equation_or_axes if callable(equation_or_axes) else (lambda m, eq=equation_or_axes: eq)
+        read = equation_or_axes if callable(equation_or_axes) else (lambda m, eq=equation_or_axes: eq)  # module -> equation
 
         def axes(m, shape, a, k):
             own = _own_equations(m)
-            eq = equation(m)
+            eq = read(m)
             if not callable(equation_or_axes) and own and eq.replace(" ", "") not in own:
                 raise ValueError(f"its class is registered with the fixed equation {eq!r}, but this instance (its {weight} "
                                  f"{shape}) carries its own {sorted(own)}; register a callable reading it, e.g. lambda m: m.einsum_str")
@@ -281,8 +281,8 @@ def registered(weight: str, equation_or_axes: str | Callable[[Any], str] | tuple
             except ValueError as e:
                 raise ValueError(f"the registered equation does not fit its {weight} {shape}: {e}") from None
 
-        return Kind(weight, axes, lambda m, s, a, k, n: equation(m), bias=False, registered=True,
-                    call_ndim=lambda m, stored: len(parse_einsum(equation(m))[1]))
+        return Kind(weight, axes, lambda m, s, a, k, n: read(m), bias=False, registered=True,
+                    call_ndim=lambda m, stored: len(parse_einsum(read(m))[1]))
     given = tuple(equation_or_axes)
 
     def axes(m, shape, a, k):
@@ -338,8 +338,9 @@ def select(config: Any, found: list[str], unadaptable: dict[str, str]) -> list[s
         raise ValueError(f"{type(config).__name__}.target_modules must name the layers on a Flax model (for adapters: the "
                          "attention output and the feed-forward output projections for Houlsby, the latter alone for Pfeiffer)")
     refuse(targets, unadaptable)
-    saved = getattr(config, "modules_to_save", ()) or ()
-    return tg.select([n for n in found if not tg.within(saved, n)], targets, "target_modules")
+    if isinstance(config, ia3.IA3Config):  # (IA)^3 also checks its feed-forward names
+        return ia3.choose(found, config)
+    return tg.select(found, targets, "target_modules", getattr(config, "modules_to_save", ()) or ())
 
 
 def check_registered(site: Site, params: list[str]) -> None:

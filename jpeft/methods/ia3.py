@@ -48,9 +48,22 @@ def _new_leaves(cfg: IA3Config, name: str, module: Params, key: Any = None) -> P
     return {"ia3_out": jnp.ones((d_out,), dtype)}
 
 
+def target_names(params: Mapping[str, Any], cfg: IA3Config) -> list[str]:
+    """Dotted names of the dense modules `cfg` targets (modules_to_save are excluded, as in HF PEFT)."""
+    return choose(tg.dense_modules(params), cfg)
+
+
+def choose(candidates: list[str], cfg: IA3Config) -> list[str]:
+    """The candidates `cfg` targets, checked as `targets.select` does; so is each feed-forward name, against them."""
+    chosen = tg.select(candidates, cfg.target_modules, "target_modules", cfg.modules_to_save)
+    if cfg.feedforward_modules:
+        tg.select(chosen, cfg.feedforward_modules, "feedforward_modules")
+    return chosen
+
+
 def inject(params: Mapping[str, Any], cfg: IA3Config, key: Any = None) -> dict:
     """A new tree with ones-initialised scaling vectors beside each targeted weight (float or quantized)."""
-    names = weights.target_names(params, cfg.target_modules, cfg.modules_to_save)
+    names = target_names(params, cfg)
     return weights.inject(params, names, functools.partial(_new_leaves, cfg), jax.random.key(0) if key is None else key)
 
 

@@ -36,8 +36,10 @@ def _block_index(parts: list[str]) -> tuple[str, int] | None:
 
 
 def selected_paths(params: Mapping[str, Any], cfg: SelectiveConfig) -> list[str]:
-    """Leaf paths that `cfg` makes trainable; an error if it selects nothing."""
+    """Leaf paths that `cfg` makes trainable; an error if it selects nothing, or if a target_modules entry names no module."""
     flat = tree.flatten(params)
+    if cfg.target_modules:
+        tg.select(tg.module_paths(params), cfg.target_modules, "target_modules")
     depth: dict[str, int] = {}
     for path in flat:
         found = _block_index(path.split("/"))

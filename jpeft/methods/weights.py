@@ -20,8 +20,7 @@ Params = dict[str, Any]
 
 def target_names(params: Mapping[str, Any], targets: tg.Targets, modules_to_save=()) -> list[str]:
     """Dotted names of the weight-holding modules `targets` selects (modules_to_save excluded, as in HF PEFT)."""
-    candidates = [m for m in tg.dense_modules(params) if not tg.within(modules_to_save, m)]
-    return tg.select(candidates, targets, "target_modules")
+    return tg.select(tg.dense_modules(params), targets, "target_modules", modules_to_save)
 
 
 def inject(params: Mapping[str, Any], names: list[str], make: Callable[[str, Params, jax.Array], Params], key: jax.Array) -> dict:

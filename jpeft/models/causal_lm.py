@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import nn, quant, tree
-from jpeft.models import generation
+from jpeft.models import generation, sampling
 from jpeft.formats import gguf_io, hf_io
 from jpeft.methods import multi, prefix, prompt, soft_prompt
 from jpeft.formats.hf_io import CheckpointError
@@ -278,9 +278,9 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
 
 
 @functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping",
-                                             "prompt_lookup", "packed_len"))
-def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype,
-              length_penalty, early_stopping, prompt_lookup, packed_len):
+                                             "prompt_lookup", "packed_len", "sample", "copies"))
+def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, key, *, max_len, cache_len, num_beams, dtype,
+              length_penalty, early_stopping, prompt_lookup, packed_len, sample, copies):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
     if soft_prompt.present(params):  # padding first, so a sliding window spans real slots only, as without padding
@@ -303,10 +303,13 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
         logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
-    if num_beams > 1:  # each row's prefill, computed once, becomes its num_beams beams' (transformers prefills every beam)
-        logits, cache, key_mask, last = jax.tree.map(lambda t: jnp.repeat(t, num_beams, axis=0), (logits, cache, key_mask, last))
+    seen = None
+    if sample is not None and sample.repetition_penalty != 1.0:
+        seen = sampling.seen_tokens(input_ids, attention_mask, logits.shape[-1])
+    if copies > 1:  # each row's prefill, computed once, becomes its beams' or samples' (transformers prefills every copy)
+        logits, cache, key_mask, last, seen = jax.tree.map(lambda t: jnp.repeat(t, copies, axis=0), (logits, cache, key_mask, last, seen))
         if adapter_ids is not None:
-            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
+            ctx.adapter_ids = jnp.repeat(adapter_ids, copies, axis=0)
 
     def run(tokens, positions, index, key_mask, cache):  # tokens (R, T) at cache slots index.., rotary positions (R, T)
         x, _ = model.embed(a, {"model": params["model"]}, tokens, jnp.ones(tokens.shape, jnp.int32), dtype)  # no soft prompt again
@@ -317,6 +320,8 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         logits, cache = run(tokens[:, None], (last + 1 + i)[:, None], n + P + i, key_mask, cache)
         return logits[:, 0], cache
 
+    if sample is not None:
+        return sampling.sample_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id, key=key, settings=sample, seen=seen)
     if prompt_lookup:
         return generation.lookup_search(run, logits, cache, input_ids, attention_mask, key_mask, last + 1, n + P, max_new_tokens, max_len,
                                         eos_token_id, a.pad_token_id, num_draft=prompt_lookup)
@@ -362,22 +367,24 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.nd
     return np.take_along_axis(input_ids, order, axis=1), np.take_along_axis(attention_mask, order, axis=1)
 
 
-def pad_after_eos(out: jax.Array, eos_ids: tuple[int, ...], pad: int) -> jax.Array:
-    """Pad everything after each row's first EOS (any of `eos_ids`), as transformers does."""
-    after = jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
-    return jnp.where(after, pad, out)
+def after_eos(out: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """(R, T) bool: the positions after each row's first EOS (any of `eos_ids`), which transformers pads."""
+    return jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
 
 
 def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, *,
              length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | list[int] | None = None,
-             dtype: Any = jnp.float32, adapter_ids=None, prompt_lookup: int = 0) -> jax.Array:
-    """Greedy or beam search with `model` (see the models' `generate`); (B, max_new_tokens) ids, pad after EOS."""
+             dtype: Any = jnp.float32, adapter_ids=None, prompt_lookup: int = 0, sample: sampling.Sampling | None = None,
+             key: jax.Array | None = None, num_return_sequences: int = 1, return_logprobs: bool = False):
+    """Greedy, beam search or sampling with `model` (see the models' `generate`); (B * num_return_sequences,
+    max_new_tokens) ids, pad after EOS, and with `return_logprobs` their log-probabilities beside them."""
     eos = a.eos_token_ids if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
     if num_beams > 1 and len(eos) > 1:
         raise ValueError(f"beam search stops on one EOS id, but {list(eos)} were given: pass eos_token_id=<one id>")
     if prompt_lookup < 0 or (prompt_lookup and num_beams > 1):
         raise ValueError(f"prompt_lookup={prompt_lookup} with num_beams={num_beams}: prompt lookup drafts tokens for greedy decoding; "
                          "pass a draft count >= 1 with num_beams=1, or prompt_lookup=0")
+    sampling.check_request(sample, key, num_beams, num_return_sequences, return_logprobs, prompt_lookup)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     generation.check_request(input_ids, attention_mask, prompt.embedding_table(params).shape[0], max_new_tokens, num_beams,
@@ -398,12 +405,17 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     out = _generate(
         model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens
-        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
+        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32), key,
         max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + generated_slots, fine=True),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
-        prompt_lookup=int(prompt_lookup), packed_len=packed_len,
-    )[:, :max_new_tokens]
-    return pad_after_eos(out, eos, a.pad_token_id) if len(eos) > 1 else out
+        prompt_lookup=int(prompt_lookup), packed_len=packed_len, sample=sample, copies=max(num_beams, num_return_sequences),
+    )
+    ids, logps = out if sample is not None else (out, jnp.zeros(out.shape))
+    ids, logps = ids[:, :max_new_tokens], logps[:, :max_new_tokens]
+    if len(eos) > 1:  # the loop ends early on the first EOS id only; rows that stopped at another are padded here
+        after = after_eos(ids, eos)
+        ids, logps = jnp.where(after, a.pad_token_id, ids), jnp.where(after, 0.0, logps)
+    return (ids, logps) if return_logprobs else ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import numpy as np
 
 from jpeft import nn, tree
 from jpeft.formats.hf_io import CheckpointError
-from jpeft.models import causal_lm
+from jpeft.models import causal_lm, sampling
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
 from jpeft.models import ops
 
@@ -297,7 +297,11 @@ def generate(
     dtype: Any = jnp.float32,
     adapter_ids=None,
     prompt_lookup: int = 0,
-) -> jax.Array:
+    sample: sampling.Sampling | None = None,
+    key: jax.Array | None = None,
+    num_return_sequences: int = 1,
+    return_logprobs: bool = False,
+):
     """Greedy (num_beams=1) or beam search; returns (B, max_new_tokens) generated ids, pad after EOS.
 
     Prompts may be left- or right-padded (rows are left-aligned first). The prompt length and the cache
@@ -307,10 +311,16 @@ def generate(
     search needs a single id. `prompt_lookup=N` drafts up to N tokens per step from each row's own prompt and
     output (`jpeft.generation.lookup_search`) and verifies them in one pass: greedy's tokens exactly, in fewer
     passes when the output copies the prompt (summaries); `dtype=jnp.bfloat16` computes in bfloat16.
+
+    `sample=jpeft.sampling.Sampling(temperature=..., top_k=..., top_p=..., min_p=..., repetition_penalty=...)` samples
+    instead (transformers' `do_sample=True`) with `key` (a `jax.random.key`: the same key, the same tokens), and
+    `num_return_sequences` samples per prompt (rows r * n .. r * n + n - 1 are prompt r's); `return_logprobs=True`
+    returns (ids, log-probabilities of the sampled tokens under the distribution they were drawn from).
     """
     return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup)
+                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup, sample=sample, key=key,
+                              num_return_sequences=num_return_sequences, return_logprobs=return_logprobs)
 
 
 _MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import nn, quant, tree
-from jpeft.models import generation
+from jpeft.models import generation, sampling
 from jpeft.formats import hf_io
 from jpeft.methods import multi, prefix, prompt, soft_prompt
 from jpeft.formats.hf_io import CheckpointError
@@ -471,13 +471,14 @@ def shift_right(labels: jax.Array, config: Any) -> jax.Array:
 # Generation
 
 
-@functools.partial(jax.jit, static_argnames=("a", "max_len", "num_beams", "dtype", "length_penalty", "early_stopping"))
-def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, num_beams, dtype, length_penalty, early_stopping):
+@functools.partial(jax.jit, static_argnames=("a", "max_len", "num_beams", "dtype", "length_penalty", "early_stopping", "sample", "copies"))
+def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, key, *, max_len, num_beams, dtype, length_penalty,
+              early_stopping, sample, copies):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
-    if num_beams > 1:  # every row becomes num_beams rows, as transformers does
-        input_ids, attention_mask = (jnp.repeat(t, num_beams, axis=0) for t in (input_ids, attention_mask))
+    if copies > 1:  # every row becomes num_beams (or num_return_sequences) rows, as transformers does
+        input_ids, attention_mask = (jnp.repeat(t, copies, axis=0) for t in (input_ids, attention_mask))
         if adapter_ids is not None:
-            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
+            ctx.adapter_ids = jnp.repeat(adapter_ids, copies, axis=0)
     encoded, mask = encode(a, params, input_ids, attention_mask, ctx)
     kv = cross_kv(a, params, encoded, ctx)
     rows, n = input_ids.shape[0], prefix.num_tokens(params)
@@ -492,6 +493,9 @@ def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id
 
     start = jnp.full((rows,), a.decoder_start_token_id, jnp.int32)
     logits, cache = step(start, -1, cache)
+    if sample is not None:  # the decoder's tokens so far are the start token: the repetition penalty counts it, as transformers does
+        seen = sampling.seen_tokens(start[:, None], jnp.ones((rows, 1)), logits.shape[-1]) if sample.repetition_penalty != 1.0 else None
+        return sampling.sample_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id, key=key, settings=sample, seen=seen)
     if num_beams == 1:
         return generation.greedy_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id)
     return generation.beam_search(
@@ -513,13 +517,19 @@ def generate(
     eos_token_id: int | None = None,
     dtype: Any = jnp.float32,
     adapter_ids=None,
-) -> jax.Array:
+    sample: sampling.Sampling | None = None,
+    key: jax.Array | None = None,
+    num_return_sequences: int = 1,
+    return_logprobs: bool = False,
+):
     """Greedy (num_beams=1) or beam search; returns (B, max_new_tokens) generated ids, pad after EOS.
 
     The source length and the decode length are rounded up to buckets, so a run over many batches
-    compiles only a few shapes; the loop itself runs on device (`lax.while_loop`).
+    compiles only a few shapes; the loop itself runs on device (`lax.while_loop`). `sample`, `key`,
+    `num_return_sequences` and `return_logprobs` sample instead, as in `llama.generate`.
     """
     a = arch(config)
+    sampling.check_request(sample, key, num_beams, num_return_sequences, return_logprobs)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     generation.check_request(input_ids, attention_mask, prompt.embedding_table(params).shape[0], max_new_tokens, num_beams,
@@ -532,7 +542,10 @@ def generate(
     eos = a.eos_token_id if eos_token_id is None else eos_token_id
     out = _generate(
         a, params, input_ids, attention_mask, jnp.int32(max_new_tokens), jnp.int32(eos),
-        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
+        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32), key,
         max_len=max_len, num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
+        sample=sample, copies=max(num_beams, num_return_sequences),
     )
-    return out[:, :max_new_tokens]
+    if sample is None:
+        return out[:, :max_new_tokens]
+    return (out[0][:, :max_new_tokens], out[1][:, :max_new_tokens]) if return_logprobs else out[0][:, :max_new_tokens]

@@ -79,3 +79,45 @@ def causal_lm_batch(prompts: Ids, targets: Ids, pad_id: int, eos_id: int | None 
     else:
         batch["attention_mask"] = (packed["segment_ids"] > 0).astype(np.int32)
     return batch
+
+
+def preference_batch(prompts: Ids, chosen: Ids, rejected: Ids, pad_id: int, eos_id: int | None = None, *, max_length: int | None = None,
+                     max_target: int | None = None, pack: bool = False, row_len: int | None = None, bucket: int = BUCKET,
+                     score_prompt: bool = False, ref_chosen_logps: Sequence[float] | None = None,
+                     ref_rejected_logps: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """`causal_lm_batch`'s layout for E preference pairs: 2E sequences, prompt + chosen for pairs 0..E-1, then prompt +
+    rejected (TRL's order), padded or packed; read by `jpeft.preference.preference_loss`.
+
+    `eos_id` is appended to each completion that lacks it; `max_length` cuts each prompt + completion to that many
+    tokens (TRL's keep_start truncation). `score_prompt` also scores the prompt's tokens after the first (ORPO's SFT
+    term covers them) and records where each completion starts among its targets (`completion_start` (2E,)).
+    `ref_chosen_logps` / `ref_rejected_logps` (E,) are precomputed reference log-probabilities (`ref_logps` (2E,)).
+    """
+    if not len(chosen) == len(rejected) == len(prompts):
+        raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected completions: one of each per pair")
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        empty = [name for name, seq in (("prompt", p), ("chosen completion", c), ("rejected completion", r)) if not len(seq)]
+        if empty:
+            raise ValueError(f"pair {i} has an empty {' and an empty '.join(empty)}: each pair needs a prompt token (BOS at least) "
+                             "and both completions; drop the pair or fill it in")
+        if max_length is not None and len(p) >= max_length:
+            raise ValueError(f"pair {i}: its prompt of {len(p)} tokens leaves no room for a completion within max_length {max_length}; "
+                             "cut the prompt or raise max_length")
+    completions = _with_eos(chosen, eos_id) + _with_eos(rejected, eos_id)
+    prompts = [list(p) for p in prompts] * 2
+    if max_length is not None:
+        completions = [c[: max_length - len(p)] for p, c in zip(prompts, completions)]
+    if score_prompt:  # the first prompt token alone is the "prompt"; the rest of it joins the targets
+        batch = causal_lm_batch([p[:1] for p in prompts], [p[1:] + c for p, c in zip(prompts, completions)], pad_id,
+                                max_target=max_target, pack=pack, row_len=row_len, bucket=bucket)
+        batch["completion_start"] = np.array([len(p) - 1 for p in prompts], np.int32)
+    else:
+        batch = causal_lm_batch(prompts, completions, pad_id, max_target=max_target, pack=pack, row_len=row_len, bucket=bucket)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
+    if ref_chosen_logps is not None:
+        ref = [np.asarray(r, np.float32).reshape(-1) for r in (ref_chosen_logps, ref_rejected_logps)]
+        if any(r.shape != (len(chosen),) for r in ref):
+            raise ValueError(f"ref_chosen_logps and ref_rejected_logps need one value per pair ({len(chosen)}), got {[len(r) for r in ref]}")
+        batch["ref_logps"] = np.concatenate(ref)
+    return batch

@@ -46,6 +46,12 @@ def _to_host(state: Any) -> Any:
     return jax.tree.map(host, state)
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    """{dotted leaf name ("trainable.q.lora_a"), as Orbax names them: shape} of a state tree or of its saved metadata."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _restore_keys(restored: Any, target: Any) -> Any:
     return jax.tree.map(lambda r, t: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_key(t) else r, restored, target)
 
@@ -86,18 +92,48 @@ class Manager:
         step = self.latest_step() if step is None else step
         if step is None or step not in self._manager.all_steps():
             raise CheckpointError(f"{self.directory} has no complete checkpoint for step {step} (it has {self.all_steps()})")
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise self._damaged(step, e) from None
         saved, ours = meta["base"].get("fingerprint"), self.base["fingerprint"]
         if saved and ours and saved != ours:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} was trained on base {meta['base'].get('name')!r} (fingerprint {saved[:12]}), "
                 f"but this run's base {self.base['name']!r} has fingerprint {ours[:12]}: parameter names or shapes differ"
             )
+        plain = _key_data_target(target)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_key_data_target(target)))).state
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the target state's structure: {e}") from None
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(plain))).state
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            saved, wanted = self._saved_leaves(step), _leaf_shapes(plain)
+            if saved is None or saved == wanted:  # the files cannot be read, or hold the right leaves but not their values
+                raise self._damaged(step, e) from None
+            differences = [f"{what} {names[:3]}" for what, names in (
+                ("leaves only in the checkpoint", sorted(set(saved) - set(wanted))), ("leaves only in the target", sorted(set(wanted) - set(saved))),
+                ("leaves of other shapes (saved, target)", [(k, saved[k], wanted[k]) for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]),
+            ) if names]
+            raise CheckpointError(f"checkpoint {self.directory}/{step} holds another state than the one asked for: "
+                                  f"{'; '.join(differences)}") from None
         return _restore_keys(restored, target), meta["user"]
+
+    def _saved_leaves(self, step: int) -> dict[str, tuple] | None:
+        """{name: shape} of the leaves checkpoint `step` holds, from its metadata; None if that cannot be read."""
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                found = reader.metadata(self.directory / str(step) / "state").item_metadata
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+        return None if found is None else _leaf_shapes(found.tree)
+
+    def _damaged(self, step: int, error: Exception) -> CheckpointError:
+        """The error for a checkpoint whose files cannot be read, saying how to go on."""
+        earlier = [s for s in self.all_steps() if s < step]
+        way_on = (f"delete {self.directory / str(step)} to go on from step {earlier[-1]}, the checkpoint before it" if earlier
+                  else f"no earlier checkpoint is kept in {self.directory}: start again without it")
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return CheckpointError(f"checkpoint {self.directory}/{step} is damaged ({first_line}): a file in it was cut short or "
+                               f"changed after it was written; {way_on}")
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

@@ -7,6 +7,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from jpeft import nn
 from jpeft.methods import prefix, soft_prompt
 from jpeft.models import causal_lm, gemma, llama, ops, t5
@@ -21,6 +23,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return _nll_sum(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid), jnp.sum(valid)
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over (`jpeft.training.sharding`)
 LOGITS_CHUNK_BYTES = 128 << 20  # float32 logits of one chunk in `head_cross_entropy`
 
 
@@ -34,15 +37,54 @@ def head_cross_entropy(head: Callable[[jax.Array, int], jax.Array], hidden: jax.
     (SmolLM2's 512 target positions of a batch of 8: 100 MB); Gemma 3's vocabulary is 5x larger, and a long packed
     row holds many targets.
     """
+    parts = _head_chunks(head, hidden, labels, token_cross_entropy, chunk_bytes)
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def head_token_logps(head: Callable[[jax.Array, int], jax.Array], hidden: jax.Array, labels: jax.Array, temperature: float = 1.0,
+                     chunk_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(log-probability of each label (N,), each position's mean logit (N,)) under `head(hidden) / temperature`,
+    chunked as `head_cross_entropy`; 0 where the label is -100. The mean logit is TRL's `logits/*` metric."""
+    def stats(logits, y):
+        logp, mean = _token_logp(logits.astype(jnp.float32) / temperature, jnp.where(y == IGNORE, 0, y))
+        return jnp.where(y == IGNORE, 0.0, logp), mean
+
+    parts = _head_chunks(head, hidden, labels, stats, chunk_bytes)
+    return jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])
+
+
+def _head_chunks(head, hidden, labels, fn, chunk_bytes):
+    """[fn(head(h, i), y) for each chunk i of rows of hidden (N, D) / labels (N,)], logits recomputed in the backward pass."""
     N, D = hidden.shape
     vocab = jax.eval_shape(lambda h: head(h, 0), hidden[:1]).shape[-1]
     rows = max(1, (chunk_bytes or LOGITS_CHUNK_BYTES) // (4 * vocab))
     if N <= rows:
-        return token_cross_entropy(head(hidden, 0), labels)
+        return [fn(head(hidden, 0), labels)]
     # Unrolled, not a scan: in a scan XLA hoisted a transposed copy of a tied embedding out of the loop (113 MB).
-    chunk = jax.checkpoint(lambda h, y, i: token_cross_entropy(head(h, i), y), static_argnums=2)
-    parts = [chunk(hidden[lo:lo + rows], labels[lo:lo + rows], k) for k, lo in enumerate(range(0, N, rows))]
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    chunk = jax.checkpoint(lambda h, y, i: fn(head(h, i), y), static_argnums=2)
+    return [chunk(hidden[lo:lo + rows], labels[lo:lo + rows], k) for k, lo in enumerate(range(0, N, rows))]
+
+
+@jax.custom_vjp
+def _token_logp(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log_softmax(logits)[label], mean(logits)) per row, with a one-pass backward (as `_nll_sum`'s)."""
+    return _token_logp_fwd(logits, labels)[0]
+
+
+def _token_logp_fwd(logits, labels):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return (picked - lse, jnp.mean(logits, axis=-1)), (logits, labels, lse)
+
+
+def _token_logp_bwd(res, g):
+    logits, labels, lse = res
+    g_logp, g_mean = g
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    return (onehot - jnp.exp(logits - lse[..., None])) * g_logp[..., None] + g_mean[..., None] / logits.shape[-1], None
+
+
+_token_logp.defvjp(_token_logp_fwd, _token_logp_bwd)
 
 
 @jax.custom_vjp
@@ -111,6 +153,21 @@ def _check_batch(batch: Mapping[str, Any], keys: tuple[str, ...], fn: str, helpe
                        f"build the batch with jpeft.batches.{helper}(...)")
 
 
+def take_rows(flat: jax.Array, index: jax.Array) -> jax.Array:
+    """flat[index]: rows of flat (N, D), the whole batch's positions, at index (E, T), which may point into any row.
+
+    On a mesh that splits the batch over BATCH_AXES (`jpeft.training.sharding`'s step sets it) the gather needs every row
+    on every device: they are gathered once, explicitly, and the result is split like the batch again. Left to
+    itself XLA's partitioner lays the gathered rows out along D and cannot reshape that back, so it replicates and
+    repartitions them, forward and backward, with an "Involuntary full rematerialization" warning each time.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return flat[index]
+    whole = jax.lax.with_sharding_constraint(flat, P())
+    return jax.lax.with_sharding_constraint(whole[index], P(BATCH_AXES))
+
+
 def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0, remat: bool = False) -> LossFn:
     """Mean cross-entropy of a decoder-only LM on the target tokens only.
 
@@ -127,27 +184,36 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
 
     def loss(params, batch, rng):
         _check_batch(batch, ("input_ids", "targets", "target_index"), "causal_lm_loss", "causal_lm_batch")
-        packed = "segment_ids" in batch
-        if packed and soft_prompt.present(params):
-            raise ValueError("a soft prompt is prepended per row, so it cannot train on packed rows: use attention_mask batches")
-        if packed and prefix.LEAF in params:
-            raise ValueError("a prefix sits before each row's first token, so prefix tuning cannot train on packed rows "
-                             "(later sequences would see it from further away): use attention_mask batches")
         ctx = nn.Ctx(dtype=dtype, rng=rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, remat=remat)
-        R, L = batch["input_ids"].shape
-        x, segments = model.embed(a, params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], dtype, ctx)
-        # A 0/1 mask is a packing of one segment per row, so one code path serves both layouts; a prefix (N slots
-        # before each unpacked row) shifts the positions by N and needs no segments beside the mask.
-        n = prefix.num_tokens(params)
-        key_mask = jnp.pad(segments, ((0, 0), (n, 0)), constant_values=1)
-        hidden, _ = model.decoder(a, params, x, ops.segment_positions(segments) + n, key_mask, ctx, index=n,
-                                  segment_ids=None if n else segments)
-        hidden = hidden[:, hidden.shape[1] - L:].reshape(R * L, -1)  # soft-prompt positions (first) dropped
-        T = batch["targets"].shape[1]
-        pos = batch["target_index"][:, None] - 1 + jnp.arange(T)[None, :]  # position t predicts token t + 1
-        picked = hidden[jnp.clip(pos, 0, R * L - 1)]
+        picked = target_hidden(model, a, params, batch, ctx)
         head = lambda h, i: model.lm_head(a, params, h, ctx.part(i))  # noqa: E731  (a LoRA'd head drops per chunk)
         total, count = head_cross_entropy(head, picked.reshape(-1, picked.shape[-1]), batch["targets"].reshape(-1))
         return total / jnp.maximum(count, 1)
 
     return loss
+
+
+def target_hidden(model: Any, a: Any, params: Mapping[str, Any], batch: Mapping[str, jax.Array], ctx: nn.Ctx) -> jax.Array:
+    """Hidden states (E, T, D) of a decoder-only `model` at the positions that predict each example's target tokens.
+
+    `batch` has `causal_lm_batch`'s layout (`input_ids`, `attention_mask` or packed `segment_ids`, `targets` (E, T),
+    `target_index` (E,)); the (R, L, vocab) logits are never formed, so a loss puts only these through the LM head.
+    """
+    packed = "segment_ids" in batch
+    if packed and soft_prompt.present(params):
+        raise ValueError("a soft prompt is prepended per row, so it cannot train on packed rows: use attention_mask batches")
+    if packed and prefix.LEAF in params:
+        raise ValueError("a prefix sits before each row's first token, so prefix tuning cannot train on packed rows "
+                         "(later sequences would see it from further away): use attention_mask batches")
+    R, L = batch["input_ids"].shape
+    x, segments = model.embed(a, params, batch["input_ids"], batch["segment_ids" if packed else "attention_mask"], ctx.dtype, ctx)
+    # A 0/1 mask is a packing of one segment per row, so one code path serves both layouts; a prefix (N slots
+    # before each unpacked row) shifts the positions by N and needs no segments beside the mask.
+    n = prefix.num_tokens(params)
+    key_mask = jnp.pad(segments, ((0, 0), (n, 0)), constant_values=1)
+    hidden, _ = model.decoder(a, params, x, ops.segment_positions(segments) + n, key_mask, ctx, index=n,
+                              segment_ids=None if n else segments)
+    hidden = hidden[:, hidden.shape[1] - L:].reshape(R * L, -1)  # soft-prompt positions (first) dropped
+    T = batch["targets"].shape[1]
+    pos = batch["target_index"][:, None] - 1 + jnp.arange(T)[None, :]  # position t predicts token t + 1
+    return take_rows(hidden, jnp.clip(pos, 0, R * L - 1))

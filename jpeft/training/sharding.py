@@ -51,11 +51,12 @@ from jax.sharding import PartitionSpec as P
 
 from jpeft import leaves, quant, tree
 from jpeft.training import split
+from jpeft.training import losses
 from jpeft.training.losses import LossFn
 from jpeft.training.step import make_train_step
 
 AXES = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = losses.BATCH_AXES
 Rules = Sequence[tuple[str, P]]
 
 # (regex searched in the leaf's path, spec); the first match wins, no match means replicated.
@@ -330,7 +331,13 @@ def make_sharded_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, m
     (trainable, opt_state, loss); the loss comes back replicated.
     """
     sh = step_shardings(tx, mesh, trainable, frozen, rules, replicate_adapters)
-    step = jax.jit(make_train_step(loss_fn, tx),
+    train_step = make_train_step(loss_fn, tx)
+
+    def on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the loss's layout hints (`losses.take_rows`) see
+            return train_step(*args)
+
+    step = jax.jit(on_mesh,
                    in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
                    out_shardings=(sh.trainable, sh.opt_state, sh.replicated),
                    donate_argnums=(0, 1))

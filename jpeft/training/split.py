@@ -20,8 +20,11 @@ is_adapter_path = leaves.is_adapter_path  # whether a leaf belongs to a PEFT met
 def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (), selective: sel.SelectiveConfig | None = None) -> dict:
     """A tree of bools: True on PEFT leaves (not constants like lora_scale), inside `modules_to_save`, and on `selective`'s choice.
 
-    Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it.
+    Quantized weights never train: choosing one (by modules_to_save or selective) is an error naming it; so is a
+    modules_to_save name that names no module.
     """
+    if modules_to_save:  # each name must name a module: a typo would train nothing extra, silently
+        tg.select(tg.module_paths(params), list(modules_to_save), "modules_to_save")
     chosen = set(sel.selected_paths(params, selective)) if selective is not None else set()
     flat = tree.flatten(params)
     mask = {}

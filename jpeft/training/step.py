@@ -13,7 +13,7 @@ from jpeft.training.losses import LossFn
 from jpeft.training.split import combine
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, with_metrics: bool = False):
     """A jitted step (trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss).
 
     Only `trainable` is differentiated, so no gradient is formed for frozen weights. The buffers of
@@ -22,13 +22,21 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     Mixed precision is the loss's `dtype` (the CLI's --bf16): with `dtype=jnp.bfloat16` every weight, frozen or
     trainable, is cast to bf16 where the forward pass uses it, inside this jitted step, while `trainable`, its
     gradients (the casts' transposes return float32) and the optimizer state stay float32 master copies.
+
+    With `with_metrics=True` the step returns (trainable, opt_state, loss, metrics), the metrics (a dict of scalars)
+    from `loss_fn.with_metrics(params, batch, rng) -> (loss, metrics)` (as `preference_loss` and `grpo_loss` offer).
     """
+    if with_metrics and not hasattr(loss_fn, "with_metrics"):
+        raise TypeError("with_metrics=True needs a loss with a .with_metrics(params, batch, rng) -> (loss, metrics) method "
+                        "(training.preference_loss, training.grpo.grpo_loss); this one returns the loss alone")
+    scored = loss_fn.with_metrics if with_metrics else lambda params, batch, rng: (loss_fn(params, batch, rng), None)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(trainable, opt_state, frozen, batch, rng):
-        loss, grads = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), batch, rng))(trainable)
+        (loss, metrics), grads = jax.value_and_grad(lambda t: scored(combine(t, frozen), batch, rng), has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        new = optax.apply_updates(trainable, updates), opt_state, loss
+        return (*new, metrics) if with_metrics else new
 
     return step
 

@@ -30,6 +30,8 @@ def test_named_modules_and_last_blocks(flan):
 
 def test_selecting_nothing_is_an_error(flan):
     with pytest.raises(ValueError, match="selects no parameters"):
+        selective.selected_paths({"encoder": {"block": {"0": {"SelfAttention": {"q": {"kernel": 0}}}}}}, selective.SelectiveConfig(layer_norms=True))
+    with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module. Module names in this model: .*'EncDecAttention'"):
         selective.selected_paths(flan.params, selective.SelectiveConfig(target_modules=["nope"]))
     with pytest.raises(ValueError, match="last_n_blocks must be positive"):
         selective.SelectiveConfig(last_n_blocks=0)

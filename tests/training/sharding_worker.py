@@ -155,7 +155,51 @@ def multidevice() -> dict:
             out[f"{method}/{name}"] = res
     out["errors"] = errors(config, loss_fn, tx)
     out["uneven"] = uneven(tx)
+    out["causal_lm"] = causal_lm(tx)
     return out
+
+
+def _compile_logging(jitted, *args) -> tuple[object, str]:
+    """(compiled, what XLA wrote to stderr while compiling): its partitioner's warnings come from C++, on fd 2."""
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            compiled = jitted.lower(*args).compile()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        return compiled, log.read().decode(errors="replace")
+
+
+def causal_lm(tx) -> dict:
+    """A Llama's LoRA step on data=2,fsdp=2,model=2 against one device; and XLA's full-rematerialization warnings with
+    the loss's layout hints (`training.take_rows`, set by the sharded step) and without them (the same step jitted alone)."""
+    from transformers import LlamaConfig
+
+    from jpeft import batches as batch_lib
+    from jpeft.models import llama
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    params = lora.inject(llama.init_params(config, jax.random.key(0)), lora.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), jax.random.key(1))
+    params = tree.unflatten({p: v + 0.1 if p.endswith("lora_b") else v for p, v in tree.flatten(params).items()})
+    trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
+    rng = np.random.default_rng(0)
+    batch = batch_lib.causal_lm_batch([rng.integers(2, 128, 12).tolist() for _ in range(8)], [rng.integers(2, 128, 4).tolist() for _ in range(8)],
+                                      pad_id=0, eos_id=1)
+    loss_fn = training.causal_lm_loss(config)
+    _, _, ref_losses = run_steps(training.make_train_step(loss_fn, tx), jax.tree.map(jnp.copy, trainable), tx.init(trainable), frozen, [batch])
+    run = sharding.setup("data=2,fsdp=2,model=2", loss_fn, tx, trainable, frozen, tx.init(trainable), batch)
+    args = (run.trainable, run.opt_state, run.frozen, run.batch, None)
+    compiled, hinted = _compile_logging(run.step, *args)
+    sh = run.shardings
+    bare = jax.jit(training.make_train_step(loss_fn, tx), in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated))
+    _, unhinted = _compile_logging(bare, *args)
+    _, _, losses = run_steps(compiled, *args[:3], [run.batch])
+    remat = "Involuntary full rematerialization"
+    return {"losses": losses, "ref_losses": ref_losses, "remat_warnings": hinted.count(remat), "unhinted_remat_warnings": unhinted.count(remat)}
 
 
 def errors(config, loss_fn, tx) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import jpeft
 from jpeft import checkpoint, lora, peft_format
 from jpeft.formats.hf_io import CheckpointError
-from tests.conftest import make_hf_t5
+from tests.conftest import damage_file, make_hf_t5
 
 SCRIPT = Path(__file__).with_name("resume_script.py")
 STEPS = 10
@@ -100,10 +101,32 @@ def test_restore_checks_the_base_and_the_target(flan, state, tmp_path):
         with pytest.raises(CheckpointError, match="no complete checkpoint for step 5"):
             ckpt.restore(5, state)
         wrong = {**state, "trainable": {"x": jnp.zeros(3)}}
-        with pytest.raises(CheckpointError, match="does not match the target"):
+        with pytest.raises(CheckpointError, match=r"holds another state than the one asked for: leaves only in the checkpoint "
+                                                  r"\['trainable.decoder.*; leaves only in the target \['trainable.x'\]"):
             ckpt.restore(1, wrong)
+        wider = {**state, "trainable": jax.tree.map(lambda x: jnp.zeros((*x.shape[:-1], 2 * x.shape[-1])), state["trainable"])}
+        with pytest.raises(CheckpointError, match=r"holds another state than the one asked for: leaves of other shapes \(saved, target\) "
+                                                  r"\[\('trainable.decoder.block.0.layer.0.SelfAttention.q.lora_a', \(32, 2\), \(32, 4\)\)"):
+            ckpt.restore(1, wider)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         checkpoint.Manager(tmp_path / "empty").restore(None, state)
+
+
+@pytest.mark.parametrize("damaged", ["meta/metadata", "state/_METADATA", "state/d"])
+def test_a_damaged_checkpoint_says_so_and_the_one_before_it_restores(state, tmp_path, damaged):
+    with checkpoint.Manager(tmp_path / "c", keep=3) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    file = tmp_path / "c" / "2" / damaged
+    damage_file(file if file.is_file() else sorted(file.iterdir())[0], "truncate")  # state/d: the arrays' data
+    with checkpoint.Manager(tmp_path / "c", keep=3) as ckpt:
+        with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path}/c/2 is damaged \(.+\): a file in it was cut short or changed "
+                                                  rf"after it was written; delete {tmp_path}/c/2 to go on from step 1, the checkpoint before it"):
+            ckpt.restore(2, state)
+    shutil.rmtree(tmp_path / "c" / "2")
+    with checkpoint.Manager(tmp_path / "c", keep=3) as ckpt:
+        restored, _ = ckpt.restore(None, state)
+    assert ckpt.latest_step() == 1 and restored["data_position"] == 3
 
 
 def test_save_copies_before_returning(state, tmp_path):
