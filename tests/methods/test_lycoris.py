@@ -283,19 +283,3 @@ def test_refusals(flan, tmp_path):
     cfg_file.write_text(cfg_file.read_text().replace('"decompose_factor": -1', '"decompose_factor": 2'))
     with pytest.raises(CheckpointError, match=r"SelfAttention\.q has"):
         jpeft.load_adapter(tmp_path / "ok", flan.params)
-
-
-def test_flax_models_take_loha_and_lokr():
-    """On a Flax layer (here the model itself) LoHa and LoKr run through the same rule; tests/test_one_rule.py checks
-    them on every source against weights merged by hand."""
-    import flax.linen as fnn
-
-    from jpeft import linen
-
-    model, x = fnn.Dense(8), jax.random.normal(jax.random.key(2), (3, 4))
-    variables = model.init(jax.random.key(0), x)
-    for cfg in (loha.LoHaConfig(r=2, target_modules=".*", init_weights=False), lokr.LoKrConfig(r=2, target_modules=".*", init_weights=False)):
-        adapted = linen.inject(model, variables, cfg, jax.random.key(1), x)
-        got = linen.apply(model, adapted, x)
-        assert float(jnp.abs(got - model.apply(variables, x)).max()) > 1e-3
-        np.testing.assert_allclose(got, model.apply(linen.merge(model, adapted, x), x), atol=1e-5)
