@@ -64,6 +64,7 @@ class Method:
     merge: Callable[[Params, Any], Any] | None = None  # (p, W (in, out) float32) -> W'
     unmerge: Callable[[Params, Any, Any], Any] | None = None  # (p, W', extra) -> W
     merge_bias: Callable[[Params, Any, float], Any] | None = None  # (p, bias, sign) -> bias (sign -1: undo)
+    together: tuple[str, ...] = ()  # leaves that are only meaningful all together (LoRA's A, B and scale)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -1,5 +1,5 @@
-"""PEFT on unmodified Flax Linen models (`jpeft.integrations.linen`): inject, apply, merge, unmerge, register."""
+"""PEFT on unmodified Flax Linen models (`jpeft.integrations.linen`): inject, apply, merge, unmerge, quantize, register."""
 
-from jpeft.integrations.linen import apply, inject, merge, register, sites, unmerge
+from jpeft.integrations.linen import apply, dora_norms, inject, merge, quantize, register, sites, unmerge
 
-__all__ = ["apply", "inject", "merge", "register", "sites", "unmerge"]
+__all__ = ["apply", "dora_norms", "inject", "merge", "quantize", "register", "sites", "unmerge"]

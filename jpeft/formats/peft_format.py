@@ -254,14 +254,20 @@ def _peft_layout(flat: Mapping[str, Any]) -> bool:
 
 
 def _spanned_weight(flat: Mapping[str, Any], prefix: str, a, b, s) -> Any | None:
-    """The module's weight that A (*lead, *in, r) and B (*lead, r, *out) span, its axes in some order, or None.
+    """The dtype of the module's weight that A (*lead, *in, r) and B (*lead, r, *out) span, its axes in some order, or
+    None. A quantized weight (its codes stacked as the layers are) spans its (in, out) matrix and dequantizes to float32.
 
     Stacked scan layers have the scale's leading axes on the weight too; stacked adapters (`multi.stack_lora`)
     do not, so they span nothing."""
     lead = np.shape(s)
-    size = math.prod(np.shape(a)[len(lead):-1]) * math.prod(np.shape(b)[len(lead) + 1:]) * math.prod(lead)
-    return next((v for p, v in flat.items() if p.rsplit("/", 1)[0] == prefix and np.ndim(v) >= 2 and not split.is_adapter_path(p)
-                 and np.shape(v)[: len(lead)] == lead and np.size(v) == size), None)
+    size = math.prod(np.shape(a)[len(lead):-1]) * math.prod(np.shape(b)[len(lead) + 1:])
+    module = {p.rsplit("/", 1)[-1]: v for p, v in flat.items() if p.rsplit("/", 1)[0] == prefix}
+    if quant.is_quantized(module):
+        codes = next(v for k, v in module.items() if k in quant.CODES)
+        fits = np.shape(codes)[:-2] == lead and math.prod(quant.weight_shape(module)) == size
+        return np.dtype(np.float32) if fits else None
+    return next((v.dtype for k, v in module.items() if np.ndim(v) >= 2 and not split.is_adapter_path(f"{prefix}/{k}")
+                 and np.shape(v)[: len(lead)] == lead and np.size(v) == size * math.prod(lead)), None)
 
 
 def _tree_lora_out(flat, config):
@@ -294,12 +300,12 @@ def _tree_lora_in(params, who, cfg, tensors) -> dict[str, Any]:
         if f"{prefix}/lora_a" in flat:
             raise CheckpointError(f"{who}: the given base already has LoRA weights at {m}; split its adapter off first")
         a, b, s = (tensors[f"{prefix}/{leaf}"] for leaf in lora.LEAVES)
-        weight = _spanned_weight(flat, prefix, a, b, s)
-        if weight is None:
+        dtype = _spanned_weight(flat, prefix, a, b, s)
+        if dtype is None:
             raise CheckpointError(f"{who} adapts {m} with A {tuple(a.shape)} and B {tuple(b.shape)}, which fit no weight of "
                                   "that module in the given base (missing, or of another size)")
         for leaf, v in (("lora_a", a), ("lora_b", b)):
-            tensors[f"{prefix}/{leaf}"] = jnp.asarray(v, weight.dtype)
+            tensors[f"{prefix}/{leaf}"] = jnp.asarray(v, dtype)
         tensors[f"{prefix}/lora_scale"] = jnp.asarray(s, jnp.float32)
     return dict(tensors)
 
@@ -423,6 +429,11 @@ def _lycoris_out(kind, params, flat, config):
     module_of, config_cls = _LYCORIS[kind]
     scale_leaf = f"{kind.lower()}_scale"
     modules = _modules_with(flat, scale_leaf)
+    for m in modules:
+        module = tg.get_module(params, m)
+        if np.ndim(module[scale_leaf]) != 0 or np.ndim(module.get("kernel", np.zeros((0, 0)))) != 2:
+            raise ValueError(f"save_adapter: {m} holds {kind} leaves beside a weight that is no 2-D (in, out) kernel (layers "
+                             "stacked by scan / vmap, multi-axis weights); PEFT's format cannot hold them: merge it into the model instead")
     scales = {m: float(flat[f"{m.replace('.', '/')}/{scale_leaf}"]) for m in modules}
     if config is None and kind == "LOKR":
         raise ValueError("save_adapter: a LoKr adapter needs its LoKrConfig (config=...): whole Kronecker factors do not "

@@ -3,6 +3,10 @@
 Leaves live at `<module>/adapter/{down,up}/{kernel,bias}`; the up-projection starts at zero so an
 untrained adapter is the identity. Houlsby places one after every attention module and after the
 feed-forward block; Pfeiffer only after the feed-forward block.
+
+On a Flax model (`jpeft.linen`, `jpeft.nnx`), whose blocks jpeft cannot name, `target_modules` chooses the layers an
+adapter follows (Houlsby: the attention output projection and the feed-forward output; Pfeiffer: the latter alone),
+and each adapter sits at `<layer>/adapter` on that layer's output.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class AdapterConfig:
 
     kind: str = "houlsby"
     reduction_factor: int = 16
+    target_modules: tg.Targets | None = None  # Flax models: the layers whose output an adapter follows
 
     def __post_init__(self):
         if self.kind not in ("houlsby", "pfeiffer"):
@@ -41,8 +46,18 @@ def _output_dim(module: Mapping[str, Any]) -> int:
     raise ValueError(f"cannot find the output projection among {sorted(module)}")
 
 
+def new_adapter(d: int, cfg: AdapterConfig, key: jax.Array) -> dict:
+    """One adapter on a d-wide output: down (d, d // reduction_factor) torch-uniform, up zero (so it starts as the identity)."""
+    width = max(1, d // cfg.reduction_factor)
+    return {"down": {"kernel": nn.torch_uniform(key, (d, width), d), "bias": jnp.zeros((width,))},
+            "up": {"kernel": jnp.zeros((width, d)), "bias": jnp.zeros((d,))}}
+
+
 def inject(params: Mapping[str, Any], cfg: AdapterConfig, key: jax.Array) -> dict:
     """A new tree with a bottleneck adapter after each chosen module."""
+    if cfg.target_modules is not None:
+        raise ValueError("AdapterConfig.target_modules chooses layers on Flax models (jpeft.linen / jpeft.nnx); on jpeft's own "
+                         "models the adapters' places follow `kind` (houlsby / pfeiffer): leave target_modules=None")
     kinds = FEED_FORWARD + (ATTENTION if cfg.kind == "houlsby" else ())
     names = sorted({m.replace("/", ".") for m in _modules_named(params, kinds)})
     if not names:
@@ -52,13 +67,7 @@ def inject(params: Mapping[str, Any], cfg: AdapterConfig, key: jax.Array) -> dic
         module = tg.get_module(params, name)
         if "adapter" in module:
             raise ValueError(f"{name} already has an adapter")
-        d = _output_dim(module)
-        width = max(1, d // cfg.reduction_factor)
-        down = nn.torch_uniform(jax.random.fold_in(key, i), (d, width), d)
-        updates[name] = {"adapter": {
-            "down": {"kernel": down, "bias": jnp.zeros((width,))},
-            "up": {"kernel": jnp.zeros((width, d)), "bias": jnp.zeros((d,))},
-        }}
+        updates[name] = {"adapter": new_adapter(_output_dim(module), cfg, jax.random.fold_in(key, i))}
     return tg.replace_modules(params, updates)
 
 

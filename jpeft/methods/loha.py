@@ -103,6 +103,7 @@ METHOD = leaves.declare(leaves.Method(
     leaves=(leaves.Leaf("loha_w1_a", (None, leaves.OUT), peft="hada_w1_a"), leaves.Leaf("loha_w1_b", (leaves.IN, None), peft="hada_w1_b"),
             leaves.Leaf("loha_w2_a", (None, leaves.OUT), peft="hada_w2_a"), leaves.Leaf("loha_w2_b", (leaves.IN, None), peft="hada_w2_b"),
             leaves.Leaf("loha_scale", (), trainable=False)),
-    product=_product, merge=lambda p, w: w + weight(p), unmerge=lambda p, w, extra: w - weight(p)))
+    product=_product, merge=lambda p, w: w + weight(p), unmerge=lambda p, w, extra: w - weight(p),
+    together=("loha_w1_a", "loha_w1_b", "loha_w2_a", "loha_w2_b", "loha_scale")))
 TRAINABLE = tuple(leaf.name for leaf in METHOD.leaves if leaf.trainable)
 LEAVES = METHOD.names

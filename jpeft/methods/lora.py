@@ -117,6 +117,9 @@ def _new_leaves(cfg: LoraConfig, name: str, module: Params, key: jax.Array) -> P
         if quant.is_quantized(module):
             raise ValueError(f"PiSSA rewrites the base weight of {name}, which is quantized: inject PiSSA on the float base, then quantize")
         kernel = module["kernel"]
+        if r > min(kernel.shape[-2:]):
+            raise ValueError(f"{name}: PiSSA's rank {r} exceeds min(in, out) = {min(kernel.shape[-2:])} of its weight "
+                             f"{tuple(kernel.shape)}, which has no more singular vectors; use a smaller r (or rank_pattern)")
         a, b, residual = _pissa(kernel, r, scale)
         out.update(lora_a=a.astype(kernel.dtype), lora_b=b.astype(kernel.dtype), kernel=residual.astype(kernel.dtype))
     else:  # the weight's logical (in, out) shape and float dtype, whether it is a kernel or quantized
@@ -354,4 +357,4 @@ METHOD = leaves.declare(leaves.Method(
             leaves.Leaf("lora_b", (None, leaves.OUT), peft="lora_B.weight"),
             leaves.Leaf("lora_scale", (), trainable=False),
             leaves.Leaf(MAGNITUDE, (leaves.OUT,), peft="lora_magnitude_vector")),
-    product=_product, grouped=_grouped, merge=_merged, unmerge=_unmerged))
+    product=_product, grouped=_grouped, merge=_merged, unmerge=_unmerged, together=LEAVES))

@@ -38,7 +38,7 @@ FORMATS = ("nf4", "int8")  # what `quantize` produces; GGUF blocks come from `ll
 
 __all__ = [
     "FORMATS", "GGUF_TYPES", "LEAVES", "ROW_LEAVES", "check_frozen", "dequantize", "float_shapes", "format_of", "gguf_leaves",
-    "has_weight", "is_quantized", "is_quantized_leaf", "leaves", "quantize", "quantized_modules", "require_float", "select", "unpack", "weight",
+    "has_weight", "is_quantized", "is_quantized_leaf", "leaves", "quantize", "quantize_matrix", "quantized_modules", "require_float", "select", "unpack", "weight",
     "weight_dtype", "weight_shape",
 ]
 
@@ -97,8 +97,10 @@ def select(params: Mapping[str, Any], fmt: str, targets: tg.Targets | None = Non
         names = tg.select(floats, targets, "targets")
     for name in names:
         shape = weight_shape(tg.get_module(params, name))
-        if len(shape) != 2 + tg.is_expert(name):
-            raise ValueError(f"cannot quantize {name}: its kernel has shape {shape}, not (in, out)")
+        if len(shape) != 2 + tg.is_expert(name):  # routed experts' (X, in, out): one group per expert
+            raise ValueError(f"cannot quantize {name}: its kernel has shape {shape}, not (in, out); a weight of another rank "
+                             "(DenseGeneral, Einsum, layers stacked by a scan) needs its layer's view of it: "
+                             "jpeft.linen.quantize(model, params, fmt, *example_args) or jpeft.nnx.quantize(model, fmt)")
         if fmt == "nf4" and shape[-2] % bnb.BLOCK:
             raise ValueError(f"cannot quantize {name} to NF4: its input dim {shape[-2]} is not a multiple of {bnb.BLOCK} "
                              "(NF4 blocks must not cross rows); leave it out of targets or use int8")
@@ -116,20 +118,27 @@ def quantize(params: Mapping[str, Any], fmt: str = "nf4", targets: tg.Targets | 
     flat = tree.flatten(params)
     for name in select(params, fmt, targets):
         path = name.replace(".", "/")
-        w = np.swapaxes(np.asarray(jax.device_get(flat.pop(f"{path}/{KERNEL}")), np.float32), -1, -2)  # (out, in), PyTorch's layout
-        groups = [_quantized(m, fmt, double_quant) for m in (w if tg.is_expert(name) else [w])]  # routed experts: one each
-        flat.update({f"{path}/{k}": jnp.asarray(np.stack([g[k] for g in groups]) if tg.is_expert(name) else groups[0][k]) for k in groups[0]})
+        group = quantize_matrix(flat.pop(f"{path}/{KERNEL}"), fmt, double_quant)
+        flat.update({f"{path}/{k}": v for k, v in group.items()})
     return tree.unflatten(flat)
 
 
-def _quantized(w: np.ndarray, fmt: str, double_quant: bool) -> dict[str, np.ndarray]:
-    """The leaf group of one (out, in) weight."""
+def quantize_matrix(w: Any, fmt: str = "nf4", double_quant: bool = False) -> dict[str, jax.Array]:
+    """The quantized leaf group of an (in, out) weight, or of a stack (*lead, in, out) of them (each slice on its own,
+    as layers stacked by a scan are read); in NumPy on the host."""
+    w = np.asarray(jax.device_get(w), np.float32)
+    if w.ndim > 2:
+        groups = [quantize_matrix(m, fmt, double_quant) for m in w.reshape(-1, *w.shape[-2:])]
+        return {k: jnp.stack([g[k] for g in groups]).reshape(*w.shape[:-2], *groups[0][k].shape) for k in groups[0]}
+    w = w.T  # (out, in), PyTorch's layout
     if fmt == "int8":
-        return dict(zip((INT8, ABSMAX), bnb.quantize_int8(w)))
-    codes, absmax = bnb.quantize_nf4(w)
-    if double_quant:
-        return {NF4: codes, **dict(zip((ABSMAX_CODES, ABSMAX_SCALE, ABSMAX_OFFSET), bnb.quantize_absmax(absmax)))}
-    return {NF4: codes, ABSMAX: absmax}
+        group = dict(zip((INT8, ABSMAX), bnb.quantize_int8(w)))
+    else:
+        codes, absmax = bnb.quantize_nf4(w)
+        group = {NF4: codes, ABSMAX: absmax}
+        if double_quant:
+            group = {NF4: codes, **dict(zip((ABSMAX_CODES, ABSMAX_SCALE, ABSMAX_OFFSET), bnb.quantize_absmax(absmax)))}
+    return {k: jnp.asarray(v) for k, v in group.items()}
 
 
 def dequantize(params: Mapping[str, Any], modules: Sequence[str] | None = None) -> dict:

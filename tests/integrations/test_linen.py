@@ -106,10 +106,10 @@ def test_zero_b_gives_the_base_output_exactly(setup):
     np.testing.assert_array_equal(linen.apply(model, {"params": _inject(setup)}, ids), model.apply({"params": params}, ids))
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_random_lora_equals_the_base_model_on_weights_merged_by_hand(setup, rslora):
+def test_random_lora_equals_the_base_model_on_weights_merged_by_hand(setup):
+    """Conv and Embed here too; rsLoRA, patterns, PiSSA, the other methods and (IA)^3: tests/test_one_rule.py."""
     model, params, ids = setup
-    p = _random_lora(_inject(setup, use_rslora=rslora), jax.random.key(3))
+    p = _random_lora(_inject(setup), jax.random.key(3))
     got = jax.jit(lambda p: linen.apply(model, {"params": p}, ids))(p)
     want = model.apply({"params": _merged_by_hand(p)}, ids)
     assert float(jnp.abs(got - want).max()) <= 1e-5 * max(1.0, float(jnp.abs(want).max()))
@@ -228,40 +228,12 @@ def test_a_module_using_its_weights_in_its_own_code_is_refused_by_name():
         linen.inject(Net(), params, jpeft.LoraConfig(target_modules=["ffw"]), jax.random.key(1), x)
 
 
-IA3_TARGETS = ["query", "value", "out", "up", "down"]
-# IA3 by hand: the weight scaled along the axes a vector sits on (feed-forward `down` scales its input).
-IA3_SCALE = {"query": "dhk,hk->dhk", "value": "hdk,hk->hdk", "out": "hkd,d->hkd", "up": "df,f->df", "down": "fd,f->fd"}
-
-
-def test_ia3_equals_the_base_model_on_weights_scaled_by_hand(setup):
+def test_methods_other_than_lora_are_refused_on_conv_and_embed_by_name(setup):
     model, params, ids = setup
-    config = jpeft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down"])
-    p = linen.inject(model, params, config, jax.random.key(0), ids)
-    assert p["layers"]["query"]["ia3_out"].shape == (LAYERS, HEADS, HEAD_DIM) and p["layers"]["down"]["ia3_in"].shape == (LAYERS, 2 * D)
-    np.testing.assert_array_equal(linen.apply(model, {"params": p}, ids), model.apply({"params": params}, ids))  # ones: the base
-    flat = jpeft.tree.flatten(p)
-    for i, path in enumerate(sorted(q for q in flat if "/ia3_" in q)):
-        flat[path] = 1 + 0.3 * jax.random.normal(jax.random.fold_in(jax.random.key(8), i), flat[path].shape)
-    p = jpeft.tree.unflatten(flat)
-    by_hand = jax.tree.map(lambda x: x, params)
-    for name, spec in IA3_SCALE.items():
-        leaf = "ia3_in" if name == "down" else "ia3_out"
-        by_hand["layers"][name] = {**params["layers"][name], "kernel": jax.vmap(lambda w, v: jnp.einsum(spec, w, v))(
-            params["layers"][name]["kernel"], p["layers"][name][leaf])}
-    want = model.apply({"params": by_hand}, ids)
-    np.testing.assert_allclose(linen.apply(model, {"params": p}, ids), want, atol=1e-5)
-    np.testing.assert_allclose(model.apply({"params": linen.merge(model, p, ids)}, ids), want, atol=1e-5)
-    with pytest.raises(ValueError, match="no \\(IA\\)\\^3 for a Conv layer"):
-        linen.inject(model, params, jpeft.IA3Config(target_modules=["conv"], feedforward_modules=[]), jax.random.key(0), ids)
-
-
-def test_pissa_init_keeps_the_output_and_rank_patterns_apply(setup):
-    model, params, ids = setup
-    config = jpeft.LoraConfig(r=4, alpha=8, target_modules=TARGETS, init="pissa", rank_pattern={"up": 2})
-    p = linen.inject(model, params, config, jax.random.key(2), ids)
-    assert p["layers"]["up"]["lora_a"].shape == (LAYERS, D, 2) and float(p["layers"]["up"]["lora_scale"][0]) == 4.0
-    assert float(jnp.abs(p["layers"]["query"]["kernel"] - params["layers"]["query"]["kernel"]).max()) > 1e-3  # the residual
-    np.testing.assert_allclose(linen.apply(model, {"params": p}, ids), model.apply({"params": params}, ids), atol=1e-4)
+    for config in (jpeft.IA3Config(target_modules=["conv"], feedforward_modules=[]), jpeft.LoHaConfig(target_modules=["embed"]),
+                   jpeft.LoraConfig(target_modules=["conv"], use_dora=True)):
+        with pytest.raises(ValueError, match=r"(conv|embed): jpeft has no .* for a (Conv|Embed) layer"):
+            linen.inject(model, params, config, jax.random.key(0), ids)
 
 
 def test_lora_dropout_applies_only_with_a_dropout_rng(setup):

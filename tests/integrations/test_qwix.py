@@ -183,10 +183,14 @@ def test_linen_embed_gets_lora_in_jpeft_and_none_in_qwix():
 
 
 def test_what_the_peers_do_not_have():
-    """The table's empty cells: no merge or adapter files in qwix's API; nnx.LoRA has no alpha or dropout."""
+    """The table's empty cells: no merge or adapter files in qwix's API, and no method but LoRA (its QLoRA is LoRA on a
+    weight_qtype); nnx.LoRA has no alpha or dropout."""
+    import dataclasses
     import inspect
 
     assert not [n for n in dir(qwix) if not n.startswith("_") and any(w in n.lower() for w in ("merge", "save", "load", "export"))]
+    assert not [n for n in dir(qwix) if any(w in n.lower() for w in ("dora", "loha", "lokr", "ia3", "adapter"))]
+    assert "weight_qtype" in {f.name for f in dataclasses.fields(qwix.LoraRule)}
     for cls in (nnx.LoRA, nnx.LoRALinear):
         params = inspect.signature(cls).parameters
         assert "alpha" not in params and "dropout" not in params and not hasattr(cls, "merge")

@@ -318,7 +318,7 @@ def test_bad_dora_files_and_trees_are_refused(flan, tmp_path):
         jpeft.load_adapter(tmp_path / "a", flan.params)
 
 
-def test_stacking_sharding_and_flax_refusals(flan):
+def test_stacking_sharding_and_flax_layers(flan):
     cfg = lora.LoraConfig(r=4, alpha=8, target_modules=["q", "wo"], use_dora=True)
     params = lora.inject(flan.params, cfg, jax.random.key(0))
     _, adapter = split.split_adapter(params)
@@ -342,17 +342,19 @@ def test_stacking_sharding_and_flax_refusals(flan):
         def __call__(self, x):
             return fnn.Dense(4, name="proj")(x)
 
+    # On Flax layers DoRA runs through the same rule (tests/test_one_rule.py checks its output against merged weights):
+    # its magnitude starts as PEFT's, ||W|| per output, and is trained in NNX.
     model, x = Net(), jnp.ones((1, 3))
     variables = model.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="DoRA .* not supported on Flax"):
-        jpeft.linen.inject(model, variables["params"], lora.LoraConfig(r=2, target_modules=["proj"], use_dora=True), jax.random.key(0), x)
+    p = jpeft.linen.inject(model, variables["params"], lora.LoraConfig(r=2, target_modules=["proj"], use_dora=True), jax.random.key(0), x)
+    np.testing.assert_allclose(p["proj"]["lora_magnitude"], jnp.linalg.norm(variables["params"]["proj"]["kernel"], axis=0), rtol=1e-6)
 
     class NnxNet(nnx.Module):
         def __init__(self):
             self.proj = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
 
-    with pytest.raises(ValueError, match="DoRA .* not supported on Flax"):
-        jpeft.nnx.inject(NnxNet(), lora.LoraConfig(r=2, target_modules=["proj"], use_dora=True), jax.random.key(0))
+    net = jpeft.nnx.inject(NnxNet(), lora.LoraConfig(r=2, target_modules=["proj"], use_dora=True), jax.random.key(0))
+    assert isinstance(net.proj.lora_magnitude, nnx.LoRAParam)
 
 
 # ---- Llama and Gemma 3

@@ -283,15 +283,3 @@ def test_refusals(flan, tmp_path):
     cfg_file.write_text(cfg_file.read_text().replace('"decompose_factor": -1', '"decompose_factor": 2'))
     with pytest.raises(CheckpointError, match=r"SelfAttention\.q has"):
         jpeft.load_adapter(tmp_path / "ok", flan.params)
-
-
-def test_flax_models_refuse_loha_and_lokr():
-    import flax.linen as fnn
-
-    from jpeft import linen
-
-    model = fnn.Dense(8)
-    variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
-    for cfg in (loha.LoHaConfig(target_modules=".*"), lokr.LoKrConfig(target_modules=".*")):
-        with pytest.raises(ValueError, match=f"{type(cfg).__name__} is not supported on Flax models"):
-            linen.inject(model, variables, cfg, jax.random.key(1), jnp.ones((1, 4)))
