@@ -264,7 +264,7 @@ def _spanned_weight(flat: Mapping[str, Any], prefix: str, a, b, s) -> Any | None
     module = {p.rsplit("/", 1)[-1]: v for p, v in flat.items() if p.rsplit("/", 1)[0] == prefix}
     if quant.is_quantized(module):
         codes = next(v for k, v in module.items() if k in quant.CODES)
-        fits = np.shape(codes)[:-2] == lead and math.prod(quant.weight_shape(module)) == size
+        fits = np.shape(codes)[:-2] == lead and math.prod(quant.weight_shape(module)[len(lead):]) == size  # (*lead, in, out)
         return np.dtype(np.float32) if fits else None
     return next((v.dtype for k, v in module.items() if np.ndim(v) >= 2 and not split.is_adapter_path(f"{prefix}/{k}")
                  and np.shape(v)[: len(lead)] == lead and np.size(v) == size * math.prod(lead)), None)
