@@ -131,3 +131,18 @@ def test_listed_signatures_match_the_code(name, args):
 
 def test_every_python_block_is_collected():
     assert len(blocks("python")) >= 4 and len(_entry_points()) >= 20 and len(_commands()) >= 3
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_links_lead_somewhere(doc):
+    """Every `(#anchor)` names a heading of its document, and every relative link names a file that exists."""
+    text = doc.read_text()
+    anchors = {_slug(h) for h in re.findall(r"^#{1,4} (.*)$", text, re.M)}
+    assert not {a for a in re.findall(r"\]\(#([^)]*)\)", text)} - anchors
+    links = [link for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)]
+    assert not [link for link in links if not (doc.parent / link).exists()]
