@@ -263,9 +263,7 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     clock = Phases()
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf")
-    if args.quantize in quant.FORMATS:
-        base = quant.quantize(base, args.quantize)
+                                 quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
