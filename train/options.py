@@ -91,7 +91,11 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs worth)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data when --steps is not given")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="how the frozen base is stored and computed in: bfloat16 halves its memory (what trains, and the "
+                        "optimizer state, stay float32 master copies)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute over a float32-stored base (--dtype bfloat16 also "
+                   "stores the base in bfloat16)")
     g.add_argument("--no-remat", dest="remat", action="store_false",
                    help="store every layer's activations instead of recomputing them in the backward pass (more memory)")
     g.add_argument("--no-pack", dest="pack", action="store_false",

@@ -256,13 +256,20 @@ def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None)
     return execute(args, train_rows, eval_rows)
 
 
+def compute_dtypes(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the frozen base's storage dtype, the compute dtype): --dtype bfloat16 stores and computes in bf16, --bf16 computes in
+    bf16 over a float32 base; trainable leaves are float32 masters either way (`jpeft.partition`)."""
+    storage = jnp.dtype(args.dtype)
+    return storage, jnp.dtype(jnp.bfloat16) if args.bf16 else storage
+
+
 def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
     """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
     out = Path(args.out)
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     clock = Phases()
-    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
+    storage, dtype = compute_dtypes(args)
+    task, base = tasks.load_task(args.model, args.tokenizer, storage, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
                                  quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
