@@ -13,6 +13,7 @@ from jpeft.lokr import LoKrConfig
 from jpeft.lora import LoraConfig
 from jpeft.merging import merge_adapters
 from jpeft.peft_format import load_adapter, save_adapter
+from jpeft.planning import Plan, plan
 from jpeft.prefix import PrefixTuningConfig
 from jpeft.prompt import PromptTuningConfig
 from jpeft.ptuning import PromptEncoderConfig
@@ -22,7 +23,7 @@ from jpeft.split import attach, combine, count_params, optimizer, partition, spl
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig",
+    "AdapterConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "Plan", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig",
     "adapters", "attach", "batches", "combine", "count_params", "gguf", "ia3", "load_adapter", "loha", "lokr", "lora", "merge_adapters", "merging",
-    "optimizer", "partition", "prefix", "prompt", "ptuning", "save_adapter", "selective", "split_adapter", "trainable_mask",
+    "optimizer", "partition", "plan", "prefix", "prompt", "ptuning", "save_adapter", "selective", "split_adapter", "trainable_mask",
 ]

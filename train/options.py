@@ -161,6 +161,13 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmup-steps {args.warmup_steps} leaves no training after warmup in --steps {args.steps}")
     tasks.check_prompt(args.prompt)
     check_quantize(args)
+    if getattr(args, "memory_budget", None):
+        from jpeft import planning
+
+        try:
+            planning.parse_bytes(args.memory_budget)
+        except ValueError as e:
+            raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
     if args.mesh:
         check_mesh(args.mesh)
 

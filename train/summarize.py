@@ -48,6 +48,12 @@ GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter 
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
     p = options.parser("jpeft-summarize", __doc__)
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory one train step needs per device (compiled from the model's shapes, no weights read: "
+                        "jpeft.plan) and exit")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="choose the micro-batch (the rest of --batch-size by accumulation), remat and --quantize so that one step "
+                        "fits SIZE per device (e.g. 24GB, 80GiB), and say which")
     p.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
                    help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
                         "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only")
@@ -238,6 +244,8 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     family, config, _ = tasks.find_model(args.model)
     check_gguf_export(args, family)
     check_method_fits(args, family, config)
+    if args.memory_budget:
+        fit_memory_budget(args, family, config)
     train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
                                                args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)
     out = Path(args.out)
@@ -245,8 +253,49 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
 
 
+def memory_plan(args: argparse.Namespace, family: str, config: Any) -> jpeft.Plan:
+    """`jpeft.plan` of this command's train step: its model, method, batch of the longest rows, dtypes, optimizer and mesh."""
+    if args.quantize == "gguf":
+        raise UsageError("--plan / --memory-budget plan from the config's shapes, which do not say how a .gguf file's blocks are "
+                         "packed: plan with --quantize nf4 (the same 4.5 bits a weight) instead")
+    check = argparse.Namespace(**{**vars(args), "prompt_init": "random" if args.prompt_init == "text" else args.prompt_init})
+    storage, compute = compute_dtypes(args)
+    seq_len = args.max_source_len + (args.max_target_len if family != "t5" else 0)
+    optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
+    method = None if args.method == "full" else lambda p: apply_method(check, family, None, p, config)[:2]
+    return jpeft.plan(config, method, batch=args.batch_size, seq_len=seq_len, target_len=args.max_target_len, dtype=storage,
+                           compute_dtype=compute, quantize=args.quantize, remat=args.remat, mesh=args.mesh or None,
+                           optimizer=trainer.make_optimizer(optim, 1), lora_dropout=args.lora_dropout if args.method in ("lora", "dora") else 0.0)
+
+
+def fit_memory_budget(args: argparse.Namespace, family: str, config: Any) -> None:
+    """Set the micro-batch, accumulation, remat and quantization that `jpeft.plan` finds fit --memory-budget, and say so."""
+    try:
+        chosen = memory_plan(args, family, config).fit(args.memory_budget)
+    except ValueError as e:
+        raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
+    accum = args.grad_accum * args.batch_size // chosen.batch
+    print(f"memory budget {args.memory_budget}: micro-batch {chosen.batch} x {accum} accumulated, remat {'on' if chosen.remat else 'off'}, "
+          f"quantize {chosen.quantize or 'none'} (one step needs {chosen.peak / 1e9:.2f} GB per device)", flush=True)
+    args.batch_size, args.grad_accum, args.remat, args.quantize = chosen.batch, accum, chosen.remat, chosen.quantize
+
+
+def show_plan(args: argparse.Namespace) -> dict:
+    """--plan: the checks that need no weights, then the memory plan (and what --memory-budget would choose), printed."""
+    options.check(args)
+    family, config, _ = tasks.find_model(args.model)
+    check_method_fits(args, family, config)
+    p = memory_plan(args, family, config)
+    print(p.table())
+    if args.memory_budget:
+        fit_memory_budget(args, family, config)
+    return {"plan": {k: v for k, v in vars(p).items() if k not in ("request", "step", "shapes")}}
+
+
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
-    """The whole job: check, load, score the base, train, score the tuned model, write results."""
+    """The whole job: check, load, score the base, train, score the tuned model, write results (--plan: the plan only)."""
+    if getattr(args, "plan", False):
+        return show_plan(args)
     train_rows, eval_rows, finished = prepare(args, train_data, eval_data)
     if finished is not None:
         out = Path(args.out)
@@ -408,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: user mistakes become one line on stderr and exit status 2."""
     args = parser().parse_args(argv)
     code, results = guarded(run, args)
-    if code == 0:
+    if code == 0 and not args.plan:
         print(json.dumps({k: results.get(k) for k in ("method", "base", "tuned", "trainable_params", "train_seconds")}, indent=2))
     return code
 

@@ -440,3 +440,20 @@ def test_export_gguf_writes_llama_cpp_files(model_dir, data_dir, tmp_path):
     with pytest.raises(SystemExit):
         summarize.parser().parse_args(["--export-gguf", "lora"])
     assert _run(model_dir, data_dir, tmp_path / "t5", "--export-gguf", "adapter") == 2
+
+
+def test_plan_memory_budget_and_a_bf16_base(model_dir, data_dir, tmp_path, capsys):
+    """--plan prints one step's bytes per device (compiled from shapes) and exits without a run directory; --memory-budget
+    says which settings fit (what nothing fits says: tests/test_planning.py); a --dtype bfloat16 base trains float32 LoRA."""
+    assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--plan", "--memory-budget", "10GB") == 0
+    out = capsys.readouterr().out
+    assert "memory plan: batch 2 x 48 tokens (8 scored), float32 base, remat on, 1 device" in out and "optimizer state" in out
+    assert "memory budget 10GB: micro-batch 2 x 1 accumulated, remat off, quantize none" in out
+    assert not (tmp_path / "p").exists()
+    assert _run(model_dir, data_dir, tmp_path / "p", "--memory-budget", "lots") == 2
+    assert "error: --memory-budget lots: cannot read 'lots' as a size" in capsys.readouterr().err
+    out = tmp_path / "bf16"
+    assert _run(model_dir, data_dir, out, "--method", "lora", "--steps", "1", "--eval-samples", "0", "--dtype", "bfloat16") == 0
+    from safetensors.numpy import load_file
+
+    assert {v.dtype.name for v in load_file(out / "adapter" / "adapter_model.safetensors").values()} == {"float32"}
