@@ -67,10 +67,10 @@ class Plan:
         levels = QUANTIZE_ORDER[QUANTIZE_ORDER.index(self.quantize):] if self.quantize in QUANTIZE_ORDER else (self.quantize,)
         micros = [d for d in range(self.batch, 0, -1) if self.batch % d == 0]
         smallest, skipped = None, {}
-        for fmt in levels:
-            try:  # the whole batch first (this plan itself, when remat is on), then the least this quantization can need
-                largest = self.request.compile(self.batch, True, fmt)
-                floor = self.request.compile(1, True, fmt) if largest.peak > budget else largest
+        for i, fmt in enumerate(levels):
+            try:  # first the whole batch (often this plan itself), then the least each quantization can need
+                whole = self.request.compile(self.batch, True, fmt) if i == 0 else None
+                floor = whole if whole is not None and whole.peak <= budget else self.request.compile(1, True, fmt)
             except ValueError as e:  # e.g. NF4 on a model whose widths are not multiples of 64
                 skipped[fmt] = str(e)
                 continue

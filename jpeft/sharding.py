@@ -49,7 +49,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jpeft import quant, split, training, tree
+from jpeft import nn, quant, split, training, tree
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -329,7 +329,12 @@ def make_sharded_train_step(loss_fn: training.LossFn, tx: optax.GradientTransfor
     (trainable, opt_state, loss); the loss comes back replicated.
     """
     sh = step_shardings(tx, mesh, trainable, frozen, rules, replicate_adapters)
-    step = jax.jit(training.make_train_step(loss_fn, tx),
+
+    def rows_sharded_loss(params, batch, rng):
+        with nn.rows_sharded(sh.batch):  # activations split by rows, as the batch is (see nn.rows_sharded)
+            return loss_fn(params, batch, rng)
+
+    step = jax.jit(training.make_train_step(rows_sharded_loss, tx),
                    in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.batch, sh.replicated),
                    out_shardings=(sh.trainable, sh.opt_state, sh.replicated),
                    donate_argnums=(0, 1))

@@ -319,7 +319,8 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
     clock = Phases()
     storage, dtype = compute_dtypes(args)
     task, base = tasks.load_task(args.model, args.tokenizer, storage, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None)
+                                 quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None,
+                                 mesh=sharding.mesh_from_string(args.mesh) if args.mesh else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
