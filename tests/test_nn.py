@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jpeft import nn
+from jpeft.models import attention
 
 
 def test_matmul_is_plain_matmul_in_float32():
@@ -65,7 +66,7 @@ def _visibility(B, past, T, segments=None, window=None, left_pad=0):
     if seg is not None:
         real[:, past:] &= np.asarray(seg) > 0
         pos = np.where(real, np.cumsum(real, axis=1) - 1, 0)
-    return nn.Visibility(jnp.asarray(real), jnp.asarray(pos, jnp.int32), seg, None if window is None else jnp.int32(window))
+    return attention.Visibility(jnp.asarray(real), jnp.asarray(pos, jnp.int32), seg, None if window is None else jnp.int32(window))
 
 
 FLASH_CASES = {  # B=2, T=37 queries (ragged against blocks of 8): packing, padding, windows, prefix keys, GQA, softcap
@@ -88,8 +89,8 @@ def test_flash_attention_equals_dense_attention_and_its_gradients(case):
     mask = visible.mask(T)
     # Rows that see no key (padding) are 0 blockwise and an average of every value densely: neither reaches a loss.
     w = w * mask.any(axis=-1)[..., None]
-    dense = lambda q, k, v: jnp.sum(nn.attention(q, k, v, mask, 0.3, nn.Ctx(), softcap) * w)  # noqa: E731
-    flash = lambda q, k, v: jnp.sum(nn.flash_attention(q, k, v, visible, 0.3, softcap, 8, 8) * w)  # noqa: E731
+    dense = lambda q, k, v: jnp.sum(attention.attention(q, k, v, mask, 0.3, nn.Ctx(), softcap) * w)  # noqa: E731
+    flash = lambda q, k, v: jnp.sum(attention.flash_attention(q, k, v, visible, 0.3, softcap, 8, 8) * w)  # noqa: E731
     (expected, expected_grads), (value, grads) = (jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v) for f in (dense, flash))
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     for a, b in zip(grads, expected_grads):
@@ -103,8 +104,8 @@ def test_flash_attention_memory_grows_linearly_with_length():
     def temp_bytes(T):
         q = jax.ShapeDtypeStruct((1, 1, 2, T, 16), jnp.float32)
         kv = jax.ShapeDtypeStruct((1, 1, T, 16), jnp.float32)
-        visible = nn.Visibility(jnp.ones((1, T), bool), jnp.arange(T, dtype=jnp.int32)[None], jnp.ones((1, T), jnp.int32))
-        grad = jax.grad(lambda q, k, v: jnp.sum(nn.flash_attention(q, k, v, visible, 0.25)), argnums=(0, 1, 2))
+        visible = attention.Visibility(jnp.ones((1, T), bool), jnp.arange(T, dtype=jnp.int32)[None], jnp.ones((1, T), jnp.int32))
+        grad = jax.grad(lambda q, k, v: jnp.sum(attention.flash_attention(q, k, v, visible, 0.25)), argnums=(0, 1, 2))
         return jax.jit(grad).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
 
     small, large = temp_bytes(2048), temp_bytes(4096)

@@ -16,7 +16,6 @@ from transformers import LlamaConfig
 
 import jpeft
 from jpeft import planning as planlib
-from jpeft import tree
 from jpeft.models import llama
 
 ROOT = Path(__file__).resolve().parents[1]

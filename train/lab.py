@@ -2,12 +2,13 @@
 
     python -m train.lab --model smollm2-135m-instruct --steps 16 --ranks 4,8,16,32,64 --out runs/lab
 
-Every option of `train.summarize` except --method is accepted and shared by all runs; each method writes its
-own run directory under --out (resumed like `train.summarize`'s), and the lab adds `table.md` (ROUGE, trainable
-parameters, adapter size, train time, peak memory), `rouge.png` (ROUGE-1 against trainable parameters),
-`lab.json`, `prompt_tokens.md` (each soft prompt's first virtual tokens and their nearest vocabulary tokens), and
-with --ranks the LoRA rank study (`ranks.md`, `ranks.png`). Each method trains at its own learning rate (the
-table's lr column) unless --lr sets one for all. Every run's options are checked before the first one starts.
+Every option of `train.summarize` but --method is accepted and shared by all runs (--export-gguf by each run it
+fits: the adapter file by LoRA runs, the merged model by methods that merge); each method writes its own run directory
+under --out (resumed like `train.summarize`'s), and the lab adds `table.md` (ROUGE, trainable parameters, adapter
+size, train time, peak memory), `rouge.png` (ROUGE-1 against trainable parameters), `lab.json`, `prompt_tokens.md`
+(each soft prompt's first virtual tokens and their nearest vocabulary tokens), and with --ranks the LoRA rank study
+(`ranks.md`, `ranks.png`). Each method trains at its own learning rate (listed under --lr below, and in table.md's
+lr column) unless --lr sets one for all. Every run's options are checked before the first one starts.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ from typing import Sequence
 from train import options, summarize
 from train.errors import UsageError
 
-# Each method's learning rate when --lr is not given: the rates HF PEFT's examples and the methods' papers use
-# for AdamW (LoRA's is the DialogSum course's; a soft prompt needs a rate ~30x LoRA's to move in a short budget).
-LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "ia3": 3e-3,
-                  "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-3, "selective": 1e-4}
 LAST_LOSSES = 4  # the rank study's loss: the mean over the last steps (one batch's loss is noisy)
 
 
@@ -152,9 +149,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
     for name, changes in entries:
         if changes.get("quantize") and args.quantize:
             changes["quantize"] = args.quantize
-        lr = args.lr if args.lr is not None else LEARNING_RATES.get(name.split("-r")[0], 2e-4)
+        changes["export_gguf"] = [e for e in args.export_gguf if summarize.gguf_export_fits(e, changes["method"])]
+        lr = args.lr if args.lr is not None else options.LEARNING_RATES.get(name.split("-r")[0], 2e-4)
         runs.append((name, argparse.Namespace(**{**shared, "lr": lr, **changes, "out": str(Path(args.out) / name),
                                                  "skip_base_eval": args.skip_base_eval or changes["method"] != "none"})))
+    if args.export_gguf and not any(r.export_gguf for _, r in runs):
+        raise UsageError(f"--export-gguf {','.join(args.export_gguf)}: no run of --methods {args.methods} can be exported so "
+                         "(the adapter file takes LoRA, the merged model a method that merges)")
     return runs
 
 
@@ -168,9 +169,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     runs = plan(args)
     prepared = [summarize.prepare(r) for _, r in runs]
     rows = []
-    for (name, r), (train_rows, eval_rows, finished) in zip(runs, prepared):
-        print(f"== {name}" + (" (already complete)" if finished is not None else ""), flush=True)
-        row = finished if finished is not None else summarize.execute(r, train_rows, eval_rows)
+    for (name, r), p in zip(runs, prepared):
+        print(f"== {name}" + (" (already complete)" if p.finished is not None else ""), flush=True)
+        row = p.finished if p.finished is not None else summarize.execute(r, p)
         rows.append({**row, "name": name, "lr": r.lr})
     if args.ranks:
         for (name, r), row in zip(runs, rows):

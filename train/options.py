@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from train import tasks
 from train.data import INPUT_FIELD, TARGET_FIELD
@@ -14,39 +15,38 @@ LAB_METHODS = ("none", "full", "lora", "dora", "loha", "lokr", "qlora", "prompt"
 PROMPT_LOOKUP = 0  # evaluation's default draft count (see benchmarks/README.md, generate_real)
 # Lab entries that are another method with settings of their own.
 LAB_VARIANTS = {"qlora": {"method": "lora", "quantize": "nf4"}}
+# Each lab method's learning rate when --lr is not given: the rates HF PEFT's examples and the methods' papers use
+# for AdamW (LoRA's is the DialogSum course's; a soft prompt needs a rate ~30x LoRA's to move in a short budget).
+LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "qlora": 1e-3, "dora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "ia3": 3e-3,
+                  "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-3, "selective": 1e-4}
+GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter (f32), the merged model (f16)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and each option's default in its help line (flags and unset options say theirs in words)."""
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default in its help line; flags (on or off) and options
+    whose default is no value say theirs in words, in their help."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        flag = action.nargs == 0  # store_true / store_false: "(default: True)" would read as if the flag were given
+        unset = action.default is None or action.default is argparse.SUPPRESS or action.default in ("", [])
+        if "%(default)" in text or "(default:" in text or flag or unset or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
 
 def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentParser:
     """All options; the lab's parser takes `--methods` (several) instead of `--method`, and its own `--out` default."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=Formatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, hub id, .gguf file, or a packaged model: smollm2-135m-instruct, gemma3-270m")
-    g.add_argument("--chat-template", default="auto", choices=["auto", "yes", "no"],
-                   help="put prompts through the tokenizer's chat template (auto: packaged models know whether they are "
-                        "instruct models; others use the template when their tokenizer has one)")
-    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
+    add_model_and_data(g)
     g.add_argument("--data", help="directory with train/validation .jsonl/.json/.csv/.parquet files, one such file, or a hub "
                    "dataset name such as knkarthick/dialogsum (default: the bundled sample in train/sample_data)")
     g.add_argument("--eval-data", help="separate evaluation file or directory (default: --data's validation split, or 10%% of a single file)")
-    g.add_argument("--input-field", default=INPUT_FIELD, help="column holding the text to summarize")
-    g.add_argument("--target-field", default=TARGET_FIELD, help="column holding the reference summary")
-    g.add_argument("--prompt", default=tasks.PROMPT, help="prompt template; {input} marks where each input goes (default: %(default)r)")
-    g.add_argument("--max-source-len", type=int, default=384, help="prompt tokens (the input is cut to fit)")
-    g.add_argument("--max-target-len", type=int, default=64, help="target tokens, for training and generation")
     g = p.add_argument_group("method")
     if lab:
         g.add_argument("--methods", default=",".join(LAB_METHODS),
-                       help=f"comma-separated, from {', '.join((*METHODS, *LAB_VARIANTS))} (qlora: lora on an NF4 base)")
+                       help=f"comma-separated, from {', '.join(lab_methods())} (qlora: lora on an NF4 base)")
         g.add_argument("--ranks", default="", help="LoRA rank study: comma-separated ranks, each a LoRA run at the same alpha/r "
                        "(e.g. 4,8,16,32,64)")
     else:
@@ -73,14 +73,14 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--select-modules", help="selective: comma-separated module names to train")
     g.add_argument("--select-layer-norms", action="store_true", help="selective: train every norm")
     g.add_argument("--select-last-blocks", type=int, help="selective: train the last N blocks of each stack")
-    g.add_argument("--quantize", choices=["nf4", "int8", "gguf"],
-                   help="keep the frozen base quantized (QLoRA): nf4 or int8 as bitsandbytes makes them (every dense weight but "
-                        "the LM head), or gguf to keep a .gguf model's own blocks packed")
-    g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method")
+    add_quantize(g)
+    g.add_argument("--modules-to-save", default="", help="comma-separated modules trained in full beside the method (default: none)")
     g = p.add_argument_group("optimization")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"], help="optax optimizer")
     if lab:
-        g.add_argument("--lr", type=float, help="peak learning rate for every method (default: each method's own, see the table)")
+        rates = ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items())
+        g.add_argument("--lr", type=float, help=f"peak learning rate for every method (default: each method's own: {rates}; the rank "
+                                                "study's runs: lora's)")
     else:
         g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
@@ -97,25 +97,70 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--bf16", action="store_true", help="bfloat16 compute over a float32-stored base (--dtype bfloat16 also "
                    "stores the base in bfloat16)")
     g.add_argument("--no-remat", dest="remat", action="store_false",
-                   help="store every layer's activations instead of recomputing them in the backward pass (more memory)")
+                   help="store every layer's activations instead of recomputing them in the backward pass (more memory; "
+                        "default: recompute)")
     g.add_argument("--no-pack", dest="pack", action="store_false",
-                   help="decoder-only models: one example per row instead of packing each batch's examples into few rows")
+                   help="decoder-only models: one example per row instead of packing each batch's examples into few rows "
+                        "(default: pack)")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and dropout")
     g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,model=2 (default: one device)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-samples", type=int, default=50, help="validation examples scored before and after (0: no evaluation)")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="examples per generation batch")
     g.add_argument("--skip-base-eval", action="store_true", help="score only the tuned model")
-    g.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP, metavar="N",
-                   help="decoder-only models: each decoding pass also checks up to N tokens copied from the prompt's own n-grams "
-                        "(the same summaries in fewer passes; 0: one token per pass) (default: %(default)s)")
+    add_decoding(g)
     g.add_argument("--out", default="runs/lab" if lab else "runs/summarize", help="run directory (resumed when restarted with the same settings)")
     g.add_argument("--overwrite", action="store_true", help="start --out afresh, deleting its earlier run")
     g.add_argument("--log-every", type=int, default=1, help="log the loss every N micro-steps")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N micro-steps (0: about 4 per run)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept on disk")
     g.add_argument("--merge", action="store_true", help="also save the merged model (LoRA, DoRA, IA3, LoHa, LoKr)")
+    g.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
+                   help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
+                        "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only"
+                        + ("; in the lab, each run that can (default: none)" if lab else " (default: none)"))
     return p
+
+
+def add_model_and_data(g: Any) -> None:
+    """The model, its prompt and the data's columns: shared by `train.summarize`, `train.lab` and `train.generate`."""
+    g.add_argument("--model", default="smollm2-135m-instruct", help="HF directory, hub id, .gguf file, or a packaged model: smollm2-135m-instruct, gemma3-270m")
+    g.add_argument("--chat-template", default="auto", choices=["auto", "yes", "no"],
+                   help="put prompts through the tokenizer's chat template (auto: packaged models know whether they are "
+                        "instruct models; others use the template when their tokenizer has one)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
+    g.add_argument("--input-field", default=INPUT_FIELD, help="column holding the text to summarize")
+    g.add_argument("--target-field", default=TARGET_FIELD, help="column holding the reference summary")
+    g.add_argument("--prompt", default=tasks.PROMPT, help="prompt template; {input} marks where each input goes (default: %(default)r)")
+    g.add_argument("--max-source-len", type=int, default=384, help="prompt tokens (the input is cut to fit)")
+    g.add_argument("--max-target-len", type=int, default=64, help="target tokens, for training and generation")
+
+
+def add_quantize(g: Any) -> None:
+    """--quantize: the frozen base kept quantized."""
+    g.add_argument("--quantize", choices=["nf4", "int8", "gguf"],
+                   help="keep the frozen base quantized (QLoRA): nf4 or int8 as bitsandbytes makes them (every dense weight but "
+                        "the LM head), or gguf to keep a .gguf model's own blocks packed (default: none, the base stays float)")
+
+
+def add_decoding(g: Any) -> None:
+    """How summaries are generated: batch size and prompt-lookup drafts."""
+    g.add_argument("--eval-batch-size", type=int, default=16, help="examples per generation batch")
+    g.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP, metavar="N",
+                   help="decoder-only models: each decoding pass also checks up to N tokens copied from the prompt's own n-grams "
+                        "(the same summaries in fewer passes; 0: one token per pass) (default: %(default)s)")
+
+
+def _gguf_exports(text: str) -> list[str]:
+    chosen = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # a list: run.json records it as one
+    bad = [t for t in chosen if t not in GGUF_EXPORTS]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GGUF_EXPORTS)} (comma-separated)")
+    return chosen
+
+
+def lab_methods() -> tuple[str, ...]:
+    """What the lab's --methods takes: every method and the lab's variants (qlora)."""
+    return (*METHODS, *LAB_VARIANTS)
 
 
 def method_list(text: str) -> list[str]:
@@ -124,8 +169,8 @@ def method_list(text: str) -> list[str]:
     if not methods:
         raise UsageError("--methods names no method")
     for m in methods:
-        if m not in LAB_VARIANTS:
-            check_method(m)
+        if m not in lab_methods():
+            raise UsageError(f"unknown method {m!r}; choose from {', '.join(lab_methods())}")
     if len(set(methods)) < len(methods):
         raise UsageError(f"--methods {text!r} names a method twice")
     return methods
@@ -136,7 +181,8 @@ def check_method(method: str) -> None:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+def at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+    """Each named option, where given, is at least `minimum`."""
     for name in names:
         value = getattr(args, name)
         if value is not None and not value >= minimum:  # `not >=` also catches NaN
@@ -146,9 +192,9 @@ def _at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
 def check(args: argparse.Namespace) -> None:
     """Every mistake visible in the options alone: budgets, ranges, the prompt template and the mesh."""
     check_method(args.method)
-    _at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
+    at_least(args, 1, "batch_size", "grad_accum", "steps", "max_source_len", "max_target_len", "eval_batch_size", "lora_r",
               "num_virtual_tokens", "encoder_hidden_size", "adapter_reduction", "select_last_blocks", "log_every", "keep_checkpoints")
-    _at_least(args, 0, "eval_samples", "prompt_lookup", "warmup_steps", "save_every", "weight_decay", "clip_norm")
+    at_least(args, 0, "eval_samples", "prompt_lookup", "warmup_steps", "save_every", "weight_decay", "clip_norm")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not (args.epochs > 0 and math.isfinite(args.epochs)):
@@ -179,7 +225,7 @@ def check_quantize(args: argparse.Namespace) -> None:
     if args.quantize == "gguf" and not str(registry.resolve(args.model)).endswith(".gguf"):
         raise UsageError(f"--quantize gguf keeps a .gguf file's blocks packed, but --model {args.model} is not a .gguf file; "
                          "use --quantize nf4 or int8")
-    if args.quantize and args.method == "full":
+    if args.quantize and getattr(args, "method", None) == "full":
         raise UsageError(f"--method full trains every weight, but --quantize {args.quantize} keeps the base frozen and quantized; "
                          "use lora, ia3, prompt or adapter")
 

@@ -30,7 +30,7 @@ BUDGET = ("steps", "epochs")
 def settings(args: argparse.Namespace, train_rows: list[dict]) -> dict[str, Any]:
     """The options that decide the trained weights, and a hash of the training examples themselves."""
     record = {k: v for k, v in sorted(vars(args).items()) if k not in FREE}
-    text = json.dumps([[r["input"], r["reference"]] for r in train_rows], ensure_ascii=False)
+    text = json.dumps([[r[k] for k in sorted(r) if k != "id"] for r in train_rows], ensure_ascii=False)  # input, reference and any kept columns
     record["train_examples"] = {"count": len(train_rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     return record
 
@@ -42,11 +42,23 @@ def write_json(file: Path, value: Any) -> None:
     os.replace(tmp, file)
 
 
+def write_jsonl(file: Path, records: list[dict]) -> None:
+    """Write one JSON object per line, atomically (as `write_json`)."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, file)
+
+
 def _read(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{file} is unreadable ({e}); use a new --out or --overwrite") from None
+
+
+def recorded_settings(out: Path) -> dict[str, Any] | None:
+    """The settings `out`'s run.json records, or None if `out` is no run directory."""
+    return _read(out / SETTINGS_FILE).get("settings", {}) if (out / SETTINGS_FILE).is_file() else None
 
 
 def _option(key: str) -> str:

@@ -10,6 +10,8 @@ Every option is checked before the model loads; a restart with the same --out re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -17,13 +19,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prefix, prompt, ptuning, quant, sharding, targets, training, tree
+from jpeft import adapters, checkpoint, hf_io, ia3, loha, lokr, lora, packing, prefix, prompt, ptuning, quant, sharding, soft_prompt, targets, training, tree
 from jpeft.models import registry
 from train import data as data_lib
 from train import evaluate, options, run_dir, tasks, trainer
@@ -40,9 +42,8 @@ LOW_RANK = {"lora": lora, "dora": lora, "loha": loha, "lokr": lokr}  # methods c
 MERGEABLE = {"lora": lora.merge, "dora": lora.merge, "ia3": ia3.merge, "loha": loha.merge, "lokr": lokr.merge}
 SOFT_PROMPTS = ("prompt", "ptuning", "prefix")  # virtual tokens in front of each row: rows do not pack
 NEAREST = 5  # vocabulary neighbours reported for each learned virtual token
-
-
-GGUF_EXPORTS = ("adapter", "merged")  # --export-gguf: llama.cpp's LoRA adapter (f32), the merged model (f16)
+JPEFT_ADAPTER = "jpeft_adapter.safetensors"  # the adapter file of methods HF PEFT has no format for
+QUANTIZED = {"nf4": "quantized to NF4 (QLoRA)", "int8": "quantized to int8", "gguf": "kept in its GGUF quantization"}  # --quantize
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,18 +55,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="choose the micro-batch (the rest of --batch-size by accumulation), remat and --quantize so that one step "
                         "fits SIZE per device (e.g. 24GB, 80GiB), and say which")
-    p.add_argument("--export-gguf", type=_gguf_exports, default=[], metavar="{adapter,merged}",
-                   help="also write llama.cpp GGUF files beside the adapter (comma list): adapter.gguf (the LoRA, for "
-                        "Llama(lora_path=...)) and/or merged.gguf (the tuned model, f16); decoder-only models only")
     return p
 
 
-def _gguf_exports(text: str) -> list[str]:
-    chosen = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))  # a list: run.json records it as one
-    bad = [t for t in chosen if t not in GGUF_EXPORTS]
-    if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(GGUF_EXPORTS)} (comma-separated)")
-    return chosen
+def gguf_export_fits(export: str, method: str) -> bool:
+    """Whether `method` can be exported as `export`: llama.cpp's adapter file holds LoRA pairs, the merged file needs
+    a method that folds into the weights."""
+    return method == "lora" if export == "adapter" else method in (*MERGEABLE, "full")
 
 
 def check_gguf_export(args: argparse.Namespace, family: str) -> None:
@@ -73,10 +69,10 @@ def check_gguf_export(args: argparse.Namespace, family: str) -> None:
     exports = getattr(args, "export_gguf", [])
     if exports and family == "t5":
         raise UsageError("--export-gguf: llama.cpp GGUF export is for decoder-only models (Llama family, Gemma); T5 is not a llama.cpp target")
-    if "adapter" in exports and args.method != "lora":
+    if "adapter" in exports and not gguf_export_fits("adapter", args.method):
         raise UsageError(f"--export-gguf adapter: llama.cpp adapters hold LoRA pairs only, not --method {args.method}; "
                          "export the merged model instead (--export-gguf merged)")
-    if "merged" in exports and args.method not in (*MERGEABLE, "full"):
+    if "merged" in exports and not gguf_export_fits("merged", args.method):
         raise UsageError(f"--export-gguf merged: --method {args.method} does not merge into the weights")
 
 
@@ -192,15 +188,38 @@ def save_outputs(args, task, params, mask, method_cfg, out: Path) -> int:
         task.module.save_pretrained(out / "model", task.config, params)
         return _dir_bytes(out / "model")
     if args.method in ("adapter", "selective"):  # no HF PEFT format for these: the trained leaves by tree path
-        trained = {p: v for p, v in tree.flatten(jpeft.partition(params, mask)[0]).items() if v is not None}
-        with hf_io.atomic_dir(out / "adapter") as tmp:
-            hf_io.write_safetensors(tmp / "jpeft_adapter.safetensors", trained, {"format": "jpeft", "method": args.method})
+        save_trained_leaves(out / "adapter", params, mask, args.method)
         return _dir_bytes(out / "adapter")
     jpeft.save_adapter(out / "adapter", params, config=method_cfg, base_model_name_or_path=task.source)
     if args.merge and args.method in MERGEABLE:
         task.module.save_pretrained(out / "merged", task.config, _merged(args, params))
     export_gguf(args, task, params, out)
     return _dir_bytes(out / "adapter")
+
+
+def save_trained_leaves(directory: Path, params: dict, mask: dict, method: str) -> None:
+    """jpeft's own adapter file, for methods HF PEFT has no format for: every trained leaf by its tree path."""
+    trained = {p: v for p, v in tree.flatten(jpeft.partition(params, mask)[0]).items() if v is not None}
+    with hf_io.atomic_dir(directory) as tmp:
+        hf_io.write_safetensors(tmp / JPEFT_ADAPTER, trained, {"format": "jpeft", "method": method})
+
+
+def load_trained_leaves(directory: Path, base: dict) -> dict:
+    """`base` with the leaves `save_trained_leaves` wrote: new ones (bottleneck adapters) attached, trained base
+    weights (selective) put in place of the base's, each checked against the base's shape."""
+    from safetensors.numpy import load_file
+
+    flat, saved = tree.flatten(base), load_file(directory / JPEFT_ADAPTER)
+    for path, value in saved.items():
+        if path in flat and tuple(value.shape) != tuple(flat[path].shape):
+            raise hf_io.CheckpointError(f"{directory}: {path} has shape {tuple(value.shape)}, but the base's is {tuple(flat[path].shape)}: "
+                                        "it was trained on another base")
+    replaced = {**flat, **{p: jnp.asarray(v) for p, v in saved.items() if p in flat}}
+    added = {p: jnp.asarray(v) for p, v in saved.items() if p not in flat}
+    try:
+        return jpeft.attach(tree.unflatten(replaced), tree.unflatten(added))
+    except ValueError as e:
+        raise hf_io.CheckpointError(f"{directory} does not fit this base: {e}") from None
 
 
 def _merged(args, params):
@@ -224,7 +243,8 @@ def export_gguf(args, task, params, out: Path) -> None:
 
 def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path, resume_from: int) -> str:
     per_step = args.batch_size * args.grad_accum
-    lines = [f"plan: {args.method} on {args.model}, {steps} optimizer steps x {per_step} examples "
+    base = f"{args.model} {QUANTIZED[args.quantize]}" if args.quantize else args.model
+    lines = [f"plan: {args.method} on {base}, {steps} optimizer steps x {per_step} examples "
              f"({args.batch_size} per micro-batch x {args.grad_accum} accumulated) = {steps * per_step} examples "
              f"({steps * per_step / n_train:.2f} epochs of {n_train})",
              f"      trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); lr {args.lr:g} "
@@ -234,23 +254,37 @@ def _plan(args, n_train: int, steps: int, trainable: int, total: int, out: Path,
     return "\n".join(lines)
 
 
-def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> tuple[list[dict], list[dict], dict | None]:
+class Prepared(NamedTuple):
+    """What `prepare` found: the rows, where the evaluation rows come from, and a finished run's results (else None)."""
+
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    finished: dict | None
+    eval_origin: str
+
+
+def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None, *, command: Any = None,
+            columns: tuple[str, str] | None = None, **normalize_options: Any) -> Prepared:
     """Everything that needs no weights: options, the method against the model's shapes, the data, the run directory.
 
-    Returns (train rows, eval rows, the results of this very run if `--out` already holds it complete).
     `train_data` / `eval_data` (a `datasets.Dataset` or a list of dicts) take the place of --data / --eval-data.
+    `command` (a module with `parser()`, default this one) says whose option defaults an older run directory lacks;
+    `columns` (input, target) replace --input-field / --target-field and `normalize_options` go to `data.normalize`
+    (`train.prefer` reads prompt and chosen, and keeps its rejected column).
     """
     options.check(args)
     family, config, _ = tasks.find_model(args.model)
     check_gguf_export(args, family)
     check_method_fits(args, family, config)
-    if args.memory_budget:
+    if getattr(args, "memory_budget", None):  # train.prefer and train.grpo plan no step of their own
         fit_memory_budget(args, family, config)
-    train_rows, eval_rows = data_lib.load_data(args.data if train_data is None else train_data,
-                                               args.eval_data if eval_data is None else eval_data, args.input_field, args.target_field)
+    data = args.data if train_data is None else train_data
+    evaluation = args.eval_data if eval_data is None else eval_data
+    train_rows, eval_rows = data_lib.load_data(data, evaluation, *(columns or (args.input_field, args.target_field)), **normalize_options)
     out = Path(args.out)
-    defaults = vars(parser().parse_args([]))
-    return train_rows, eval_rows, run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
+    defaults = vars((command or sys.modules[__name__]).parser().parse_args([]))
+    finished = run_dir.prepare(out, run_dir.settings(args, train_rows), args.overwrite, defaults)
+    return Prepared(train_rows, eval_rows, finished, data_lib.eval_origin(data, evaluation))
 
 
 def memory_plan(args: argparse.Namespace, family: str, config: Any) -> jpeft.Plan:
@@ -264,8 +298,8 @@ def memory_plan(args: argparse.Namespace, family: str, config: Any) -> jpeft.Pla
     optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
     method = None if args.method == "full" else lambda p: apply_method(check, family, None, p, config)[:2]
     return jpeft.plan(config, method, batch=args.batch_size, seq_len=seq_len, target_len=args.max_target_len, dtype=storage,
-                           compute_dtype=compute, quantize=args.quantize, remat=args.remat, mesh=args.mesh or None,
-                           optimizer=trainer.make_optimizer(optim, 1), lora_dropout=args.lora_dropout if args.method in ("lora", "dora") else 0.0)
+                      compute_dtype=compute, quantize=args.quantize, remat=args.remat, mesh=args.mesh or None,
+                      optimizer=trainer.make_optimizer(optim, 1), lora_dropout=args.lora_dropout if args.method in ("lora", "dora") else 0.0)
 
 
 def fit_memory_budget(args: argparse.Namespace, family: str, config: Any) -> None:
@@ -296,13 +330,17 @@ def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None)
     """The whole job: check, load, score the base, train, score the tuned model, write results (--plan: the plan only)."""
     if getattr(args, "plan", False):
         return show_plan(args)
-    train_rows, eval_rows, finished = prepare(args, train_data, eval_data)
-    if finished is not None:
+    return run_prepared(args, prepare(args, train_data, eval_data), execute)
+
+
+def run_prepared(args: argparse.Namespace, prepared: Prepared, execute: Any) -> dict:
+    """`execute(args, prepared)` after `prepare`, unless `--out` already holds this run complete."""
+    if prepared.finished is not None:
         out = Path(args.out)
         print(f"{out} already holds this run, complete: its results are in {out / run_dir.RESULTS_FILE} "
               "(use --overwrite to train it again, or a new --out)")
-        return finished
-    return execute(args, train_rows, eval_rows)
+        return prepared.finished
+    return execute(args, prepared)
 
 
 def compute_dtypes(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -312,48 +350,53 @@ def compute_dtypes(args: argparse.Namespace) -> tuple[Any, Any]:
     return storage, jnp.dtype(jnp.bfloat16) if args.bf16 else storage
 
 
-def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[dict]) -> dict:
-    """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
-    out = Path(args.out)
-    run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
-    clock = Phases()
-    storage, dtype = compute_dtypes(args)
-    task, base = tasks.load_task(args.model, args.tokenizer, storage, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None,
-                                 mesh=sharding.mesh_from_string(args.mesh) if args.mesh else None)
+def load(args: argparse.Namespace) -> tuple[tasks.Task, dict]:
+    """(task, base parameters) of --model with --tokenizer and --chat-template, stored as --dtype; --quantize nf4 / int8
+    quantizes each projection as it streams in, and --mesh puts each weight straight into its shards."""
+    return tasks.load_task(args.model, args.tokenizer, compute_dtypes(args)[0], chat={"auto": None, "yes": True, "no": False}[args.chat_template],
+                           quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None,
+                           mesh=sharding.mesh_from_string(args.mesh) if args.mesh else None)
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Warnings raised inside (truncated inputs, ...) printed as `warning:` lines after the block."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
-        eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
+        yield
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
 
-    results: dict[str, Any] = {"method": args.method, "model": args.model, "eval_examples": len(eval_enc),
+
+def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
+    """Load the model, score the base, train, score the tuned model, write results (after `prepare`)."""
+    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
+    out = Path(args.out)
+    run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
+    clock = Phases()
+    _, dtype = compute_dtypes(args)
+    task, base = load(args)
+    with warnings_to_stderr():
+        train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
+        eval_enc = tasks.encode(task, eval_rows[: args.eval_samples], args.max_source_len, args.max_target_len, args.prompt)
+    if args.eval_samples:
+        evaluate.report_count(len(eval_enc), len(eval_rows), prepared.eval_origin, "--eval-samples", args.eval_samples,
+                              "pass more evaluation examples with --eval-data")
+
+    results: dict[str, Any] = {"method": args.method, "quantize": args.quantize, "model": args.model, "eval_examples": len(eval_enc),
                                "phase_seconds": clock.seconds}
     clock.lap("load")
     base_preds = None
     if args.eval_samples > 0 and (not args.skip_base_eval or args.method == "none"):
         results["base"], base_preds = _score(task, base, eval_enc, args, dtype, "eval base")
-        print(f"base ROUGE: {_fmt(results['base'])}")
+        print(f"base ROUGE: {fmt(results['base'])}")
         clock.lap("base_eval")
     if args.method == "none":
         return _finish(results, out, eval_enc, base_preds, None)
 
-    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base, task.config)
-    n_train, n_total = jpeft.count_params(params, mask, verbose=False)
-    results.update(trainable_params=n_train, total_params=n_total)
     steps = args.steps or max(1, int(args.epochs * len(train_enc) // (args.batch_size * args.grad_accum)))
-    optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
-    tx = trainer.make_optimizer(optim, steps)
     loss_fn = tasks.loss_fn(task, dtype, args.lora_dropout if args.method in ("lora", "dora") else 0.0, args.remat)
-
-    trainable, frozen = jpeft.partition(params, mask)
-    if args.mesh:
-        placed = sharding.setup(args.mesh, loss_fn, tx, trainable, frozen, tx.init(trainable))
-        trainable, frozen, opt_state, step_fn, place_batch = placed.trainable, placed.frozen, placed.opt_state, placed.step, placed.place_batch
-    else:
-        trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
-        opt_state, step_fn, place_batch = tx.init(trainable), training.make_train_step(loss_fn, tx), lambda b: b
+    run = setup(args, task, base, loss_fn, steps, out, results)
 
     lengths = [len(r["source"]) + len(r["target"]) for r in train_enc]
     # A soft prompt is prepended per row, and sharded rows need a fixed row count: neither packs.
@@ -365,49 +408,102 @@ def execute(args: argparse.Namespace, train_rows: list[dict], eval_rows: list[di
 
     def make_batch(i: int) -> dict:
         idx = batches(i)
-        return place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack, row_len=row_len))
+        return run.place_batch(tasks.train_batch(task, [train_enc[j] for j in idx], args.max_target_len, pack=pack, row_len=row_len))
 
-    total = steps * args.grad_accum
-    ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
-    start = min(ckpt.latest_step() or 0, total)
-    if start:
-        restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
-        trainable, opt_state = restored["trainable"], restored["opt_state"]
-    print(_plan(args, len(train_enc), steps, n_train, n_total, out, start), flush=True)
-
-    def save(step, trainable, opt_state):
-        ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, {"seed": args.seed, "method": args.method, "model": args.model})
-
-    clock.lap("setup")
-    t0 = time.perf_counter()
-    try:
-        trainable, opt_state, _ = trainer.fit(
-            step_fn, trainable, opt_state, frozen, make_batch, tasks.token_count, total,
-            seed=args.seed, out=out, schedule=trainer.learning_rate(optim, steps), grad_accum=args.grad_accum,
-            log_every=args.log_every, save=save, save_every=args.save_every or max(1, total // 4), start=start,
-        )
-    finally:
-        ckpt.close()
-    results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
-    clock.lap("train")
-    history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
-    results["final_loss"] = history[-1]["loss"] if history else None
-    if history:
-        trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}")
-    params = sharding.gather(jpeft.combine(trainable, frozen)) if args.mesh else jpeft.combine(trainable, frozen)
-    results["adapter_bytes"] = save_outputs(args, task, params, mask, method_cfg, out)
-    clock.lap("save")
-    if prompt.has_soft_prompt(params):
-        results["nearest_tokens"] = prompt.nearest_tokens(params, task.tokenizer, NEAREST)
+    print(_plan(args, len(train_enc), steps, run.n_train, run.n_total, out, run.start), flush=True)
+    params = train(args, task, run, make_batch, tasks.token_count, out, results, clock)
+    if soft_prompt.present(params):
+        results["nearest_tokens"] = soft_prompt.nearest_tokens(params, task.tokenizer, NEAREST)
         print("nearest vocabulary tokens of the first learned virtual tokens (cosine):")
         for i, near in enumerate(results["nearest_tokens"][:5]):
             print(f"  {i}: " + ", ".join(f"{t!r} {c:.3f}" for t, c in near))
     tuned_preds = None
     if args.eval_samples > 0:
         results["tuned"], tuned_preds = _score(task, params, eval_enc, args, dtype, "eval tuned")
-        print(f"tuned ROUGE: {_fmt(results['tuned'])}")
+        print(f"tuned ROUGE: {fmt(results['tuned'])}")
         clock.lap("tuned_eval")
     return _finish(results, out, eval_enc, base_preds, tuned_preds)
+
+
+@dataclasses.dataclass
+class Training:
+    """What `setup` prepared for `train`: the method's tree split for the jitted step, the optimizer and its state,
+    the checkpoints (restored from when resuming) and the parameter counts."""
+
+    mask: Any
+    method_cfg: Any
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    step_fn: Any
+    place_batch: Any
+    optim: trainer.OptimConfig
+    steps: int
+    ckpt: checkpoint.Manager
+    start: int
+    n_train: int
+    n_total: int
+
+
+def setup(args: argparse.Namespace, task: tasks.Task, base: dict, loss_fn: Any, steps: int, out: Path, results: dict,
+          with_metrics: bool = False) -> Training:
+    """Apply --method to `base`, build the optimizer and the jitted step of `loss_fn` (sharded with --mesh), and restore
+    the latest checkpoint in `out`; records the parameter counts in `results`. `with_metrics`: the step also returns
+    the loss's metrics (`training.make_train_step`)."""
+    params, mask, method_cfg = apply_method(args, task.family, task.tokenizer, base, task.config)
+    n_train, n_total = jpeft.count_params(params, mask, verbose=False)
+    results.update(trainable_params=n_train, total_params=n_total)
+    optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
+    tx = trainer.make_optimizer(optim, steps)
+    trainable, frozen = jpeft.partition(params, mask)
+    if args.mesh:
+        placed = sharding.setup(args.mesh, loss_fn, tx, trainable, frozen, tx.init(trainable))
+        trainable, frozen, opt_state, step_fn, place_batch = placed.trainable, placed.frozen, placed.opt_state, placed.step, placed.place_batch
+    else:
+        trainable = trainer.fresh_copy(trainable)  # the step donates it; the base tree stays valid
+        opt_state, place_batch = tx.init(trainable), lambda b: b
+        step_fn = training.make_train_step(loss_fn, tx, with_metrics=with_metrics)
+    ckpt = checkpoint.Manager(out / "checkpoints", keep=args.keep_checkpoints, base=base, base_name=str(args.model))
+    start = min(ckpt.latest_step() or 0, steps * args.grad_accum)
+    if start:
+        try:
+            restored, _ = ckpt.restore(start, {"trainable": trainable, "opt_state": opt_state})
+        except hf_io.CheckpointError as e:
+            ckpt.close()
+            raise UsageError(f"{e}; or rerun with --overwrite to start the run afresh") from None
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+    return Training(mask, method_cfg, trainable, frozen, opt_state, step_fn, place_batch, optim, steps, ckpt, start, n_train, n_total)
+
+
+def train(args: argparse.Namespace, task: tasks.Task, run: Training, make_batch: Any, count_tokens: Any, out: Path, results: dict,
+          clock: Phases, rollout: bool = False, host_metrics: Any = None, curves: Sequence[str] = ()) -> dict:
+    """Run `trainer.fit` from the restored step to the end, checkpointing, then plot the logged curves (`loss.png`: the loss
+    and `curves`, across restarts) and save the outputs (`save_outputs`); returns the trained tree."""
+    def save(step, trainable, opt_state):
+        run.ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, {"seed": args.seed, "method": args.method, "model": args.model})
+
+    total = run.steps * args.grad_accum
+    clock.lap("setup")
+    t0 = time.perf_counter()
+    try:
+        trainable, opt_state, _ = trainer.fit(
+            run.step_fn, run.trainable, run.opt_state, run.frozen, make_batch, count_tokens, total,
+            seed=args.seed, out=out, schedule=trainer.learning_rate(run.optim, run.steps), grad_accum=args.grad_accum,
+            log_every=args.log_every, save=save, save_every=args.save_every or max(1, total // 4), start=run.start,
+            rollout=rollout, host_metrics=host_metrics,
+        )
+    finally:
+        run.ckpt.close()
+    results["train_seconds"] = run_dir.add_train_seconds(out, time.perf_counter() - t0)
+    clock.lap("train")
+    history = all_history(out)  # across restarts: a resumed run still reports and plots the whole curve
+    results["final_loss"] = history[-1]["loss"] if history else None
+    if history:
+        trainer.plot_losses(history, out / "loss.png", f"{args.method} on {Path(str(args.model)).name}", curves)
+    params = sharding.gather(jpeft.combine(trainable, run.frozen)) if args.mesh else jpeft.combine(trainable, run.frozen)
+    results["adapter_bytes"] = save_outputs(args, task, params, run.mask, run.method_cfg, out)
+    clock.lap("save")
+    return params
 
 
 def all_history(out: Path) -> list[dict]:
@@ -420,21 +516,21 @@ def all_history(out: Path) -> list[dict]:
     return [records[s] for s in sorted(records)]
 
 
-def _fmt(scores: dict) -> str:
+def fmt(scores: dict) -> str:
+    """ROUGE scores on one line."""
     return " ".join(f"{k}={v:.4f}" for k, v in scores.items())
 
 
 def _finish(results: dict, out: Path, rows: list[dict], base: list[str] | None, tuned: list[str] | None) -> dict:
     results["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    with (out / ".predictions.jsonl.tmp").open("w") as f:
-        for i, row in enumerate(rows):
-            record = {"id": row["id"], "reference": row["reference"]}
-            if base is not None:
-                record["base"] = base[i]
-            if tuned is not None:
-                record["tuned"] = tuned[i]
-            f.write(json.dumps(record) + "\n")
-    os.replace(out / ".predictions.jsonl.tmp", out / "predictions.jsonl")
+    records = []
+    for i, row in enumerate(rows):
+        records.append({"id": row["id"], "reference": row["reference"]})
+        if base is not None:
+            records[-1]["base"] = base[i]
+        if tuned is not None:
+            records[-1]["tuned"] = tuned[i]
+    run_dir.write_jsonl(out / "predictions.jsonl", records)
     run_dir.finish(out, results)
     written = [name for name in run_dir.ARTIFACTS if (out / name).exists()]
     print(f"wrote {out}/: {', '.join(written)}")

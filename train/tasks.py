@@ -12,15 +12,15 @@ from typing import Any, Iterator
 import numpy as np
 
 from jpeft import batches, gguf_io, training
-from jpeft.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import gemma, llama, registry, t5
-from jpeft.tokenizer import load_tokenizer
+from jpeft.formats.tokenizer import load_tokenizer
 from train.errors import UsageError
 
 PROMPT = "Summarize the following conversation.\n\n{input}\n\nSummary: "  # the default --prompt
 MARK = "\x00DIALOGUE\x00"
 BUCKET = 64  # padded lengths are multiples of this, so only a few shapes ever compile
-IGNORE = training.IGNORE
+IGNORE = batches.IGNORE
 MODULES = {"t5": t5, "llama": llama, "gemma": gemma}  # family -> the jpeft module implementing it
 
 
@@ -82,7 +82,7 @@ def _as_usage_errors(model: str) -> Iterator[None]:
 
 def find_model(model: str) -> tuple[str, Any, Path]:
     """(family, config, local path) of a model directory, hub id, .gguf file or packaged short name; no weights are read."""
-    from jpeft.hf_io import resolve_model_dir
+    from jpeft.formats.hf_io import resolve_model_dir
 
     with _as_usage_errors(model):
         resolved = registry.resolve(model)
@@ -175,17 +175,25 @@ def loss_fn(task: Task, dtype: Any, lora_dropout: float, remat: bool = True):
     return make(task.config, dtype=dtype, lora_dropout=lora_dropout, remat=remat)
 
 
-def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dtype: Any, prompt_lookup: int = 0) -> list[str]:
+def generate(task: Task, params: dict, rows: list[dict], max_new_tokens: int, dtype: Any, prompt_lookup: int = 0,
+             adapter_ids: list[int] | None = None) -> list[str]:
     """Greedy summaries for a batch of encoded rows, decoded to text; decoder-only models draft `prompt_lookup` tokens
-    per pass from the prompt (`llama.generate`), which changes the speed, never the summaries (T5 decodes plainly)."""
+    per pass from the prompt (`llama.generate`), which changes the speed, never the summaries (T5 decodes plainly).
+    `adapter_ids` (one per row) picks each row's adapter from a `jpeft.multi.stack_lora` stack."""
     sources = [r["source"] for r in rows]
     left = task.decoder_only
     ids = batches.pad(sources, task.pad_id, left=left, bucket=BUCKET)
     mask = batches.pad([[1] * len(s) for s in sources], 0, ids.shape[1], left=left)
     lookup = {"prompt_lookup": prompt_lookup} if left else {}
-    out = np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype, **lookup))
+    chosen = None if adapter_ids is None else np.asarray(adapter_ids, np.int32)
+    return decode(task, np.asarray(task.module.generate(task.config, params, ids, mask, max_new_tokens=max_new_tokens, dtype=dtype,
+                                                        adapter_ids=chosen, **lookup)))
+
+
+def decode(task: Task, generated: np.ndarray) -> list[str]:
+    """Generated ids (rows, tokens) as text, each row cut at its first EOS."""
     texts = []
-    for row in out:
+    for row in generated:
         row = row.tolist()
         row = row[: row.index(task.eos_id)] if task.eos_id in row else row
         texts.append(task.tokenizer.decode(row, skip_special_tokens=True).strip())

@@ -111,8 +111,15 @@ def fit(
     save: Callable[[int, Any, Any], None] | None = None,
     save_every: int = 0,
     start: int = 0,
+    rollout: bool = False,
+    host_metrics: Callable[[int], dict] | None = None,
 ) -> tuple[Any, Any, list[dict]]:
-    """Run micro-steps start..total-1; log JSON lines to out/metrics.jsonl; stop on a non-finite loss."""
+    """Run micro-steps start..total-1; log JSON lines to out/metrics.jsonl; stop on a non-finite loss.
+
+    A step that returns metrics (`make_train_step(..., with_metrics=True)`) has them logged beside the loss, as are
+    `host_metrics(i)` (numbers the batch maker measured, such as GRPO's rewards). With `rollout`, `make_batch(i,
+    trainable)` also receives the current trainable leaves (GRPO samples its batch from the policy being trained).
+    """
     key = jax.random.key(seed)
     history: list[dict] = []
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", dynamic_ncols=True)
@@ -120,13 +127,13 @@ def fit(
     compiled: dict[tuple, Any] = {}  # one executable per batch shape and dtype
     with (out / "metrics.jsonl").open("a") as log:
         for i in bar:
-            batch = make_batch(i)
+            batch = make_batch(i, trainable) if rollout else make_batch(i)
             tokens += count_tokens(batch)
             rng = jax.random.fold_in(key, i)  # dropout keys fixed by seed and step, so a resumed run matches
             shapes = tuple((k, np.shape(v), v.dtype) for k, v in sorted(batch.items()))
             if shapes not in compiled:
                 compiled[shapes] = training.compile_step(step_fn, trainable, opt_state, frozen, batch, rng)
-            trainable, opt_state, loss = compiled[shapes](trainable, opt_state, frozen, batch, rng)
+            trainable, opt_state, loss, *metrics = compiled[shapes](trainable, opt_state, frozen, batch, rng)
             last = i + 1 == total
             saving = save is not None and save_every and ((i + 1) % save_every == 0 or last)
             if (i + 1) % log_every == 0 or last or saving:
@@ -135,7 +142,8 @@ def fit(
                     raise Diverged(f"loss became {loss} at step {i + 1}; the last good checkpoint is kept in {out / 'checkpoints'}")
                 elapsed = time.perf_counter() - t0
                 record = {"step": i + 1, "loss": loss, "lr": float(schedule((i + 1) // grad_accum)),
-                          "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed}
+                          "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed,
+                          **{k: float(v) for k, v in (metrics[0] if metrics else {}).items()}, **(host_metrics(i) if host_metrics else {})}
                 history.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -145,19 +153,22 @@ def fit(
     return trainable, opt_state, history
 
 
-def plot_losses(history: list[dict], file: Path, title: str) -> None:
-    """Loss against step as a PNG."""
+def plot_losses(history: list[dict], file: Path, title: str, curves: Sequence[str] = ()) -> None:
+    """Loss against step as a PNG, with a panel beside it for each of `curves` (logged metrics such as rewards/margins)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="." if len(history) < 50 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    names = ["loss", *(c for c in curves if any(c in h for h in history))]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 + 4 * (len(names) - 1), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = [(h["step"], h[name]) for h in history if name in h]
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss" if name == "loss" else name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
     plt.close(fig)

@@ -2,7 +2,7 @@
 
 A kind says which weight axes are contracted with the input (`in_axes`) and which become output
 (`out_axes`), so a LoRA pair is A (*in, r), B (r, *out) for any layout, and its update is computed by
-`nn.lora_delta` (the rule jpeft's own models use) on the input flattened to (..., in). Only the
+`lora.delta` (the rule jpeft's own models use) on the input flattened to (..., in). Only the
 arrangement of axes differs between kinds; the math is the one rule.
 """
 
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import nn
+from jpeft.methods import lora
 from jpeft import targets as tg
 
 Leaves = dict[str, jax.Array]
@@ -64,7 +65,7 @@ class Site:
 
 
 def _flat(leaves: Leaves, site: Site) -> Leaves:
-    """A, B as the (in, r), (r, out) matrices `nn.lora_delta` reads."""
+    """A, B as the (in, r), (r, out) matrices `lora.delta` reads."""
     r = leaves["lora_b"].shape[0]
     return {**leaves, "lora_a": leaves["lora_a"].reshape(-1, r), "lora_b": leaves["lora_b"].reshape(r, -1)}
 
@@ -80,7 +81,7 @@ def contract_delta(site: Site, leaves: Leaves, x: jax.Array, x_axes: tuple[int, 
     x_axes = tuple(a % x.ndim for a in x_axes)
     xt = jnp.moveaxis(x, x_axes, tuple(range(x.ndim - len(x_axes), x.ndim)))
     xt = xt.reshape(*xt.shape[: x.ndim - len(x_axes)], -1)
-    y = nn.lora_delta(_flat(leaves, site), xt, ctx)
+    y = lora.delta(_flat(leaves, site), xt, ctx)
     return y.reshape(*y.shape[:-1], *site.out_shape)
 
 
@@ -294,16 +295,25 @@ LEAVES = ("lora_a", "lora_b", "lora_scale", "ia3_in", "ia3_out")
 
 def check_method(config: Any) -> None:
     """Flax models take LoRA and (IA)^3; other methods (LoHa, LoKr) are refused by name."""
-    from jpeft import ia3, lora
+    from jpeft.methods import ia3, lora
 
     if not isinstance(config, (lora.LoraConfig, ia3.IA3Config)):
         raise ValueError(f"{type(config).__name__} is not supported on Flax models (jpeft.linen / jpeft.nnx take LoraConfig or "
                          "IA3Config); use it on jpeft's own models (T5, Llama, Gemma), whose dense layers apply it")
 
 
+def targeted(names: list[str], config: Any) -> list[str]:
+    """The module names `config` targets, each entry checked (`targets.select`; (IA)^3 also checks its feed-forward names)."""
+    from jpeft.methods import ia3
+
+    if isinstance(config, ia3.IA3Config):
+        return ia3.choose(names, config)
+    return tg.select(names, config.target_modules, "target_modules", config.modules_to_save)
+
+
 def new_leaves(site: Site, w: jax.Array, config: Any, name: str, key: jax.Array) -> tuple[Leaves, jax.Array | None]:
     """A method's leaves for one weight w (*lead, *shape), stacked axes first, and PiSSA's residual weight (else None)."""
-    from jpeft import ia3, lora
+    from jpeft.methods import ia3, lora
 
     lead = w.shape[: w.ndim - len(site.shape)]
     if w.shape[len(lead):] != site.shape:

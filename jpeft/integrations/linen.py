@@ -15,7 +15,8 @@ from typing import Any, Iterator, Mapping
 import flax.linen as fnn
 import jax
 
-from jpeft import ia3, lora, nn
+from jpeft import nn
+from jpeft.methods import ia3, lora
 from jpeft import targets as tg
 from jpeft import tree
 from jpeft.integrations import layers
@@ -120,7 +121,7 @@ def inject(model: fnn.Module, params: Mapping[str, Any], config: lora.LoraConfig
     adaptable, unadaptable = _survey(model, variables, example_args, example_kwargs)
     layers.refuse(config.target_modules, unadaptable)
     found = {s.name: s for s in adaptable}
-    chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
+    chosen = layers.targeted(list(found), config)
     out = tree.flatten(variables["params"])
     for i, name in enumerate(chosen):
         site = found[name]

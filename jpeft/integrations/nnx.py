@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpeft import ia3, lora, nn, tree
-from jpeft import targets as tg
+from jpeft import nn, tree
+from jpeft.methods import ia3, lora
 from jpeft.integrations import layers
 from jpeft.integrations.layers import LEAVES, Kind, Site
 
@@ -148,7 +148,7 @@ def inject(model: nnx.Module, config: lora.LoraConfig | ia3.IA3Config, key: jax.
                          "with dropout through jpeft.linen.apply(lora_dropout=...) or jpeft's own models")
     found, unadaptable = _survey(model)
     layers.refuse(config.target_modules, unadaptable)
-    chosen = tg.select([n for n in found if not tg.within(config.modules_to_save, n)], config.target_modules, "target_modules")
+    chosen = layers.targeted(list(found), config)
     for i, name in enumerate(chosen):
         site, layer = found[name]
         if _leaves_of(layer):

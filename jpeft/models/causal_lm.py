@@ -29,9 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, gguf_io, hf_io, loading, multi, nn, prefix, prompt, quant, tree
-from jpeft.hf_io import CheckpointError
+from jpeft import nn, quant, tree
+from jpeft.models import generation, sampling
+from jpeft.formats import gguf_io, hf_io, loading
+from jpeft.methods import multi, prefix, prompt, soft_prompt
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import registry
+from jpeft.models import attention
+from jpeft.models import ops
 
 Params = dict[str, Any]
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -97,16 +102,16 @@ def visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, 
 
 
 def layer_visibility(key_mask: jax.Array, query_index: jax.Array, window: int | None, segment_ids: jax.Array | None = None,
-                     cache: list | None = None) -> jax.Array | nn.Visibility:
-    """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `nn.FLASH_MIN_LEN`
+                     cache: list | None = None) -> jax.Array | attention.Visibility:
+    """What a decoder's attention layers see: `visibility`'s mask with a cache, for rows shorter than `attention.FLASH_MIN_LEN`
     and on the GPU path; otherwise (no cache, or one the queries fill: they are the last T of the S key slots) the same
-    visibility as an O(S) `nn.Visibility`, which `nn.causal_attention` runs blockwise, so long rows never hold a (T, S)
+    visibility as an O(S) `attention.Visibility`, which `attention.causal_attention` runs blockwise, so long rows never hold a (T, S)
     mask."""
     # With a cache the queries may sit anywhere among its slots; a packed prefill's fill every slot, as without one.
     fills_cache = cache is not None and len(query_index) == key_mask.shape[-1]
-    if (cache is not None and not fills_cache) or len(query_index) < nn.FLASH_MIN_LEN or nn.gpu_kernels():
+    if (cache is not None and not fills_cache) or len(query_index) < attention.FLASH_MIN_LEN or nn.gpu_kernels():
         return visibility(key_mask, query_index, window, segment_ids)
-    return nn.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
+    return attention.Visibility(key_mask.astype(bool), positions_from_mask(key_mask > 0),
                          None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
                          None if window is None else jnp.int32(window))
 
@@ -172,31 +177,31 @@ def self_attention(p: Params, h: jax.Array, cos: jax.Array, sin: jax.Array, visi
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
         cache = (k, v)
     else:
-        k, v = nn.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
+        k, v = attention.prefixed(p, k, v)  # (B, KV, N+T, E) under prefix tuning
     if cache is None or isinstance(index, int):  # no cache, or a prefill at a static slot: keys end at the queries' slots
         end = index + T if cache is not None else k.shape[2]
-        seen = visible if isinstance(visible, nn.Visibility) else visible[..., :end]
-        out = nn.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), seen, scale, ctx,
-                                  softcap=softcap, block=None if cache is None else nn.PREFILL_BLOCK)  # (B, KV, G, T, E)
+        seen = visible if isinstance(visible, attention.Visibility) else visible[..., :end]
+        out = attention.causal_attention(q, k[:, :, :end].astype(ctx.dtype), v[:, :, :end].astype(ctx.dtype), seen, scale, ctx,
+                                  softcap=softcap, block=None if cache is None else attention.PREFILL_BLOCK)  # (B, KV, G, T, E)
     else:  # a decoding step: the whole cache, causality hiding the slots not yet written
-        out = nn.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
+        out = attention.attention(q, k.astype(ctx.dtype), v.astype(ctx.dtype), visible, scale, ctx, softcap=softcap)
     return nn.dense(p["o_proj"], out.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G * E), ctx), cache
 
 
 def gated_mlp(p: Params, h: jax.Array, act: str, ctx: nn.Ctx) -> jax.Array:
     """down(act(gate(h)) * up(h)): SwiGLU for Llama, GeGLU for Gemma."""
     # The two (B, T, F) projections are half a layer's matmul work: under remat they are kept, not recomputed.
-    gate = nn.activation(act)(nn.keep(nn.dense(p["gate_proj"], h, ctx)))
+    gate = ops.activation(act)(nn.keep(nn.dense(p["gate_proj"], h, ctx)))
     return nn.dense(p["down_proj"], gate * nn.keep(nn.dense(p["up_proj"], h, ctx)), ctx)
 
 
 def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None,
           ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
-    """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`prompt.soft_prompt`) prepended: (B, N+T, D) and the (B, N+T) mask."""
+    """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+T, D) and the (B, N+T) mask."""
     x = params["model"]["embed_tokens"]["embedding"][input_ids].astype(dtype)
     if scale is not None:  # a float32 scale rounded to the compute dtype, as transformers rounds it to the weights' dtype
         x = x * jnp.asarray(np.float32(scale)).astype(dtype)
-    soft = prompt.soft_prompt(params, ctx)
+    soft = soft_prompt.rows_of(params, ctx)
     if soft is not None:  # prepended as given: PEFT feeds its soft prompt unscaled, past the embedding layer
         soft = soft.astype(dtype)
         B = input_ids.shape[0]
@@ -246,10 +251,10 @@ def run_layers(layer: Callable, a: Any, params: Params, x: jax.Array, tables: li
     return nn.run_layers(one, x, [{"layer": p, "kind": np.int32(k)} for p, k in zip(layers, kind_of)], ctx), None
 
 
-def _windowed(visible: jax.Array | nn.Visibility) -> jax.Array | nn.Visibility:
-    """A `nn.Visibility` without a window given one no row reaches past (> its S slots), so the kinds of a model's
+def _windowed(visible: jax.Array | attention.Visibility) -> jax.Array | attention.Visibility:
+    """A `attention.Visibility` without a window given one no row reaches past (> its S slots), so the kinds of a model's
     layers, windowed or not, stack as one pytree."""
-    if not isinstance(visible, nn.Visibility) or visible.window is not None:
+    if not isinstance(visible, attention.Visibility) or visible.window is not None:
         return visible
     return dataclasses.replace(visible, window=jnp.int32(visible.real.shape[1] + 1))
 
@@ -273,12 +278,12 @@ def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, att
 
 
 @functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping",
-                                             "prompt_lookup", "packed_len"))
-def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, cache_len, num_beams, dtype,
-              length_penalty, early_stopping, prompt_lookup, packed_len):
+                                             "prompt_lookup", "packed_len", "sample", "copies"))
+def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, key, *, max_len, cache_len, num_beams, dtype,
+              length_penalty, early_stopping, prompt_lookup, packed_len, sample, copies):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
     x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
-    if prompt.has_soft_prompt(params):  # padding first, so a sliding window spans real slots only, as without padding
+    if soft_prompt.present(params):  # padding first, so a sliding window spans real slots only, as without padding
         order = jnp.argsort(mask, axis=1, stable=True)
         x, mask = jnp.take_along_axis(x, order[..., None], axis=1), jnp.take_along_axis(mask, order, axis=1)
     R, P = mask.shape
@@ -298,10 +303,13 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
         logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
-    if num_beams > 1:  # each row's prefill, computed once, becomes its num_beams beams' (transformers prefills every beam)
-        logits, cache, key_mask, last = jax.tree.map(lambda t: jnp.repeat(t, num_beams, axis=0), (logits, cache, key_mask, last))
+    seen = None
+    if sample is not None and sample.repetition_penalty != 1.0:
+        seen = sampling.seen_tokens(input_ids, attention_mask, logits.shape[-1])
+    if copies > 1:  # each row's prefill, computed once, becomes its beams' or samples' (transformers prefills every copy)
+        logits, cache, key_mask, last, seen = jax.tree.map(lambda t: jnp.repeat(t, copies, axis=0), (logits, cache, key_mask, last, seen))
         if adapter_ids is not None:
-            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
+            ctx.adapter_ids = jnp.repeat(adapter_ids, copies, axis=0)
 
     def run(tokens, positions, index, key_mask, cache):  # tokens (R, T) at cache slots index.., rotary positions (R, T)
         x, _ = model.embed(a, {"model": params["model"]}, tokens, jnp.ones(tokens.shape, jnp.int32), dtype)  # no soft prompt again
@@ -312,6 +320,8 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
         logits, cache = run(tokens[:, None], (last + 1 + i)[:, None], n + P + i, key_mask, cache)
         return logits[:, 0], cache
 
+    if sample is not None:
+        return sampling.sample_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id, key=key, settings=sample, seen=seen)
     if prompt_lookup:
         return generation.lookup_search(run, logits, cache, input_ids, attention_mask, key_mask, last + 1, n + P, max_new_tokens, max_len,
                                         eos_token_id, a.pad_token_id, num_draft=prompt_lookup)
@@ -357,22 +367,24 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.nd
     return np.take_along_axis(input_ids, order, axis=1), np.take_along_axis(attention_mask, order, axis=1)
 
 
-def pad_after_eos(out: jax.Array, eos_ids: tuple[int, ...], pad: int) -> jax.Array:
-    """Pad everything after each row's first EOS (any of `eos_ids`), as transformers does."""
-    after = jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
-    return jnp.where(after, pad, out)
+def after_eos(out: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """(R, T) bool: the positions after each row's first EOS (any of `eos_ids`), which transformers pads."""
+    return jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
 
 
 def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, *,
              length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | list[int] | None = None,
-             dtype: Any = jnp.float32, adapter_ids=None, prompt_lookup: int = 0) -> jax.Array:
-    """Greedy or beam search with `model` (see the models' `generate`); (B, max_new_tokens) ids, pad after EOS."""
+             dtype: Any = jnp.float32, adapter_ids=None, prompt_lookup: int = 0, sample: sampling.Sampling | None = None,
+             key: jax.Array | None = None, num_return_sequences: int = 1, return_logprobs: bool = False):
+    """Greedy, beam search or sampling with `model` (see the models' `generate`); (B * num_return_sequences,
+    max_new_tokens) ids, pad after EOS, and with `return_logprobs` their log-probabilities beside them."""
     eos = a.eos_token_ids if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
     if num_beams > 1 and len(eos) > 1:
         raise ValueError(f"beam search stops on one EOS id, but {list(eos)} were given: pass eos_token_id=<one id>")
     if prompt_lookup < 0 or (prompt_lookup and num_beams > 1):
         raise ValueError(f"prompt_lookup={prompt_lookup} with num_beams={num_beams}: prompt lookup drafts tokens for greedy decoding; "
                          "pass a draft count >= 1 with num_beams=1, or prompt_lookup=0")
+    sampling.check_request(sample, key, num_beams, num_return_sequences, return_logprobs, prompt_lookup)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     generation.check_request(input_ids, attention_mask, prompt.embedding_table(params).shape[0], max_new_tokens, num_beams,
@@ -383,7 +395,7 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     extra = generation.bucket(S, steps=8) - S
     input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=a.pad_token_id)
     attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-    n_virtual = prompt.num_virtual_tokens(params) + prefix.num_tokens(params)
+    n_virtual = soft_prompt.num_tokens(params) + prefix.num_tokens(params)
     # Ragged prompts prefill as one packed row when that saves slots: soft prompts, prefixes and per-row adapters
     # need the rows apart.
     packed_len = generation.bucket(int(attention_mask.sum()), steps=8)
@@ -393,12 +405,17 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
     out = _generate(
         model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens
-        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
+        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32), key,
         max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + generated_slots, fine=True),
         num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
-        prompt_lookup=int(prompt_lookup), packed_len=packed_len,
-    )[:, :max_new_tokens]
-    return pad_after_eos(out, eos, a.pad_token_id) if len(eos) > 1 else out
+        prompt_lookup=int(prompt_lookup), packed_len=packed_len, sample=sample, copies=max(num_beams, num_return_sequences),
+    )
+    ids, logps = out if sample is not None else (out, jnp.zeros(out.shape))
+    ids, logps = ids[:, :max_new_tokens], logps[:, :max_new_tokens]
+    if len(eos) > 1:  # the loop ends early on the first EOS id only; rows that stopped at another are padded here
+        after = after_eos(ids, eos)
+        ids, logps = jnp.where(after, a.pad_token_id, ids), jnp.where(after, 0.0, logps)
+    return (ids, logps) if return_logprobs else ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +457,7 @@ def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.n
 
 def params_from_tensors(model: ModuleType, config: Any, tensors: Mapping[str, hf_io.Tensor], dtype: Any = jnp.float32, source: str = "checkpoint",
                         packed: Mapping[str, tuple[str, hf_io.Tensor]] | None = None, quantize: str | None = None, mesh: Any = None) -> Params:
-    """`params_from_state_dict` for tensors read one at a time (`jpeft.loading.build`): a streaming load."""
+    """`params_from_state_dict` for tensors read one at a time (`jpeft.formats.loading.build`): a streaming load."""
     a = model.arch(config)
     flat: dict[str, hf_io.Tensor] = {}
     unexpected = []
@@ -516,7 +533,7 @@ def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype:
                     quantized: bool = False, quantize: str | None = None, mesh: Any = None):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
 
-    Tensors stream in one at a time (`jpeft.loading`): each is cast to `dtype`, quantized as it is read when
+    Tensors stream in one at a time (`jpeft.formats.loading`): each is cast to `dtype`, quantized as it is read when
     `quantize` is "nf4" or "int8" (the modules `jpeft.quant.quantize` would pick) and placed on the device, or on its
     shards of `mesh`, before the next is read. `quantized=True` keeps a GGUF file's quantized Linear weights as its
     packed blocks (`jpeft.quant`), never float.

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import nn, tree
-from jpeft.hf_io import CheckpointError
-from jpeft.models import causal_lm
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.models import causal_lm, sampling
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
 
 Params = dict[str, Any]
@@ -195,7 +195,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32,
                     quantize: str | None = None, mesh: Any = None):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
 
-    Streamed tensor by tensor (`jpeft.loading`): `quantize="nf4"` or `"int8"` quantizes the projections as they are
+    Streamed tensor by tensor (`jpeft.formats.loading`): `quantize="nf4"` or `"int8"` quantizes the projections as they are
     read, `mesh` places each leaf on its shards; `quantized=True` keeps a GGUF file's quantized Linear weights packed
     as `jpeft.quant` leaf groups.
     """
@@ -304,11 +304,16 @@ def generate(
     dtype: Any = jnp.float32,
     adapter_ids=None,
     prompt_lookup: int = 0,
-) -> jax.Array:
-    """Greedy (num_beams=1) or beam search with a key/value cache, as `llama.generate`; (B, max_new_tokens) ids."""
+    sample: sampling.Sampling | None = None,
+    key: jax.Array | None = None,
+    num_return_sequences: int = 1,
+    return_logprobs: bool = False,
+):
+    """Greedy (num_beams=1), beam search or sampling with a key/value cache, as `llama.generate`; (B, max_new_tokens) ids."""
     return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup)
+                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup, sample=sample, key=key,
+                              num_return_sequences=num_return_sequences, return_logprobs=return_logprobs)
 
 
 _MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)

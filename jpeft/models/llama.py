@@ -14,7 +14,7 @@ Positions: rotary positions come from the attention mask's cumulative sum (0 on 
 right-padded batches this equals transformers' `forward` (which numbers slots 0..T-1 whatever the mask).
 
 Soft prompts: a top-level `prompt_embeddings` (N, D) leaf, or a P-tuning `prompt_encoder`'s output
-(`prompt.soft_prompt`), is prepended to every row's input embeddings with
+(`soft_prompt.rows_of`), is prepended to every row's input embeddings with
 the mask extended by N ones, as PEFT's `PeftModelForCausalLM` does for prompt tuning (before any left
 padding). PEFT drops `position_ids` and numbers all N + T slots, which agrees with the cumulative-sum rule on
 right-padded batches (training) but not on left-padded ones, where jpeft keeps positions padding-independent.
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import nn, tree
-from jpeft.hf_io import CheckpointError
-from jpeft.models import causal_lm
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.models import causal_lm, sampling
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
+from jpeft.models import ops
 
 Params = dict[str, Any]
 
@@ -197,7 +198,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32,
                     quantize: str | None = None, mesh: Any = None):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
 
-    Streamed tensor by tensor (`jpeft.loading`): `quantize="nf4"` or `"int8"` quantizes the projections as they are
+    Streamed tensor by tensor (`jpeft.formats.loading`): `quantize="nf4"` or `"int8"` quantizes the projections as they are
     read, `mesh` places each leaf on its shards; `quantized=True` keeps a GGUF file's quantized Linear weights packed
     as `jpeft.quant` leaf groups.
     """
@@ -214,10 +215,10 @@ def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> 
 
 
 def _layer(p: Params, x, cos, sin, visible, a: Arch, ctx: nn.Ctx, cache=None, index=0):
-    h = nn.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["input_layernorm"]["weight"], x, a.eps, ctx.dtype)
     h, cache = causal_lm.self_attention(p["self_attn"], h, cos, sin, visible, a, ctx, cache, index, scale=a.head_dim**-0.5)
     x = x + nn.adapter(p["self_attn"].get("adapter"), h, ctx)
-    h = nn.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["post_attention_layernorm"]["weight"], x, a.eps, ctx.dtype)
     h = causal_lm.gated_mlp(p["mlp"], h, a.act, ctx)
     return x + nn.adapter(p["mlp"].get("adapter"), h, ctx), cache
 
@@ -253,7 +254,7 @@ def decoder(
     windows = list(dict.fromkeys(a.windows))  # one (visible, cos, sin) per distinct window
     tables = [(causal_lm.layer_visibility(key_mask, query_index, w, segment_ids, cache), cos, sin) for w in windows]
     x, cache = causal_lm.run_layers(_layer, a, params, x, tables, [windows.index(w) for w in a.windows], ctx, cache, index)
-    return nn.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache
+    return ops.rms_norm(params["model"]["norm"]["weight"], x, a.eps, ctx.dtype), cache
 
 
 def lm_head(config: Any, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array:
@@ -299,7 +300,11 @@ def generate(
     dtype: Any = jnp.float32,
     adapter_ids=None,
     prompt_lookup: int = 0,
-) -> jax.Array:
+    sample: sampling.Sampling | None = None,
+    key: jax.Array | None = None,
+    num_return_sequences: int = 1,
+    return_logprobs: bool = False,
+):
     """Greedy (num_beams=1) or beam search; returns (B, max_new_tokens) generated ids, pad after EOS.
 
     Prompts may be left- or right-padded (rows are left-aligned first). The prompt length and the cache
@@ -309,10 +314,16 @@ def generate(
     search needs a single id. `prompt_lookup=N` drafts up to N tokens per step from each row's own prompt and
     output (`jpeft.generation.lookup_search`) and verifies them in one pass: greedy's tokens exactly, in fewer
     passes when the output copies the prompt (summaries); `dtype=jnp.bfloat16` computes in bfloat16.
+
+    `sample=jpeft.sampling.Sampling(temperature=..., top_k=..., top_p=..., min_p=..., repetition_penalty=...)` samples
+    instead (transformers' `do_sample=True`) with `key` (a `jax.random.key`: the same key, the same tokens), and
+    `num_return_sequences` samples per prompt (rows r * n .. r * n + n - 1 are prompt r's); `return_logprobs=True`
+    returns (ids, log-probabilities of the sampled tokens under the distribution they were drawn from).
     """
     return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup)
+                              dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup, sample=sample, key=key,
+                              num_return_sequences=num_return_sequences, return_logprobs=return_logprobs)
 
 
 _MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from jpeft.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError
 
 
 class Packaged(NamedTuple):
@@ -97,7 +97,7 @@ def hub_id(name_or_path: str | os.PathLike) -> str:
     if key in PACKAGED:
         return PACKAGED[key].hub_id
     if str(name_or_path).endswith(".gguf") and Path(name_or_path).is_file():
-        from jpeft import gguf_io
+        from jpeft.formats import gguf_io
 
         return gguf_io.hub_id(name_or_path) or str(name_or_path)
     return str(name_or_path)

@@ -7,7 +7,7 @@ The tree: `shared/embedding` (V, D), `lm_head/kernel` (D, V) when untied,
 each with its `layer_norm/weight`, and `{encoder,decoder}/final_layer_norm/weight`. Block 0 of each
 stack holds `SelfAttention/relative_attention_bias/embedding` (buckets, H), shared by all blocks.
 A soft prompt, when present, is prepended to the encoder input: a top-level `prompt_embeddings` (N, D) leaf, or the
-output of a P-tuning `prompt_encoder` computed in the same pass (`prompt.soft_prompt`).
+output of a P-tuning `prompt_encoder` computed in the same pass (`soft_prompt.rows_of`).
 
 Prefix tuning (`jpeft.prefix`), as PEFT does it for SEQ_2_SEQ_LM: only the decoder's self-attention gets prefix keys
 and values (PEFT builds cross-attention ones too but replaces that cache by an empty one; the encoder gets none).
@@ -28,8 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import generation, hf_io, loading, multi, nn, prefix, prompt, quant, tree
-from jpeft.hf_io import CheckpointError
+from jpeft import nn, quant, tree
+from jpeft.models import generation, sampling
+from jpeft.formats import hf_io, loading
+from jpeft.methods import multi, prefix, prompt, soft_prompt
+from jpeft.formats.hf_io import CheckpointError
+from jpeft.models import attention
+from jpeft.models import ops
 
 Params = dict[str, Any]
 
@@ -162,7 +167,7 @@ def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any
 
 def params_from_tensors(config: Any, tensors: dict[str, hf_io.Tensor], dtype: Any = jnp.float32, source: str = "checkpoint",
                         quantize: str | None = None, mesh: Any = None) -> Params:
-    """`params_from_state_dict` for tensors read one at a time (`jpeft.loading.build`): a streaming load."""
+    """`params_from_state_dict` for tensors read one at a time (`jpeft.formats.loading.build`): a streaming load."""
     flat: dict[str, hf_io.Tensor] = {}
     unexpected = []
     for name, value in tensors.items():
@@ -275,9 +280,9 @@ def _attend(p: Params, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array
 
     Queries, keys and values stay heads-first: with the (B, T, H, K) layout XLA CPU transposed every
     cached key and value block inside the decoding loop, which cost more than the matmuls themselves.
-    `nn.attention` sees each head as its own key/value group of one query head.
+    `attention.attention` sees each head as its own key/value group of one query head.
     """
-    out = nn.attention(q[:, :, None], k, v, bias[..., None, :, :], 1.0, ctx)[:, :, 0]
+    out = attention.attention(q[:, :, None], k, v, bias[..., None, :, :], 1.0, ctx)[:, :, 0]
     return nn.dense(p["o"], _merge_heads(out), ctx)
 
 
@@ -287,7 +292,7 @@ def _kv(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> tuple[jax.Array, jax.A
 
 
 def _feed_forward(p: Params, x: jax.Array, a: Arch, ctx: nn.Ctx) -> jax.Array:
-    act = nn.activation(a.act)
+    act = ops.activation(a.act)
     if a.is_gated_act:
         h = act(nn.dense(p["wi_0"], x, ctx)) * nn.dense(p["wi_1"], x, ctx)
     else:
@@ -302,32 +307,32 @@ def _residual(module: Params, x: jax.Array, h: jax.Array, ctx: nn.Ctx) -> jax.Ar
 
 def _self_attention_layer(p, x, bias, a, ctx, cache=None, pos=None):
     """Pre-norm self-attention; with `cache` (k, v of (B, H, Tmax, K)) writes this step's keys at `pos`."""
-    h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
     q, k, v = (_heads(nn.dense(p["SelfAttention"][n], h, ctx), a) for n in ("q", "k", "v"))
     if cache is not None:  # generation wrote any prefix into the cache's first slots
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), pos, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), pos, axis=2)
         cache = (k, v)
     else:
-        k, v = nn.prefixed(p["SelfAttention"], k, v)  # (B, H, N+T, K) under prefix tuning
+        k, v = attention.prefixed(p["SelfAttention"], k, v)  # (B, H, N+T, K) under prefix tuning
     return _residual(p["SelfAttention"], x, _attend(p["SelfAttention"], q, k, v, bias, ctx), ctx), cache
 
 
 def _cross_attention_layer(p, x, kv, bias, a, ctx):
-    h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
     q = _heads(nn.dense(p["EncDecAttention"]["q"], h, ctx), a)
     return _residual(p["EncDecAttention"], x, _attend(p["EncDecAttention"], q, kv[0], kv[1], bias, ctx), ctx)
 
 
 def _ff_layer(p, x, a, ctx):
-    h = nn.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
+    h = ops.rms_norm(p["layer_norm"]["weight"], x, a.eps, ctx.dtype)
     return _residual(p["DenseReluDense"], x, _feed_forward(p["DenseReluDense"], h, a, ctx), ctx)
 
 
 def embed_source(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
-    """Token embeddings with any soft prompt (`prompt.soft_prompt`) prepended: (B, N+S, D) and the widened (B, N+S) mask."""
+    """Token embeddings with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+S, D) and the widened (B, N+S) mask."""
     x = params["shared"]["embedding"][input_ids].astype(dtype)
-    soft = prompt.soft_prompt(params, ctx)
+    soft = soft_prompt.rows_of(params, ctx)
     if soft is not None:
         soft = soft.astype(dtype)
         B = input_ids.shape[0]
@@ -343,7 +348,7 @@ def encode(config: Any, params: Params, input_ids: jax.Array, attention_mask: ja
     x, mask = embed_source(params, input_ids, attention_mask, ctx.dtype, ctx)
     S = x.shape[1]
     table = p["block"]["0"]["layer"]["0"]["SelfAttention"]["relative_attention_bias"]["embedding"]
-    bias = position_bias(a, table, jnp.arange(S), S, bidirectional=True) + nn.attention_bias_from_mask(mask)[:, None, None, :]
+    bias = position_bias(a, table, jnp.arange(S), S, bidirectional=True) + attention.attention_bias_from_mask(mask)[:, None, None, :]
     x = nn.dropout(ctx, x)
 
     def block(p, x, c):
@@ -351,7 +356,7 @@ def encode(config: Any, params: Params, input_ids: jax.Array, attention_mask: ja
         return _ff_layer(p["layer"]["1"], x, a, c)
 
     x = nn.run_layers(block, x, _blocks(p, a.num_layers), ctx)
-    x = nn.rms_norm(p["final_layer_norm"]["weight"], x, a.eps, ctx.dtype)
+    x = ops.rms_norm(p["final_layer_norm"]["weight"], x, a.eps, ctx.dtype)
     return nn.dropout(ctx, x), mask
 
 
@@ -364,7 +369,7 @@ def _blocks(stack: Params, n: int) -> list[Params]:
 
 
 def _with_prefix(block: Params, kv: dict[str, jax.Array]) -> Params:
-    """A decoder block whose self-attention carries its prefix keys and values (read by `nn.prefixed`)."""
+    """A decoder block whose self-attention carries its prefix keys and values (read by `attention.prefixed`)."""
     layers = block["layer"]
     return {**block, "layer": {**layers, "0": {**layers["0"], "SelfAttention": {**layers["0"]["SelfAttention"], "prefix": kv}}}}
 
@@ -416,8 +421,8 @@ def decode(
     self_mask = (key_pos[None, :] <= query_pos[:, None])[None]  # (1, T, Tk)
     if decoder_attention_mask is not None and cache is None:
         self_mask = self_mask & jnp.pad(decoder_attention_mask, ((0, 0), (n, 0)), constant_values=1)[:, None, :].astype(bool)
-    self_bias = position_bias(a, table, query_pos, key_len, bidirectional=False) + nn.attention_bias_from_mask(self_mask)[:, None]
-    cross_bias = nn.attention_bias_from_mask(encoder_mask)[:, None, None, :]
+    self_bias = position_bias(a, table, query_pos, key_len, bidirectional=False) + attention.attention_bias_from_mask(self_mask)[:, None]
+    cross_bias = attention.attention_bias_from_mask(encoder_mask)[:, None, None, :]
     x = nn.dropout(ctx, x)
 
     def block(p, x, c, kv=None, layer_cache=None):
@@ -438,7 +443,7 @@ def decode(
         for i in range(a.num_decoder_layers):
             x, layer_cache = block(p["block"][str(i)], x, ctx, encoder[i], cache[i])
             new_cache.append(layer_cache)
-    x = nn.dropout(ctx, nn.rms_norm(p["final_layer_norm"]["weight"], x, a.eps, ctx.dtype))
+    x = nn.dropout(ctx, ops.rms_norm(p["final_layer_norm"]["weight"], x, a.eps, ctx.dtype))
     return _lm_head(a, params, x, ctx), new_cache
 
 
@@ -475,13 +480,14 @@ def shift_right(labels: jax.Array, config: Any) -> jax.Array:
 # Generation
 
 
-@functools.partial(jax.jit, static_argnames=("a", "max_len", "num_beams", "dtype", "length_penalty", "early_stopping"))
-def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, *, max_len, num_beams, dtype, length_penalty, early_stopping):
+@functools.partial(jax.jit, static_argnames=("a", "max_len", "num_beams", "dtype", "length_penalty", "early_stopping", "sample", "copies"))
+def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, key, *, max_len, num_beams, dtype, length_penalty,
+              early_stopping, sample, copies):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
-    if num_beams > 1:  # every row becomes num_beams rows, as transformers does
-        input_ids, attention_mask = (jnp.repeat(t, num_beams, axis=0) for t in (input_ids, attention_mask))
+    if copies > 1:  # every row becomes num_beams (or num_return_sequences) rows, as transformers does
+        input_ids, attention_mask = (jnp.repeat(t, copies, axis=0) for t in (input_ids, attention_mask))
         if adapter_ids is not None:
-            ctx.adapter_ids = jnp.repeat(adapter_ids, num_beams, axis=0)
+            ctx.adapter_ids = jnp.repeat(adapter_ids, copies, axis=0)
     encoded, mask = encode(a, params, input_ids, attention_mask, ctx)
     kv = cross_kv(a, params, encoded, ctx)
     rows, n = input_ids.shape[0], prefix.num_tokens(params)
@@ -496,6 +502,9 @@ def _generate(a, params, input_ids, attention_mask, max_new_tokens, eos_token_id
 
     start = jnp.full((rows,), a.decoder_start_token_id, jnp.int32)
     logits, cache = step(start, -1, cache)
+    if sample is not None:  # the decoder's tokens so far are the start token: the repetition penalty counts it, as transformers does
+        seen = sampling.seen_tokens(start[:, None], jnp.ones((rows, 1)), logits.shape[-1]) if sample.repetition_penalty != 1.0 else None
+        return sampling.sample_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id, key=key, settings=sample, seen=seen)
     if num_beams == 1:
         return generation.greedy_search(step, logits, cache, max_new_tokens, max_len, eos_token_id, a.pad_token_id)
     return generation.beam_search(
@@ -517,13 +526,19 @@ def generate(
     eos_token_id: int | None = None,
     dtype: Any = jnp.float32,
     adapter_ids=None,
-) -> jax.Array:
+    sample: sampling.Sampling | None = None,
+    key: jax.Array | None = None,
+    num_return_sequences: int = 1,
+    return_logprobs: bool = False,
+):
     """Greedy (num_beams=1) or beam search; returns (B, max_new_tokens) generated ids, pad after EOS.
 
     The source length and the decode length are rounded up to buckets, so a run over many batches
-    compiles only a few shapes; the loop itself runs on device (`lax.while_loop`).
+    compiles only a few shapes; the loop itself runs on device (`lax.while_loop`). `sample`, `key`,
+    `num_return_sequences` and `return_logprobs` sample instead, as in `llama.generate`.
     """
     a = arch(config)
+    sampling.check_request(sample, key, num_beams, num_return_sequences, return_logprobs)
     input_ids = np.asarray(input_ids, np.int32)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
     generation.check_request(input_ids, attention_mask, prompt.embedding_table(params).shape[0], max_new_tokens, num_beams,
@@ -536,7 +551,10 @@ def generate(
     eos = a.eos_token_id if eos_token_id is None else eos_token_id
     out = _generate(
         a, params, input_ids, attention_mask, jnp.int32(max_new_tokens), jnp.int32(eos),
-        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32),
+        None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32), key,
         max_len=max_len, num_beams=num_beams, dtype=dtype, length_penalty=float(length_penalty), early_stopping=bool(early_stopping),
+        sample=sample, copies=max(num_beams, num_return_sequences),
     )
-    return out[:, :max_new_tokens]
+    if sample is None:
+        return out[:, :max_new_tokens]
+    return (out[0][:, :max_new_tokens], out[1][:, :max_new_tokens]) if return_logprobs else out[0][:, :max_new_tokens]

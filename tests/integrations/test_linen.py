@@ -160,6 +160,11 @@ def test_unread_leaves_and_unmatched_targets_are_errors(setup):
         linen.apply(model, {"params": {**p, "unused": {"lora_a": jnp.ones((2, 2))}}}, ids)
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module. Module names in this model: .*'query'"):
         linen.inject(model, params, jpeft.LoraConfig(target_modules=["nope"]), jax.random.key(0), ids)
+    for config in (jpeft.LoraConfig(target_modules=["query", "valeu"]), jpeft.IA3Config(target_modules=["query", "valeu"], feedforward_modules=[])):
+        with pytest.raises(ValueError, match=r"\['query', 'valeu'\]: 'valeu' matches no module. 'valeu': did you mean 'value'\?"):
+            linen.inject(model, params, config, jax.random.key(0), ids)
+    with pytest.raises(ValueError, match=r"feedforward_modules=\['dwn'\] matches no module.*did you mean 'down'\?"):
+        linen.inject(model, params, jpeft.IA3Config(target_modules=".*(up|down)", feedforward_modules=["dwn"]), jax.random.key(0), ids)
 
 
 def test_registered_third_party_layer(setup):
@@ -186,7 +191,7 @@ def test_registered_third_party_layer(setup):
 
 
 def test_adapter_files_round_trip_with_the_base_fingerprint(setup, tmp_path):
-    from jpeft.hf_io import CheckpointError
+    from jpeft.formats.hf_io import CheckpointError
 
     model, params, ids = setup
     p = _random_lora(_inject(setup), jax.random.key(6))

@@ -162,6 +162,9 @@ def test_only_lora_params_train_and_no_frozen_gradient_is_formed():
 def test_unmatched_targets_name_the_layers():
     with pytest.raises(ValueError, match=r"target_modules=\['nope'\] matches no module. Module names in this model: .*'query'"):
         jnnx.inject(Tiny(), jpeft.LoraConfig(target_modules=["nope"]), jax.random.key(0))
+    for config in (jpeft.LoraConfig(target_modules=["query", "valeu"]), jpeft.IA3Config(target_modules=["query", "valeu"], feedforward_modules=[])):
+        with pytest.raises(ValueError, match=r"\['query', 'valeu'\]: 'valeu' matches no module. 'valeu': did you mean 'value'\?"):
+            jnnx.inject(Tiny(), config, jax.random.key(0))
 
 
 def test_adapter_files_round_trip_into_a_fresh_model(tmp_path):

@@ -10,7 +10,8 @@ import transformers
 
 from jpeft import lora, multi, nn, split, training
 from jpeft.models import causal_lm
-from tests.test_packing import _batch as packing_batch
+from jpeft.models import attention
+from tests.training.test_packing import _batch as packing_batch
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
              pad_token_id=0, eos_token_id=1)
@@ -32,16 +33,16 @@ def test_blockwise_attention_gives_the_dense_loss_and_lora_gradients(name, monke
     lengths = [37, 21, 30, 40]  # one row of 134 slots: four segments and padding, in blocks of 16
     seqs = [rng.integers(2, 64, n).tolist() for n in lengths]
     batch = packing_batch(seqs, [4, 3, 4, 2], 134, pack=True)
-    monkeypatch.setattr(nn, "FLASH_BLOCK", 16)
-    calls, blockwise = [], nn.flash_attention
-    monkeypatch.setattr(nn, "flash_attention", lambda *args: calls.append(args[3]) or blockwise(*args))
+    monkeypatch.setattr(attention, "FLASH_BLOCK", 16)
+    calls, blockwise = [], attention.flash_attention
+    monkeypatch.setattr(attention, "flash_attention", lambda *args: calls.append(args[3]) or blockwise(*args))
     for remat in (False, True):
         results = []
         for min_len in (10**9, 0):  # dense query blocks, then blockwise
-            monkeypatch.setattr(nn, "FLASH_MIN_LEN", min_len)
+            monkeypatch.setattr(attention, "FLASH_MIN_LEN", min_len)
             results.append(jax.jit(jax.value_and_grad(training.causal_lm_loss(config, remat=remat)))(params, batch, None))
         (dense, dense_grads), (flash, flash_grads) = results
-        assert calls and all(isinstance(v, nn.Visibility) for v in calls)  # the second run took the blockwise path
+        assert calls and all(isinstance(v, attention.Visibility) for v in calls)  # the second run took the blockwise path
         calls.clear()
         np.testing.assert_allclose(flash, dense, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(flash_grads), jax.tree.leaves(dense_grads)):
@@ -63,8 +64,8 @@ def test_packed_prefill_fills_the_cache_the_padded_prefill_does(name, min_len, m
     lengths, P, cache_len = [37, 21, 30, 40], 40, 48  # windows of 24: the longer rows' early keys fall out of them
     mask = np.array([[0] * (P - n) + [1] * n for n in lengths], np.int32)
     ids = np.where(mask > 0, rng.integers(2, 64, mask.shape), 0).astype(np.int32)
-    monkeypatch.setattr(nn, "FLASH_MIN_LEN", min_len)
-    monkeypatch.setattr(nn, "PREFILL_BLOCK", 16)
+    monkeypatch.setattr(attention, "FLASH_MIN_LEN", min_len)
+    monkeypatch.setattr(attention, "PREFILL_BLOCK", 16)
     a, ctx = model.arch(config), nn.Ctx()
     packed_len = generation.bucket(sum(lengths), steps=8)
     assert packed_len < mask.size

@@ -17,12 +17,12 @@ import torch
 
 import jpeft
 from jpeft import adapters, ia3, lora, prompt, training, tree
-from jpeft.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import gemma, registry
 from tests.models.test_llama import _compare_generation, _trim, batch, torch_logits
-from tests.test_gguf_io import write_gguf
-from tests.test_packing import _batch as packing_batch
-from tests.test_peft_format import _randomize
+from tests.formats.test_gguf_io import write_gguf
+from tests.training.test_packing import _batch as packing_batch
+from tests.formats.test_peft_format import _randomize
 
 WINDOW = 4  # shorter than the test sequences, so the sliding layers really cut keys off
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -380,7 +380,7 @@ def test_gemma3_270m_matches_transformers():
     """The real Q4_K_M file: per-token log-likelihoods and a greedy continuation equal transformers' reading of it."""
     from transformers import AutoModelForCausalLM
 
-    from jpeft.tokenizer import load_tokenizer
+    from jpeft.formats.tokenizer import load_tokenizer
 
     path = registry.resolve("gemma3-270m")  # assembled into the cache on first use
     config, params = gemma.load_pretrained("gemma3-270m")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from jpeft.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import llama
 from tests.conftest import SMOLLM, damage_file, needs_smollm, rewrite_safetensors
 
@@ -357,7 +357,7 @@ def smollm():
     """(jpeft config, jpeft params, transformers model, tokenizer), each loaded once."""
     from transformers import AutoModelForCausalLM
 
-    from jpeft.tokenizer import load_tokenizer
+    from jpeft.formats.tokenizer import load_tokenizer
 
     config, params = llama.load_pretrained("smollm2-135m-instruct")
     model = AutoModelForCausalLM.from_pretrained(SMOLLM.parent, gguf_file=SMOLLM.name).eval()
@@ -405,7 +405,7 @@ def test_smollm2_chat_greedy_continuation_matches_transformers(smollm):
 
 @needs_smollm
 def test_tokenizer_round_trips_through_a_directory(smollm, tmp_path):
-    from jpeft.tokenizer import load_tokenizer
+    from jpeft.formats.tokenizer import load_tokenizer
 
     tok = smollm[3]
     tok.save_pretrained(tmp_path / "tok")
@@ -416,7 +416,7 @@ def test_tokenizer_round_trips_through_a_directory(smollm, tmp_path):
 
 
 def test_tokenizer_errors_name_the_path(tmp_path):
-    from jpeft.tokenizer import load_tokenizer
+    from jpeft.formats.tokenizer import load_tokenizer
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from jpeft import training, tree
-from jpeft.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import t5
 from tests.conftest import SHARED, damage_file, make_hf_t5, padded_batch, rewrite_safetensors
 

@@ -7,42 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_COMPILE, SHARED, make_hf_t5
+from tests.conftest import FAST_COMPILE, SHARED
+from tests.train.conftest import DIALOGUES, TOKENIZER
 from train import summarize
 from train.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not (SHARED / "tokenizers" / "t5").is_dir(), reason="needs ../shared/tokenizers/t5")
-
-TOKENIZER = str(SHARED / "tokenizers" / "t5")
-DIALOGUES = [
-    ("#Person1#: Can I book a table for two at seven? #Person2#: Yes, we have a window table free.",
-     "#Person1# books a table for two at seven."),
-    ("#Person1#: My luggage did not arrive. #Person2#: Please fill in this form and we will call you.",
-     "#Person1#'s luggage is lost and #Person2# takes a report."),
-    ("#Person1#: How much is the blue jacket? #Person2#: It is forty dollars today.",
-     "#Person1# asks the price of a jacket, which is forty dollars."),
-    ("#Person1#: Where is the station? #Person2#: Go straight and turn left at the bank.",
-     "#Person2# tells #Person1# the way to the station."),
-]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_t5")
-    make_hf_t5(path, vocab_size=32128, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
-               feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 12), ("validation", 4)):
-        with (path / f"{split}.jsonl").open("w") as f:
-            for i in range(n):
-                d, s = DIALOGUES[i % len(DIALOGUES)]
-                f.write(json.dumps({"id": f"{split}{i}", "dialogue": d, "summary": s, "topic": "t"}) + "\n")
-    return path
 
 
 def _run(model_dir, data_dir, out, *extra) -> int:
@@ -128,15 +98,27 @@ def test_the_newer_methods_train_save_and_merge(model_dir, data_dir, tmp_path, c
         assert (out / "merged" / "model.safetensors").is_file()
 
 
-def test_resume_continues_the_same_run(model_dir, data_dir, tmp_path):
+def test_resume_continues_the_same_run_and_a_damaged_checkpoint_says_how_to_go_on(model_dir, data_dir, tmp_path, capsys):
+    import shutil
+
+    from tests.conftest import damage_file
+
     common = ("--method", "lora", "--eval-samples", "0", "--save-every", "1", "--seed", "3")
     assert _run(model_dir, data_dir, tmp_path / "whole", *common, "--steps", "4") == 0
-    assert _run(model_dir, data_dir, tmp_path / "split", *common, "--steps", "2") == 0
-    assert _run(model_dir, data_dir, tmp_path / "split", *common, "--steps", "4") == 0
+    split = tmp_path / "split"
+    assert _run(model_dir, data_dir, split, *common, "--steps", "2") == 0
+    # Step 2's checkpoint cut short (a full disk, a copy interrupted): the error says so and how to go on, before training.
+    damage_file(split / "checkpoints" / "2" / "state" / "_METADATA", "truncate")
+    capsys.readouterr()
+    err = _error(capsys, _run(model_dir, data_dir, split, *common, "--steps", "4")).strip().splitlines()[-1]
+    assert err.startswith(f"error: checkpoint {split / 'checkpoints'}/2 is damaged (") and err.endswith(
+        f"delete {split / 'checkpoints' / '2'} to go on from step 1, the checkpoint before it; or rerun with --overwrite to start the run afresh")
+    shutil.rmtree(split / "checkpoints" / "2")
+    assert _run(model_dir, data_dir, split, *common, "--steps", "4") == 0  # resumes at step 1: steps 2 to 4 again
     losses = lambda d: {m["step"]: m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}  # noqa: E731
-    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    whole, split = losses(tmp_path / "whole"), losses(split)
     assert sorted(split) == [1, 2, 3, 4]
-    for step in (3, 4):
+    for step in (2, 3, 4):
         assert split[step] == pytest.approx(whole[step], abs=1e-5)
 
 
@@ -227,6 +209,9 @@ def test_lab_plan_learning_rates_and_variants():
     assert (runs["lora-r8"].lora_r, runs["lora-r8"].lora_alpha) == (8, 16)
     runs = dict(lab.plan(lab.parser().parse_args(["--methods", "lora,ia3", "--lr", "1e-3", "--ranks", "16"])))
     assert list(runs) == ["lora", "ia3"] and {r.lr for r in runs.values()} == {1e-3}  # rank 16 is the lora run itself
+    runs = dict(lab.plan(lab.parser().parse_args(["--methods", "none,qlora,ia3,prompt", "--ranks", "8", "--export-gguf", "adapter,merged"])))
+    assert {name: r.export_gguf for name, r in runs.items()} == {"none": [], "qlora": ["adapter", "merged"], "ia3": ["merged"], "prompt": [],
+                                                               "lora-r8": ["adapter", "merged"]}  # each run what it can
 
 
 def test_mesh_run_logs_the_same_losses(model_dir, data_dir, tmp_path):
@@ -266,7 +251,10 @@ def no_loading(monkeypatch):
     (["--mesh", "tensor=2"], "expected name=size"),
     (["--method", "lora", "--lora-targets", "nope"], "--method lora: target_modules=['nope'] matches no module. Module names in this model"),
     (["--method", "ia3", "--ia3-targets", "q_proj"], "matches no module"),
-    (["--method", "selective", "--select-modules", "nothing"], "selects no parameters"),
+    (["--method", "lora", "--lora-targets", "q,vv"], "--method lora: target_modules=['q', 'vv']: 'vv' matches no module. 'vv': did you mean 'v'?"),
+    (["--method", "ia3", "--ia3-targets", "k,v,wo,kk"], "target_modules=['k', 'v', 'wo', 'kk']: 'kk' matches no module. 'kk': did you mean 'k'?"),
+    (["--modules-to-save", "shraed"], "modules_to_save=['shraed'] matches no module. 'shraed': did you mean 'shared'?"),
+    (["--method", "selective", "--select-modules", "nothing"], "--method selective: target_modules=['nothing'] matches no module"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--batch-size", "-2"], "--batch-size must be at least 1"),
     (["--eval-samples", "-1"], "--eval-samples must be at least 0"),
@@ -275,7 +263,7 @@ def no_loading(monkeypatch):
     (["--warmup-steps", "5", "--steps", "5"], "leaves no training after warmup"),
     (["--prompt", "Summarize this."], "must contain {input} exactly once"),
     (["--input-field", "text"], "has no 'text' column (its columns: 'id', 'dialogue', 'summary', 'topic'); name the right one with --input-field"),
-], ids=["mesh-devices", "mesh-syntax", "lora-targets", "ia3-targets", "selective", "steps", "batch", "eval-samples", "lr", "dropout",
+], ids=["mesh-devices", "mesh-syntax", "lora-targets", "ia3-targets", "lora-target-typo", "ia3-target-typo", "modules-to-save-typo", "selective", "steps", "batch", "eval-samples", "lr", "dropout",
         "warmup", "prompt", "field"])
 def test_mistakes_are_reported_before_the_model_loads(model_dir, data_dir, tmp_path, capsys, no_loading, extra, words):
     err = _error(capsys, _run(model_dir, data_dir, tmp_path / "o", *extra))
@@ -337,8 +325,15 @@ def test_help_shows_defaults_and_the_run_shows_its_plan_and_outputs(model_dir, d
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for words in ("usage: jpeft-summarize", "--lr LR peak learning rate (default: 0.0002)", "(default: 8)", "(default: runs/summarize)",
-                  "(default: 'Summarize the following conversation.\\n\\n{input}\\n\\nSummary: ')"):
+                  "(default: 'Summarize the following conversation.\\n\\n{input}\\n\\nSummary: ')",
+                  "--weight-decay WEIGHT_DECAY decoupled weight decay (default: 0.0)", "--warmup-steps WARMUP_STEPS linear warmup steps (default: 0)",
+                  "--seed SEED seed for initialisation, batches and dropout (default: 0)", "(0: about 4 per run) (default: 0)",
+                  "gguf to keep a .gguf model's own blocks packed (default: none, the base stays float)",
+                  "(more memory; default: recompute)", "into few rows (default: pack)", "beside the method (default: none)",
+                  "decoder-only models only (default: none)"):
         assert words in text, words
+    assert "(default: True)" not in text and "(default: )" not in text  # a flag's default reads as if it were given
+    assert text.split("options: ")[1].split(" model and data: ")[0] == "-h, --help show this help message and exit"
     assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--steps", "2", "--eval-samples", "0") == 0
     out = capsys.readouterr().out
     assert "plan: lora on" in out and "2 optimizer steps x 2 examples" in out and "trainable parameters:" in out
@@ -354,14 +349,20 @@ def test_lab_has_its_own_help_and_checks_every_run_first(model_dir, data_dir, tm
     assert "usage: jpeft-lab" in text and "--methods METHODS" in text
     assert "(default:none,full,lora,dora,loha,lokr,qlora,prompt,ptuning,prefix,ia3,adapter)" in text.replace(" ", "")  # wrapped anywhere
     assert "(default: runs/lab)" in text and "[--method METHOD]" not in text
+    assert "--lr LR peak learning rate for every method (default: each method's own: full 5e-05, lora 0.001, qlora 0.001," in text
+    assert "see the table" not in text and "--export-gguf {adapter,merged}" in text
     common = ["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(data_dir), "--out", str(tmp_path / "lab")]
-    assert "unknown method 'lorra'" in _error(capsys, lab.main([*common, "--methods", "none,lorra"]))
+    assert "unknown method 'lorra'; choose from none, full, lora, dora, loha, lokr, prompt, ptuning, prefix, ia3, adapter, selective, qlora" in \
+        _error(capsys, lab.main([*common, "--methods", "none,lorra"]))
+    assert "--export-gguf adapter: no run of --methods none,prompt can be exported so" in \
+        _error(capsys, lab.main([*common, "--methods", "none,prompt", "--export-gguf", "adapter"]))
     assert "matches no module" in _error(capsys, lab.main([*common, "--methods", "none,lora", "--lora-targets", "nope"]))
     assert "--steps must be at least 1" in _error(capsys, lab.main([*common, "--steps", "0"]))
     assert "--ranks '4,x' must be comma-separated whole numbers" in _error(capsys, lab.main([*common, "--ranks", "4,x"]))
 
 
-def test_parquet_with_other_columns_and_a_prompt_template(model_dir, tmp_path):
+def test_parquet_with_other_columns_and_a_prompt_template(model_dir, tmp_path, capsys):
+    """Also: a held-out split smaller than --eval-samples says how many it scores and why, and a quantized base is named."""
     import datasets
 
     rows = [{"document": d, "summary": s, "id": f"x{i}"} for i, (d, s) in enumerate(DIALOGUES * 3)]
@@ -369,11 +370,19 @@ def test_parquet_with_other_columns_and_a_prompt_template(model_dir, tmp_path):
     out = tmp_path / "pq"
     code = summarize.main(["--model", str(model_dir), "--tokenizer", TOKENIZER, "--data", str(tmp_path / "xsum_like.parquet"),
                            "--input-field", "document", "--target-field", "summary", "--prompt", "Summarize: {input}",
-                           "--out", str(out), "--batch-size", "2", "--steps", "1", "--eval-samples", "1", "--eval-batch-size", "1",
-                           "--max-source-len", "48", "--max-target-len", "8"])
+                           "--out", str(out), "--batch-size", "2", "--steps", "1", "--eval-samples", "50", "--eval-batch-size", "1",
+                           "--max-source-len", "48", "--max-target-len", "8", "--quantize", "int8", "--skip-base-eval"])
     assert code == 0
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in predictions] == ["x0"] and predictions[0]["reference"] == DIALOGUES[0][1]  # the held-out first 10%
+    captured = capsys.readouterr()
+    assert (f"scoring 1 example: all there are in the first 10% of {tmp_path / 'xsum_like.parquet'}, held out as no --eval-data was "
+            "given; --eval-samples 50 asked for more") in captured.out
+    assert ("warning: ROUGE over 1 example is a noisy figure (one summary moves it by points); score 20 or more: pass more evaluation "
+            "examples with --eval-data") in captured.err
+    assert f"plan: lora on {model_dir} quantized to int8, 1 optimizer steps" in captured.out
+    results = json.loads((out / "results.json").read_text())
+    assert (results["method"], results["quantize"], results["eval_examples"]) == ("lora", "int8", 1)
 
 
 def test_a_prompt_template_reaches_the_tokens(model_dir):
@@ -414,7 +423,7 @@ def test_export_gguf_writes_llama_cpp_files(model_dir, data_dir, tmp_path):
     import jpeft
     from jpeft import tree
     from jpeft.models import llama
-    from tests.test_gguf_io import write_gguf
+    from tests.formats.test_gguf_io import write_gguf
 
     config = transformers.LlamaConfig(vocab_size=32128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
