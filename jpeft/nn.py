@@ -111,6 +111,18 @@ def keep_rows_sharded(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES)) if rows_split() else x
 
 
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids]: rows of an embedding table (V, D) at ids (rows, ...), split by rows as ids are within a sharded step.
+
+    The table's D is gathered first (its vocabulary dim stays as sharded): left to itself XLA's partitioner gathers
+    along the vocabulary, lays the looked-up rows out along D as FSDP splits the table, and cannot re-split them by rows
+    (`keep_rows_sharded`) without replicating them ("Involuntary full rematerialization").
+    """
+    if not rows_split():
+        return table[ids]
+    return keep_rows_sharded(jax.lax.with_sharding_constraint(table, P(P.UNCONSTRAINED, None))[ids])
+
+
 def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Array, layers: list[Params], ctx: Ctx) -> jax.Array:
     """x through `layer(params_i, x, ctx_i)` for each layer in order.
 

@@ -198,7 +198,7 @@ def gated_mlp(p: Params, h: jax.Array, act: str, ctx: nn.Ctx) -> jax.Array:
 def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None,
           ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+T, D) and the (B, N+T) mask."""
-    x = params["model"]["embed_tokens"]["embedding"][input_ids].astype(dtype)
+    x = nn.lookup(params["model"]["embed_tokens"]["embedding"], input_ids).astype(dtype)
     if scale is not None:  # a float32 scale rounded to the compute dtype, as transformers rounds it to the weights' dtype
         x = x * jnp.asarray(np.float32(scale)).astype(dtype)
     soft = soft_prompt.rows_of(params, ctx)

@@ -331,7 +331,7 @@ def _ff_layer(p, x, a, ctx):
 
 def embed_source(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+S, D) and the widened (B, N+S) mask."""
-    x = params["shared"]["embedding"][input_ids].astype(dtype)
+    x = nn.lookup(params["shared"]["embedding"], input_ids).astype(dtype)
     soft = soft_prompt.rows_of(params, ctx)
     if soft is not None:
         soft = soft.astype(dtype)
@@ -411,7 +411,7 @@ def decode(
     """
     a, ctx = arch(config), ctx or nn.Ctx()
     p = params["decoder"]
-    x = params["shared"]["embedding"][decoder_input_ids].astype(ctx.dtype)
+    x = nn.lookup(params["shared"]["embedding"], decoder_input_ids).astype(ctx.dtype)
     B, T = decoder_input_ids.shape
     n = prefix.num_tokens(params) if cache is None else 0
     query_pos = pos + n + jnp.arange(T)
