@@ -49,10 +49,11 @@ QUANTIZED = {"nf4": "quantized to NF4 (QLoRA)", "int8": "quantized to int8", "gg
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
     p = options.parser("jpeft-summarize", __doc__)
-    p.add_argument("--plan", action="store_true",
+    g = p.add_argument_group("memory planning")
+    g.add_argument("--plan", action="store_true",
                    help="print the memory one train step needs per device (compiled from the model's shapes, no weights read: "
                         "jpeft.plan) and exit")
-    p.add_argument("--memory-budget", metavar="SIZE",
+    g.add_argument("--memory-budget", metavar="SIZE",
                    help="choose the micro-batch (the rest of --batch-size by accumulation), remat and --quantize so that one step "
                         "fits SIZE per device (e.g. 24GB, 80GiB), and say which")
     return p

@@ -204,7 +204,7 @@ def test_bf16_base_trains_float32_masters_as_the_float32_base_does():
     from jpeft.training.batches import causal_lm_batch
     from jpeft.models import llama
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
     base = llama.init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
