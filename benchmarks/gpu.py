@@ -16,6 +16,9 @@ skipped, never fatal):
 - `generation`: greedy decoding of 64 tokens, T5-small shape and SmolLM2 shape, jpeft vs transformers, fp32 and bf16.
 - `cpu_kernels`: the SmolLM2 bf16 step traced with the CPU-tuned paths (`KERNELS = "cpu"`) on the GPU: whether keeping
   them off the GPU is right.
+- `scale`: Llama-3.2-1B and Llama-3-8B shapes (weights generated on the device), bf16 and NF4 bases, LoRA r=16 on all
+  seven projections, rows of 512 tokens with remat: tokens/s, MFU, device peak memory against `jpeft.plan`, and HF PEFT
+  (bf16 base) on the same GPU; each run in its own process (`benchmarks.scale`'s device workers). Not yet run on a GPU.
 
 Figures go to OUT/gpu.json and OUT/gpu.md after every part, so a run cut short keeps what it measured.
 `--cpu-smoke` runs every part on tiny shapes on the CPU (the GPU path forced with KERNELS="gpu"): how CI checks
@@ -601,9 +604,35 @@ def part_cpu_kernels(smoke: bool) -> dict:
     return out
 
 
+def part_scale(smoke: bool) -> dict:
+    """Llama-3.2-1B and Llama-3-8B shapes on the device (weights generated there; `benchmarks.scale`'s device workers,
+    each in a fresh process so each peak is its own): bf16 and NF4 bases, LoRA r=16 on all seven projections, rows of
+    512 tokens with remat; tokens/s, MFU against the measured bf16 peak, device peak memory against `jpeft.plan`; HF
+    PEFT (bf16 base, gradient checkpointing) on the same GPU, alone in its process."""
+    from benchmarks import scale
+
+    runs = {"tiny": 2} if smoke else {"llama-3.2-1b": 8, "llama-3-8b": 4}  # model -> rows of `seq` tokens
+    seq, out = 32 if smoke else scale.SEQ, {}
+    for model, rows in runs.items():
+        name = model.replace("-", "_").replace(".", "_")
+        for fmt in (None, "nf4"):
+            spec = {"kind": "device", "model": model, "batch": rows, "seq": seq, "quantize": fmt, "repeats": 1 if smoke else 3,
+                    "peak_tflops": FIGURES.get("matmul_peak_bfloat16_tflops")}
+            r = scale.run_worker(spec, timeout=900)
+            out.update({f"scale_{name}_{fmt or 'bf16'}_{k}": v for k, v in r.items()})
+            log(f"  {model} {fmt or 'bf16'}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']}, peak {r['device_peak_bytes']} (plan {r['plan_bytes']})")
+        try:
+            r = scale.run_worker({"kind": "device_peft", "model": model, "batch": rows, "seq": seq, "repeats": 1 if smoke else 3}, timeout=900)
+            out.update({f"scale_{name}_peft_bf16_{k}": v for k, v in r.items()})
+            out[f"scale_{name}_jpeft_over_peft_bf16_step_time"] = out[f"scale_{name}_bf16_step_s"] / r["step_s"]
+        except RuntimeError as e:  # out of memory, most likely: recorded, and the next shape runs
+            out[f"scale_{name}_peft_bf16_error"] = str(e)[-300:]
+    return out
+
+
 PARTS: dict[str, Callable[[bool], dict]] = {
     "info": part_info, "peak": part_peak, "numerics": part_numerics, "smollm2_step": part_smollm2_step,
-    "t5_step": part_t5_step, "generation": part_generation, "cpu_kernels": part_cpu_kernels,
+    "t5_step": part_t5_step, "generation": part_generation, "cpu_kernels": part_cpu_kernels, "scale": part_scale,
 }
 FIGURES: dict[str, Any] = {}
 COMPILED: dict[str, Any] = {}  # steps one part compiles and a later one reuses

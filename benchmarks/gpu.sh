@@ -7,6 +7,8 @@
 #
 # Run from the repository root:   bash benchmarks/gpu.sh            (extra arguments go to benchmarks.gpu, e.g.
 #                                                                    --parts numerics,smollm2_step --budget-s 300)
+# The real sizes (Llama-3.2-1B and Llama-3-8B shapes, bf16 and NF4, beside PEFT) on their own, in one call:
+#                                 TIMEOUT=590 bash benchmarks/gpu.sh --parts info,peak,scale
 # Quick check on any CPU:         python -m benchmarks.gpu --cpu-smoke --out /tmp/gpu_smoke
 #
 # Needs python3 with jax (CUDA plugin), flax, optax, numpy, torch (CUDA), transformers, peft, safetensors. jpeft
@@ -29,7 +31,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi unavailable" > "$OUT/nvidia-smi.txt"
 # A hard stop short of the device's 10-minute command limit, so the shell still copies the log.
-timeout -k 10 500 "$PY" -u -m benchmarks.gpu --out "$OUT" --budget-s 400 "$@" 2>&1 | tee "$OUT/gpu.log"
+timeout -k 10 "${TIMEOUT:-500}" "$PY" -u -m benchmarks.gpu --out "$OUT" --budget-s 400 "$@" 2>&1 | tee "$OUT/gpu.log"
 status=${PIPESTATUS[0]}
 echo "benchmarks.gpu exit status $status; figures in $OUT/gpu.json, $OUT/gpu.md, log in $OUT/gpu.log"
 exit "$status"

@@ -22,6 +22,7 @@ from jpeft.methods.prompt import PromptTuningConfig
 from jpeft.methods.ptuning import PromptEncoderConfig
 from jpeft.methods.selective import SelectiveConfig
 from jpeft.models import generation
+from jpeft.planning import Plan, plan
 from jpeft.training import batches, checkpoint, packing, sharding, split
 from jpeft import training
 from jpeft.training.split import attach, combine, count_params, optimizer, partition, split_adapter, trainable_mask
@@ -37,8 +38,8 @@ for _name, _module in {"adapters": adapters, "batches": batches, "checkpoint": c
     _sys.modules[f"{__name__}.{_name}"] = _module
 
 __all__ = [
-    "AdapterConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig",
+    "AdapterConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LoraConfig", "Plan", "PrefixTuningConfig", "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig",
     "adapters", "attach", "batches", "checkpoint", "combine", "count_params", "generation", "gguf", "ia3", "load_adapter", "loha", "lokr",
-    "lora", "merge_adapters", "merging", "multi", "nn", "optimizer", "packing", "partition", "prefix", "prompt", "ptuning", "quant",
+    "lora", "merge_adapters", "merging", "multi", "nn", "optimizer", "packing", "partition", "plan", "prefix", "prompt", "ptuning", "quant",
     "save_adapter", "selective", "sharding", "soft_prompt", "split", "split_adapter", "tokenizer", "trainable_mask", "training", "tree",
 ]

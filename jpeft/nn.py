@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from jpeft import leaves, quant, tree
 
@@ -91,6 +92,38 @@ class Ctx:
         return self if self.rng is None else dataclasses.replace(self, rng=jax.random.fold_in(self.next_key(), i), _count=0)
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over (`jpeft.training.sharding`)
+
+
+def rows_split() -> bool:
+    """Whether this trace runs under a mesh that splits a batch's rows over BATCH_AXES (`jpeft.training.sharding`'s
+    step sets that abstract mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and set(BATCH_AXES) <= set(mesh.axis_names)
+
+
+def keep_rows_sharded(x: jax.Array) -> jax.Array:
+    """x (rows, ...) kept split by rows over BATCH_AXES, as the batch is, within a sharded step; as is elsewhere.
+
+    So fully sharded data parallelism gathers each layer's weights rather than the activations: left to itself, GSPMD
+    split the activations along the hidden dim that the weights' FSDP spec splits, whole batch on every device (Llama,
+    fsdp=8: 7.7x the activations a device needs).
+    """
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES)) if rows_split() else x
+
+
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids]: rows of an embedding table (V, D) at ids (rows, ...), split by rows as ids are within a sharded step.
+
+    The table's D is gathered first (its vocabulary dim stays as sharded): left to itself XLA's partitioner gathers
+    along the vocabulary, lays the looked-up rows out along D as FSDP splits the table, and cannot re-split them by rows
+    (`keep_rows_sharded`) without replicating them ("Involuntary full rematerialization").
+    """
+    if not rows_split():
+        return table[ids]
+    return keep_rows_sharded(jax.lax.with_sharding_constraint(table, P(P.UNCONSTRAINED, None))[ids])
+
+
 def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Array, layers: list[Params], ctx: Ctx) -> jax.Array:
     """x through `layer(params_i, x, ctx_i)` for each layer in order.
 
@@ -104,16 +137,17 @@ def run_layers(layer: Callable[[Params, jax.Array, Ctx], jax.Array], x: jax.Arra
     """
     signature = lambda p: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), p)  # noqa: E731
     quantized = any(quant.is_quantized_leaf(path) for path in tree.flatten(layers[0])) if layers else False
+    x = keep_rows_sharded(x)
     if not (ctx.remat or quantized) or any(signature(p) != signature(layers[0]) for p in layers[1:]):
         for i, p in enumerate(layers):
-            x = layer(p, x, _layer_ctx(ctx, i))
+            x = keep_rows_sharded(layer(p, x, _layer_ctx(ctx, i)))
         return x
 
     def body(x, i):
         # Layer i's parameters picked by a switch rather than sliced from a stack: stacking copied every layer's
         # frozen weights into one temporary per step (SmolLM2: 424 MB of the step's 1.98 GB).
         p = jax.lax.switch(i, [lambda p=p: p for p in layers])
-        return layer(p, x, _layer_ctx(ctx, i)), None
+        return keep_rows_sharded(layer(p, x, _layer_ctx(ctx, i))), None
 
     if ctx.remat:  # inside scan, CSE cannot undo the recomputation; values tagged by `keep` are stored, not recomputed
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(_KEPT))

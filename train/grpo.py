@@ -138,7 +138,7 @@ def execute(args: argparse.Namespace, prepared: summarize.Prepared) -> dict:
     out = Path(args.out)
     run_dir.reset_peak_memory()
     clock = summarize.Phases()
-    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    _, dtype = summarize.compute_dtypes(args)
     task, base = summarize.load(args)
     with summarize.warnings_to_stderr():
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)

@@ -91,7 +91,11 @@ def parser(prog: str, description: str, lab: bool = False) -> argparse.ArgumentP
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs worth)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data when --steps is not given")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 compute (parameters stay float32)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="how the frozen base is stored and computed in: bfloat16 halves its memory (what trains, and the "
+                        "optimizer state, stay float32 master copies)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute over a float32-stored base (--dtype bfloat16 also "
+                   "stores the base in bfloat16)")
     g.add_argument("--no-remat", dest="remat", action="store_false",
                    help="store every layer's activations instead of recomputing them in the backward pass (more memory; "
                         "default: recompute)")
@@ -203,6 +207,13 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmup-steps {args.warmup_steps} leaves no training after warmup in --steps {args.steps}")
     tasks.check_prompt(args.prompt)
     check_quantize(args)
+    if getattr(args, "memory_budget", None):
+        from jpeft import planning
+
+        try:
+            planning.parse_bytes(args.memory_budget)
+        except ValueError as e:
+            raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
     if args.mesh:
         check_mesh(args.mesh)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jpeft import batches, packing, training
@@ -138,7 +137,7 @@ def execute(args: argparse.Namespace, prepared: summarize.Prepared) -> dict:
     out = Path(args.out)
     run_dir.reset_peak_memory()
     clock = summarize.Phases()
-    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    _, dtype = summarize.compute_dtypes(args)
     kind = LOSSES[args.loss]
     task, base = summarize.load(args)
     with summarize.warnings_to_stderr():

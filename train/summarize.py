@@ -48,7 +48,15 @@ QUANTIZED = {"nf4": "quantized to NF4 (QLoRA)", "int8": "quantized to int8", "gg
 
 def parser() -> argparse.ArgumentParser:
     """All command-line options, each with its default in `--help`."""
-    return options.parser("jpeft-summarize", __doc__)
+    p = options.parser("jpeft-summarize", __doc__)
+    g = p.add_argument_group("memory planning")
+    g.add_argument("--plan", action="store_true",
+                   help="print the memory one train step needs per device (compiled from the model's shapes, no weights read: "
+                        "jpeft.plan) and exit")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help="choose the micro-batch (the rest of --batch-size by accumulation), remat and --quantize so that one step "
+                        "fits SIZE per device (e.g. 24GB, 80GiB), and say which")
+    return p
 
 
 def gguf_export_fits(export: str, method: str) -> bool:
@@ -269,6 +277,8 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     family, config, _ = tasks.find_model(args.model)
     check_gguf_export(args, family)
     check_method_fits(args, family, config)
+    if getattr(args, "memory_budget", None):  # train.prefer and train.grpo plan no step of their own
+        fit_memory_budget(args, family, config)
     data = args.data if train_data is None else train_data
     evaluation = args.eval_data if eval_data is None else eval_data
     train_rows, eval_rows = data_lib.load_data(data, evaluation, *(columns or (args.input_field, args.target_field)), **normalize_options)
@@ -278,8 +288,49 @@ def prepare(args: argparse.Namespace, train_data: Any = None, eval_data: Any = N
     return Prepared(train_rows, eval_rows, finished, data_lib.eval_origin(data, evaluation))
 
 
+def memory_plan(args: argparse.Namespace, family: str, config: Any) -> jpeft.Plan:
+    """`jpeft.plan` of this command's train step: its model, method, batch of the longest rows, dtypes, optimizer and mesh."""
+    if args.quantize == "gguf":
+        raise UsageError("--plan / --memory-budget plan from the config's shapes, which do not say how a .gguf file's blocks are "
+                         "packed: plan with --quantize nf4 (the same 4.5 bits a weight) instead")
+    check = argparse.Namespace(**{**vars(args), "prompt_init": "random" if args.prompt_init == "text" else args.prompt_init})
+    storage, compute = compute_dtypes(args)
+    seq_len = args.max_source_len + (args.max_target_len if family != "t5" else 0)
+    optim = trainer.OptimConfig(args.optimizer, args.lr, args.weight_decay, args.warmup_steps, args.schedule, args.clip_norm, args.grad_accum)
+    method = None if args.method == "full" else lambda p: apply_method(check, family, None, p, config)[:2]
+    return jpeft.plan(config, method, batch=args.batch_size, seq_len=seq_len, target_len=args.max_target_len, dtype=storage,
+                      compute_dtype=compute, quantize=args.quantize, remat=args.remat, mesh=args.mesh or None,
+                      optimizer=trainer.make_optimizer(optim, 1), lora_dropout=args.lora_dropout if args.method in ("lora", "dora") else 0.0)
+
+
+def fit_memory_budget(args: argparse.Namespace, family: str, config: Any) -> None:
+    """Set the micro-batch, accumulation, remat and quantization that `jpeft.plan` finds fit --memory-budget, and say so."""
+    try:
+        chosen = memory_plan(args, family, config).fit(args.memory_budget)
+    except ValueError as e:
+        raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
+    accum = args.grad_accum * args.batch_size // chosen.batch
+    print(f"memory budget {args.memory_budget}: micro-batch {chosen.batch} x {accum} accumulated, remat {'on' if chosen.remat else 'off'}, "
+          f"quantize {chosen.quantize or 'none'} (one step needs {chosen.peak / 1e9:.2f} GB per device)", flush=True)
+    args.batch_size, args.grad_accum, args.remat, args.quantize = chosen.batch, accum, chosen.remat, chosen.quantize
+
+
+def show_plan(args: argparse.Namespace) -> dict:
+    """--plan: the checks that need no weights, then the memory plan (and what --memory-budget would choose), printed."""
+    options.check(args)
+    family, config, _ = tasks.find_model(args.model)
+    check_method_fits(args, family, config)
+    p = memory_plan(args, family, config)
+    print(p.table())
+    if args.memory_budget:
+        fit_memory_budget(args, family, config)
+    return {"plan": {k: v for k, v in vars(p).items() if k not in ("request", "step", "shapes")}}
+
+
 def run(args: argparse.Namespace, train_data: Any = None, eval_data: Any = None) -> dict:
-    """The whole job: check, load, score the base, train, score the tuned model, write results."""
+    """The whole job: check, load, score the base, train, score the tuned model, write results (--plan: the plan only)."""
+    if getattr(args, "plan", False):
+        return show_plan(args)
     return run_prepared(args, prepare(args, train_data, eval_data), execute)
 
 
@@ -293,11 +344,19 @@ def run_prepared(args: argparse.Namespace, prepared: Prepared, execute: Any) -> 
     return execute(args, prepared)
 
 
+def compute_dtypes(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the frozen base's storage dtype, the compute dtype): --dtype bfloat16 stores and computes in bf16, --bf16 computes in
+    bf16 over a float32 base; trainable leaves are float32 masters either way (`jpeft.partition`)."""
+    storage = jnp.dtype(args.dtype)
+    return storage, jnp.dtype(jnp.bfloat16) if args.bf16 else storage
+
+
 def load(args: argparse.Namespace) -> tuple[tasks.Task, dict]:
-    """(task, base parameters) of --model with --tokenizer and --chat-template, quantized as --quantize asks."""
-    task, base = tasks.load_task(args.model, args.tokenizer, jnp.float32, chat={"auto": None, "yes": True, "no": False}[args.chat_template],
-                                 quantized=args.quantize == "gguf")
-    return task, quant.quantize(base, args.quantize) if args.quantize in quant.FORMATS else base
+    """(task, base parameters) of --model with --tokenizer and --chat-template, stored as --dtype; --quantize nf4 / int8
+    quantizes each projection as it streams in, and --mesh puts each weight straight into its shards."""
+    return tasks.load_task(args.model, args.tokenizer, compute_dtypes(args)[0], chat={"auto": None, "yes": True, "no": False}[args.chat_template],
+                           quantized=args.quantize == "gguf", quantize=args.quantize if args.quantize in quant.FORMATS else None,
+                           mesh=sharding.mesh_from_string(args.mesh) if args.mesh else None)
 
 
 @contextlib.contextmanager
@@ -316,7 +375,7 @@ def execute(args: argparse.Namespace, prepared: Prepared) -> dict:
     out = Path(args.out)
     run_dir.reset_peak_memory()  # a lab runs several of these in one process: each reports its own peak
     clock = Phases()
-    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    _, dtype = compute_dtypes(args)
     task, base = load(args)
     with warnings_to_stderr():
         train_enc = tasks.encode(task, train_rows, args.max_source_len, args.max_target_len, args.prompt)
@@ -496,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: user mistakes become one line on stderr and exit status 2."""
     args = parser().parse_args(argv)
     code, results = guarded(run, args)
-    if code == 0:
+    if code == 0 and not args.plan:
         print(json.dumps({k: results.get(k) for k in ("method", "base", "tuned", "trainable_params", "train_seconds")}, indent=2))
     return code
 

@@ -93,18 +93,22 @@ def find_model(model: str) -> tuple[str, Any, Path]:
         return family, MODULES[family].load_config(path), path
 
 
-def load_task(model: str, tokenizer: str | None, dtype: Any, chat: bool | None = None, quantized: bool = False) -> tuple[Task, dict]:
+def load_task(model: str, tokenizer: str | None, dtype: Any, chat: bool | None = None, quantized: bool = False,
+              quantize: str | None = None, mesh: Any = None) -> tuple[Task, dict]:
     """(task, params) for a model directory, hub id, .gguf file or packaged short name (the tokenizer loads first).
 
     `chat` says whether prompts go through the chat template; None decides: a packaged model's registry entry
     says whether it is an instruct model, and any other decoder-only model uses its tokenizer's template if it has one.
-    `quantized` keeps a .gguf file's quantized Linear weights packed (`--quantize gguf`).
+    `quantized` keeps a .gguf file's quantized Linear weights packed (`--quantize gguf`); `quantize` ("nf4", "int8")
+    quantizes the projections as they stream in (`--quantize nf4`), so no float copy of the base is ever whole; `mesh`
+    puts each weight straight into its shards (`--mesh`), so no device ever holds the whole base.
     """
     family, _, path = find_model(model)
     with _as_usage_errors(model):
         tok = load_tokenizer(registry.resolve(tokenizer) if tokenizer else path)
         load = MODULES[family].load_pretrained
-        config, params = load(path, dtype=dtype, quantized=True) if quantized else load(path, dtype=dtype)  # GGUF decoders only
+        options = {"quantized": True} if quantized else {}  # GGUF decoders only
+        config, params = load(path, dtype=dtype, quantize=quantize, mesh=mesh, **options)
     has_template = bool(getattr(tok, "chat_template", None))
     if chat and not has_template:
         raise UsageError(f"the tokenizer of {tokenizer or model} has no chat template to apply")

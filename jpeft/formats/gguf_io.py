@@ -15,13 +15,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jpeft.formats.hf_io import CheckpointError
+from jpeft.formats.hf_io import CheckpointError, Tensor
 from jpeft.quant.layout import GGUF_TYPES
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma2", "gemma3")
@@ -290,25 +289,36 @@ def rotary_heads(hf: str, arch: str, n_heads: int, n_kv_heads: int) -> int | Non
     return n_heads if ".self_attn.q_proj." in hf else n_kv_heads if ".self_attn.k_proj." in hf else None
 
 
-def state_dict_from_reader(reader, config, source: str = "GGUF file") -> dict[str, np.ndarray]:
-    """All tensors, dequantised to float32 and renamed to transformers' names."""
+def _float_tensors(path: str | os.PathLike, reader, tensors: list, config, source: str) -> dict[str, Tensor]:
+    """`tensors` (the reader's) by transformers name, each read, dequantised to float32 and un-permuted when asked."""
     arch = metadata(reader, "general.architecture", source=source)
-    state, unknown = {}, []
-    for tensor in reader.tensors:
+    found, unknown = {}, []
+    for tensor in tensors:
         name = hf_name(tensor.name, arch)
         if name is None:
             unknown.append(tensor.name)
             continue
-        value = dequantize(tensor, source)
         heads = rotary_heads(name, arch, config.num_attention_heads, config.num_key_value_heads)
-        if heads:
-            value = unpermute_rotary(value, heads)
-        elif arch in GEMMA and name.endswith("norm.weight"):
-            value = value - 1
-        state[name] = value
+        gemma_norm = heads is None and arch in GEMMA and name.endswith("norm.weight")
+        found[name] = Tensor(tuple(int(d) for d in reversed(tensor.shape)),
+                             functools.partial(_read_float, path, tensor, heads, gemma_norm, source))
     if unknown:
         raise CheckpointError(f"{source} holds tensors jpeft cannot map to a {arch} model: {sorted(unknown)[:8]}")
-    return state
+    return found
+
+
+def _read_float(path: str | os.PathLike, tensor, heads: int | None, gemma_norm: bool, source: str) -> np.ndarray:
+    value = dequantize(tensor._replace(data=_read_bytes(path, tensor)), source)
+    if heads:
+        return unpermute_rotary(value, heads)
+    return value - 1 if gemma_norm else value
+
+
+def _read_bytes(path: str | os.PathLike, tensor) -> np.ndarray:
+    """A reader tensor's data read from `path` with a plain positioned read, in the shape and dtype of its
+    memory-mapped view (whose pages, once touched, would stay resident beside the tree being built)."""
+    view = tensor.data
+    return np.fromfile(path, dtype=view.dtype, count=view.size, offset=tensor.data_offset).reshape(view.shape)
 
 
 # Where llama.cpp's converter records the model a GGUF was made from, most specific first.
@@ -333,14 +343,8 @@ def load_config(path: str | os.PathLike):
 
 def read(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
     """(transformers config, float32 state dict with transformers names) from a GGUF file."""
-    reader = open_reader(path)
-    config = config_from_reader(reader, source=str(path))
-    return config, state_dict_from_reader(reader, config, source=str(path))
-
-
-# ----------------------------------------------------------------------------------------------
-# Packed weights (`jpeft.quant`): Linear weights kept as the file's GGML blocks
-
+    config, found, _ = tensors(path)
+    return config, {name: t.read() for name, t in found.items()}
 
 
 def _packable(tensor, name: str | None) -> bool:
@@ -352,11 +356,18 @@ def _packable(tensor, name: str | None) -> bool:
 
 
 def read_packed(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], dict[str, tuple[str, np.ndarray]]]:
-    """(config, float32 state dict of the other tensors, {name: (GGML type "q4_k", rows (out, row_bytes) uint8)}).
+    """(config, float32 state dict of the other tensors, {name: (GGML type "q4_k", rows (out, row_bytes) uint8)}); see `tensors`."""
+    config, found, packed = tensors(path, packed=True)
+    return config, {name: t.read() for name, t in found.items()}, {name: (qtype, t.read()) for name, (qtype, t) in packed.items()}
 
-    Linear weights of the types in `jpeft.quant.GGUF_TYPES` keep the file's blocks, one row of bytes per output feature. Blocks run along
-    the input dim, so llama's q/k row un-permutation moves whole byte rows and stays exact. Every other tensor
-    (norms, F32/F16/BF16 weights, the embedding table, types without a JAX dequantizer) is read as `read` reads it.
+
+def tensors(path: str | os.PathLike, packed: bool = False) -> tuple[Any, dict[str, Tensor], dict[str, tuple[str, Tensor]]]:
+    """(config, {transformers name: float32 tensor}, {name: (GGML type, packed rows)}), each tensor read only when asked.
+
+    With `packed`, Linear weights of the types in `jpeft.quant.GGUF_TYPES` keep the file's blocks, one row of bytes
+    (out, row_bytes) uint8 per output feature. Blocks run along the input dim, so llama's q/k row un-permutation moves
+    whole byte rows and stays exact. Every other tensor (norms, F32/F16/BF16 weights, the embedding table, types
+    without a JAX dequantizer) is read as float, as without `packed`.
     """
     from gguf import GGMLQuantizationType as Q
 
@@ -364,17 +375,17 @@ def read_packed(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray], di
     reader = open_reader(path)
     config = config_from_reader(reader, source=source)
     arch = metadata(reader, "general.architecture", source=source)
-    packed, rest = {}, []
+    rows, rest = {}, []
     for tensor in reader.tensors:
         name = hf_name(tensor.name, arch)
-        if not _packable(tensor, name):
+        if not (packed and _packable(tensor, name)):
             rest.append(tensor)
             continue
-        rows = np.asarray(tensor.data)  # (out, row_bytes), PyTorch's row order
         heads = rotary_heads(name, arch, config.num_attention_heads, config.num_key_value_heads)
-        if heads:
-            rows = unpermute_rotary(rows, heads)
-        packed[name] = (Q(tensor.tensor_type).name.lower(), rows)
-    # The float tensors go through the float reader unchanged, on a view of the file without the packed ones.
-    floats = state_dict_from_reader(types.SimpleNamespace(fields=reader.fields, tensors=rest), config, source=source)
-    return config, floats, packed
+        rows[name] = (Q(tensor.tensor_type).name.lower(), Tensor(tuple(tensor.data.shape), functools.partial(_read_rows, path, tensor, heads)))
+    return config, _float_tensors(path, reader, rest, config, source), rows
+
+
+def _read_rows(path: str | os.PathLike, tensor, heads: int | None) -> np.ndarray:
+    rows = _read_bytes(path, tensor)  # (out, row_bytes), PyTorch's row order
+    return unpermute_rotary(rows, heads) if heads else rows

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator, Mapping, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
-
-from jpeft import tree
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -73,13 +72,38 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return []
 
 
+class Tensor(NamedTuple):
+    """A checkpoint tensor not read yet: its shape and a function that reads it as a numpy array of that shape."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+def transposed(t: Tensor) -> Tensor:
+    """`t` read as a kernel: a PyTorch Linear weight (*experts, out, in) as (*experts, in, out); a view, no copy. A
+    misnamed 1-D tensor passes through, for the name and shape checks to report."""
+    if len(t.shape) < 2:
+        return t
+    return Tensor((*t.shape[:-2], t.shape[-1], t.shape[-2]), lambda: np.swapaxes(t.read(), -1, -2))
+
+
+def in_memory(state: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
+    """A state dict already in memory, as `Tensor`s (so one conversion serves loaded and streamed checkpoints)."""
+    return {name: Tensor(tuple(np.shape(v)), lambda v=v: v) for name, v in state.items()}
+
+
 def read_state_dict(model_dir: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint directory as numpy arrays, keyed by their PyTorch names."""
+    return {name: t.read() for name, t in tensors(model_dir, allow_pickle).items()}
+
+
+def tensors(model_dir: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint directory, by PyTorch name, read only when asked (`Tensor.read`)."""
     files = _safetensors_files(model_dir)
     if not files:
         pickles = [model_dir / n for n in PICKLE_FILES if (model_dir / n).is_file()]
         if pickles and allow_pickle:
-            return _read_pickle(pickles[0])
+            return in_memory(_read_pickle(pickles[0]))
         if pickles:
             raise CheckpointError(
                 f"{model_dir} holds only {pickles[0].name}, a pickle, which jpeft does not load by default "
@@ -88,16 +112,51 @@ def read_state_dict(model_dir: Path, allow_pickle: bool = False) -> dict[str, np
                 "or pass allow_pickle=True if you trust the file."
             )
         raise CheckpointError(f"{model_dir} has no {SAFETENSORS} or {SAFETENSORS_INDEX}")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    state: dict[str, np.ndarray] = {}
+    found: dict[str, Tensor] = {}
     for file in files:
-        try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return state
+        found.update(safetensors_tensors(file))
+    return found
+
+
+def safetensors_tensors(file: Path) -> dict[str, Tensor]:
+    """The tensors of one safetensors file, each read with a plain positioned read when asked.
+
+    safetensors checks the file (header, offsets, sizes); the bytes are then read without its memory map, whose
+    pages stay resident once touched and would count a whole shard (5 GB for an 8B model) on top of the tree.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            names = set(f.keys())
+        with open(file, "rb") as raw:
+            (size,) = struct.unpack("<Q", raw.read(8))
+            header = json.loads(raw.read(size))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    data_start = 8 + size
+    found = {}
+    for name in names:
+        entry = header[name]
+        dtype = _dtype(entry["dtype"], file, name)
+        begin, end = entry["data_offsets"]
+        found[name] = Tensor(tuple(entry["shape"]), functools.partial(_read_at, file, dtype, tuple(entry["shape"]), data_start + begin,
+                                                                      (end - begin) // dtype.itemsize))
+    return found
+
+
+def _dtype(code: str, file: Path, name: str) -> np.dtype:
+    import ml_dtypes
+
+    known = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    if code not in known:
+        raise CheckpointError(f"{file}: tensor {name} has dtype {code}, which jpeft does not read")
+    return np.dtype(known[code])  # little-endian, as the format and every machine jpeft runs on
+
+
+def _read_at(file: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int, count: int) -> np.ndarray:
+    return np.fromfile(file, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def _read_pickle(file: Path) -> dict[str, np.ndarray]:
@@ -143,34 +202,6 @@ def _default_permissions(directory: Path) -> None:
     directory.chmod(0o777 & ~umask)
     for path in directory.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def checked_tree(
-    flat: dict[str, np.ndarray],
-    expected: dict[str, tuple[int, ...]],
-    to_hf: Callable[[str], tuple[str, bool]],
-    source: str,
-    what: str,
-    dtype: Any,
-    unexpected: list[str] = (),
-) -> dict:
-    """The nested parameter tree of `flat` once every name and shape matches `expected`, else one clear error.
-
-    `to_hf(path) -> (PyTorch name, transposed)` names tensors in messages as the checkpoint does.
-    """
-    unexpected = list(unexpected) + [to_hf(p)[0] for p in flat if p not in expected]
-    if unexpected:
-        raise CheckpointError(f"{source} holds tensors {what} with this config does not have: {sorted(unexpected)[:8]}")
-    missing = [to_hf(p)[0] for p in expected if p not in flat]
-    if missing:
-        raise CheckpointError(f"{source} is missing tensors: {sorted(missing)[:8]}" + (" ..." if len(missing) > 8 else ""))
-    for path, shape in expected.items():
-        if tuple(flat[path].shape) != shape:
-            hf_name, transposed = to_hf(path)
-            pt = lambda s: (*s[:-2], s[-1], s[-2]) if transposed else tuple(s)  # noqa: E731  (PyTorch's (out, in), experts leading)
-            got, want = pt(flat[path].shape), pt(shape)
-            raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(got)} but the config implies {tuple(want)}")
-    return tree.unflatten({p: jnp.asarray(v, dtype=dtype) for p, v in flat.items()})
 
 
 def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

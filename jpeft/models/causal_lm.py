@@ -34,7 +34,7 @@ import numpy as np
 from jpeft import nn, quant, tree
 from jpeft import targets as tg
 from jpeft.models import generation, sampling
-from jpeft.formats import gguf_io, hf_io
+from jpeft.formats import gguf_io, hf_io, loading
 from jpeft.methods import multi, prefix, prompt, soft_prompt
 from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import registry
@@ -214,7 +214,7 @@ def gated_mlp(p: Params, h: jax.Array, act: str, ctx: nn.Ctx) -> jax.Array:
 def embed(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, scale: float | None = None,
           ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings (times `scale`, in `dtype`) with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+T, D) and the (B, N+T) mask."""
-    x = params["model"]["embed_tokens"]["embedding"][input_ids].astype(dtype)
+    x = nn.lookup(params["model"]["embed_tokens"]["embedding"], input_ids).astype(dtype)
     if scale is not None:  # a float32 scale rounded to the compute dtype, as transformers rounds it to the weights' dtype
         x = x * jnp.asarray(np.float32(scale)).astype(dtype)
     soft = soft_prompt.rows_of(params, ctx)
@@ -487,16 +487,24 @@ def transpose(value: np.ndarray) -> np.ndarray:
 
 
 def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
-                           packed: dict[str, tuple[str, np.ndarray]] | None = None) -> Params:
+                           packed: dict[str, tuple[str, np.ndarray]] | None = None, quantize: str | None = None, mesh: Any = None) -> Params:
     """Convert a transformers state dict of `model`'s family to a jpeft tree, checking every name and shape first.
 
     `packed` ({name: (GGML type, rows)}, from `gguf_io.read_packed`) holds Linear weights kept quantized: each
-    becomes its `jpeft.quant` leaf group, checked by the (in, out) shape it stands for.
+    becomes its `jpeft.quant` leaf group, checked by the (in, out) shape it stands for. `quantize` and `mesh` as in
+    `load_pretrained`.
     """
+    lazy_packed = {name: (qtype, hf_io.in_memory({name: rows})[name]) for name, (qtype, rows) in (packed or {}).items()}
+    return params_from_tensors(model, config, hf_io.in_memory(state), dtype, source, lazy_packed, quantize, mesh)
+
+
+def params_from_tensors(model: ModuleType, config: Any, tensors: Mapping[str, hf_io.Tensor], dtype: Any = jnp.float32, source: str = "checkpoint",
+                        packed: Mapping[str, tuple[str, hf_io.Tensor]] | None = None, quantize: str | None = None, mesh: Any = None) -> Params:
+    """`params_from_state_dict` for tensors read one at a time (`jpeft.formats.loading.build`): a streaming load."""
     a = model.arch(config)
-    flat: dict[str, np.ndarray] = {}
+    flat: dict[str, hf_io.Tensor] = {}
     unexpected = []
-    for name, value in state.items():
+    for name, value in tensors.items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints stored; recomputed from the config
             continue
         try:
@@ -504,28 +512,29 @@ def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.n
         except KeyError:
             unexpected.append(name)
             continue
-        flat[path] = transpose(value) if transposed else value
+        flat[path] = hf_io.transposed(value) if transposed else value
     if a.tie_word_embeddings and "lm_head/kernel" in flat:
-        if not np.array_equal(flat["lm_head/kernel"].T, flat.get("model/embed_tokens/embedding")):
+        embedding = flat.get("model/embed_tokens/embedding")
+        if embedding is None or not np.array_equal(flat["lm_head/kernel"].read().T, embedding.read()):
             raise CheckpointError(f"{source}: the config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
         del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
     groups, expected = _packed_leaves(packed or {}, model.param_shapes(a), source)
-    params = hf_io.checked_tree(flat, expected, path_to_hf, source, f"a {a.model_type} model", dtype, unexpected)
-    return tree.unflatten({**tree.flatten(params), **groups}) if groups else params
+    return loading.build(flat, expected, path_to_hf, source, f"a {a.model_type} model", dtype, unexpected, groups, quantize, mesh)
 
 
-def _packed_leaves(packed: dict[str, tuple[str, np.ndarray]], expected: dict[str, tuple[int, ...]], source: str) -> tuple[dict, dict]:
-    """(flat leaves of the packed weights' quant groups, the expected shapes of the float tensors left to check)."""
+def _packed_leaves(packed: Mapping[str, tuple[str, hf_io.Tensor]], expected: dict[str, tuple[int, ...]], source: str) -> tuple[dict, dict]:
+    """(the packed weights' quant group leaves, by tree path; the expected shapes of the float tensors left to check)."""
     leaves, expected = {}, dict(expected)
     for name, (qtype, rows) in packed.items():
         path, _ = hf_to_path(name)
-        group = quant.gguf_leaves(qtype, rows)
+        key = quant.gguf_key(qtype)
         if path not in expected:
             raise CheckpointError(f"{source} holds tensor {name}, which this config's model does not have")
-        if quant.weight_shape(group) != expected[path]:
-            raise CheckpointError(f"{source}: tensor {name} has shape {quant.weight_shape(group)[::-1]} but the config implies {expected[path][::-1]}")
+        shape = quant.weight_shape({key: jax.ShapeDtypeStruct(rows.shape, jnp.uint8)})
+        if shape != expected[path]:
+            raise CheckpointError(f"{source}: tensor {name} has shape {shape[::-1]} but the config implies {expected[path][::-1]}")
         del expected[path]
-        leaves.update({f"{path.rsplit('/', 1)[0]}/{k}": v for k, v in group.items()})
+        leaves[f"{path.rsplit('/', 1)[0]}/{key}"] = rows
     return leaves, expected
 
 
@@ -564,23 +573,29 @@ def _of_family(model: ModuleType, config: Any, source: Any) -> Any:
 
 
 def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False,
-                    quantized: bool = False):
+                    quantized: bool = False, quantize: str | None = None, mesh: Any = None):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
 
-    `quantized=True` keeps a GGUF file's quantized Linear weights as its packed blocks (`jpeft.quant`), never float.
+    Tensors stream in one at a time (`jpeft.formats.loading`): each is cast to `dtype`, quantized as it is read when
+    `quantize` is "nf4" or "int8" (the modules `jpeft.quant.quantize` would pick) and placed on the device, or on its
+    shards of `mesh`, before the next is read. `quantized=True` keeps a GGUF file's quantized Linear weights as its
+    packed blocks (`jpeft.quant`), never float.
     """
     path = registry.resolve(path_or_hub_id)
     if str(path).endswith(".gguf"):
-        config, state, packed = gguf_io.read_packed(path) if quantized else (*gguf_io.read(path), None)
+        config, tensors, packed = gguf_io.tensors(path, packed=quantized)
         _of_family(model, config, path)
-        return config, params_from_state_dict(model, config, state, dtype=dtype, source=str(path), packed=packed)
+        return config, params_from_tensors(model, config, tensors, dtype, str(path), packed, quantize, mesh)
     if quantized:
-        raise ValueError(f"quantized=True keeps a GGUF file's blocks packed, but {path} is not a .gguf file: load it in float "
-                         "and call jpeft.quant.quantize(params, 'nf4' or 'int8')")
+        raise ValueError(f"quantized=True keeps a GGUF file's blocks packed, but {path} is not a .gguf file: "
+                         "pass quantize='nf4' or 'int8' to quantize its weights as they load")
     model_dir = hf_io.resolve_model_dir(path)
     config = load_config(model, model_dir)
-    state = hf_io.read_state_dict(model_dir, allow_pickle=allow_pickle)
-    return config, model.params_from_state_dict(config, state, dtype, str(model_dir))
+    tensors = hf_io.tensors(model_dir, allow_pickle=allow_pickle)
+    stack = getattr(model, "stack_experts", None)
+    if stack is not None:  # per-expert tensors become one stack per projection, in memory (MoE loads do not stream yet)
+        tensors = hf_io.in_memory(stack(config, {name: t.read() for name, t in tensors.items()}, str(model_dir)))
+    return config, params_from_tensors(model, config, tensors, dtype, str(model_dir), quantize=quantize, mesh=mesh)
 
 
 def save_pretrained(model: ModuleType, out_dir: str | os.PathLike, config: Any, params: Params) -> None:

@@ -178,12 +178,15 @@ def load_config(path_or_hub_id: str | os.PathLike):
     return causal_lm.load_config(_MODEL, path_or_hub_id)
 
 
-def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False, quantized: bool = False):
+def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False, quantized: bool = False,
+                    quantize: str | None = None, mesh: Any = None):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
 
-    `quantized=True` keeps a GGUF file's quantized Linear weights packed as `jpeft.quant` leaf groups.
+    Streamed tensor by tensor (`jpeft.formats.loading`): `quantize="nf4"` or `"int8"` quantizes the projections as they are
+    read, `mesh` places each leaf on its shards; `quantized=True` keeps a GGUF file's quantized Linear weights packed
+    as `jpeft.quant` leaf groups.
     """
-    return causal_lm.load_pretrained(_MODEL, path_or_hub_id, dtype, allow_pickle, quantized)
+    return causal_lm.load_pretrained(_MODEL, path_or_hub_id, dtype, allow_pickle, quantized, quantize, mesh)
 
 
 def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from jpeft import nn, quant, tree
 from jpeft.models import generation, sampling
-from jpeft.formats import hf_io
+from jpeft.formats import hf_io, loading
 from jpeft.methods import multi, prefix, prompt, soft_prompt
 from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import attention
@@ -159,11 +159,18 @@ def _path_to_hf(path: str) -> tuple[str, bool]:
     return module.replace("/", ".") + ".weight", leaf == "kernel"
 
 
-def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:
+def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
+                           quantize: str | None = None, mesh: Any = None) -> Params:
     """Convert a transformers T5 state dict to a jpeft tree, checking every name and shape first."""
-    flat: dict[str, np.ndarray] = {}
+    return params_from_tensors(config, hf_io.in_memory(state), dtype, source, quantize, mesh)
+
+
+def params_from_tensors(config: Any, tensors: dict[str, hf_io.Tensor], dtype: Any = jnp.float32, source: str = "checkpoint",
+                        quantize: str | None = None, mesh: Any = None) -> Params:
+    """`params_from_state_dict` for tensors read one at a time (`jpeft.formats.loading.build`): a streaming load."""
+    flat: dict[str, hf_io.Tensor] = {}
     unexpected = []
-    for name, value in state.items():
+    for name, value in tensors.items():
         if name in _SKIPPED_HF_KEYS:
             continue
         try:
@@ -171,12 +178,12 @@ def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any
         except KeyError:
             unexpected.append(name)
             continue
-        flat[path] = value.T if transpose else value
-    lm_head = flat.get("lm_head/kernel")
-    if lm_head is not None and "shared/embedding" in flat and np.array_equal(lm_head.T, flat["shared/embedding"]):
+        flat[path] = hf_io.transposed(value) if transpose else value
+    lm_head, shared = flat.get("lm_head/kernel"), flat.get("shared/embedding")
+    if lm_head is not None and shared is not None and lm_head.shape[::-1] == shared.shape and np.array_equal(lm_head.read().T, shared.read()):
         del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
     expected = param_shapes(config, tie_word_embeddings="lm_head/kernel" not in flat)
-    return hf_io.checked_tree(flat, expected, _path_to_hf, source, "a T5", dtype, unexpected)
+    return loading.build(flat, expected, _path_to_hf, source, "a T5", dtype, unexpected, quantize=quantize, mesh=mesh)
 
 
 def state_dict_from_params(params: Params) -> dict[str, np.ndarray]:
@@ -204,12 +211,14 @@ def load_config(path_or_hub_id: str | os.PathLike):
     return T5Config.from_dict(raw)
 
 
-def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False):
-    """(config, params) from a local HF directory or hub id: config.json + (sharded) safetensors."""
+def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False, quantize: str | None = None,
+                    mesh: Any = None):
+    """(config, params) from a local HF directory or hub id: config.json + (sharded) safetensors, streamed tensor by
+    tensor; `quantize` ("nf4" / "int8") and `mesh` as in `llama.load_pretrained`."""
     model_dir = hf_io.resolve_model_dir(path_or_hub_id)
     config = load_config(model_dir)
-    state = hf_io.read_state_dict(model_dir, allow_pickle=allow_pickle)
-    return config, params_from_state_dict(config, state, dtype=dtype, source=str(model_dir))
+    tensors = hf_io.tensors(model_dir, allow_pickle=allow_pickle)
+    return config, params_from_tensors(config, tensors, dtype, str(model_dir), quantize, mesh)
 
 
 def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> None:
@@ -322,7 +331,7 @@ def _ff_layer(p, x, a, ctx):
 
 def embed_source(params: Params, input_ids: jax.Array, attention_mask: jax.Array, dtype: Any, ctx: nn.Ctx | None = None) -> tuple[jax.Array, jax.Array]:
     """Token embeddings with any soft prompt (`soft_prompt.rows_of`) prepended: (B, N+S, D) and the widened (B, N+S) mask."""
-    x = params["shared"]["embedding"][input_ids].astype(dtype)
+    x = nn.lookup(params["shared"]["embedding"], input_ids).astype(dtype)
     soft = soft_prompt.rows_of(params, ctx)
     if soft is not None:
         soft = soft.astype(dtype)
@@ -402,7 +411,7 @@ def decode(
     """
     a, ctx = arch(config), ctx or nn.Ctx()
     p = params["decoder"]
-    x = params["shared"]["embedding"][decoder_input_ids].astype(ctx.dtype)
+    x = nn.lookup(params["shared"]["embedding"], decoder_input_ids).astype(ctx.dtype)
     B, T = decoder_input_ids.shape
     n = prefix.num_tokens(params) if cache is None else 0
     query_pos = pos + n + jnp.arange(T)

@@ -37,8 +37,8 @@ from jpeft.quant.layout import (ABSMAX, ABSMAX_CODES, ABSMAX_OFFSET, ABSMAX_SCAL
 FORMATS = ("nf4", "int8")  # what `quantize` produces; GGUF blocks come from `llama.load_pretrained(..., quantized=True)`
 
 __all__ = [
-    "FORMATS", "GGUF_TYPES", "LEAVES", "ROW_LEAVES", "check_frozen", "dequantize", "float_shapes", "format_of", "gguf_leaves",
-    "has_weight", "is_quantized", "is_quantized_leaf", "leaves", "quantize", "quantize_matrix", "quantized_modules", "require_float", "select", "unpack", "weight",
+    "FORMATS", "GGUF_TYPES", "LEAVES", "ROW_LEAVES", "check_frozen", "dequantize", "float_shapes", "format_of", "gguf_key", "gguf_leaves",
+    "has_weight", "is_quantized", "is_quantized_leaf", "leaves", "quantize", "quantize_matrix", "quantize_weight", "quantized_modules", "require_float", "select", "unpack", "weight",
     "weight_dtype", "weight_shape",
 ]
 
@@ -72,10 +72,15 @@ def weight(module: Mapping[str, Any]) -> jax.Array:
 
 def gguf_leaves(qtype: str, rows: Any) -> dict[str, Any]:
     """The leaf group of a GGUF weight kept packed: rows (out, row_bytes) uint8 of GGML type `qtype` ("q4_k", ...)."""
+    return {gguf_key(qtype): jnp.asarray(rows, jnp.uint8)}
+
+
+def gguf_key(qtype: str) -> str:
+    """The codes leaf name of GGML type `qtype` kept packed ("q4_k" -> "kernel_q4_k"), or an error naming the types jpeft reads."""
     qtype = qtype.lower()
     if qtype not in GGUF_TYPES:
         raise ValueError(f"GGML type {qtype.upper()} cannot stay packed; jpeft dequantizes {sorted(t.upper() for t in GGUF_TYPES)} in JAX")
-    return {f"kernel_{qtype}": jnp.asarray(rows, jnp.uint8)}
+    return f"kernel_{qtype}"
 
 
 def quantized_modules(params: Mapping[str, Any]) -> list[str]:
@@ -111,10 +116,10 @@ def quantize(params: Mapping[str, Any], fmt: str = "nf4", targets: tg.Targets | 
     """A tree whose chosen dense kernels are replaced by quantized leaf groups (see the module docstring).
 
     `targets` chooses modules by HF PEFT's rules (a name, a dotted suffix, or a regex string); `double_quant`
-    also quantizes NF4's absmax as bitsandbytes' compress_statistics does. Runs in NumPy on the host.
+    also quantizes NF4's absmax as bitsandbytes' compress_statistics does. Each kernel is quantized where it lives
+    (`quantize_weight`); a streaming load (`llama.load_pretrained(path, quantize="nf4")`) quantizes as it reads.
     """
-    if double_quant and fmt != "nf4":
-        raise ValueError(f"double_quant applies to NF4's block absmax, not to {fmt!r}")
+    check_double_quant(fmt, double_quant)
     flat = tree.flatten(params)
     for name in select(params, fmt, targets):
         path = name.replace(".", "/")
@@ -123,22 +128,30 @@ def quantize(params: Mapping[str, Any], fmt: str = "nf4", targets: tg.Targets | 
     return tree.unflatten(flat)
 
 
+def check_double_quant(fmt: str, double_quant: bool) -> None:
+    """double_quant applies to NF4's block absmax only."""
+    if double_quant and fmt != "nf4":
+        raise ValueError(f"double_quant applies to NF4's block absmax, not to {fmt!r}")
+
+
+def quantize_weight(w: Any, fmt: str, double_quant: bool = False) -> dict[str, jax.Array]:
+    """One float weight in PyTorch's (out, in) layout -> its quantized leaf group, computed where `w` lives (jitted)."""
+    if fmt == "int8":
+        return dict(zip((INT8, ABSMAX), bnb.quantize_int8(w)))
+    codes, absmax = bnb.quantize_nf4(w)
+    if not double_quant:
+        return {NF4: codes, ABSMAX: absmax}
+    return {NF4: codes, **{k: jnp.asarray(v) for k, v in zip((ABSMAX_CODES, ABSMAX_SCALE, ABSMAX_OFFSET), bnb.quantize_absmax(absmax))}}
+
+
 def quantize_matrix(w: Any, fmt: str = "nf4", double_quant: bool = False) -> dict[str, jax.Array]:
     """The quantized leaf group of an (in, out) weight, or of a stack (*lead, in, out) of them (each slice on its own,
-    as layers stacked by a scan are read); in NumPy on the host."""
-    w = np.asarray(jax.device_get(w), np.float32)
+    as layers stacked by a scan or routed experts are read)."""
+    w = jnp.asarray(w)
     if w.ndim > 2:
         groups = [quantize_matrix(m, fmt, double_quant) for m in w.reshape(-1, *w.shape[-2:])]
         return {k: jnp.stack([g[k] for g in groups]).reshape(*w.shape[:-2], *groups[0][k].shape) for k in groups[0]}
-    w = w.T  # (out, in), PyTorch's layout
-    if fmt == "int8":
-        group = dict(zip((INT8, ABSMAX), bnb.quantize_int8(w)))
-    else:
-        codes, absmax = bnb.quantize_nf4(w)
-        group = {NF4: codes, ABSMAX: absmax}
-        if double_quant:
-            group = {NF4: codes, **dict(zip((ABSMAX_CODES, ABSMAX_SCALE, ABSMAX_OFFSET), bnb.quantize_absmax(absmax)))}
-    return {k: jnp.asarray(v) for k, v in group.items()}
+    return quantize_weight(w.T, fmt, double_quant)
 
 
 def dequantize(params: Mapping[str, Any], modules: Sequence[str] | None = None) -> dict:

@@ -23,7 +23,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return _nll_sum(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid), jnp.sum(valid)
 
 
-BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over (`jpeft.training.sharding`)
+BATCH_AXES = nn.BATCH_AXES  # the mesh axes a batch's rows are split over (`jpeft.training.sharding`)
 LOGITS_CHUNK_BYTES = 128 << 20  # float32 logits of one chunk in `head_cross_entropy`
 
 
@@ -161,11 +161,9 @@ def take_rows(flat: jax.Array, index: jax.Array) -> jax.Array:
     itself XLA's partitioner lays the gathered rows out along D and cannot reshape that back, so it replicates and
     repartitions them, forward and backward, with an "Involuntary full rematerialization" warning each time.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    if not nn.rows_split():
         return flat[index]
-    whole = jax.lax.with_sharding_constraint(flat, P())
-    return jax.lax.with_sharding_constraint(whole[index], P(BATCH_AXES))
+    return nn.keep_rows_sharded(jax.lax.with_sharding_constraint(flat, P())[index])
 
 
 def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.0, remat: bool = False) -> LossFn:

@@ -348,7 +348,8 @@ def make_sharded_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, m
     train_step = make_train_step(loss_fn, tx)
 
     def on_mesh(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the loss's layout hints (`losses.take_rows`) see
+        # what the layout hints (`losses.take_rows`, `nn.keep_rows_sharded`: activations split by rows) see
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return train_step(*args)
 
     step = jax.jit(on_mesh,

@@ -7,6 +7,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jpeft import leaves, quant
@@ -39,11 +40,26 @@ def trainable_mask(params: Mapping[str, Any], modules_to_save: Sequence[str] = (
     return tree.unflatten(mask)
 
 
+MASTER_DTYPE = jnp.float32  # what every trainable leaf is kept in, whatever the base is stored in
+
+
 def partition(params: Mapping[str, Any], mask: Mapping[str, Any]) -> tuple[dict, dict]:
-    """(trainable, frozen): two trees of the same structure with None where the other one holds the leaf."""
-    trainable = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    """(trainable, frozen): two trees of the same structure with None where the other one holds the leaf.
+
+    Trainable leaves come back as float32 master copies where they were 16-bit floats (LoRA on a bf16 base, or a bf16
+    base under full fine-tuning), so that their gradients, optimizer state and updates are float32 too, as HF PEFT's
+    `autocast_adapter_dtype` keeps adapters; frozen leaves stay as stored (bf16, quantized).
+    """
+    trainable = jax.tree.map(lambda p, m: master(p) if m else None, params, mask)
     frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
     return trainable, frozen
+
+
+def master(x: Any) -> Any:
+    """A 16-bit float array (or ShapeDtypeStruct) as a float32 copy; anything else as is."""
+    if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, MASTER_DTYPE) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(MASTER_DTYPE)
 
 
 def combine(*trees: Mapping[str, Any]) -> dict:

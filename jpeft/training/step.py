@@ -48,11 +48,12 @@ def compile_step(step: Any, *args: Any) -> Any:
     back to the OS here, before the step's own buffers are allocated, so it does not add to the peak.
     """
     compiled = step.lower(*args).compile()  # arrays or ShapeDtypeStructs: lowering reads only shapes and dtypes
-    _release_free_heap()
+    release_free_heap()
     return compiled
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
+    """Hand memory glibc keeps mapped after frees (a compile's scratch, a load's host copies) back to the OS."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to release this way

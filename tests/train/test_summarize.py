@@ -334,10 +334,14 @@ def test_help_shows_defaults_and_the_run_shows_its_plan_and_outputs(model_dir, d
         assert words in text, words
     assert "(default: True)" not in text and "(default: )" not in text  # a flag's default reads as if it were given
     assert text.split("options: ")[1].split(" model and data: ")[0] == "-h, --help show this help message and exit"
-    assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--steps", "2", "--eval-samples", "0") == 0
+    # a --dtype bfloat16 base trains float32 LoRA masters, and saves them so
+    assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--steps", "2", "--eval-samples", "0", "--dtype", "bfloat16") == 0
     out = capsys.readouterr().out
     assert "plan: lora on" in out and "2 optimizer steps x 2 examples" in out and "trainable parameters:" in out
     assert f"wrote {tmp_path / 'p'}/: run.json, results.json, metrics.jsonl" in out
+    from safetensors.numpy import load_file
+
+    assert {v.dtype.name for v in load_file(tmp_path / "p" / "adapter" / "adapter_model.safetensors").values()} == {"float32"}
 
 
 def test_lab_has_its_own_help_and_checks_every_run_first(model_dir, data_dir, tmp_path, capsys, no_loading):
@@ -449,3 +453,15 @@ def test_export_gguf_writes_llama_cpp_files(model_dir, data_dir, tmp_path):
     with pytest.raises(SystemExit):
         summarize.parser().parse_args(["--export-gguf", "lora"])
     assert _run(model_dir, data_dir, tmp_path / "t5", "--export-gguf", "adapter") == 2
+
+
+def test_plan_and_memory_budget(model_dir, data_dir, tmp_path, capsys):
+    """--plan prints one step's bytes per device (compiled from shapes) and exits without a run directory; --memory-budget
+    says which settings fit (what nothing fits says: tests/test_planning.py). (--dtype bfloat16: the help test's run.)"""
+    assert _run(model_dir, data_dir, tmp_path / "p", "--method", "lora", "--plan", "--memory-budget", "10GB") == 0
+    out = capsys.readouterr().out
+    assert "memory plan: batch 2 x 48 tokens (8 scored), float32 base, remat on, 1 device" in out and "optimizer state" in out
+    assert "memory budget 10GB: micro-batch 2 x 1 accumulated, remat off, quantize none" in out
+    assert not (tmp_path / "p").exists()
+    assert _run(model_dir, data_dir, tmp_path / "p", "--memory-budget", "lots") == 2
+    assert "error: --memory-budget lots: cannot read 'lots' as a size" in capsys.readouterr().err

@@ -31,7 +31,7 @@ if MODE == "distributed":  # before anything touches a device
     sharding.init_distributed(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[3]))
 
 import jpeft  # noqa: E402
-from jpeft import batches, lora, prompt, training, tree  # noqa: E402
+from jpeft import batches, lora, prompt, quant, training, tree  # noqa: E402
 from jpeft.models import t5  # noqa: E402
 
 MESHES = {"1,1,1": (1, 1, 1), "8,1,1": (8, 1, 1), "2,2,2": (2, 2, 2), "1,2,4": (1, 2, 4)}
@@ -149,6 +149,9 @@ def multidevice() -> dict:
                 with tempfile.TemporaryDirectory() as tmp:
                     t5.save_pretrained(tmp, hf_config(config), merged)
                     _, loaded = t5.load_pretrained(tmp)
+                    _, streamed = t5.load_pretrained(tmp, quantize="int8", mesh=run.mesh)  # each leaf straight into its shards
+                res["streamed"] = spec_report(streamed, sharding.param_shardings(streamed, run.mesh))
+                res["streamed_equal"] = jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), streamed, quant.quantize(loaded, "int8")))
                 saved = t5.state_dict_from_params(loaded)
                 res["saved_keys_match"] = sorted(saved) == sorted(ref_merged)
                 res["saved_diff"] = max(float(np.max(np.abs(saved[k] - ref_merged[k]))) for k in ref_merged)

@@ -307,6 +307,15 @@ def test_merge_and_save_from_sharded_parameters(multidevice):
     assert r["saved_keys_match"] and r["saved_diff"] <= TOL
 
 
+def test_streaming_load_places_each_leaf_on_its_shards(multidevice):
+    """`load_pretrained(..., quantize="int8", mesh=...)`: every leaf (int8 rows included) lands on its rule's sharding, and the
+    values are those of quantizing the one-device load."""
+    r = multidevice["lora/2,2,2"]["streamed"]
+    assert r["wrong"] == [] and multidevice["lora/2,2,2"]["streamed_equal"]
+    q = "encoder/block/0/layer/0/SelfAttention/q"
+    assert r["specs"][f"{q}/kernel_int8"] == str(P("model", None)) and r["specs"]["shared/embedding"] == str(P("model", "fsdp"))
+
+
 def test_mesh_and_batch_errors_on_eight_devices(multidevice):
     e = multidevice["errors"]
     assert e["mesh_3"].startswith("mesh data=3 x fsdp=1 x model=1 = 3 devices does not divide the 8 available; on CPU, simulate 3 "

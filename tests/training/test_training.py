@@ -192,3 +192,41 @@ def test_head_cross_entropy_in_chunks_equals_the_whole(rows):
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert max(chunks) == (0 if rows >= 30 else 4)  # 30 rows: chunks 0..4 of 7, or one
+
+
+def test_bf16_base_trains_float32_masters_as_the_float32_base_does():
+    """A base stored in bf16 (`load_pretrained(dtype=jnp.bfloat16)`, the CLI's --dtype bfloat16) computed in bf16: the
+    frozen weights stay bf16 while LoRA and the optimizer's state are float32 masters (`partition`); three steps' losses
+    and LoRA updates follow the float32 base's within bf16's rounding. (SGD with momentum: its updates are linear in the
+    gradients, so they compare the gradients themselves; Adam's sign-like first steps would flip on near-zero ones.)"""
+    from transformers import LlamaConfig
+
+    from jpeft.training.batches import causal_lm_batch
+    from jpeft.models import llama
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    base = llama.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = causal_lm_batch([rng.integers(2, 128, n).tolist() for n in (9, 5, 12)], [rng.integers(2, 128, n).tolist() for n in (4, 6, 3)],
+                            pad_id=0, eos_id=1, pack=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    runs = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        params = lora.inject(jax.tree.map(lambda x: x.astype(dtype), base), lora.LoraConfig(r=4, target_modules=targets), jax.random.key(1))
+        trainable, frozen = jpeft.partition(params, jpeft.trainable_mask(params))
+        start = jax.tree.map(np.asarray, trainable)
+        tx = optax.sgd(0.5, momentum=0.9)
+        step, state, losses = training.make_train_step(training.causal_lm_loss(config, dtype=dtype), tx), tx.init(trainable), []
+        for _ in range(3):
+            trainable, state, loss = step(trainable, state, frozen, batch, None)
+            losses.append(float(loss))
+        moved = np.concatenate([np.ravel(np.asarray(x) - x0) for x, x0 in zip(jax.tree.leaves(trainable), jax.tree.leaves(start))])
+        runs[dtype] = trainable, state, frozen, losses, moved
+    trainable, state, frozen, losses, moved = runs[jnp.bfloat16]
+    assert {x.dtype for x in jax.tree.leaves((trainable, state)) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(frozen) if x.ndim == 2} == {jnp.dtype(jnp.bfloat16)}
+    *_, full_losses, full_moved = runs[jnp.float32]
+    np.testing.assert_allclose(losses, full_losses, rtol=1e-2)
+    assert losses[-1] < losses[0]
+    assert np.linalg.norm(moved - full_moved) < 0.05 * np.linalg.norm(full_moved)
