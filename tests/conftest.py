@@ -92,6 +92,21 @@ def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
     return ids * mask, mask
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compiles_under_monkeypatch(request):
+    """A test that patches a module global which compiled code reads (`nn.KERNELS`, `attention.FLASH_MIN_LEN`, ...)
+    neither meets a compilation cached before the patch nor leaves one behind: jitted functions such as the models'
+    `forward` key their caches on arguments, not on globals."""
+    if "monkeypatch" not in request.fixturenames:
+        yield
+        return
+    import jax
+
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="module")
 def flan(tmp_path_factory):
     """A tiny FLAN-style T5 saved once per module: .config/.params (jpeft), .torch() a fresh reference copy."""

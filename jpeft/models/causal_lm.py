@@ -279,6 +279,9 @@ def _windowed(visible: jax.Array | attention.Visibility) -> jax.Array | attentio
 # Forward pass and generation
 
 
+# Compiled as a whole even when called outside a jitted step: run op by op, a forward pass compiles each of its
+# hundreds of primitives separately (inside a step this jit is simply inlined).
+@functools.partial(jax.jit, static_argnames=("model", "a", "dtype", "lora_dropout", "remat", "prompt_logits"))
 def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *, dtype: Any = jnp.float32,
             dropout_rng: jax.Array | None = None, lora_dropout: float = 0.0, adapter_ids: jax.Array | None = None,
             remat: bool = False, prompt_logits: bool = False) -> jax.Array:

@@ -462,7 +462,16 @@ def forward(
     remat: bool = False,
 ) -> jax.Array:
     """Teacher-forced logits (B, T, V) in float32. Pure; pass `dropout_rng` to train with dropout."""
-    a = arch(config)
+    return _forward(arch(config), params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, dtype=dtype,
+                    dropout_rng=dropout_rng, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
+
+
+# Compiled as a whole even when called outside a jitted step: run op by op, a forward pass compiles each of its
+# hundreds of primitives separately (inside a step this jit is simply inlined).
+@functools.partial(jax.jit, static_argnames=("a", "dtype", "lora_dropout", "remat"))
+def _forward(a: Arch, params: Params, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array,
+             decoder_attention_mask: jax.Array | None, *, dtype: Any, dropout_rng: jax.Array | None, lora_dropout: float,
+             adapter_ids: jax.Array | None, remat: bool) -> jax.Array:
     ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.dropout_rate, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
     encoded, mask = encode(a, params, input_ids, attention_mask, ctx)
     logits, _ = decode(a, params, decoder_input_ids, encoded, mask, decoder_attention_mask, ctx)
