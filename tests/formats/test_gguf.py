@@ -200,9 +200,9 @@ def _gemma_params(config, dtype=np.float32):
 
 def _read_back_logits(path, config, params):
     """(logits of the saved model, logits of the model jpeft reads back from `path`) on ids longer than the window."""
-    from jpeft.models import causal_lm
+    from jpeft.models import family
 
-    model = causal_lm.model_for(config)
+    model = family.of(config).module
     config_back, back = model.load_pretrained(path)
     ids = np.random.default_rng(1).integers(3, 96, size=(1, 12))
     mask = np.ones_like(ids)
@@ -380,7 +380,7 @@ def test_hf_directory_tokenizer_tokenizes_as_the_directory(tmp_path, name, pre, 
                  num_key_value_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
     # the model's family picks transformers' tokenizer converter for the GGUF, as it does for llama.cpp's files
     config = transformers.Gemma3TextConfig(**shape, query_pre_attn_scalar=8) if "gemma" in name else transformers.LlamaConfig(**shape)
-    params = jpeft.models.causal_lm.model_for(config).init_params(config, jax.random.key(0))
+    params = jpeft.models.family.of(config).module.init_params(config, jax.random.key(0))
     jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f16", tokenizer_source=tmp_path / "tok")
     reader = jpeft.gguf_io.open_reader(tmp_path / "m.gguf")  # cached: load_tokenizer below reuses it (262k tokens parse slowly)
     fields = {key: reader.fields[key].contents() for key in ("tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens")}
