@@ -74,10 +74,10 @@ def tiny_model(workdir: Path):
 
 def jpeft_call(config, params, ids, mask, new: int, dtype=jnp.float32, **kw):
     """A blocking jpeft `generate` call (Llama or Gemma, from the config) returning numpy ids (EOS off unless passed)."""
-    from jpeft.models import causal_lm
+    from jpeft.models import family
 
     kw.setdefault("eos_token_id", -1)
-    module = causal_lm.model_for(config)
+    module = family.of(config).module
     return lambda: np.asarray(module.generate(config, params, ids, mask, max_new_tokens=new, dtype=dtype, **kw))
 
 

@@ -27,6 +27,7 @@ import optax
 
 from jpeft import quant, training, tree
 from jpeft.methods import adapters, ia3, loha, lokr, lora, prefix, prompt, ptuning
+from jpeft.models import family
 from jpeft.training import sharding, split
 
 Method = Any  # a method's config (LoraConfig, IA3Config, ...), a callable params -> (params, mask), or None (full fine-tuning)
@@ -186,7 +187,7 @@ class _Request:
     def loss(self, batch: int, remat: bool) -> tuple[Callable, dict]:
         """The model's loss and the ShapeDtypeStructs of a batch of `batch` rows."""
         rows = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-        if _family(self.config).__name__.endswith("t5"):
+        if _seq2seq(self.config):
             return (training.seq2seq_loss(self.config, self.compute_dtype, self.lora_dropout, remat),
                     {"input_ids": rows(batch, self.seq_len), "attention_mask": rows(batch, self.seq_len), "labels": rows(batch, self.target_len)})
         return (training.causal_lm_loss(self.config, self.compute_dtype, self.lora_dropout, remat),
@@ -194,14 +195,19 @@ class _Request:
                  "target_index": rows(batch)})
 
 
-def _family(config: Any):
-    from jpeft.models import causal_lm, t5
+def _seq2seq(config: Any) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
 
-    return t5 if getattr(config, "is_encoder_decoder", False) else causal_lm.model_for(config)
+
+def _family(config: Any):
+    """What gives `param_shapes` for the config: the t5 module or a decoder-only family."""
+    from jpeft.models import t5
+
+    return t5 if _seq2seq(config) else family.of(config)
 
 
 def _tied(config: Any) -> dict:
-    return {"tie_word_embeddings": getattr(config, "tie_word_embeddings", True)} if _family(config).__name__.endswith("t5") else {}
+    return {"tie_word_embeddings": getattr(config, "tie_word_embeddings", True)} if _seq2seq(config) else {}
 
 
 INJECT: dict[type, Callable[..., dict]] = {

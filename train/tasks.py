@@ -13,6 +13,7 @@ import numpy as np
 
 from jpeft import batches, gguf_io, training
 from jpeft.formats.hf_io import CheckpointError
+from jpeft.models import family as model_family
 from jpeft.models import gemma, llama, registry, t5
 from jpeft.formats.tokenizer import load_tokenizer
 from train.errors import UsageError
@@ -64,9 +65,10 @@ def _family(path: Path) -> str:
 def _family_of(model_type: str | None, source: Path) -> str:
     if model_type in ("t5", "mt5", "umt5"):
         return "t5"
-    for family in ("llama", "gemma"):
-        if model_type in MODULES[family].MODEL_TYPES:
-            return family
+    with contextlib.suppress(ValueError):
+        name = model_family.of(model_type).name if model_type is not None else None
+        if name in MODULES:  # the CLI trains T5, Llama and Gemma (not yet the mixtures of experts)
+            return name
     raise UsageError(f"{source}: model_type {model_type!r} is not supported (T5, a Llama-family decoder, or Gemma 2 / 3)")
 
 

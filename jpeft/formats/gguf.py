@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,6 +32,7 @@ import numpy as np
 from jpeft import quant, tree
 from jpeft.formats import gguf_io, hf_io
 from jpeft.methods import lora
+from jpeft.models import family
 from jpeft.training import split
 from jpeft import targets as tg
 from jpeft.formats.hf_io import CheckpointError
@@ -49,13 +49,13 @@ def _config(base: Any) -> Any:
     """A transformers config from a config or a path / hub id / packaged name of the base model."""
     if hasattr(base, "model_type"):
         return base
-    from jpeft.models import causal_lm, registry
+    from jpeft.models import registry
 
     path = registry.resolve(base)
     if str(path).endswith(".gguf"):
         return gguf_io.load_config(path)
     raw = hf_io.read_config_json(hf_io.resolve_model_dir(path))
-    return causal_lm.model_for(types.SimpleNamespace(model_type=raw.get("model_type", "llama"))).config_from_dict(raw, str(path))
+    return family.of(raw.get("model_type", "llama")).config_from_dict(raw, str(path))
 
 
 def _text(config: Any) -> Any:
@@ -85,11 +85,9 @@ _KEEP = "keep this model in jpeft / transformers (jpeft.save_adapter, or the mer
 
 def check_expressible(config: Any) -> str:
     """The GGUF architecture of `config`, after refusing (ValueError) what llama.cpp would run differently."""
-    from jpeft.models import causal_lm
-
     arch = architecture(config)
     c = _text(config)
-    shape = causal_lm.model_for(c).arch(c)
+    shape = family.of(c).arch(c)
     if shape.act not in gguf_io.ACTIVATIONS[arch]:
         raise ValueError(f"llama.cpp's {arch} models use the {gguf_io.ACTIVATIONS[arch][0]} activation and a GGUF cannot "
                          f"record another, but this config's activation is {shape.act!r}; {_KEEP}")
@@ -234,11 +232,9 @@ def _tensor_name(module: str, arch: str) -> str:
 
 def _check_base_shapes(modules: Mapping[str, Mapping[str, np.ndarray]], config: Any) -> None:
     """Each pair's (in, out) must be its weight's in `base`: llama.cpp applies the file to that model's GGUF."""
-    from jpeft.models import causal_lm
-
     c = _text(config)
-    shapes = causal_lm.model_for(c).param_shapes(c, tie_word_embeddings=False)
-    for module, leaves in modules.items():
+    shapes = family.of(c).param_shapes(c, tie_word_embeddings=False)
+    for module, leaves in sorted(modules.items()):  # the first mismatch in the order of the tree's names
         have, want = (leaves["lora_a"].shape[0], leaves["lora_b"].shape[1]), shapes.get(f"{module}/kernel")
         if have != want:
             raise ValueError(f"the LoRA pair of {module.replace('/', '.')} is (in, out) {have}, but in the base model that weight is "
@@ -509,10 +505,9 @@ def merged_state(config: Any, params: Mapping[str, Any]) -> dict[str, np.ndarray
     from jpeft.models import causal_lm
 
     architecture(config)
-    model = causal_lm.model_for(config)
     if any(p.endswith("/lora_a") for p in tree.flatten(params)):
         params = lora.merge(params)
-    return model.state_dict_from_params(config, quant.dequantize(params))
+    return causal_lm.state_dict_from_params(family.of(config), config, quant.dequantize(params))
 
 
 def save(path: str | os.PathLike, config: Any, params: Mapping[str, Any], dtype: str = "f16", tokenizer_source: Any = None) -> None:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import leaves, nn
+from jpeft.models import family
 
 LEAF = "prefix_embeddings"
 MLP = "prefix_mlp"
@@ -73,7 +74,7 @@ class Layout:
 
 def layout(config: Any) -> Layout:
     """The prefix layout of a T5 or decoder-only model (transformers config or jpeft Arch), as PEFT sizes it."""
-    from jpeft.models import causal_lm, t5
+    from jpeft.models import t5
 
     if hasattr(config, "d_kv"):
         a = t5.arch(config)
@@ -84,7 +85,7 @@ def layout(config: Any) -> Layout:
             raise ValueError(f"PEFT splits a T5 prefix into heads of d_model / num_heads = {a.d_model / a.num_heads} dims, "
                              f"but this T5's heads have d_kv={a.d_kv}: prefix tuning needs num_heads * d_kv == d_model")
         return Layout(a.num_decoder_layers, a.num_heads, a.d_kv, seq2seq=True)
-    a = causal_lm.model_for(config).arch(config)
+    a = family.of(config).arch(config)
     return Layout(a.num_layers, a.num_kv_heads, a.head_dim, seq2seq=False)
 
 

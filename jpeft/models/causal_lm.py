@@ -4,16 +4,16 @@ gated-MLP blocks, soft prompts, the forward pass, the KV-cached generation loop 
 Shapes: B batch, T tokens, S key slots (sequence or cache length), D hidden, KV key/value heads, G queries per
 key/value head, E head_dim, V vocab, N soft-prompt tokens.
 
-A model module plugs into the shared forward pass, loss and generation loop by providing, for its resolved
-`Arch` `a` (which has `num_layers`, `num_kv_heads`, `head_dim`, `attention_dropout`, `pad_token_id` and
-`eos_token_ids`):
+A model family (`jpeft.models.family.Family`, a value each of `llama`, `gemma` and `moe` declares once and passes
+down) plugs into the shared forward pass, loss and generation loop by providing, for its resolved `Arch` `a` (which
+has `num_layers`, `num_kv_heads`, `head_dim`, `attention_dropout`, `pad_token_id` and `eos_token_ids`):
 
 - `embed(a, params, input_ids, attention_mask, dtype) -> (x (B, N+T, D), mask (B, N+T))`
 - `decoder(a, params, x, positions, key_mask, ctx, cache, index, segment_ids) -> (h (B, T, D), cache)`
 - `lm_head(a, params, h, ctx) -> float32 logits (..., V)`
 
-and, for loading, `arch`, `config_from_dict`, `param_shapes`, `params_from_state_dict`, `state_dict_from_params`
-(most wrap this module's) and `CAUSAL_LM` (model_type -> transformers class). A decoder may also set `ctx.aux_loss`,
+and, for loading, `arch`, `config_from_dict`, `param_shapes`, `causal_lm` (model_type -> transformers class) and, where
+a checkpoint stores experts apart, `stack_experts` / `per_expert`. A decoder may also set `ctx.aux_loss`,
 a term `training.causal_lm_loss` adds to its loss (the mixture of experts' router balance).
 """
 
@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-from types import ModuleType
 from typing import Any, Callable, Mapping
 
 import jax
@@ -40,25 +39,10 @@ from jpeft.formats.hf_io import CheckpointError
 from jpeft.models import registry
 from jpeft.models import attention
 from jpeft.models import ops
+from jpeft.models.family import Family
 
 Params = dict[str, Any]
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def model_for(config: Any) -> ModuleType:
-    """The jpeft module (`llama`, `gemma` or `moe`) that implements a decoder-only transformers config or resolved Arch."""
-    from jpeft.models import gemma, llama, moe
-
-    modules = (llama, gemma, moe)
-    for module in modules:
-        if isinstance(config, module.Arch):
-            return module
-    model_type = getattr(config, "model_type", "llama")  # as llama.arch reads a config without one
-    for module in modules:
-        if model_type in module.MODEL_TYPES:
-            return module
-    raise ValueError(f"model_type {model_type!r} is not a decoder-only model jpeft implements "
-                     f"({[t for module in modules for t in module.MODEL_TYPES]})")
 
 
 def eos_ids(config: Any) -> tuple[int, ...]:
@@ -281,27 +265,27 @@ def _windowed(visible: jax.Array | attention.Visibility) -> jax.Array | attentio
 
 # Compiled as a whole even when called outside a jitted step: run op by op, a forward pass compiles each of its
 # hundreds of primitives separately (inside a step this jit is simply inlined).
-@functools.partial(jax.jit, static_argnames=("model", "a", "dtype", "lora_dropout", "remat", "prompt_logits"))
-def forward(model: ModuleType, a: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *, dtype: Any = jnp.float32,
+@functools.partial(jax.jit, static_argnames=("family", "a", "dtype", "lora_dropout", "remat", "prompt_logits"))
+def forward(family: Family, a: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *, dtype: Any = jnp.float32,
             dropout_rng: jax.Array | None = None, lora_dropout: float = 0.0, adapter_ids: jax.Array | None = None,
             remat: bool = False, prompt_logits: bool = False) -> jax.Array:
-    """Causal-LM logits (B, T, V) of `model` (see the models' `forward`); (B, N+T, V) with `prompt_logits`."""
+    """Causal-LM logits (B, T, V) of `family` (see the models' `forward`); (B, N+T, V) with `prompt_logits`."""
     ctx = nn.Ctx(dtype=dtype, rng=dropout_rng, dropout_rate=a.attention_dropout, lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat)
-    x, mask = model.embed(a, params, input_ids, attention_mask, dtype, ctx)
+    x, mask = family.embed(a, params, input_ids, attention_mask, dtype, ctx)
     n = prefix.num_tokens(params)
     key_mask = jnp.pad(mask, ((0, 0), (n, 0)), constant_values=1)  # the N prefix slots precede the tokens
-    h, _ = model.decoder(a, params, x, positions_from_mask(key_mask)[:, n:], key_mask, ctx, index=n)
+    h, _ = family.decoder(a, params, x, positions_from_mask(key_mask)[:, n:], key_mask, ctx, index=n)
     if not prompt_logits:
         h = h[:, h.shape[1] - input_ids.shape[1]:]
-    return model.lm_head(a, params, h, ctx)
+    return family.lm_head(a, params, h, ctx)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping",
+@functools.partial(jax.jit, static_argnames=("family", "a", "max_len", "cache_len", "num_beams", "dtype", "length_penalty", "early_stopping",
                                              "prompt_lookup", "packed_len", "sample", "copies"))
-def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, key, *, max_len, cache_len, num_beams, dtype,
+def _generate(family, a, params, input_ids, attention_mask, max_new_tokens, eos_token_id, adapter_ids, key, *, max_len, cache_len, num_beams, dtype,
               length_penalty, early_stopping, prompt_lookup, packed_len, sample, copies):
     ctx = nn.Ctx(dtype=dtype, adapter_ids=adapter_ids)
-    x, mask = model.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
+    x, mask = family.embed(a, params, input_ids, attention_mask, dtype)  # (R, P, D): soft prompt, left padding, prompt
     if soft_prompt.present(params):  # padding first, so a sliding window spans real slots only, as without padding
         order = jnp.argsort(mask, axis=1, stable=True)
         x, mask = jnp.take_along_axis(x, order[..., None], axis=1), jnp.take_along_axis(mask, order, axis=1)
@@ -313,14 +297,14 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
     # hides the ones not yet written.
     key_mask = jnp.pad(mask, ((0, 0), (0, cache_len - n - P)), constant_values=1)
     if packed_len:  # the padded x above is then unused (XLA drops it); only mask and positions carry on
-        logits, cache = _packed_prefill(model, a, params, input_ids, attention_mask, ctx, packed_len, cache_len)
+        logits, cache = _packed_prefill(family, a, params, input_ids, attention_mask, ctx, packed_len, cache_len)
     else:
         shape = (R, a.num_kv_heads, cache_len, a.head_dim)
         cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(a.num_layers)]
         if n:
             cache = prefix.write_cache(params, a, cache)
-        h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, n)
-        logits = model.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
+        h, cache = family.decoder(a, params, x, positions, key_mask, ctx, cache, n)
+        logits = family.lm_head(a, params, h[:, -1], ctx)  # the prompt's other positions predict nothing decoding needs
     last = positions[:, -1]  # prompts are left-aligned, so the last slot is each row's last real token
     seen = None
     if sample is not None and sample.repetition_penalty != 1.0:
@@ -331,9 +315,9 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
             ctx.adapter_ids = jnp.repeat(adapter_ids, copies, axis=0)
 
     def run(tokens, positions, index, key_mask, cache):  # tokens (R, T) at cache slots index.., rotary positions (R, T)
-        x, _ = model.embed(a, {"model": params["model"]}, tokens, jnp.ones(tokens.shape, jnp.int32), dtype)  # no soft prompt again
-        h, cache = model.decoder(a, params, x, positions, key_mask, ctx, cache, index)
-        return model.lm_head(a, params, h, ctx), cache
+        x, _ = family.embed(a, {"model": params["model"]}, tokens, jnp.ones(tokens.shape, jnp.int32), dtype)  # no soft prompt again
+        h, cache = family.decoder(a, params, x, positions, key_mask, ctx, cache, index)
+        return family.lm_head(a, params, h, ctx), cache
 
     def step(tokens, i, cache):  # the i-th generated token sits at slot N + P + i, position last + 1 + i
         logits, cache = run(tokens[:, None], (last + 1 + i)[:, None], n + P + i, key_mask, cache)
@@ -352,7 +336,7 @@ def _generate(model, a, params, input_ids, attention_mask, max_new_tokens, eos_t
     )
 
 
-def _packed_prefill(model, a, params, input_ids, attention_mask, ctx, packed_len, cache_len):
+def _packed_prefill(family, a, params, input_ids, attention_mask, ctx, packed_len, cache_len):
     """The prefill of left-padded prompts (R, P) run as one packed row of `packed_len` slots -> (last logits (R, V),
     per-row cache as the padded prefill writes it), so no product is spent on padding.
 
@@ -368,12 +352,12 @@ def _packed_prefill(model, a, params, input_ids, attention_mask, ctx, packed_len
     offset = slot - (ends - lengths)[row]  # position within the row
     real = slot < ends[-1]
     ids = jnp.where(real, input_ids[row, P - lengths[row] + offset], a.pad_token_id)[None]
-    x, key_mask = model.embed(a, params, ids, real[None].astype(jnp.int32), ctx.dtype)
+    x, key_mask = family.embed(a, params, ids, real[None].astype(jnp.int32), ctx.dtype)
     shape = (1, a.num_kv_heads, packed_len, a.head_dim)
     cache = [(jnp.zeros(shape, ctx.dtype), jnp.zeros(shape, ctx.dtype)) for _ in range(a.num_layers)]
     segments = jnp.where(real, row + 1, 0)[None].astype(jnp.int32)
-    h, cache = model.decoder(a, params, x, jnp.where(real, offset, 0)[None], key_mask, ctx, cache, 0, segments)
-    logits = model.lm_head(a, params, h[0, ends - 1], ctx)
+    h, cache = family.decoder(a, params, x, jnp.where(real, offset, 0)[None], key_mask, ctx, cache, 0, segments)
+    logits = family.lm_head(a, params, h[0, ends - 1], ctx)
     # Row r's padded slot s holds packed slot ends[r] - P + s (clipped where s is padding).
     source = jnp.clip(ends[:, None] - P + jnp.arange(P)[None, :], 0, packed_len - 1)  # (R, P)
     rows = lambda c: jnp.pad(c[0][:, source].transpose(1, 0, 2, 3), ((0, 0), (0, 0), (0, cache_len - P), (0, 0)))  # noqa: E731
@@ -391,11 +375,11 @@ def after_eos(out: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.cumsum(jnp.cumsum(jnp.isin(out, jnp.asarray(eos_ids)), axis=1), axis=1) > 1
 
 
-def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, *,
+def generate(family: Family, a: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, *,
              length_penalty: float = 1.0, early_stopping: bool = False, eos_token_id: int | list[int] | None = None,
              dtype: Any = jnp.float32, adapter_ids=None, prompt_lookup: int = 0, sample: sampling.Sampling | None = None,
              key: jax.Array | None = None, num_return_sequences: int = 1, return_logprobs: bool = False):
-    """Greedy, beam search or sampling with `model` (see the models' `generate`); (B * num_return_sequences,
+    """Greedy, beam search or sampling with `family` (see the models' `generate`); (B * num_return_sequences,
     max_new_tokens) ids, pad after EOS, and with `return_logprobs` their log-probabilities beside them."""
     eos = a.eos_token_ids if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(eos_token_id))
     if num_beams > 1 and len(eos) > 1:
@@ -422,7 +406,7 @@ def generate(model: ModuleType, a: Any, params: Params, input_ids, attention_mas
         packed_len = 0
     generated_slots = (max_new_tokens - 1) * (prompt_lookup + 1)  # each lookup pass takes prompt_lookup + 1 slots, kept or not
     out = _generate(
-        model, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
+        family, a, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.int32(max_new_tokens),
         jnp.int32(eos[0] if eos else -1),  # -1: no EOS, always generate max_new_tokens
         None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32), key,
         max_len=generation.bucket(max_new_tokens), cache_len=generation.bucket(n_virtual + input_ids.shape[1] + generated_slots, fine=True),
@@ -489,22 +473,25 @@ def transpose(value: np.ndarray) -> np.ndarray:
     return np.swapaxes(value, -1, -2) if np.ndim(value) >= 2 else value
 
 
-def params_from_state_dict(model: ModuleType, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
+def params_from_state_dict(family: Family, config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint",
                            packed: dict[str, tuple[str, np.ndarray]] | None = None, quantize: str | None = None, mesh: Any = None) -> Params:
-    """Convert a transformers state dict of `model`'s family to a jpeft tree, checking every name and shape first.
+    """Convert a transformers state dict of `family` to a jpeft tree, checking every name and shape first (per-expert
+    tensors stacked first where the family stores experts apart).
 
     `packed` ({name: (GGML type, rows)}, from `gguf_io.read_packed`) holds Linear weights kept quantized: each
     becomes its `jpeft.quant` leaf group, checked by the (in, out) shape it stands for. `quantize` and `mesh` as in
     `load_pretrained`.
     """
+    if family.stack_experts is not None:
+        state = family.stack_experts(config, state, source)
     lazy_packed = {name: (qtype, hf_io.in_memory({name: rows})[name]) for name, (qtype, rows) in (packed or {}).items()}
-    return params_from_tensors(model, config, hf_io.in_memory(state), dtype, source, lazy_packed, quantize, mesh)
+    return params_from_tensors(family, config, hf_io.in_memory(state), dtype, source, lazy_packed, quantize, mesh)
 
 
-def params_from_tensors(model: ModuleType, config: Any, tensors: Mapping[str, hf_io.Tensor], dtype: Any = jnp.float32, source: str = "checkpoint",
+def params_from_tensors(family: Family, config: Any, tensors: Mapping[str, hf_io.Tensor], dtype: Any = jnp.float32, source: str = "checkpoint",
                         packed: Mapping[str, tuple[str, hf_io.Tensor]] | None = None, quantize: str | None = None, mesh: Any = None) -> Params:
     """`params_from_state_dict` for tensors read one at a time (`jpeft.formats.loading.build`): a streaming load."""
-    a = model.arch(config)
+    a = family.arch(config)
     flat: dict[str, hf_io.Tensor] = {}
     unexpected = []
     for name, value in tensors.items():
@@ -521,7 +508,7 @@ def params_from_tensors(model: ModuleType, config: Any, tensors: Mapping[str, hf
         if embedding is None or not np.array_equal(flat["lm_head/kernel"].read().T, embedding.read()):
             raise CheckpointError(f"{source}: the config ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
         del flat["lm_head/kernel"]  # a tied checkpoint that stored both copies
-    groups, expected = _packed_leaves(packed or {}, model.param_shapes(a), source)
+    groups, expected = _packed_leaves(packed or {}, family.param_shapes(a), source)
     return loading.build(flat, expected, path_to_hf, source, f"a {a.model_type} model", dtype, unexpected, groups, quantize, mesh)
 
 
@@ -541,11 +528,12 @@ def _packed_leaves(packed: Mapping[str, tuple[str, hf_io.Tensor]], expected: dic
     return leaves, expected
 
 
-def state_dict_from_params(model: ModuleType, config: Any, params: Params) -> dict[str, np.ndarray]:
-    """jpeft tree -> transformers state dict (PyTorch layout); refuses leaves the base model does not have."""
+def state_dict_from_params(family: Family, config: Any, params: Params) -> dict[str, np.ndarray]:
+    """jpeft tree -> transformers state dict (PyTorch layout, experts written apart where the family's checkpoints
+    hold them so); refuses leaves the base model does not have."""
     quant.require_float(params, "a transformers checkpoint")
     flat = tree.flatten(params)
-    expected = model.param_shapes(config, tie_word_embeddings="lm_head" not in params)
+    expected = family.param_shapes(config, tie_word_embeddings="lm_head" not in params)
     extra = sorted(p for p in flat if p not in expected)
     if extra:
         raise ValueError(f"{extra[0]} is not a base-model weight: merge or split off PEFT leaves before saving")
@@ -557,25 +545,25 @@ def state_dict_from_params(model: ModuleType, config: Any, params: Params) -> di
         name, transposed = path_to_hf(path)
         value = np.asarray(jax.device_get(value), dtype=np.float32) if value.dtype != jnp.bfloat16 else np.asarray(value)
         out[name] = transpose(value) if transposed else value
-    return out
+    return out if family.per_expert is None else family.per_expert(config, out)
 
 
-def load_config(model: ModuleType, path_or_hub_id: str | os.PathLike):
-    """The config of a checkpoint directory, hub id, known name or `.gguf` file, checked to be `model`'s family."""
+def load_config(family: Family, path_or_hub_id: str | os.PathLike):
+    """The config of a checkpoint directory, hub id, known name or `.gguf` file, checked to be of `family`."""
     path = registry.resolve(path_or_hub_id)
     if str(path).endswith(".gguf"):
-        return _of_family(model, gguf_io.load_config(path), path)
+        return _of_family(family, gguf_io.load_config(path), path)
     model_dir = hf_io.resolve_model_dir(path)
-    return model.config_from_dict(hf_io.read_config_json(model_dir), source=str(model_dir / "config.json"))
+    return family.config_from_dict(hf_io.read_config_json(model_dir), source=str(model_dir / "config.json"))
 
 
-def _of_family(model: ModuleType, config: Any, source: Any) -> Any:
-    if config.model_type not in model.MODEL_TYPES:
-        raise CheckpointError(f"{source} holds a {config.model_type!r} model; {model.__name__} handles {list(model.MODEL_TYPES)}")
+def _of_family(family: Family, config: Any, source: Any) -> Any:
+    if config.model_type not in family.model_types:
+        raise CheckpointError(f"{source} holds a {config.model_type!r} model; jpeft.models.{family.name} handles {list(family.model_types)}")
     return config
 
 
-def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False,
+def load_pretrained(family: Family, path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False,
                     quantized: bool = False, quantize: str | None = None, mesh: Any = None):
     """(config, params) from an HF directory or hub id (config.json + safetensors), a `.gguf` file or a known name.
 
@@ -587,27 +575,26 @@ def load_pretrained(model: ModuleType, path_or_hub_id: str | os.PathLike, dtype:
     path = registry.resolve(path_or_hub_id)
     if str(path).endswith(".gguf"):
         config, tensors, packed = gguf_io.tensors(path, packed=quantized)
-        _of_family(model, config, path)
-        return config, params_from_tensors(model, config, tensors, dtype, str(path), packed, quantize, mesh)
+        _of_family(family, config, path)
+        return config, params_from_tensors(family, config, tensors, dtype, str(path), packed, quantize, mesh)
     if quantized:
         raise ValueError(f"quantized=True keeps a GGUF file's blocks packed, but {path} is not a .gguf file: "
                          "pass quantize='nf4' or 'int8' to quantize its weights as they load")
     model_dir = hf_io.resolve_model_dir(path)
-    config = load_config(model, model_dir)
+    config = load_config(family, model_dir)
     tensors = hf_io.tensors(model_dir, allow_pickle=allow_pickle)
-    stack = getattr(model, "stack_experts", None)
-    if stack is not None:  # per-expert tensors become one stack per projection, in memory (MoE loads do not stream yet)
-        tensors = hf_io.in_memory(stack(config, {name: t.read() for name, t in tensors.items()}, str(model_dir)))
-    return config, params_from_tensors(model, config, tensors, dtype, str(model_dir), quantize=quantize, mesh=mesh)
+    if family.stack_experts is not None:  # per-expert tensors become one stack per projection, in memory (MoE loads do not stream yet)
+        tensors = hf_io.in_memory(family.stack_experts(config, {name: t.read() for name, t in tensors.items()}, str(model_dir)))
+    return config, params_from_tensors(family, config, tensors, dtype, str(model_dir), quantize=quantize, mesh=mesh)
 
 
-def save_pretrained(model: ModuleType, out_dir: str | os.PathLike, config: Any, params: Params) -> None:
+def save_pretrained(family: Family, out_dir: str | os.PathLike, config: Any, params: Params) -> None:
     """Write a standard HF directory (config.json + model.safetensors) atomically."""
-    state = model.state_dict_from_params(config, params)
+    state = state_dict_from_params(family, config, params)
     cfg = config.to_dict()
     cfg["tie_word_embeddings"] = "lm_head.weight" not in state
     cfg.pop("quantization_config", None)  # the weights are written dequantised
-    cfg["architectures"] = [model.CAUSAL_LM[model.arch(config).model_type]]
+    cfg["architectures"] = [family.causal_lm[family.arch(config).model_type]]
     with hf_io.atomic_dir(out_dir) as tmp:
         hf_io.write_safetensors(tmp / hf_io.SAFETENSORS, state)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ import numpy as np
 
 from jpeft import nn
 from jpeft.formats.hf_io import CheckpointError
+from jpeft.models.family import Family
 from jpeft.models import causal_lm, sampling
 from jpeft.models.causal_lm import left_align, positions_from_mask, visibility  # noqa: F401  (part of this module's API)
 
@@ -158,12 +158,12 @@ def init_params(config: Any, key: jax.Array, tie_word_embeddings: bool | None = 
 
 def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:
     """Convert a transformers Gemma 2 / Gemma 3 text state dict to a jpeft tree, checking every name and shape first."""
-    return causal_lm.params_from_state_dict(_MODEL, config, state, dtype, source)
+    return causal_lm.params_from_state_dict(FAMILY, config, state, dtype, source)
 
 
 def state_dict_from_params(config: Any, params: Params) -> dict[str, np.ndarray]:
     """jpeft tree -> transformers state dict (PyTorch layout); refuses leaves the base model does not have."""
-    return causal_lm.state_dict_from_params(_MODEL, config, params)
+    return causal_lm.state_dict_from_params(FAMILY, config, params)
 
 
 def config_from_dict(raw: dict, source: str = "config"):
@@ -182,7 +182,7 @@ def config_from_dict(raw: dict, source: str = "config"):
 
 def load_config(path_or_hub_id: str | os.PathLike):
     """The config of a checkpoint directory, hub id, known name or `.gguf` file."""
-    return causal_lm.load_config(_MODEL, path_or_hub_id)
+    return causal_lm.load_config(FAMILY, path_or_hub_id)
 
 
 def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False, quantized: bool = False,
@@ -193,12 +193,12 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32,
     read, `mesh` places each leaf on its shards; `quantized=True` keeps a GGUF file's quantized Linear weights packed
     as `jpeft.quant` leaf groups.
     """
-    return causal_lm.load_pretrained(_MODEL, path_or_hub_id, dtype, allow_pickle, quantized, quantize, mesh)
+    return causal_lm.load_pretrained(FAMILY, path_or_hub_id, dtype, allow_pickle, quantized, quantize, mesh)
 
 
 def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> None:
     """Write a standard HF directory (config.json + model.safetensors) that transformers loads as Gemma*ForCausalLM."""
-    causal_lm.save_pretrained(_MODEL, out_dir, _text_config(config), params)
+    causal_lm.save_pretrained(FAMILY, out_dir, _text_config(config), params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def forward(
 ) -> jax.Array:
     """Causal-LM logits (B, T, V) in float32 for the real input tokens, as `llama.forward` (soft prompt cut off
     unless `prompt_logits`)."""
-    return causal_lm.forward(_MODEL, arch(config), params, input_ids, attention_mask, dtype=dtype, dropout_rng=dropout_rng,
+    return causal_lm.forward(FAMILY, arch(config), params, input_ids, attention_mask, dtype=dtype, dropout_rng=dropout_rng,
                              lora_dropout=lora_dropout, adapter_ids=adapter_ids, remat=remat, prompt_logits=prompt_logits)
 
 
@@ -304,10 +304,11 @@ def generate(
     return_logprobs: bool = False,
 ):
     """Greedy (num_beams=1), beam search or sampling with a key/value cache, as `llama.generate`; (B, max_new_tokens) ids."""
-    return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
+    return causal_lm.generate(FAMILY, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams,
                               length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
                               dtype=dtype, adapter_ids=adapter_ids, prompt_lookup=prompt_lookup, sample=sample, key=key,
                               num_return_sequences=num_return_sequences, return_logprobs=return_logprobs)
 
 
-_MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)
+# What the shared decoder is handed (see jpeft.models.causal_lm); `jpeft.models.family.of` finds it by model_type.
+FAMILY = Family("gemma", CAUSAL_LM, MODEL_TYPES, arch, param_shapes, config_from_dict, embed, decoder, lm_head)

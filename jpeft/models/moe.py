@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 from typing import Any
 
 import jax
@@ -44,6 +43,7 @@ import numpy as np
 from jpeft import nn
 from jpeft import targets as tg
 from jpeft.formats.hf_io import CheckpointError
+from jpeft.models.family import Family
 from jpeft.methods import prefix
 from jpeft.models import causal_lm, ops, registry
 
@@ -227,12 +227,12 @@ def per_expert(config: Any, state: dict[str, np.ndarray]) -> dict[str, np.ndarra
 def params_from_state_dict(config: Any, state: dict[str, np.ndarray], dtype: Any = jnp.float32, source: str = "checkpoint") -> Params:
     """Convert a transformers Qwen3-MoE / Mixtral / OLMoE state dict (per-expert or stacked) to a jpeft tree, checking
     every name, shape and expert count first."""
-    return causal_lm.params_from_state_dict(_MODEL, config, stack_experts(config, state, source), dtype, source)
+    return causal_lm.params_from_state_dict(FAMILY, config, state, dtype, source)
 
 
 def state_dict_from_params(config: Any, params: Params) -> dict[str, np.ndarray]:
     """jpeft tree -> transformers state dict in the layout transformers saves (experts apart); refuses non-base leaves."""
-    return per_expert(config, causal_lm.state_dict_from_params(_MODEL, config, params))
+    return causal_lm.state_dict_from_params(FAMILY, config, params)
 
 
 def config_from_dict(raw: dict, source: str = "config"):
@@ -248,12 +248,12 @@ def config_from_dict(raw: dict, source: str = "config"):
 
 def load_config(path_or_hub_id: str | os.PathLike):
     """The config of a checkpoint directory or hub id."""
-    return causal_lm.load_config(_MODEL, _not_gguf(path_or_hub_id))
+    return causal_lm.load_config(FAMILY, _not_gguf(path_or_hub_id))
 
 
 def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32, allow_pickle: bool = False):
     """(config, params) from an HF directory or hub id (config.json + safetensors, experts apart or stacked)."""
-    return causal_lm.load_pretrained(_MODEL, _not_gguf(path_or_hub_id), dtype, allow_pickle)
+    return causal_lm.load_pretrained(FAMILY, _not_gguf(path_or_hub_id), dtype, allow_pickle)
 
 
 def _not_gguf(path_or_hub_id: str | os.PathLike) -> str | os.PathLike:
@@ -266,7 +266,7 @@ def _not_gguf(path_or_hub_id: str | os.PathLike) -> str | os.PathLike:
 
 def save_pretrained(out_dir: str | os.PathLike, config: Any, params: Params) -> None:
     """Write a standard HF directory (config.json + model.safetensors, experts apart as transformers saves them) atomically."""
-    causal_lm.save_pretrained(_MODEL, out_dir, config, params)
+    causal_lm.save_pretrained(FAMILY, out_dir, config, params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def lm_head(config: Any, params: Params, x: jax.Array, ctx: nn.Ctx) -> jax.Array
 def forward(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, **options) -> jax.Array:
     """Causal-LM logits (B, T, V) in float32 for the real input tokens: `llama.forward`'s keyword options (`dtype`,
     `dropout_rng`, `lora_dropout`, `adapter_ids`, `remat`, `prompt_logits`), through the same `causal_lm.forward`."""
-    return causal_lm.forward(_MODEL, arch(config), params, input_ids, attention_mask, **options)
+    return causal_lm.forward(FAMILY, arch(config), params, input_ids, attention_mask, **options)
 
 
 def router_outputs(config: Any, params: Params, input_ids: jax.Array, attention_mask: jax.Array, *,
@@ -421,7 +421,9 @@ def router_outputs(config: Any, params: Params, input_ids: jax.Array, attention_
 def generate(config: Any, params: Params, input_ids, attention_mask=None, max_new_tokens: int = 64, num_beams: int = 1, **options):
     """Greedy, beam search or sampling with a key/value cache: `llama.generate`'s arguments and keyword options
     (`sample=jpeft.models.sampling.Sampling(...)`, `key`, `num_return_sequences`, `return_logprobs`, `prompt_lookup`, ...)."""
-    return causal_lm.generate(_MODEL, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams, **options)
+    return causal_lm.generate(FAMILY, arch(config), params, input_ids, attention_mask, max_new_tokens, num_beams, **options)
 
 
-_MODEL = sys.modules[__name__]  # what the shared code calls back into (see jpeft.models.causal_lm)
+# What the shared decoder is handed (see jpeft.models.causal_lm); `jpeft.models.family.of` finds it by model_type.
+FAMILY = Family("moe", CAUSAL_LM, MODEL_TYPES, arch, param_shapes, config_from_dict, embed, decoder, lm_head,
+                stack_experts=stack_experts, per_expert=per_expert)

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpeft import nn
 from jpeft.methods import prefix, soft_prompt
-from jpeft.models import causal_lm, gemma, llama, moe, ops, t5
+from jpeft.models import family, ops, t5
 from jpeft.training.batches import IGNORE
 
 LossFn = Callable[[Mapping[str, Any], Mapping[str, jax.Array], jax.Array | None], jax.Array]
@@ -135,10 +135,8 @@ def seq2seq_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 0.
 def _check_family(config: Any, fn: str, encoder_decoder: bool) -> None:
     """A loss built for the wrong kind of model fails here by name, not later on a missing config field."""
 
-    if isinstance(config, (t5.Arch, llama.Arch, gemma.Arch, moe.Arch)):  # jpeft's own resolved configs
-        is_encoder_decoder = isinstance(config, t5.Arch)
-    else:
-        is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    # jpeft's own resolved configs: T5's Arch is the encoder-decoder one; the decoders' have no is_encoder_decoder
+    is_encoder_decoder = isinstance(config, t5.Arch) or bool(getattr(config, "is_encoder_decoder", False))
     if is_encoder_decoder != encoder_decoder:
         other = "causal_lm_loss" if encoder_decoder else "seq2seq_loss"
         kind = getattr(config, "model_type", type(config).__name__)
@@ -180,7 +178,7 @@ def causal_lm_loss(config: Any, dtype: Any = jnp.float32, lora_dropout: float = 
     """
 
     _check_family(config, "causal_lm_loss", encoder_decoder=False)
-    model = causal_lm.model_for(config)  # llama, gemma or moe
+    model = family.of(config)  # llama, gemma or moe
     a = model.arch(config)
 
     def loss(params, batch, rng):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import nn
-from jpeft.models import causal_lm
+from jpeft.models import family
 from jpeft.training import losses
 from jpeft.training.batches import IGNORE
 from jpeft.training.split import split_adapter
@@ -27,9 +27,9 @@ REFERENCE_FREE = ("simpo", "orpo")  # scored by the policy alone: no reference p
 
 
 def _decoder(config: Any, fn: str) -> tuple[Any, Any]:
-    """(model module, resolved Arch) of a decoder-only config; an encoder-decoder one is refused by name."""
+    """(model family, resolved Arch) of a decoder-only config; an encoder-decoder one is refused by name."""
     losses._check_family(config, fn, encoder_decoder=False)
-    model = causal_lm.model_for(config)
+    model = family.of(config)
     return model, model.arch(config)
 
 

@@ -200,9 +200,9 @@ def _gemma_params(config, dtype=np.float32):
 
 def _read_back_logits(path, config, params):
     """(logits of the saved model, logits of the model jpeft reads back from `path`) on ids longer than the window."""
-    from jpeft.models import causal_lm
+    from jpeft.models import family
 
-    model = causal_lm.model_for(config)
+    model = family.of(config).module
     config_back, back = model.load_pretrained(path)
     ids = np.random.default_rng(1).integers(3, 96, size=(1, 12))
     mask = np.ones_like(ids)
@@ -380,7 +380,7 @@ def test_hf_directory_tokenizer_tokenizes_as_the_directory(tmp_path, name, pre, 
                  num_key_value_heads=1, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True)
     # the model's family picks transformers' tokenizer converter for the GGUF, as it does for llama.cpp's files
     config = transformers.Gemma3TextConfig(**shape, query_pre_attn_scalar=8) if "gemma" in name else transformers.LlamaConfig(**shape)
-    params = jpeft.models.causal_lm.model_for(config).init_params(config, jax.random.key(0))
+    params = jpeft.models.family.of(config).module.init_params(config, jax.random.key(0))
     jpeft.gguf.save(tmp_path / "m.gguf", config, params, dtype="f16", tokenizer_source=tmp_path / "tok")
     reader = jpeft.gguf_io.open_reader(tmp_path / "m.gguf")  # cached: load_tokenizer below reuses it (262k tokens parse slowly)
     fields = {key: reader.fields[key].contents() for key in ("tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.tokens")}
@@ -454,11 +454,11 @@ def test_bad_inputs_are_named(tiny, tmp_path):
         jpeft.gguf.load_adapter(tmp_path / "m.gguf", base)
 
 
-@pytest.mark.parametrize("change,mismatch", [(dict(hidden_size=128, num_hidden_layers=1), "self_attn.q_proj is (in, out) (64, 64)"),
-                                             (dict(num_attention_heads=2, num_key_value_heads=1, head_dim=48), "q_proj is (in, out) (64, 64), but in the base model that weight is (64, 96)")],
+@pytest.mark.parametrize("change,mismatch", [(dict(hidden_size=128, num_hidden_layers=1), "model.layers.0.mlp.down_proj is (in, out) (256, 64), but in the base model that weight is (256, 128)"),
+                                             (dict(num_attention_heads=2, num_key_value_heads=1, head_dim=48), "self_attn.k_proj is (in, out) (64, 32), but in the base model that weight is (64, 48)")],
                          ids=["wider", "other-heads"])
 def test_save_lora_checks_the_base(tiny, tmp_path, change, mismatch):
-    """An adapter whose pairs do not fit `base` is refused, naming the first mismatch, and no directory is left behind."""
+    """An adapter whose pairs do not fit `base` is refused, naming the first mismatch in name order, and no directory is left behind."""
     config, _, params, _ = tiny
     wrong = type(config).from_dict({**config.to_dict(), **change})
     with pytest.raises(ValueError, match=re.escape(mismatch)):

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from jpeft import lora, multi, nn, split, training
-from jpeft.models import causal_lm
+from jpeft.models import causal_lm, family
 from jpeft.models import attention
 from tests.training.test_packing import _batch as packing_batch
 
@@ -25,7 +25,7 @@ CONFIGS = {  # GQA with a sliding window; Gemma 2's score soft-cap with windowed
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_blockwise_attention_gives_the_dense_loss_and_lora_gradients(name, monkeypatch):
     config = CONFIGS[name]()
-    model = causal_lm.model_for(config)
+    model = family.of(config).module
     params = lora.inject(model.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
                          jax.random.key(1))
     params = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 and x.shape[0] == 2 else x, params)  # nonzero lora_b
@@ -57,8 +57,9 @@ def test_packed_prefill_fills_the_cache_the_padded_prefill_does(name, min_len, m
     from jpeft import generation
 
     config = CONFIGS[name]()
-    model = causal_lm.model_for(config)
-    params = lora.inject(model.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), jax.random.key(1))
+    model = family.of(config)  # what the shared decoder is handed
+    params = lora.inject(model.module.init_params(config, jax.random.key(0)), lora.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                         jax.random.key(1))
     params = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 and x.shape[0] == 2 else x, params)  # nonzero lora_b
     rng = np.random.default_rng(1)
     lengths, P, cache_len = [37, 21, 30, 40], 40, 48  # windows of 24: the longer rows' early keys fall out of them
@@ -89,7 +90,7 @@ def test_packed_prefill_fills_the_cache_the_padded_prefill_does(name, min_len, m
 
 def test_generate_packs_ragged_prompts_only(monkeypatch):
     config = CONFIGS["mistral_window"]()
-    model = causal_lm.model_for(config)
+    model = family.of(config).module
     params = model.init_params(config, jax.random.key(0))
     calls, packed = [], causal_lm._packed_prefill
     monkeypatch.setattr(causal_lm, "_packed_prefill", lambda *args: calls.append(args[6]) or packed(*args))
