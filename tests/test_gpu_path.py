@@ -54,6 +54,7 @@ def _under(kernels: str, fn, *args):
     """fn(*args) traced afresh with `nn.KERNELS = kernels` (jit caches would otherwise keep the other path)."""
     saved = nn.KERNELS
     nn.KERNELS = kernels
+    jax.clear_caches()  # the models' forward is jitted too: its cache would keep the path compiled first
     try:
         return jax.jit(lambda *a: fn(*a))(*args)
     finally:

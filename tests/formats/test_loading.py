@@ -81,7 +81,7 @@ def test_gguf_stream_equals_the_whole_file(gguf_file, packed, fmt):
     config, params = llama.load_pretrained(gguf_file, quantized=packed, quantize=fmt)
     if packed:
         config, state, rows = gguf_io.read_packed(gguf_file)
-        want = causal_lm.params_from_state_dict(llama, config, state, packed=rows)
+        want = causal_lm.params_from_state_dict(llama.FAMILY, config, state, packed=rows)
         assert len(quant.quantized_modules(params)) == 15  # every projection and the untied LM head keep their Q8_0 blocks
     else:
         want = llama.params_from_state_dict(config, gguf_io.read(gguf_file)[1])

@@ -392,7 +392,7 @@ def test_parquet_with_other_columns_and_a_prompt_template(model_dir, tmp_path, c
 def test_a_prompt_template_reaches_the_tokens(model_dir):
     from train import data, tasks
 
-    task, _ = tasks.load_task(str(model_dir), TOKENIZER, None)
+    task, _ = tasks.load_task(str(model_dir), TOKENIZER, "float32")
     rows = data.normalize([{"text": "hello there", "gist": "hi"}], "rows", "text", "gist")
     # Other braces are literal text, not format fields (T5's vocabulary has no "{": it decodes without them).
     (plain,), (custom,) = (tasks.encode(task, rows, 48, 8, p) for p in ("{input}", "Summarize: {input} {x} (done)"))
