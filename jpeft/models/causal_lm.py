@@ -425,6 +425,25 @@ def generate(family: Family, a: Any, params: Params, input_ids, attention_mask=N
 # Hugging Face checkpoints
 
 
+def outer_shapes(a: Any, tied: bool) -> dict[str, tuple[int, ...]]:
+    """The embedding, final norm and (untied) LM head of a decoder's {path: shape}."""
+    shapes = {"model/embed_tokens/embedding": (a.vocab_size, a.hidden_size), "model/norm/weight": (a.hidden_size,)}
+    if not tied:
+        shapes["lm_head/kernel"] = (a.hidden_size, a.vocab_size)
+    return shapes
+
+
+def attention_shapes(a: Any, prefix: str, qkv_bias: bool, o_bias: bool) -> dict[str, tuple[int, ...]]:
+    """One layer's q/k/v/o projections (and their biases) under `prefix` ("model/layers/i")."""
+    D, q_out, kv_out = a.hidden_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    shapes = {}
+    for name, shape in {"q_proj": (D, q_out), "k_proj": (D, kv_out), "v_proj": (D, kv_out), "o_proj": (q_out, D)}.items():
+        shapes[f"{prefix}/self_attn/{name}/kernel"] = shape
+        if o_bias if name == "o_proj" else qkv_bias:
+            shapes[f"{prefix}/self_attn/{name}/bias"] = shape[1:]
+    return shapes
+
+
 def random_params(shapes: Mapping[str, tuple[int, ...]], key: jax.Array, std: float, dtype: Any, norm: float = 1.0) -> Params:
     """A tree of `shapes` ({path: shape}): normal(0, std) weights as transformers initialises them, norm weights `norm`, biases zero."""
     flat = {}

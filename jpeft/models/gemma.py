@@ -128,11 +128,8 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
     """Flat {path: shape} of the base model's parameters (tied head unless the config or caller says otherwise)."""
     a = arch(config)
     tied = a.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-    D, F, E, q_out, kv_out = a.hidden_size, a.intermediate_size, a.head_dim, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model/embed_tokens/embedding": (a.vocab_size, D), "model/norm/weight": (D,)}
-    if not tied:
-        shapes["lm_head/kernel"] = (D, a.vocab_size)
-    attn = {"q_proj": (D, q_out), "k_proj": (D, kv_out), "v_proj": (D, kv_out), "o_proj": (q_out, D)}
+    D, F, E = a.hidden_size, a.intermediate_size, a.head_dim
+    shapes = causal_lm.outer_shapes(a, tied)
     mlp = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
     for i in range(a.num_layers):
         prefix = f"model/layers/{i}"
@@ -141,10 +138,7 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
         if a.qk_norm:
             shapes[f"{prefix}/self_attn/q_norm/weight"] = (E,)
             shapes[f"{prefix}/self_attn/k_norm/weight"] = (E,)
-        for name, shape in attn.items():
-            shapes[f"{prefix}/self_attn/{name}/kernel"] = shape
-            if a.attention_bias:
-                shapes[f"{prefix}/self_attn/{name}/bias"] = shape[1:]
+        shapes.update(causal_lm.attention_shapes(a, prefix, a.attention_bias, a.attention_bias))
         for name, shape in mlp.items():
             shapes[f"{prefix}/mlp/{name}/kernel"] = shape
     return shapes

@@ -129,20 +129,14 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
     """Flat {path: shape} of the base model's parameters (tied head unless the config or caller says otherwise)."""
     a = arch(config)
     tied = a.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-    D, F, q_out, kv_out = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model/embed_tokens/embedding": (a.vocab_size, D), "model/norm/weight": (D,)}
-    if not tied:
-        shapes["lm_head/kernel"] = (D, a.vocab_size)
-    attn = {"q_proj": (D, q_out), "k_proj": (D, kv_out), "v_proj": (D, kv_out), "o_proj": (q_out, D)}
+    D, F = a.hidden_size, a.intermediate_size
+    shapes = causal_lm.outer_shapes(a, tied)
     mlp = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
     for i in range(a.num_layers):
         prefix = f"model/layers/{i}"
         shapes[f"{prefix}/input_layernorm/weight"] = (D,)
         shapes[f"{prefix}/post_attention_layernorm/weight"] = (D,)
-        for name, shape in attn.items():
-            shapes[f"{prefix}/self_attn/{name}/kernel"] = shape
-            if (a.o_bias if name == "o_proj" else a.qkv_bias):
-                shapes[f"{prefix}/self_attn/{name}/bias"] = shape[1:]
+        shapes.update(causal_lm.attention_shapes(a, prefix, a.qkv_bias, a.o_bias))
         for name, shape in mlp.items():
             shapes[f"{prefix}/mlp/{name}/kernel"] = shape
             if a.mlp_bias:

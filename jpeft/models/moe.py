@@ -144,11 +144,8 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
     a = arch(config)
     tied = a.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
     D, X, F = a.hidden_size, a.num_experts, a.expert_size
-    q_out, kv_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model/embed_tokens/embedding": (a.vocab_size, D), "model/norm/weight": (D,)}
-    if not tied:
-        shapes["lm_head/kernel"] = (D, a.vocab_size)
-    attn = {"q_proj": (D, q_out), "k_proj": (D, kv_out), "v_proj": (D, kv_out), "o_proj": (q_out, D)}
+    q_out = a.num_heads * a.head_dim
+    shapes = causal_lm.outer_shapes(a, tied)
     norms = {"head": (a.head_dim, a.head_dim), "projection": (q_out, (a.hidden_size // a.num_heads) * a.num_kv_heads)}.get(a.qk_norm)
     experts = {"gate/kernel": (D, X), "experts/gate_up_proj/kernel": (X, D, 2 * F), "experts/down_proj/kernel": (X, F, D)}
     dense = {"gate_proj/kernel": (D, a.intermediate_size), "up_proj/kernel": (D, a.intermediate_size),
@@ -157,10 +154,7 @@ def param_shapes(config: Any, tie_word_embeddings: bool | None = None) -> dict[s
         prefix = f"model/layers/{i}"
         shapes[f"{prefix}/input_layernorm/weight"] = (D,)
         shapes[f"{prefix}/post_attention_layernorm/weight"] = (D,)
-        for name, shape in attn.items():
-            shapes[f"{prefix}/self_attn/{name}/kernel"] = shape
-            if a.attention_bias:
-                shapes[f"{prefix}/self_attn/{name}/bias"] = shape[1:]
+        shapes.update(causal_lm.attention_shapes(a, prefix, a.attention_bias, a.attention_bias))
         if norms:
             shapes[f"{prefix}/self_attn/q_norm/weight"], shapes[f"{prefix}/self_attn/k_norm/weight"] = (norms[0],), (norms[1],)
         for name, shape in (experts if a.sparse[i] else dense).items():
