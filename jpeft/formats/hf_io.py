@@ -92,11 +92,6 @@ def in_memory(state: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
     return {name: Tensor(tuple(np.shape(v)), lambda v=v: v) for name, v in state.items()}
 
 
-def read_state_dict(model_dir: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory as numpy arrays, keyed by their PyTorch names."""
-    return {name: t.read() for name, t in tensors(model_dir, allow_pickle).items()}
-
-
 def tensors(model_dir: Path, allow_pickle: bool = False) -> dict[str, Tensor]:
     """Every tensor of a checkpoint directory, by PyTorch name, read only when asked (`Tensor.read`)."""
     files = _safetensors_files(model_dir)
